@@ -1,1 +1,13 @@
+//! vmbackup: live, application-consistent backups of libvirt/QEMU virtual machines.
+//!
+//! The binary (`src/main.rs`) is a thin layer over this library. See DESIGN.md for the
+//! command-line contract and README.md for how to run it.
 
+pub mod digest;
+pub mod error;
+pub mod guest_agent;
+pub mod hypervisor;
+pub mod names;
+pub mod testvm;
+
+pub use error::{Error, Result};

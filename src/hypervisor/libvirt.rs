@@ -1,0 +1,314 @@
+//! libvirt through the `virt` crate. Every call here blocks: async callers run them on
+//! blocking threads. The calls the crate does not wrap (FS freeze and thaw, agent response
+//! timeout) live in the private `raw` module, the only place with `unsafe`.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::error::ErrorNumber;
+use virt::sys;
+
+use crate::error::{Error, Result};
+
+/// An open connection to libvirt.
+pub struct Libvirt {
+    conn: Connect,
+    uri: String,
+}
+
+impl Libvirt {
+    /// Opens `uri` (for example `qemu:///system`). libvirt's own printing of every error to
+    /// stderr is switched off: errors reach the caller as values.
+    pub fn open(uri: &str) -> Result<Self> {
+        virt::error::clear_error_callback();
+        let conn = Connect::open(Some(uri)).map_err(|source| Error::Connect {
+            uri: uri.to_string(),
+            source,
+        })?;
+        Ok(Libvirt {
+            conn,
+            uri: uri.to_string(),
+        })
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// Looks a domain up by name; a missing domain is `Error::NoDomain`.
+    pub fn domain(&self, name: &str) -> Result<Dom> {
+        match self.conn.lookup_domain_by_name(name) {
+            Ok(dom) => Ok(Dom {
+                dom,
+                name: name.to_string(),
+            }),
+            Err(e) if e.code().is(ErrorNumber::NoDomain) => Err(Error::NoDomain(name.to_string())),
+            Err(source) => Err(Error::Libvirt {
+                op: "lookup",
+                domain: name.to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Like `domain`, but `None` when there is no such domain.
+    pub fn find_domain(&self, name: &str) -> Result<Option<Dom>> {
+        match self.domain(name) {
+            Ok(d) => Ok(Some(d)),
+            Err(Error::NoDomain(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Defines (or redefines) a persistent domain from XML.
+    pub fn define(&self, xml: &str) -> Result<Dom> {
+        let dom = self
+            .conn
+            .define_domain_xml(xml)
+            .map_err(|source| Error::Libvirt {
+                op: "define",
+                domain: String::from("(new)"),
+                source,
+            })?;
+        let name = dom.name().map_err(|source| Error::Libvirt {
+            op: "name",
+            domain: String::from("(new)"),
+            source,
+        })?;
+        Ok(Dom { dom, name })
+    }
+
+    /// The names of all domains, running or not.
+    pub fn domain_names(&self) -> Result<Vec<String>> {
+        let doms = self
+            .conn
+            .list_all_domains(0)
+            .map_err(|source| Error::Libvirt {
+                op: "list domains",
+                domain: String::from("*"),
+                source,
+            })?;
+        let mut names = Vec::with_capacity(doms.len());
+        for d in doms {
+            if let Ok(n) = d.name() {
+                names.push(n);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+}
+
+/// A libvirt domain.
+pub struct Dom {
+    dom: Domain,
+    name: String,
+}
+
+/// What `Dom::state` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PowerState {
+    Running,
+    Paused,
+    ShutOff,
+    Other,
+}
+
+impl Dom {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn err(&self, op: &'static str) -> impl FnOnce(virt::error::Error) -> Error + '_ {
+        move |source| Error::Libvirt {
+            op,
+            domain: self.name.clone(),
+            source,
+        }
+    }
+
+    pub fn uuid(&self) -> Result<String> {
+        self.dom.uuid_string().map_err(self.err("uuid"))
+    }
+
+    /// The persistent definition, secrets included: whoever stores it keeps it 0600.
+    pub fn inactive_xml(&self) -> Result<String> {
+        self.dom
+            .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE)
+            .map_err(self.err("read inactive XML"))
+    }
+
+    /// The running definition (the same as the inactive one when the domain is shut off).
+    pub fn live_xml(&self) -> Result<String> {
+        self.dom
+            .xml_desc(sys::VIR_DOMAIN_XML_SECURE)
+            .map_err(self.err("read live XML"))
+    }
+
+    pub fn state(&self) -> Result<PowerState> {
+        use virt::domain::DomainState as S;
+        let info = self.dom.info().map_err(self.err("state"))?;
+        Ok(match info.state {
+            s if s.is(S::Running) || s.is(S::Blocked) => PowerState::Running,
+            s if s.is(S::Paused) || s.is(S::PMSuspended) => PowerState::Paused,
+            s if s.is(S::Shutoff) || s.is(S::Crashed) => PowerState::ShutOff,
+            _ => PowerState::Other,
+        })
+    }
+
+    pub fn is_active(&self) -> Result<bool> {
+        self.dom.is_active().map_err(self.err("is_active"))
+    }
+
+    pub fn start(&self) -> Result<()> {
+        self.dom.create().map_err(self.err("start"))?;
+        Ok(())
+    }
+
+    /// Powers the domain off at once (no guest shutdown). A domain that is not running is fine.
+    pub fn destroy(&self) -> Result<()> {
+        match self.dom.destroy() {
+            Ok(()) => Ok(()),
+            Err(e) if e.code().is(ErrorNumber::OperationInvalid) => Ok(()),
+            Err(e) => Err(self.err("destroy")(e)),
+        }
+    }
+
+    /// Removes the persistent definition together with libvirt's snapshot and checkpoint
+    /// metadata and NVRAM; disk images are left alone.
+    pub fn undefine(&self) -> Result<()> {
+        let flags = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | sys::VIR_DOMAIN_UNDEFINE_NVRAM
+            | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA;
+        match self.dom.undefine_flags(flags) {
+            Ok(()) => Ok(()),
+            Err(e) if e.code().is(ErrorNumber::NoDomain) => Ok(()),
+            Err(e) => Err(self.err("undefine")(e)),
+        }
+    }
+
+    /// Sends one guest-agent command and returns its `return` value.
+    pub fn agent_command(&self, command: &Value, timeout: Duration) -> Result<Value> {
+        let name = command
+            .get("execute")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string();
+        let secs = timeout.as_secs().clamp(1, i32::MAX as u64) as i32;
+        let reply = self
+            .dom
+            .qemu_agent_command(&command.to_string(), secs, 0)
+            .map_err(|source| self.agent_error(&name, source))?;
+        let mut v: Value = serde_json::from_str(&reply).map_err(|e| Error::AgentReply {
+            command: name.clone(),
+            detail: e.to_string(),
+        })?;
+        match v.get_mut("return") {
+            Some(r) => Ok(r.take()),
+            None => Err(Error::AgentReply {
+                command: name,
+                detail: format!("no \"return\" in {reply}"),
+            }),
+        }
+    }
+
+    fn agent_error(&self, command: &str, source: virt::error::Error) -> Error {
+        let unavailable = source.code().is(ErrorNumber::AgentUnresponsive)
+            || source.code().is(ErrorNumber::AgentUnsynced)
+            || source.code().is(ErrorNumber::OperationInvalid);
+        if unavailable {
+            Error::AgentUnavailable {
+                domain: self.name.clone(),
+                source,
+            }
+        } else {
+            Error::Agent {
+                domain: self.name.clone(),
+                command: command.to_string(),
+                source,
+            }
+        }
+    }
+
+    /// How long libvirt waits for the guest agent in its own agent calls (freeze, thaw,
+    /// fs-info, quiesced snapshots) before giving up.
+    pub fn set_agent_timeout(&self, timeout: Duration) -> Result<()> {
+        let secs = timeout.as_secs().clamp(1, i32::MAX as u64) as i32;
+        raw::agent_set_response_timeout(&self.dom, secs).map_err(self.err("set agent timeout"))
+    }
+
+    /// Freezes the guest's filesystems (all of them when `mountpoints` is empty) through the
+    /// agent; returns how many were frozen. Prefer `guest_agent::freeze`, whose guard thaws.
+    pub fn fs_freeze(&self, mountpoints: &[&str]) -> Result<u32> {
+        raw::fs_freeze(&self.dom, mountpoints)
+            .map_err(|source| self.agent_error("fsfreeze", source))
+    }
+
+    /// Thaws the guest's filesystems; returns how many were thawed.
+    pub fn fs_thaw(&self, mountpoints: &[&str]) -> Result<u32> {
+        raw::fs_thaw(&self.dom, mountpoints).map_err(|source| self.agent_error("fsthaw", source))
+    }
+}
+
+/// The libvirt calls the `virt` crate does not wrap.
+mod raw {
+    use std::ffi::{c_char, CString};
+
+    use virt::domain::Domain;
+    use virt::error::Error;
+    use virt::sys;
+
+    fn c_strings(items: &[&str]) -> Result<Vec<CString>, Error> {
+        items
+            .iter()
+            .map(|s| CString::new(*s).map_err(Error::from))
+            .collect()
+    }
+
+    type FsCall = unsafe extern "C" fn(
+        sys::virDomainPtr,
+        *mut *const c_char,
+        std::os::raw::c_uint,
+        std::os::raw::c_uint,
+    ) -> std::os::raw::c_int;
+
+    fn fs_call(dom: &Domain, mountpoints: &[&str], call: FsCall) -> Result<u32, Error> {
+        let owned = c_strings(mountpoints)?;
+        let mut ptrs: Vec<*const c_char> = owned.iter().map(|c| c.as_ptr()).collect();
+        let list = if ptrs.is_empty() {
+            std::ptr::null_mut()
+        } else {
+            ptrs.as_mut_ptr()
+        };
+        // SAFETY: `dom.as_ptr()` is a live domain reference for as long as `dom` is borrowed.
+        // `list` is null with a count of 0, or points to `ptrs.len()` pointers to NUL-terminated
+        // strings owned by `owned`; both vectors outlive the call, and libvirt only reads them.
+        let n = unsafe { call(dom.as_ptr(), list, ptrs.len() as std::os::raw::c_uint, 0) };
+        if n < 0 {
+            return Err(Error::last_error());
+        }
+        Ok(n as u32)
+    }
+
+    pub fn fs_freeze(dom: &Domain, mountpoints: &[&str]) -> Result<u32, Error> {
+        fs_call(dom, mountpoints, sys::virDomainFSFreeze)
+    }
+
+    pub fn fs_thaw(dom: &Domain, mountpoints: &[&str]) -> Result<u32, Error> {
+        fs_call(dom, mountpoints, sys::virDomainFSThaw)
+    }
+
+    pub fn agent_set_response_timeout(dom: &Domain, secs: i32) -> Result<(), Error> {
+        // SAFETY: `dom.as_ptr()` is a live domain reference while `dom` is borrowed; the call
+        // takes plain integers and keeps no pointer.
+        let rc = unsafe { sys::virDomainAgentSetResponseTimeout(dom.as_ptr(), secs, 0) };
+        if rc < 0 {
+            return Err(Error::last_error());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,5 @@
+//! The hypervisors vmbackup drives: libvirt-managed domains (`libvirt`) and the VM as data,
+//! read from its domain XML (`vm`).
+
+pub mod libvirt;
+pub mod vm;

@@ -1,0 +1,636 @@
+//! Throwaway libvirt VMs for the integration tests, the demo and the benchmarks.
+//!
+//! A `TestVm` boots the guest that `vm-images/build` makes (Debian cloud kernel, busybox,
+//! qemu-ga) with data disks made here, under a unique name with the prefix `vmbt-`, and
+//! waits for its agent with a timeout. Dropping it destroys and undefines the domain and
+//! removes its files, whatever happened; when the drop happens during a panic, the guest
+//! console and the libvirt log are printed first. Leftovers of earlier processes are removed
+//! when the first VM of a process is made.
+//!
+//! Environment: `VMBACKUP_GUEST_DIR` (the folder holding `vmlinuz` and `initramfs.img`;
+//! default `vm-images/out` of this source tree), `VMBACKUP_TEST_URI` (default
+//! `qemu:///system`), `VMBACKUP_TEST_KVM=1` to use KVM instead of TCG, `VMBACKUP_TEST_DIR`
+//! (default `/var/tmp/vmbackup-tests`), `VMBACKUP_TEST_KEEP=1` to leave a failed VM behind.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::guest_agent::{self, ExecOutput};
+use crate::hypervisor::libvirt::{Dom, Libvirt};
+
+/// Every test domain's name starts with this.
+pub const PREFIX: &str = "vmbt-";
+
+pub fn test_uri() -> String {
+    std::env::var("VMBACKUP_TEST_URI").unwrap_or_else(|_| "qemu:///system".to_string())
+}
+
+pub fn test_root() -> PathBuf {
+    std::env::var_os("VMBACKUP_TEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/vmbackup-tests"))
+}
+
+fn guest_dir() -> PathBuf {
+    std::env::var_os("VMBACKUP_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-images/out"))
+}
+
+/// Runs a host program (never through a shell) and fails with its stderr when it fails.
+pub fn run(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| Error::Command {
+            program: program.to_string(),
+            detail: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            program: format!("{program} {}", args.join(" ")),
+            detail: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Qcow2,
+    Raw,
+}
+
+impl Format {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Qcow2 => "qcow2",
+            Format::Raw => "raw",
+        }
+    }
+}
+
+/// A data disk of a test VM.
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    /// Target name (`vdb`, ...); also the disk's serial, so the guest mounts it at
+    /// `/mnt/<target>`.
+    pub target: String,
+    pub format: Format,
+    pub size: u64,
+    /// Make an ext4 filesystem on it (the guest mounts it); otherwise it stays blank.
+    pub ext4: bool,
+    /// Files to put into the filesystem when it is made (`mkfs.ext4 -d`).
+    pub fill_from: Option<PathBuf>,
+}
+
+/// Builds a `TestVm`.
+#[derive(Debug, Clone)]
+pub struct TestVmBuilder {
+    hint: String,
+    vcpus: u32,
+    memory_mib: u64,
+    disks: Vec<DiskSpec>,
+    mac: Option<String>,
+    agent: bool,
+    cmdline_extra: String,
+    boot_timeout: Duration,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+static CLEAN_LEFTOVERS: Once = Once::new();
+
+impl TestVmBuilder {
+    /// `hint` becomes part of the domain name (letters, digits and `-`).
+    pub fn new(hint: &str) -> Self {
+        TestVmBuilder {
+            hint: hint
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .take(24)
+                .collect(),
+            vcpus: 1,
+            memory_mib: 256,
+            disks: Vec::new(),
+            mac: None,
+            agent: true,
+            cmdline_extra: String::new(),
+            boot_timeout: Duration::from_secs(180),
+        }
+    }
+    pub fn vcpus(mut self, n: u32) -> Self {
+        self.vcpus = n;
+        self
+    }
+    pub fn memory_mib(mut self, n: u64) -> Self {
+        self.memory_mib = n;
+        self
+    }
+    /// A data disk with an ext4 filesystem that the guest mounts at `/mnt/<target>`.
+    pub fn disk(mut self, target: &str, format: Format, size: u64) -> Self {
+        self.disks.push(DiskSpec {
+            target: target.into(),
+            format,
+            size,
+            ext4: true,
+            fill_from: None,
+        });
+        self
+    }
+    /// A data disk with no filesystem (sparse; any virtual size).
+    pub fn blank_disk(mut self, target: &str, format: Format, size: u64) -> Self {
+        self.disks.push(DiskSpec {
+            target: target.into(),
+            format,
+            size,
+            ext4: false,
+            fill_from: None,
+        });
+        self
+    }
+    pub fn disk_spec(mut self, spec: DiskSpec) -> Self {
+        self.disks.push(spec);
+        self
+    }
+    /// The MAC of the VM's one vNIC (user-mode networking; no traffic leaves the host).
+    pub fn mac(mut self, mac: &str) -> Self {
+        self.mac = Some(mac.to_string());
+        self
+    }
+    /// Without the guest-agent channel.
+    pub fn no_agent(mut self) -> Self {
+        self.agent = false;
+        self
+    }
+    /// Appended to the kernel command line.
+    pub fn cmdline(mut self, extra: &str) -> Self {
+        self.cmdline_extra = extra.to_string();
+        self
+    }
+    pub fn boot_timeout(mut self, t: Duration) -> Self {
+        self.boot_timeout = t;
+        self
+    }
+
+    /// Makes the disks and defines the domain without starting it.
+    pub fn define(self) -> Result<TestVm> {
+        let lv = Libvirt::open(&test_uri())?;
+        CLEAN_LEFTOVERS.call_once(|| {
+            if let Err(e) = clean_leftovers(&lv) {
+                eprintln!("testvm: cleaning leftovers failed: {e}");
+            }
+        });
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("{PREFIX}{}-{n}-{}", std::process::id(), self.hint);
+        let dir = test_root().join(&name);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create test VM folder", &dir, e))?;
+        let mut vm = TestVm {
+            lv,
+            dom: None,
+            name: name.clone(),
+            dir,
+            disks: Vec::new(),
+            spec: self.clone(),
+        };
+        for d in &self.disks {
+            let path = vm.dir.join(format!("{}.{}", d.target, d.format.as_str()));
+            make_disk(&path, d)?;
+            vm.disks.push(path);
+        }
+        let xml = vm.domain_xml()?;
+        vm.dom = Some(vm.lv.define(&xml)?);
+        Ok(vm)
+    }
+
+    /// Defines, starts, and (with an agent channel) waits until the agent answers. When the
+    /// guest does not come up in time the error carries its console and libvirt log.
+    pub fn start(self) -> Result<TestVm> {
+        let timeout = self.boot_timeout;
+        let agent = self.agent;
+        let vm = self.define()?;
+        vm.dom().start()?;
+        if agent {
+            vm.wait_agent(timeout)?;
+        }
+        Ok(vm)
+    }
+}
+
+/// Makes a disk image at `path`.
+pub fn make_disk(path: &Path, d: &DiskSpec) -> Result<()> {
+    let p = path.to_str().ok_or_else(|| Error::Command {
+        program: "make_disk".into(),
+        detail: "path is not UTF-8".into(),
+    })?;
+    if !d.ext4 {
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                d.format.as_str(),
+                p,
+                &d.size.to_string(),
+            ],
+        )?;
+        return Ok(());
+    }
+    let raw = match d.format {
+        Format::Raw => path.to_path_buf(),
+        Format::Qcow2 => path.with_extension("raw-tmp"),
+    };
+    let raw_s = raw.to_str().unwrap_or(p).to_string();
+    let f = std::fs::File::create(&raw).map_err(|e| Error::io("create disk", &raw, e))?;
+    f.set_len(d.size)
+        .map_err(|e| Error::io("size disk", &raw, e))?;
+    drop(f);
+    let mut args = vec![
+        "-q",
+        "-F",
+        "-t",
+        "ext4",
+        "-E",
+        "lazy_itable_init=1,lazy_journal_init=1",
+    ];
+    let fill;
+    if let Some(dir) = &d.fill_from {
+        fill = dir.to_string_lossy().into_owned();
+        args.extend(["-d", fill.as_str()]);
+    }
+    args.push(raw_s.as_str());
+    run("mkfs.ext4", &args)?;
+    if d.format == Format::Qcow2 {
+        run("qemu-img", &["convert", "-q", "-O", "qcow2", &raw_s, p])?;
+        std::fs::remove_file(&raw).map_err(|e| Error::io("remove", &raw, e))?;
+    }
+    Ok(())
+}
+
+/// A running (or defined) throwaway VM. See the module documentation.
+pub struct TestVm {
+    lv: Libvirt,
+    dom: Option<Dom>,
+    name: String,
+    dir: PathBuf,
+    disks: Vec<PathBuf>,
+    spec: TestVmBuilder,
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
+}
+
+impl TestVm {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The folder holding this VM's disks and console log.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn disk_paths(&self) -> &[PathBuf] {
+        &self.disks
+    }
+    pub fn libvirt(&self) -> &Libvirt {
+        &self.lv
+    }
+    pub fn dom(&self) -> &Dom {
+        self.dom.as_ref().expect("domain is defined")
+    }
+    pub fn console_path(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    fn domain_xml(&self) -> Result<String> {
+        let env = std::fs::read_to_string(guest_dir().join("guest.env")).map_err(|e| {
+            Error::io(
+                "read the test guest (build it with vm-images/build)",
+                guest_dir().join("guest.env"),
+                e,
+            )
+        })?;
+        let get = |key: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+                .map(str::to_string)
+                .ok_or_else(|| Error::Command {
+                    program: "testvm".into(),
+                    detail: format!("guest.env has no {key}"),
+                })
+        };
+        let kernel = get("KERNEL")?;
+        let initrd = get("INITRD")?;
+        let kvm = std::env::var("VMBACKUP_TEST_KVM").is_ok_and(|v| v == "1");
+        let s = &self.spec;
+        let mut x = String::new();
+        let _ = write!(
+            x,
+            "<domain type='{ty}'>\n  <name>{name}</name>\n  <memory unit='MiB'>{mem}</memory>\n  \
+             <vcpu>{vcpus}</vcpu>\n  <os>\n    <type arch='x86_64' machine='pc'>hvm</type>\n    \
+             <kernel>{kernel}</kernel>\n    <initrd>{initrd}</initrd>\n    \
+             <cmdline>console=ttyS0 quiet panic=-1 {extra}</cmdline>\n  </os>\n  \
+             <features><acpi/></features>\n  <on_poweroff>destroy</on_poweroff>\n  \
+             <on_reboot>restart</on_reboot>\n  <on_crash>destroy</on_crash>\n  <devices>\n",
+            ty = if kvm { "kvm" } else { "qemu" },
+            name = xml_escape(&self.name),
+            mem = s.memory_mib,
+            vcpus = s.vcpus,
+            kernel = xml_escape(&kernel),
+            initrd = xml_escape(&initrd),
+            extra = xml_escape(&s.cmdline_extra),
+        );
+        for (d, path) in s.disks.iter().zip(&self.disks) {
+            let _ = write!(
+                x,
+                "    <disk type='file' device='disk'>\n      <driver name='qemu' type='{fmt}' \
+                 cache='none' discard='unmap'/>\n      <source file='{src}'/>\n      <target \
+                 dev='{t}' bus='virtio'/>\n      <serial>{t}</serial>\n    </disk>\n",
+                fmt = d.format.as_str(),
+                src = xml_escape(&path.to_string_lossy()),
+                t = xml_escape(&d.target),
+            );
+        }
+        x.push_str("    <interface type='user'>\n");
+        if let Some(mac) = &s.mac {
+            let _ = writeln!(x, "      <mac address='{}'/>", xml_escape(mac));
+        }
+        x.push_str("      <model type='virtio'/>\n    </interface>\n");
+        let _ = write!(
+            x,
+            "    <serial type='file'>\n      <source path='{}'/>\n      <target port='0'/>\n    \
+             </serial>\n",
+            xml_escape(&self.console_path().to_string_lossy())
+        );
+        if s.agent {
+            x.push_str(
+                "    <channel type='unix'>\n      <target type='virtio' \
+                 name='org.qemu.guest_agent.0'/>\n    </channel>\n",
+            );
+        }
+        x.push_str("    <memballoon model='none'/>\n  </devices>\n</domain>\n");
+        Ok(x)
+    }
+
+    /// Waits until the guest agent answers; on timeout (or when the domain stopped) the error
+    /// carries the console and the libvirt log.
+    pub fn wait_agent(&self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if guest_agent::ping(self.dom(), Duration::from_secs(2)).is_ok() {
+                tracing::debug!(vm = %self.name, secs = start.elapsed().as_secs_f64(), "agent up");
+                return Ok(());
+            }
+            let stopped = !self.dom().is_active().unwrap_or(false);
+            if stopped || start.elapsed() >= timeout {
+                let what = if stopped {
+                    format!("the guest agent of {} (the domain stopped)", self.name)
+                } else {
+                    format!("the guest agent of {}", self.name)
+                };
+                return Err(Error::Timeout {
+                    what: format!("{what}\n{}", self.diagnostics()),
+                    secs: start.elapsed().as_secs_f64(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// The guest console and the libvirt log of the domain, for failure reports.
+    pub fn diagnostics(&self) -> String {
+        let tail = |p: &Path| {
+            let s = std::fs::read_to_string(p).unwrap_or_else(|e| format!("({e})"));
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(60)..].join("\n")
+        };
+        format!(
+            "----- console of {name} ({console}) -----\n{c}\n----- libvirt log ({log}) -----\n{l}\n-----",
+            name = self.name,
+            console = self.console_path().display(),
+            c = tail(&self.console_path()),
+            log = self.libvirt_log_path().display(),
+            l = tail(&self.libvirt_log_path()),
+        )
+    }
+
+    fn libvirt_log_path(&self) -> PathBuf {
+        PathBuf::from("/var/log/libvirt/qemu").join(format!("{}.log", self.name))
+    }
+
+    /// Runs `sh -c script` in the guest and returns its output, whatever its exit code.
+    pub fn exec_sh(&self, script: &str) -> Result<ExecOutput> {
+        guest_agent::exec(
+            self.dom(),
+            "/bin/sh",
+            &["-c", script],
+            None,
+            Duration::from_secs(120),
+        )
+    }
+
+    /// Runs `sh -c script` in the guest; fails unless it exits 0. Returns its stdout.
+    pub fn sh(&self, script: &str) -> Result<String> {
+        let out = self.exec_sh(script)?;
+        if out.exit_code != 0 {
+            return Err(Error::Command {
+                program: format!("guest: {script}"),
+                detail: format!("exit code {}: {}", out.exit_code, out.stderr_text().trim()),
+            });
+        }
+        Ok(out.stdout_text())
+    }
+
+    /// Writes `data` to `path` in the guest and fsyncs it.
+    pub fn write_file(&self, path: &str, data: &[u8]) -> Result<()> {
+        let out = guest_agent::exec(
+            self.dom(),
+            "/bin/sh",
+            &["-c", "cat > \"$0\" && sync \"$0\"", path],
+            Some(data),
+            Duration::from_secs(120),
+        )?;
+        if out.exit_code != 0 {
+            return Err(Error::Command {
+                program: format!("guest: write {path}"),
+                detail: out.stderr_text(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads a file from the guest.
+    pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+        let out = guest_agent::exec(
+            self.dom(),
+            "/bin/cat",
+            &[path],
+            None,
+            Duration::from_secs(120),
+        )?;
+        if out.exit_code != 0 {
+            return Err(Error::Command {
+                program: format!("guest: cat {path}"),
+                detail: out.stderr_text(),
+            });
+        }
+        Ok(out.stdout)
+    }
+
+    /// Shuts the guest down through its agent and waits until the domain is off; destroys it
+    /// when that takes longer than `timeout`.
+    pub fn shutdown(&self, timeout: Duration) -> Result<()> {
+        let _ = self.dom().agent_command(
+            &serde_json::json!({"execute": "guest-shutdown", "arguments": {"mode": "powerdown"}}),
+            Duration::from_secs(5),
+        );
+        let start = Instant::now();
+        while self.dom().is_active()? {
+            if start.elapsed() >= timeout {
+                self.dom().destroy()?;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    fn teardown(&mut self) {
+        if let Some(dom) = self.dom.take() {
+            if let Err(e) = dom.destroy() {
+                eprintln!("testvm: destroy {}: {e}", self.name);
+            }
+            if let Err(e) = dom.undefine() {
+                eprintln!("testvm: undefine {}: {e}", self.name);
+            }
+        } else if let Ok(Some(dom)) = self.lv.find_domain(&self.name) {
+            // Redefined by the code under test (a restore, say) under the same name.
+            let _ = dom.destroy();
+            let _ = dom.undefine();
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("testvm: remove {}: {e}", self.dir.display());
+            }
+        }
+        let _ = std::fs::remove_file(self.libvirt_log_path());
+    }
+}
+
+impl Drop for TestVm {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "testvm: test failed with {} alive\n{}",
+                self.name,
+                self.diagnostics()
+            );
+            if std::env::var("VMBACKUP_TEST_KEEP").is_ok_and(|v| v == "1") {
+                eprintln!("testvm: VMBACKUP_TEST_KEEP=1: leaving {} behind", self.name);
+                return;
+            }
+        }
+        // The domain may have been redefined by the code under test; look it up afresh.
+        if self.dom.is_some() {
+            if let Ok(Some(fresh)) = self.lv.find_domain(&self.name) {
+                self.dom = Some(fresh);
+            }
+        }
+        self.teardown();
+    }
+}
+
+/// The pid in a test domain's or folder's name, `vmbt-<pid>-<n>-<hint>`.
+fn owner_pid(name: &str) -> Option<i32> {
+    name.strip_prefix(PREFIX)?.split('-').next()?.parse().ok()
+}
+
+fn process_alive(pid: i32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Removes the test domains and folders whose process is gone.
+pub fn clean_leftovers(lv: &Libvirt) -> Result<()> {
+    let me = std::process::id() as i32;
+    let stale = |name: &str| match owner_pid(name) {
+        Some(pid) => pid != me && !process_alive(pid),
+        None => name.starts_with(PREFIX),
+    };
+    for name in lv.domain_names()? {
+        if name.starts_with(PREFIX) && stale(&name) {
+            if let Some(dom) = lv.find_domain(&name)? {
+                eprintln!("testvm: removing leftover domain {name}");
+                let _ = dom.destroy();
+                dom.undefine()?;
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(test_root()) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if stale(&name) {
+                eprintln!("testvm: removing leftover folder {name}");
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The test domains that exist now (for checks that nothing was left behind).
+pub fn test_domains(lv: &Libvirt) -> Result<Vec<String>> {
+    Ok(lv
+        .domain_names()?
+        .into_iter()
+        .filter(|n| n.starts_with(PREFIX))
+        .collect())
+}
+
+/// Records written by the guest's `vmb-writer`, checked line by line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordCheck {
+    /// How many complete, valid records in sequence from 0.
+    pub valid: u64,
+    /// Lines that are not valid records (torn, corrupt, out of sequence).
+    pub bad: Vec<String>,
+}
+
+/// Checks the content of a `vmb-writer` file: records numbered from 0 in order, each with a
+/// correct checksum, the last one complete.
+pub fn check_records(data: &[u8]) -> RecordCheck {
+    let text = String::from_utf8_lossy(data);
+    let mut valid = 0u64;
+    let mut bad = Vec::new();
+    let complete = text.ends_with('\n') || text.is_empty();
+    let lines: Vec<&str> = text.split_terminator('\n').collect();
+    for (i, line) in lines.iter().enumerate() {
+        let last_and_torn = i + 1 == lines.len() && !complete;
+        let parts: Vec<&str> = line.split(' ').collect();
+        let ok = !last_and_torn
+            && parts.len() == 3
+            && parts[0].len() == 10
+            && parts[0].parse::<u64>().ok() == Some(valid)
+            && parts[1].len() == 32
+            && crate::digest::sha256_hex(format!("{} {}", parts[0], parts[1]).as_bytes())[..16]
+                == *parts[2];
+        if ok && bad.is_empty() {
+            valid += 1;
+        } else {
+            bad.push(line.to_string());
+        }
+    }
+    RecordCheck { valid, bad }
+}
