@@ -8,6 +8,7 @@ pub mod error;
 pub mod guest_agent;
 pub mod hypervisor;
 pub mod names;
+pub mod preflight;
 pub mod testvm;
 
 pub use error::{Error, Result};

@@ -254,6 +254,46 @@ impl Dom {
     }
 }
 
+impl Dom {
+    /// Creates an external disk-only snapshot from `xml` (a `<domainsnapshot>`), atomically
+    /// for all disks and without libvirt snapshot metadata. The caller freezes and thaws.
+    pub fn snapshot_disk_only(&self, xml: &str) -> Result<()> {
+        let flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA;
+        self.dom
+            .create_snapshot_xml(xml, flags)
+            .map(|_| ())
+            .map_err(self.err("disk-only snapshot"))
+    }
+
+    /// Starts an active block commit of `disk`'s top image into its backing image.
+    pub fn block_commit_active(&self, disk: &str) -> Result<()> {
+        raw::block_commit(&self.dom, disk, sys::VIR_DOMAIN_BLOCK_COMMIT_ACTIVE)
+            .map_err(self.err("block commit"))
+    }
+
+    /// The block job on `disk`: `None` when there is none, else `(cur, end)`.
+    pub fn block_job(&self, disk: &str) -> Result<Option<(u64, u64)>> {
+        raw::block_job_info(&self.dom, disk).map_err(self.err("block job info"))
+    }
+
+    /// Pivots a ready active commit (or copy) of `disk`. `Ok(false)` when the job is not
+    /// ready to pivot yet.
+    pub fn block_job_pivot(&self, disk: &str) -> Result<bool> {
+        match raw::block_job_abort(&self.dom, disk, sys::VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT) {
+            Ok(()) => Ok(true),
+            Err(e) if e.code().is(ErrorNumber::BlockCopyActive) => Ok(false),
+            Err(e) => Err(self.err("pivot")(e)),
+        }
+    }
+
+    /// Cancels the block job on `disk` (the VM stays on its current image).
+    pub fn block_job_abort(&self, disk: &str) -> Result<()> {
+        raw::block_job_abort(&self.dom, disk, 0).map_err(self.err("abort block job"))
+    }
+}
+
 /// The libvirt calls the `virt` crate does not wrap.
 mod raw {
     use std::ffi::{c_char, CString};
@@ -306,6 +346,58 @@ mod raw {
         // SAFETY: `dom.as_ptr()` is a live domain reference while `dom` is borrowed; the call
         // takes plain integers and keeps no pointer.
         let rc = unsafe { sys::virDomainAgentSetResponseTimeout(dom.as_ptr(), secs, 0) };
+        if rc < 0 {
+            return Err(Error::last_error());
+        }
+        Ok(())
+    }
+
+    pub fn block_commit(dom: &Domain, disk: &str, flags: u32) -> Result<(), Error> {
+        let disk = CString::new(disk)?;
+        // SAFETY: `dom.as_ptr()` is live while `dom` is borrowed; `disk` is a NUL-terminated
+        // string that outlives the call; null base and top ask libvirt for the defaults
+        // (the top image into its immediate backing image); libvirt keeps no pointer.
+        let rc = unsafe {
+            sys::virDomainBlockCommit(
+                dom.as_ptr(),
+                disk.as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                0,
+                flags,
+            )
+        };
+        if rc < 0 {
+            return Err(Error::last_error());
+        }
+        Ok(())
+    }
+
+    pub fn block_job_info(dom: &Domain, disk: &str) -> Result<Option<(u64, u64)>, Error> {
+        let disk = CString::new(disk)?;
+        let mut info = sys::virDomainBlockJobInfo {
+            type_: 0,
+            bandwidth: 0,
+            cur: 0,
+            end: 0,
+        };
+        // SAFETY: `dom.as_ptr()` is live while `dom` is borrowed; `disk` is NUL-terminated and
+        // outlives the call; `info` is a properly aligned, writable struct of the type libvirt
+        // fills, living on this stack frame for the whole call.
+        let rc =
+            unsafe { sys::virDomainGetBlockJobInfo(dom.as_ptr(), disk.as_ptr(), &mut info, 0) };
+        match rc {
+            r if r < 0 => Err(Error::last_error()),
+            0 => Ok(None),
+            _ => Ok(Some((info.cur, info.end))),
+        }
+    }
+
+    pub fn block_job_abort(dom: &Domain, disk: &str, flags: u32) -> Result<(), Error> {
+        let disk = CString::new(disk)?;
+        // SAFETY: `dom.as_ptr()` is live while `dom` is borrowed; `disk` is NUL-terminated and
+        // outlives the call; libvirt keeps no pointer.
+        let rc = unsafe { sys::virDomainBlockJobAbort(dom.as_ptr(), disk.as_ptr(), flags) };
         if rc < 0 {
             return Err(Error::last_error());
         }

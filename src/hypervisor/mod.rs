@@ -3,3 +3,4 @@
 
 pub mod libvirt;
 pub mod vm;
+pub mod xml_edit;

@@ -1,0 +1,88 @@
+//! Targeted edits of domain XML: the bytes of the one attribute that changes are replaced and
+//! everything else stays byte-identical (unknown elements, comments, formatting).
+
+use crate::error::{Error, Result};
+
+fn escape_attr(v: &str) -> String {
+    v.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
+}
+
+/// The `<source file=...>` of the file disk with `<target dev=target>`.
+pub fn disk_source(xml: &str, target: &str) -> Result<Option<String>> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| Error::Xml(e.to_string()))?;
+    Ok(find_disk(&doc, target)
+        .and_then(|d| d.children().find(|c| c.has_tag_name("source")))
+        .and_then(|s| s.attribute("file"))
+        .map(str::to_string))
+}
+
+fn find_disk<'a, 'i>(
+    doc: &'a roxmltree::Document<'i>,
+    target: &str,
+) -> Option<roxmltree::Node<'a, 'i>> {
+    doc.descendants().find(|n| {
+        n.has_tag_name("disk")
+            && n.parent().is_some_and(|p| p.has_tag_name("devices"))
+            && n.children()
+                .any(|c| c.has_tag_name("target") && c.attribute("dev") == Some(target))
+    })
+}
+
+/// Returns `xml` with the `<source file=...>` of disk `target` set to `path`.
+pub fn set_disk_source(xml: &str, target: &str, path: &str) -> Result<String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| Error::Xml(e.to_string()))?;
+    let disk = find_disk(&doc, target)
+        .ok_or_else(|| Error::Xml(format!("no disk with target {target}")))?;
+    let source = disk
+        .children()
+        .find(|c| c.has_tag_name("source"))
+        .ok_or_else(|| Error::Xml(format!("disk {target} has no <source>")))?;
+    let attr = source
+        .attributes()
+        .find(|a| a.name() == "file")
+        .ok_or_else(|| Error::Xml(format!("disk {target} has no source file")))?;
+    let range = attr.range_value();
+    let mut out = String::with_capacity(xml.len() + path.len());
+    out.push_str(&xml[..range.start]);
+    out.push_str(&escape_attr(path));
+    out.push_str(&xml[range.end..]);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const XML: &str = "<domain type='kvm'>\n  <!-- keep me -->\n  <name>a</name>\n  <devices>\n    \
+        <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>\n      \
+        <source file='/img/a.qcow2' index='2'/>\n      <target dev='vda' bus='virtio'/>\n    </disk>\n    \
+        <disk type='file' device='disk'>\n      <source file=\"/img/b.qcow2\"/>\n      <target dev='vdb'/>\n    \
+        </disk>\n    <unknown-element x='1'/>\n  </devices>\n</domain>\n";
+
+    #[test]
+    fn changes_only_the_source_of_the_named_disk() {
+        let out = set_disk_source(XML, "vdb", "/new/b & c.qcow2").unwrap();
+        assert_eq!(
+            out,
+            XML.replace("\"/img/b.qcow2\"", "\"/new/b &amp; c.qcow2\"")
+        );
+        assert_eq!(
+            disk_source(&out, "vdb").unwrap().as_deref(),
+            Some("/new/b & c.qcow2")
+        );
+        assert_eq!(
+            disk_source(&out, "vda").unwrap().as_deref(),
+            Some("/img/a.qcow2")
+        );
+    }
+
+    #[test]
+    fn unknown_target_is_an_error() {
+        assert!(set_disk_source(XML, "vdz", "/x").is_err());
+        assert_eq!(disk_source(XML, "vdz").unwrap(), None);
+    }
+}

@@ -1,0 +1,358 @@
+//! Pre-flight: what is refused before anything is touched. Each check carries the figure that
+//! was found and the limit it was held against, so a refusal says both.
+//!
+//! Disk rules: CD-ROMs, floppies and read-only disks are skipped (reported, not backed up);
+//! disks that cannot be snapshotted to a file overlay (block devices, network and volume
+//! disks, shareable disks, LUN passthrough) refuse the whole VM.
+
+use serde::Serialize;
+
+pub const GIB: u64 = 1 << 30;
+
+/// Limits and ratios; the defaults are the product's.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Limits {
+    /// No single disk's virtual size above this.
+    pub max_disk_bytes: u64,
+    /// All disks' virtual sizes plus memory at most this.
+    pub max_total_bytes: u64,
+    /// Free space needed where the overlays go, as a share of disks plus memory.
+    pub overlay_headroom_ratio: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_disk_bytes: 2032 * GIB,
+            max_total_bytes: 4000 * GIB,
+            overlay_headroom_ratio: 0.20,
+        }
+    }
+}
+
+/// What is known of one disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DiskFacts {
+    pub target: String,
+    /// `disk`, `cdrom`, `floppy`, `lun`.
+    pub device: String,
+    /// `file`, `block`, `network`, `volume`, ...
+    pub kind: String,
+    pub source: Option<String>,
+    pub readonly: bool,
+    pub shareable: bool,
+    pub virtual_size: u64,
+    pub allocated_size: u64,
+}
+
+/// A place on the host and its free space.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Space {
+    pub path: String,
+    pub free_bytes: u64,
+}
+
+/// Everything the checks look at.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Facts {
+    pub vm: String,
+    pub memory_bytes: u64,
+    pub disks: Vec<DiskFacts>,
+    /// Each distinct filesystem the overlays will be created on (empty for a VM that is off:
+    /// it is backed up without a snapshot).
+    pub overlay_spaces: Vec<Space>,
+    pub repository: Space,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub found: u64,
+    pub limit: u64,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SkippedDisk {
+    pub target: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    pub vm: String,
+    pub ok: bool,
+    pub checks: Vec<Check>,
+    pub skipped_disks: Vec<SkippedDisk>,
+    /// The disks that will be backed up.
+    pub disks: Vec<String>,
+}
+
+impl Report {
+    /// The failed checks, one line each.
+    pub fn refusals(&self) -> Vec<&str> {
+        self.checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.message.as_str())
+            .collect()
+    }
+}
+
+/// Bytes as GiB with two decimals, for messages.
+pub fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / GIB as f64)
+}
+
+/// Why a disk is skipped (`Ok(Some)`), refused (`Err`), or backed up (`Ok(None)`).
+pub fn disk_rule(d: &DiskFacts) -> Result<Option<String>, String> {
+    match d.device.as_str() {
+        "cdrom" | "floppy" => return Ok(Some(format!("{}: skipped ({})", d.target, d.device))),
+        "lun" => {
+            return Err(format!(
+                "{}: LUN passthrough disks cannot be snapshotted",
+                d.target
+            ))
+        }
+        _ => {}
+    }
+    if d.readonly {
+        return Ok(Some(format!("{}: skipped (read-only)", d.target)));
+    }
+    if d.shareable {
+        return Err(format!(
+            "{}: shareable disks cannot be snapshotted consistently",
+            d.target
+        ));
+    }
+    if d.kind != "file" {
+        return Err(format!(
+            "{}: {} disks cannot be snapshotted (only file-backed disks are supported)",
+            d.target, d.kind
+        ));
+    }
+    if d.source.is_none() {
+        return Err(format!("{}: the disk has no source file", d.target));
+    }
+    Ok(None)
+}
+
+pub fn evaluate(f: &Facts, limits: &Limits) -> Report {
+    let mut checks = Vec::new();
+    let mut skipped = Vec::new();
+    let mut backed_up = Vec::new();
+    for d in &f.disks {
+        match disk_rule(d) {
+            Ok(Some(reason)) => skipped.push(SkippedDisk {
+                target: d.target.clone(),
+                reason,
+            }),
+            Ok(None) => backed_up.push(d),
+            Err(message) => checks.push(Check {
+                name: format!("disk-supported:{}", d.target),
+                ok: false,
+                found: 0,
+                limit: 0,
+                message,
+            }),
+        }
+    }
+    for d in &backed_up {
+        let ok = d.virtual_size <= limits.max_disk_bytes;
+        checks.push(Check {
+            name: format!("disk-size:{}", d.target),
+            ok,
+            found: d.virtual_size,
+            limit: limits.max_disk_bytes,
+            message: format!(
+                "disk {}: virtual size {} {} the limit of {}",
+                d.target,
+                gib(d.virtual_size),
+                if ok { "is within" } else { "exceeds" },
+                gib(limits.max_disk_bytes)
+            ),
+        });
+    }
+    let disks_total: u64 = backed_up.iter().map(|d| d.virtual_size).sum();
+    let total = disks_total.saturating_add(f.memory_bytes);
+    let ok = total <= limits.max_total_bytes;
+    checks.push(Check {
+        name: "total-size".into(),
+        ok,
+        found: total,
+        limit: limits.max_total_bytes,
+        message: format!(
+            "disks ({}) plus memory ({}) = {} {} the limit of {}",
+            gib(disks_total),
+            gib(f.memory_bytes),
+            gib(total),
+            if ok { "is within" } else { "exceeds" },
+            gib(limits.max_total_bytes)
+        ),
+    });
+    let headroom = (total as f64 * limits.overlay_headroom_ratio).ceil() as u64;
+    for s in &f.overlay_spaces {
+        let ok = s.free_bytes >= headroom;
+        checks.push(Check {
+            name: "overlay-space".into(),
+            ok,
+            found: s.free_bytes,
+            limit: headroom,
+            message: format!(
+                "free space for snapshot overlays in {}: {}, {} {} ({:.0}% of disks plus memory)",
+                s.path,
+                gib(s.free_bytes),
+                if ok { "needs" } else { "less than the" },
+                gib(headroom),
+                limits.overlay_headroom_ratio * 100.0
+            ),
+        });
+    }
+    let estimate: u64 = backed_up.iter().map(|d| d.allocated_size).sum();
+    let ok = f.repository.free_bytes >= estimate;
+    checks.push(Check {
+        name: "repository-space".into(),
+        ok,
+        found: f.repository.free_bytes,
+        limit: estimate,
+        message: format!(
+            "free space in the repository {}: {}, {} {} (the disks' allocated size)",
+            f.repository.path,
+            gib(f.repository.free_bytes),
+            if ok { "needs at most" } else { "less than the" },
+            gib(estimate)
+        ),
+    });
+    Report {
+        vm: f.vm.clone(),
+        ok: checks.iter().all(|c| c.ok),
+        checks,
+        skipped_disks: skipped,
+        disks: backed_up.iter().map(|d| d.target.clone()).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(target: &str, size: u64) -> DiskFacts {
+        DiskFacts {
+            target: target.into(),
+            device: "disk".into(),
+            kind: "file".into(),
+            source: Some(format!("/images/{target}.qcow2")),
+            readonly: false,
+            shareable: false,
+            virtual_size: size,
+            allocated_size: size / 10,
+        }
+    }
+
+    fn facts(disks: Vec<DiskFacts>, memory: u64) -> Facts {
+        Facts {
+            vm: "vm1".into(),
+            memory_bytes: memory,
+            disks,
+            overlay_spaces: vec![Space {
+                path: "/images".into(),
+                free_bytes: 10_000 * GIB,
+            }],
+            repository: Space {
+                path: "/repo".into(),
+                free_bytes: 10_000 * GIB,
+            },
+        }
+    }
+
+    fn failed(r: &Report) -> Vec<String> {
+        r.checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn disk_size_limit_is_inclusive() {
+        let r = evaluate(
+            &facts(vec![disk("vda", 2032 * GIB)], GIB),
+            &Limits::default(),
+        );
+        assert!(r.ok, "{:?}", r.refusals());
+        let r = evaluate(
+            &facts(vec![disk("vda", 2032 * GIB + 1)], GIB),
+            &Limits::default(),
+        );
+        assert_eq!(failed(&r), ["disk-size:vda"]);
+        assert!(r.refusals()[0].contains("exceeds the limit of 2032.00 GiB"));
+    }
+
+    #[test]
+    fn disks_plus_memory_limit() {
+        let d = vec![disk("vda", 2000 * GIB), disk("vdb", 1999 * GIB)];
+        assert!(evaluate(&facts(d.clone(), GIB), &Limits::default()).ok);
+        let r = evaluate(&facts(d, GIB + 1), &Limits::default());
+        assert_eq!(failed(&r), ["total-size"]);
+        assert!(
+            r.refusals()[0].contains("4000.00 GiB"),
+            "{:?}",
+            r.refusals()
+        );
+    }
+
+    #[test]
+    fn overlay_headroom_is_a_share_of_disks_plus_memory() {
+        let mut f = facts(vec![disk("vda", 8 * GIB)], 2 * GIB);
+        f.overlay_spaces[0].free_bytes = 2 * GIB; // exactly 20% of 10 GiB
+        assert!(evaluate(&f, &Limits::default()).ok);
+        f.overlay_spaces[0].free_bytes = 2 * GIB - 1;
+        let r = evaluate(&f, &Limits::default());
+        assert_eq!(failed(&r), ["overlay-space"]);
+        let l = Limits {
+            overlay_headroom_ratio: 0.1,
+            ..Limits::default()
+        };
+        assert!(evaluate(&f, &l).ok);
+    }
+
+    #[test]
+    fn repository_space_uses_allocated_sizes() {
+        let mut f = facts(vec![disk("vda", 100 * GIB)], GIB);
+        f.repository.free_bytes = 10 * GIB;
+        assert!(evaluate(&f, &Limits::default()).ok);
+        f.repository.free_bytes = 10 * GIB - 1;
+        assert_eq!(
+            failed(&evaluate(&f, &Limits::default())),
+            ["repository-space"]
+        );
+    }
+
+    #[test]
+    fn cdroms_and_readonly_disks_are_skipped_and_do_not_count() {
+        let mut cd = disk("sda", 3000 * GIB);
+        cd.device = "cdrom".into();
+        let mut ro = disk("vdc", 3000 * GIB);
+        ro.readonly = true;
+        let r = evaluate(
+            &facts(vec![disk("vda", GIB), cd, ro], GIB),
+            &Limits::default(),
+        );
+        assert!(r.ok, "{:?}", r.refusals());
+        assert_eq!(r.disks, ["vda"]);
+        assert_eq!(r.skipped_disks.len(), 2);
+    }
+
+    #[test]
+    fn block_network_and_shareable_disks_refuse_the_vm() {
+        for (kind, shareable) in [("block", false), ("network", false), ("file", true)] {
+            let mut d = disk("vdb", GIB);
+            d.kind = kind.into();
+            d.shareable = shareable;
+            let r = evaluate(&facts(vec![disk("vda", GIB), d], GIB), &Limits::default());
+            assert!(!r.ok, "{kind} shareable={shareable} was accepted");
+            assert_eq!(failed(&r), ["disk-supported:vdb"]);
+        }
+    }
+}
