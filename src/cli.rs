@@ -23,33 +23,51 @@ pub struct Cli {
 
 #[derive(Debug, Args)]
 pub struct Global {
-    /// libvirt connection URI
-    #[arg(
-        long,
-        global = true,
-        env = "VMBACKUP_CONNECT",
-        default_value = "qemu:///system"
-    )]
-    pub connect: String,
-    /// Backup repository directory
-    #[arg(
-        long,
-        global = true,
-        env = "VMBACKUP_REPO",
-        default_value = "/var/lib/vmbackup/repo"
-    )]
-    pub repo: PathBuf,
-    /// State directory (schedules, job history, journal)
-    #[arg(
-        long,
-        global = true,
-        env = "VMBACKUP_STATE_DIR",
-        default_value = "/var/lib/vmbackup"
-    )]
-    pub state_dir: PathBuf,
+    /// libvirt connection URI [default: qemu:///system]
+    #[arg(long, global = true, env = "VMBACKUP_CONNECT")]
+    pub connect: Option<String>,
+    /// Backup repository directory [default: /var/lib/vmbackup/repo]
+    #[arg(long, global = true, env = "VMBACKUP_REPO")]
+    pub repo: Option<PathBuf>,
+    /// State directory: locks, schedules, job history [default: /var/lib/vmbackup]
+    #[arg(long, global = true, env = "VMBACKUP_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Config file [default: /etc/vmbackup/config.toml, if present]
+    #[arg(long, global = true, env = "VMBACKUP_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Print exactly one JSON document on stdout
     #[arg(long, global = true, env = "VMBACKUP_JSON")]
     pub json: bool,
+    /// Where snapshot overlays are created [default: beside each disk image]
+    #[arg(long, global = true, env = "VMBACKUP_OVERLAY_DIR")]
+    pub overlay_dir: Option<PathBuf>,
+    /// Free space needed for overlays, as a share of disks plus memory [default: 0.2]
+    #[arg(long, global = true, env = "VMBACKUP_OVERLAY_HEADROOM")]
+    pub overlay_headroom: Option<f64>,
+    /// Largest disk, in GiB [default: 2032]
+    #[arg(long, global = true, env = "VMBACKUP_MAX_DISK_GIB")]
+    pub max_disk_gib: Option<u64>,
+    /// Largest disks plus memory, in GiB [default: 4000]
+    #[arg(long, global = true, env = "VMBACKUP_MAX_TOTAL_GIB")]
+    pub max_total_gib: Option<u64>,
+    /// Longest freeze wait for the guest agent, in seconds [default: 10]
+    #[arg(long, global = true, env = "VMBACKUP_FREEZE_TIMEOUT")]
+    pub freeze_timeout: Option<u64>,
+}
+
+impl Global {
+    pub fn overrides(&self) -> vmbackup::config::Overrides {
+        vmbackup::config::Overrides {
+            connect: self.connect.clone(),
+            repo: self.repo.clone(),
+            state_dir: self.state_dir.clone(),
+            overlay_dir: self.overlay_dir.clone(),
+            overlay_headroom: self.overlay_headroom,
+            max_disk_gib: self.max_disk_gib,
+            max_total_gib: self.max_total_gib,
+            freeze_timeout_secs: self.freeze_timeout,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -60,15 +60,33 @@ pub enum Error {
     },
     #[error("{program} failed: {detail}")]
     Command { program: String, detail: String },
+    #[error("config {}: {detail}", path.display())]
+    Config { path: PathBuf, detail: String },
     #[error("{0}: not implemented yet")]
     NotImplemented(&'static str),
+    #[error("refused by pre-flight: {}", .0.refusals().join("; "))]
+    Refused(Box<crate::preflight::Report>),
+    #[error("busy: {0}")]
+    Busy(String),
+    #[error("interrupted")]
+    Interrupted,
+    #[error("commit back: {0}")]
+    CommitBack(String),
+    #[error("repository")]
+    Repo(#[from] crate::repository::RepoError),
+    #[error("disk image")]
+    Image(#[from] crate::image::ImageError),
 }
 
 impl Error {
     /// The exit code the command-line contract gives this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::NoDomain(_) | Error::InvalidName { .. } => exit::BAD_INPUT,
+            Error::NoDomain(_) | Error::InvalidName { .. } | Error::Config { .. } => {
+                exit::BAD_INPUT
+            }
+            Error::Refused(_) => exit::REFUSED,
+            Error::Busy(_) => exit::BUSY,
             _ => exit::FAILED,
         }
     }

@@ -3,12 +3,16 @@
 //! The binary (`src/main.rs`) is a thin layer over this library. See DESIGN.md for the
 //! command-line contract and README.md for how to run it.
 
+pub mod backup;
+pub mod config;
 pub mod digest;
 pub mod error;
 pub mod guest_agent;
 pub mod hypervisor;
+pub mod image;
 pub mod names;
 pub mod preflight;
+pub mod repository;
 pub mod testvm;
 
 pub use error::{Error, Result};

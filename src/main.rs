@@ -1,12 +1,24 @@
 //! The `vmbackup` binary: parse the command line, call the library, print, and map errors to
-//! the exit codes of the contract.
+//! the exit codes of the contract. With `--json`, stdout carries exactly one JSON document;
+//! logs, warnings and progress go to stderr.
 
 mod cli;
 
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use clap::Parser;
+use serde_json::{json, Value};
+use vmbackup::backup::{self, Quiesce};
+use vmbackup::config::{Config, FileConfig};
 use vmbackup::error::exit;
+use vmbackup::hypervisor::libvirt::Libvirt;
+use vmbackup::preflight::gib;
+use vmbackup::repository::Repository;
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
@@ -14,13 +26,268 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
 }
 
-fn run(cli: cli::Cli) -> Result<i32, anyhow::Error> {
-    let _ = &cli.global;
-    Err(vmbackup::Error::NotImplemented(cli.command.name()).into())
+/// SIGINT and SIGTERM set `backup::INTERRUPTED`; the pipeline stops at its next safe point
+/// (the guest is thawed and the overlays are committed back before the program exits).
+fn install_signal_thread() {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    if set.thread_block().is_err() {
+        return;
+    }
+    std::thread::spawn(move || loop {
+        if let Ok(sig) = set.wait() {
+            tracing::warn!(signal = %sig, "interrupted: finishing safely (thaw, commit back)");
+            backup::INTERRUPTED.store(true, Ordering::SeqCst);
+        }
+    });
+}
+
+/// A progress line on stderr, only when stderr is a terminal.
+struct Progress {
+    tty: bool,
+    last: Mutex<Option<Instant>>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            tty: std::io::stderr().is_terminal(),
+            last: Mutex::new(None),
+        }
+    }
+    fn show(&self, label: &str, done: u64, total: u64) {
+        if !self.tty {
+            return;
+        }
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let finished = done >= total;
+        if !finished && last.is_some_and(|t| t.elapsed() < Duration::from_millis(200)) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let pct = if total == 0 {
+            100.0
+        } else {
+            done as f64 * 100.0 / total as f64
+        };
+        let mut e = std::io::stderr().lock();
+        let _ = write!(e, "\r\x1b[2K{label}: {pct:5.1}% of {}", gib(total));
+        if finished {
+            let _ = writeln!(e);
+        }
+    }
+}
+
+/// What a command produced: its JSON document, its text, and its exit code.
+struct Output {
+    json: Value,
+    text: String,
+    code: i32,
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn error_json(e: &vmbackup::Error) -> Value {
+    let mut v = json!({"error": chain(e), "exit_code": e.exit_code()});
+    if let vmbackup::Error::Refused(report) = e {
+        v["preflight"] = serde_json::to_value(report).unwrap_or(Value::Null);
+    }
+    v
+}
+
+/// The error and its causes on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+fn cmd_check(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
+    let lv = Libvirt::open(&cfg.connect)?;
+    let mut reports = Vec::new();
+    let mut text = String::new();
+    let mut code = exit::OK;
+    for name in domains {
+        match backup::survey(&lv, name, &cfg.repo, &cfg.backup) {
+            Ok(subject) => {
+                let r = backup::preflight(&subject, &cfg.backup);
+                text.push_str(&format!(
+                    "{name}: {}\n",
+                    if r.ok { "ok" } else { "REFUSED" }
+                ));
+                for c in &r.checks {
+                    text.push_str(&format!(
+                        "  [{}] {}\n",
+                        if c.ok { " ok " } else { "FAIL" },
+                        c.message
+                    ));
+                }
+                for s in &r.skipped_disks {
+                    text.push_str(&format!("  [skip] {}\n", s.reason));
+                }
+                if !r.ok && code == exit::OK {
+                    code = exit::REFUSED;
+                }
+                reports.push(json!({"vm": name, "ok": r.ok, "report": r}));
+            }
+            Err(e) => {
+                text.push_str(&format!("{name}: error: {}\n", chain(&e)));
+                if code == exit::OK || code == exit::REFUSED {
+                    code = e.exit_code();
+                }
+                reports.push(json!({"vm": name, "ok": false, "error": error_json(&e)}));
+            }
+        }
+    }
+    Ok(Output {
+        json: json!({"ok": code == exit::OK, "vms": reports}),
+        text,
+        code,
+    })
+}
+
+fn cmd_backup(cfg: &Config, domains: &[String], quiesce: cli::Quiesce) -> anyhow::Result<Output> {
+    let lv = Libvirt::open(&cfg.connect)?;
+    let repo = Repository::open(&cfg.repo)?;
+    let mut opts = cfg.backup.clone();
+    opts.quiesce = match quiesce {
+        cli::Quiesce::Required => Quiesce::Required,
+        cli::Quiesce::Preferred => Quiesce::Preferred,
+        cli::Quiesce::Off => Quiesce::Off,
+    };
+    let progress = Progress::new();
+    let mut results = Vec::new();
+    let mut text = String::new();
+    let mut failures = Vec::new();
+    for name in domains {
+        match backup::backup(&lv, &repo, &cfg.state_dir, name, &opts, &|l, d, t| {
+            progress.show(l, d, t)
+        }) {
+            Ok(o) => {
+                text.push_str(&format!(
+                    "{}: backup {} ({} consistent{}), {} read, {} stored, {:.1}s\n",
+                    o.vm,
+                    o.id,
+                    o.consistency,
+                    o.freeze_ms
+                        .map(|m| format!(", frozen {m} ms"))
+                        .unwrap_or_default(),
+                    human_bytes(o.logical_bytes),
+                    human_bytes(o.stored_bytes),
+                    o.duration_ms as f64 / 1000.0
+                ));
+                results.push(json!({"vm": name, "ok": true, "backup": o}));
+            }
+            Err(e) => {
+                tracing::error!(vm = %name, "backup failed: {}", chain(&e));
+                text.push_str(&format!("{name}: FAILED: {}\n", chain(&e)));
+                failures.push(e.exit_code());
+                results.push(json!({"vm": name, "ok": false, "error": error_json(&e)}));
+            }
+        }
+        if backup::INTERRUPTED.load(Ordering::SeqCst) {
+            break;
+        }
+    }
+    let code = match (failures.len(), domains.len()) {
+        (0, _) => exit::OK,
+        (1, 1) => failures[0],
+        (f, n) if f < n => exit::PARTIAL,
+        _ => failures[0],
+    };
+    Ok(Output {
+        json: json!({"ok": code == exit::OK, "results": results}),
+        text,
+        code,
+    })
+}
+
+fn cmd_list(cfg: &Config, domain: Option<&str>) -> anyhow::Result<Output> {
+    let repo = Repository::open(&cfg.repo)?;
+    let list: Vec<_> = repo
+        .list()?
+        .into_iter()
+        .filter(|m| domain.is_none_or(|d| m.vm_name == d))
+        .collect();
+    let mut text = format!(
+        "{:<40} {:<16} {:<24} {:<24} {:>10} {:>10} {:<6} {}\n",
+        "ID", "VM", "START (UTC)", "END (UTC)", "LOGICAL", "STORED", "DISKS", "CONSISTENCY"
+    );
+    let mut rows = Vec::new();
+    for m in &list {
+        let disks: Vec<&str> = m.disks.iter().map(|d| d.target.as_str()).collect();
+        text.push_str(&format!(
+            "{:<40} {:<16} {:<24} {:<24} {:>10} {:>10} {:<6} {}\n",
+            m.id,
+            m.vm_name,
+            m.started_at,
+            m.ended_at,
+            human_bytes(m.logical_bytes),
+            human_bytes(m.stored_bytes),
+            disks.join(","),
+            m.consistency
+        ));
+        rows.push(json!({
+            "id": m.id, "vm_name": m.vm_name, "vm_uuid": m.vm_uuid,
+            "started_at": m.started_at, "ended_at": m.ended_at,
+            "logical_bytes": m.logical_bytes, "stored_bytes": m.stored_bytes,
+            "disks": disks, "consistency": m.consistency, "freeze_ms": m.freeze_ms,
+        }));
+    }
+    Ok(Output {
+        json: json!({"ok": true, "backups": rows}),
+        text,
+        code: exit::OK,
+    })
+}
+
+fn cmd_show(cfg: &Config, id: &str) -> anyhow::Result<Output> {
+    let repo = Repository::open(&cfg.repo)?;
+    let m = repo.load(id)?;
+    let v = serde_json::to_value(&m)?;
+    Ok(Output {
+        text: serde_json::to_string_pretty(&v)? + "\n",
+        json: json!({"ok": true, "manifest": v}),
+        code: exit::OK,
+    })
+}
+
+fn run(cli: cli::Cli) -> anyhow::Result<Output> {
+    let file = FileConfig::load(cli.global.config.as_deref())?;
+    let cfg = Config::resolve(cli.global.overrides(), file)?;
+    use cli::Command as C;
+    match &cli.command {
+        C::Check { domains } => cmd_check(&cfg, domains),
+        C::Backup { domains, quiesce } => cmd_backup(&cfg, domains, *quiesce),
+        C::List { domain } => cmd_list(&cfg, domain.as_deref()),
+        C::Show { id } => cmd_show(&cfg, id).with_context(|| format!("show {id}")),
+        other => Err(vmbackup::Error::NotImplemented(other.name()).into()),
+    }
 }
 
 fn main() -> ExitCode {
@@ -37,18 +304,28 @@ fn main() -> ExitCode {
         }
     };
     init_logging();
+    install_signal_thread();
     let json = cli.global.json;
     match run(cli) {
-        Ok(code) => ExitCode::from(code as u8),
+        Ok(out) => {
+            if json {
+                println!("{}", out.json);
+            } else {
+                print!("{}", out.text);
+            }
+            ExitCode::from(out.code as u8)
+        }
         Err(e) => {
             let code = e
-                .downcast_ref::<vmbackup::Error>()
+                .chain()
+                .find_map(|c| c.downcast_ref::<vmbackup::Error>())
                 .map(vmbackup::Error::exit_code)
                 .unwrap_or(exit::FAILED);
             if json {
-                let doc =
-                    serde_json::json!({"ok": false, "exit_code": code, "error": format!("{e:#}")});
-                println!("{doc}");
+                println!(
+                    "{}",
+                    json!({"ok": false, "exit_code": code, "error": format!("{e:#}")})
+                );
             }
             eprintln!("error: {e:#}");
             ExitCode::from(code as u8)

@@ -1,0 +1,643 @@
+//! The backup pipeline for libvirt domains.
+//!
+//! Running VM: pre-flight, then freeze the guest's filesystems through the agent (with a
+//! deadline), one atomic disk-only external snapshot of every disk, thaw at once (the freeze
+//! covers only the snapshot, and its duration is recorded); copy the now read-only images into
+//! the repository; commit the overlays back with an active commit and pivot, check that the
+//! live and the inactive XML point at the original images again, and delete the overlays. The
+//! commit back runs whatever happened to the copy.
+//!
+//! Shut-off VM: no snapshot; the images are read under a lock that keeps QEMU from opening
+//! them for writing, so the VM cannot be started on a half-read disk.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::guest_agent;
+use crate::hypervisor::libvirt::{Dom, Libvirt, PowerState};
+use crate::hypervisor::vm::VmSpec;
+use crate::hypervisor::xml_edit;
+use crate::image::{self, ImageReader};
+use crate::names;
+use crate::preflight::{self, DiskFacts, Facts, Limits, Report, Space};
+use crate::repository::disk::backup_disk;
+use crate::repository::manifest::{new_backup_id, DiskEntry, Manifest, NicEntry};
+use crate::repository::Repository;
+
+/// `--quiesce`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quiesce {
+    /// Fail unless the guest's filesystems can be frozen.
+    Required,
+    /// Freeze when the agent answers; otherwise a crash-consistent backup, recorded so.
+    Preferred,
+    /// Never freeze: crash-consistent.
+    Off,
+}
+
+/// Settings of a backup run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub quiesce: Quiesce,
+    pub limits: Limits,
+    /// Where overlays are created; `None`: beside each disk image.
+    pub overlay_dir: Option<PathBuf>,
+    /// Longest the guest may stay frozen waiting for the agent (freeze and thaw calls).
+    pub freeze_timeout: Duration,
+    /// Longest a commit back may take before the VM is left, safely, on its overlay.
+    pub commit_timeout: Duration,
+    pub chunk_size: u64,
+    pub threads: usize,
+    /// The schedule that asked for this backup.
+    pub schedule: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            quiesce: Quiesce::Preferred,
+            limits: Limits::default(),
+            overlay_dir: None,
+            freeze_timeout: Duration::from_secs(10),
+            commit_timeout: Duration::from_secs(600),
+            chunk_size: 4 << 20,
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            schedule: None,
+        }
+    }
+}
+
+/// Set by the signal handler of the binary: stop at the next safe point.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        return Err(Error::Interrupted);
+    }
+    Ok(())
+}
+
+/// Free space of the filesystem holding `path` (or its nearest existing ancestor).
+pub fn free_space(path: &Path) -> Result<Space> {
+    let mut p = path.to_path_buf();
+    while !p.exists() {
+        if !p.pop() {
+            break;
+        }
+    }
+    let st = nix::sys::statvfs::statvfs(&p).map_err(|e| {
+        Error::io(
+            "free space",
+            &p,
+            std::io::Error::from_raw_os_error(e as i32),
+        )
+    })?;
+    Ok(Space {
+        path: path.display().to_string(),
+        free_bytes: (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64),
+    })
+}
+
+fn device_of(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut p = path.to_path_buf();
+    loop {
+        if let Ok(m) = std::fs::metadata(&p) {
+            return Some(m.dev());
+        }
+        if !p.pop() {
+            return None;
+        }
+    }
+}
+
+/// Where the overlay of `disk_source` goes.
+fn overlay_path(opts: &Options, vm: &str, target: &str, source: &str, id: &str) -> PathBuf {
+    let dir = match &opts.overlay_dir {
+        Some(d) => d.clone(),
+        None => Path::new(source)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("/")),
+    };
+    dir.join(format!("{vm}.{target}.vmbackup-{id}.qcow2"))
+}
+
+/// The domain, its parsed definition and the facts the pre-flight checks look at.
+pub struct Subject {
+    pub dom: Dom,
+    pub spec: VmSpec,
+    pub inactive_xml: String,
+    pub running: bool,
+    pub facts: Facts,
+}
+
+/// Looks the VM up and gathers the figures of the pre-flight checks.
+pub fn survey(lv: &Libvirt, name: &str, repo_dir: &Path, opts: &Options) -> Result<Subject> {
+    names::check_component(name)?;
+    let dom = lv.domain(name)?;
+    let running = dom.state()? != PowerState::ShutOff;
+    let inactive_xml = dom.inactive_xml()?;
+    // The running definition names the images in use now.
+    let spec = VmSpec::from_xml(&if running {
+        dom.live_xml()?
+    } else {
+        inactive_xml.clone()
+    })?;
+    let mut disks = Vec::new();
+    let mut overlay_devs: Vec<(u64, PathBuf)> = Vec::new();
+    for d in &spec.disks {
+        let mut f = DiskFacts {
+            target: d.target.clone(),
+            device: d.device.clone(),
+            kind: d.kind.clone(),
+            source: d.source.clone(),
+            readonly: d.readonly,
+            shareable: d.shareable,
+            virtual_size: 0,
+            allocated_size: 0,
+        };
+        if let (Ok(None), Some(src)) = (preflight::disk_rule(&f), &d.source) {
+            let info = image::info(Path::new(src))?;
+            f.virtual_size = info.virtual_size;
+            f.allocated_size = info.actual_size;
+            if running {
+                let ov = overlay_path(opts, name, &d.target, src, "x");
+                let dir = ov.parent().map(Path::to_path_buf).unwrap_or_default();
+                if let Some(dev) = device_of(&dir) {
+                    if !overlay_devs.iter().any(|(d, _)| *d == dev) {
+                        overlay_devs.push((dev, dir));
+                    }
+                }
+            }
+        }
+        disks.push(f);
+    }
+    let mut overlay_spaces = Vec::new();
+    for (_, dir) in &overlay_devs {
+        overlay_spaces.push(free_space(dir)?);
+    }
+    let facts = Facts {
+        vm: name.to_string(),
+        memory_bytes: spec.memory_bytes,
+        disks,
+        overlay_spaces,
+        repository: free_space(repo_dir)?,
+    };
+    Ok(Subject {
+        dom,
+        spec,
+        inactive_xml,
+        running,
+        facts,
+    })
+}
+
+/// The pre-flight verdict, with `--quiesce required` on a VM without an agent channel counted
+/// as a refusal too.
+pub fn preflight(subject: &Subject, opts: &Options) -> Report {
+    let mut report = preflight::evaluate(&subject.facts, &opts.limits);
+    if opts.quiesce == Quiesce::Required && subject.running && !subject.spec.agent_channel {
+        report.ok = false;
+        report.checks.push(preflight::Check {
+            name: "quiesce".into(),
+            ok: false,
+            found: 0,
+            limit: 1,
+            message: "--quiesce required, but the VM has no guest agent channel".into(),
+        });
+    }
+    report
+}
+
+/// Holds a VM's operation lock (backup or restore) until dropped.
+pub struct VmLock {
+    _lock: nix::fcntl::Flock<File>,
+}
+
+/// Takes the operation lock of VM `name` in `state_dir`; `Error::Busy` when another
+/// operation holds it.
+pub fn lock_vm(state_dir: &Path, name: &str) -> Result<VmLock> {
+    names::check_component(name)?;
+    let dir = state_dir.join("locks");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io("create lock folder", &dir, e))?;
+    let path = dir.join(format!("{name}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io("open lock", &path, e))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(VmLock { _lock: lock }),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(Error::Busy(format!(
+            "another backup or restore of {name} is running"
+        ))),
+        Err((_, e)) => Err(Error::io(
+            "lock",
+            &path,
+            std::io::Error::from_raw_os_error(e as i32),
+        )),
+    }
+}
+
+/// Keeps QEMU from opening an image for writing while it is read: QEMU's own image locking
+/// refuses the write permission while another process holds a shared lock on byte 201
+/// ("write is not shared").
+struct NoWriters {
+    _file: File,
+}
+
+fn forbid_writers(path: &Path) -> Result<NoWriters> {
+    let file = File::open(path).map_err(|e| Error::io("open image", path, e))?;
+    let lock = libc::flock {
+        l_type: libc::F_RDLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 201,
+        l_len: 1,
+        l_pid: 0,
+    };
+    match nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_OFD_SETLK(&lock)) {
+        Ok(_) => Ok(NoWriters { _file: file }),
+        Err(e) => Err(Error::Busy(format!(
+            "{} is in use by another process ({e})",
+            path.display()
+        ))),
+    }
+}
+
+/// What a finished backup reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub id: String,
+    pub vm: String,
+    pub consistency: String,
+    pub consistency_reason: Option<String>,
+    pub freeze_ms: Option<u64>,
+    pub logical_bytes: u64,
+    pub stored_bytes: u64,
+    pub duration_ms: u64,
+    pub skipped_disks: Vec<preflight::SkippedDisk>,
+}
+
+fn now_utc() -> String {
+    jiff::Timestamp::now()
+        .round(jiff::Unit::Millisecond)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+/// One disk that is backed up: its target, image and format, and its overlay while the VM runs
+/// on one.
+struct Work {
+    target: String,
+    source: String,
+    format: String,
+    overlay: Option<PathBuf>,
+}
+
+/// Backs up VM `name` into `repo`. The pre-flight report is returned in the error when it
+/// refuses.
+pub fn backup(
+    lv: &Libvirt,
+    repo: &Repository,
+    state_dir: &Path,
+    name: &str,
+    opts: &Options,
+    progress: &(dyn Fn(&str, u64, u64) + Sync),
+) -> Result<Outcome> {
+    let started = Instant::now();
+    let started_at = now_utc();
+    let subject = survey(lv, name, repo.path(), opts)?;
+    let report = preflight(&subject, opts);
+    if !report.ok {
+        return Err(Error::Refused(Box::new(report)));
+    }
+    let _lock = lock_vm(state_dir, name)?;
+    check_interrupted()?;
+    let id = new_backup_id(name, jiff::Timestamp::now().as_second().max(0) as u64);
+    let dom = &subject.dom;
+    let mut work: Vec<Work> = Vec::new();
+    for t in &report.disks {
+        let d = subject
+            .spec
+            .disks
+            .iter()
+            .find(|d| &d.target == t)
+            .expect("pre-flight lists only the VM's disks");
+        let source = d.source.clone().unwrap_or_default();
+        work.push(Work {
+            target: t.clone(),
+            format: d.format.clone().unwrap_or_else(|| "raw".into()),
+            overlay: subject
+                .running
+                .then(|| overlay_path(opts, name, t, &source, &id)),
+            source,
+        });
+    }
+
+    // Guest addresses, while the agent still answers.
+    let guest_ifs = if subject.running && subject.spec.agent_channel {
+        guest_agent::interfaces(dom).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+
+    let mut consistency = "crash".to_string();
+    let mut reason: Option<String> = None;
+    let mut freeze_ms = None;
+    let mut _no_writers = Vec::new();
+    if subject.running {
+        let snap = snapshot_xml(&id, &subject.spec, &work);
+        let frozen = match opts.quiesce {
+            Quiesce::Off => {
+                reason = Some("--quiesce off".into());
+                None
+            }
+            _ if !subject.spec.agent_channel => {
+                reason = Some("the VM has no guest agent channel".into());
+                None
+            }
+            q => match guest_agent::freeze(dom, opts.freeze_timeout) {
+                Ok(f) => Some(f),
+                Err(e) if q == Quiesce::Preferred => {
+                    tracing::warn!(vm = name, error = %e, "cannot freeze; the backup is crash-consistent");
+                    reason = Some(format!("freeze failed: {e}"));
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let snap_result = dom.snapshot_disk_only(&snap);
+        if let Some(f) = frozen {
+            // Thaw before anything else, even when the snapshot failed.
+            let held = f.thaw();
+            match held {
+                Ok(d) => {
+                    freeze_ms = Some(d.as_millis() as u64);
+                    consistency = "application".into();
+                }
+                Err(e) => {
+                    tracing::error!(vm = name, error = %e, "thaw failed");
+                    reason = Some(format!("thaw failed: {e}"));
+                }
+            }
+        }
+        snap_result?;
+        tracing::info!(vm = name, freeze_ms, "snapshot taken");
+    } else {
+        consistency = "application".into();
+        reason = Some("the VM was shut off".into());
+        for w in &work {
+            _no_writers.push(forbid_writers(Path::new(&w.source))?);
+        }
+    }
+
+    let copy = copy_disks(repo, &id, name, &subject, &work, opts, progress);
+    let commit = if subject.running {
+        commit_back(lv, dom, &work, opts)
+    } else {
+        Ok(())
+    };
+    let (entries, logical, stored) = match (copy, commit) {
+        (Ok(c), Ok(())) => c,
+        (Err(e), _) | (Ok(_), Err(e)) => {
+            let _ = repo.remove_incomplete(&[]);
+            return Err(e);
+        }
+    };
+
+    let nics = subject
+        .spec
+        .nics
+        .iter()
+        .map(|n| NicEntry {
+            mac: n.mac.clone(),
+            model: n.model.clone(),
+            kind: n.kind.clone(),
+            source: n.source.clone(),
+            ips: guest_ifs
+                .iter()
+                .filter(|g| g.mac.is_some() && g.mac == n.mac)
+                .flat_map(|g| g.ips.iter().filter(|ip| !ip.starts_with("fe80:")).cloned())
+                .collect(),
+        })
+        .collect();
+    let manifest = Manifest {
+        format_version: 1,
+        id: id.clone(),
+        vm_name: name.to_string(),
+        vm_uuid: subject.spec.uuid.clone(),
+        started_at,
+        ended_at: now_utc(),
+        consistency: consistency.clone(),
+        consistency_reason: reason.clone(),
+        freeze_ms,
+        vcpus: subject.spec.vcpus,
+        memory_bytes: subject.spec.memory_bytes,
+        disks: entries,
+        nics,
+        domain_xml_object: repo.put_domain_xml(&id, &subject.inactive_xml)?,
+        schedule: opts.schedule.clone(),
+        stored_bytes: stored,
+        logical_bytes: logical,
+    };
+    repo.publish(&manifest)?;
+    tracing::info!(vm = name, id = %id, consistency = %consistency, "backup published");
+    Ok(Outcome {
+        id,
+        vm: name.to_string(),
+        consistency,
+        consistency_reason: reason,
+        freeze_ms,
+        logical_bytes: logical,
+        stored_bytes: stored,
+        duration_ms: started.elapsed().as_millis() as u64,
+        skipped_disks: report.skipped_disks,
+    })
+}
+
+fn snapshot_xml(id: &str, spec: &VmSpec, work: &[Work]) -> String {
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('\'', "&apos;")
+    };
+    let mut x = format!("<domainsnapshot><name>vmbackup-{}</name><disks>", esc(id));
+    for d in &spec.disks {
+        match work.iter().find(|w| w.target == d.target) {
+            Some(Work {
+                overlay: Some(ov), ..
+            }) => x.push_str(&format!(
+                "<disk name='{}' snapshot='external'><driver type='qcow2'/><source file='{}'/></disk>",
+                esc(&d.target),
+                esc(&ov.to_string_lossy())
+            )),
+            _ => x.push_str(&format!("<disk name='{}' snapshot='no'/>", esc(&d.target))),
+        }
+    }
+    x.push_str("</disks></domainsnapshot>");
+    x
+}
+
+type Copied = (Vec<DiskEntry>, u64, u64);
+
+fn copy_disks(
+    repo: &Repository,
+    id: &str,
+    vm: &str,
+    subject: &Subject,
+    work: &[Work],
+    opts: &Options,
+    progress: &(dyn Fn(&str, u64, u64) + Sync),
+) -> Result<Copied> {
+    let mut entries = Vec::new();
+    let (mut logical, mut stored) = (0, 0);
+    for w in work {
+        check_interrupted()?;
+        let reader = ImageReader::open(Path::new(&w.source), &w.format)?;
+        let facts = subject
+            .facts
+            .disks
+            .iter()
+            .find(|d| d.target == w.target)
+            .expect("surveyed");
+        let label = format!("{vm} {}", w.target);
+        let b = backup_disk(
+            repo,
+            &reader,
+            opts.chunk_size,
+            opts.threads,
+            &|done, total| progress(&label, done, total),
+        )?;
+        let index_object = repo.put_index(id, &w.target, &b.index)?;
+        logical += b.logical_bytes;
+        stored += b.stored_bytes_new;
+        entries.push(DiskEntry {
+            target: w.target.clone(),
+            format: w.format.clone(),
+            virtual_size: facts.virtual_size,
+            allocated_size: facts.allocated_size,
+            source: w.source.clone(),
+            chunk_size: opts.chunk_size,
+            index_object,
+            logical_bytes: b.logical_bytes,
+            stored_bytes: b.stored_bytes_new,
+        });
+    }
+    Ok((entries, logical, stored))
+}
+
+/// Commits every overlay back into its original image, pivots, checks the live and inactive
+/// definitions, and deletes the overlays. Tries every disk even when one fails.
+fn commit_back(lv: &Libvirt, dom: &Dom, work: &[Work], opts: &Options) -> Result<()> {
+    let mut first_err = None;
+    for w in work {
+        if let Some(ov) = &w.overlay {
+            if let Err(e) = commit_one(dom, &w.target, &w.source, ov, opts.commit_timeout) {
+                tracing::error!(vm = dom.name(), disk = %w.target, error = %e, "commit back failed");
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    // libvirt may leave the persistent definition pointing at the overlays.
+    let mut inactive = dom.inactive_xml()?;
+    let mut changed = false;
+    for w in work {
+        if xml_edit::disk_source(&inactive, &w.target)?.as_deref() != Some(w.source.as_str()) {
+            inactive = xml_edit::set_disk_source(&inactive, &w.target, &w.source)?;
+            changed = true;
+        }
+    }
+    if changed {
+        tracing::info!(
+            vm = dom.name(),
+            "restoring the persistent definition's disk paths"
+        );
+        lv.define(&inactive)?;
+    }
+    let live = dom.live_xml()?;
+    let inactive = dom.inactive_xml()?;
+    for w in work {
+        for (which, xml) in [("live", &live), ("inactive", &inactive)] {
+            let src = xml_edit::disk_source(xml, &w.target)?;
+            if src.as_deref() != Some(w.source.as_str()) {
+                return Err(Error::CommitBack(format!(
+                    "after the commit, the {which} definition of {} disk {} points at {:?}, not {}",
+                    dom.name(),
+                    w.target,
+                    src,
+                    w.source
+                )));
+            }
+        }
+        if let Some(ov) = &w.overlay {
+            std::fs::remove_file(ov).map_err(|e| Error::io("remove overlay", ov, e))?;
+        }
+    }
+    Ok(())
+}
+
+fn commit_one(
+    dom: &Dom,
+    target: &str,
+    original: &str,
+    overlay: &Path,
+    timeout: Duration,
+) -> Result<()> {
+    let start = Instant::now();
+    dom.block_commit_active(target)?;
+    let mut pause = Duration::from_millis(20);
+    let mut pivoted = false;
+    loop {
+        match dom.block_job(target)? {
+            Some((cur, end)) if !pivoted && end > 0 && cur == end => {
+                pivoted = dom.block_job_pivot(target)?;
+            }
+            Some(_) => {}
+            None if pivoted => break,
+            None => {
+                // The job ended without our pivot: only fine if the disk is back on its image.
+                let live = dom.live_xml()?;
+                if xml_edit::disk_source(&live, target)?.as_deref() == Some(original) {
+                    break;
+                }
+                return Err(Error::CommitBack(format!(
+                    "the commit of {} disk {target} ended without a pivot; the VM runs on {}",
+                    dom.name(),
+                    overlay.display()
+                )));
+            }
+        }
+        if start.elapsed() > timeout {
+            let _ = dom.block_job_abort(target);
+            return Err(Error::CommitBack(format!(
+                "the commit of {} disk {target} took over {}s; the VM stays on {} until the next run",
+                dom.name(),
+                timeout.as_secs(),
+                overlay.display()
+            )));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+    tracing::info!(
+        vm = dom.name(),
+        disk = target,
+        ms = start.elapsed().as_millis() as u64,
+        "committed back"
+    );
+    Ok(())
+}

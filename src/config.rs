@@ -1,0 +1,162 @@
+//! Settings: command-line flags win over environment variables (both handled by clap), which
+//! win over `/etc/vmbackup/config.toml` (or the file `VMBACKUP_CONFIG` names), which wins over
+//! the built-in defaults.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::backup;
+use crate::error::{Error, Result};
+use crate::preflight::{Limits, GIB};
+
+/// The config file's keys; every one optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub connect: Option<String>,
+    pub repo: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub overlay_dir: Option<PathBuf>,
+    pub overlay_headroom: Option<f64>,
+    pub max_disk_gib: Option<u64>,
+    pub max_total_gib: Option<u64>,
+    pub freeze_timeout_secs: Option<u64>,
+    pub commit_timeout_secs: Option<u64>,
+    pub threads: Option<usize>,
+}
+
+pub const DEFAULT_CONFIG: &str = "/etc/vmbackup/config.toml";
+
+impl FileConfig {
+    /// Reads the config file; a missing file is an empty config, a malformed one an error.
+    pub fn load(path: Option<&Path>) -> Result<FileConfig> {
+        let explicit = path.is_some();
+        let path = path.unwrap_or(Path::new(DEFAULT_CONFIG));
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| Error::Config {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                Ok(FileConfig::default())
+            }
+            Err(e) => Err(Error::io("read config", path, e)),
+        }
+    }
+}
+
+/// Everything resolved.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub connect: String,
+    pub repo: PathBuf,
+    pub state_dir: PathBuf,
+    pub backup: backup::Options,
+}
+
+/// The flags and environment variables that override the file (`None`: not given).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub connect: Option<String>,
+    pub repo: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub overlay_dir: Option<PathBuf>,
+    pub overlay_headroom: Option<f64>,
+    pub max_disk_gib: Option<u64>,
+    pub max_total_gib: Option<u64>,
+    pub freeze_timeout_secs: Option<u64>,
+}
+
+impl Config {
+    pub fn resolve(o: Overrides, f: FileConfig) -> Result<Config> {
+        let d = backup::Options::default();
+        let dl = Limits::default();
+        let headroom = o.overlay_headroom.or(f.overlay_headroom);
+        if let Some(h) = headroom {
+            if !(0.0..=10.0).contains(&h) {
+                return Err(Error::Config {
+                    path: PathBuf::from("overlay_headroom"),
+                    detail: format!("{h} is not a ratio between 0 and 10"),
+                });
+            }
+        }
+        let limits = Limits {
+            max_disk_bytes: o
+                .max_disk_gib
+                .or(f.max_disk_gib)
+                .map(|g| g.saturating_mul(GIB))
+                .unwrap_or(dl.max_disk_bytes),
+            max_total_bytes: o
+                .max_total_gib
+                .or(f.max_total_gib)
+                .map(|g| g.saturating_mul(GIB))
+                .unwrap_or(dl.max_total_bytes),
+            overlay_headroom_ratio: headroom.unwrap_or(dl.overlay_headroom_ratio),
+        };
+        Ok(Config {
+            connect: o
+                .connect
+                .or(f.connect)
+                .unwrap_or_else(|| "qemu:///system".into()),
+            repo: o
+                .repo
+                .or(f.repo)
+                .unwrap_or_else(|| PathBuf::from("/var/lib/vmbackup/repo")),
+            state_dir: o
+                .state_dir
+                .or(f.state_dir)
+                .unwrap_or_else(|| PathBuf::from("/var/lib/vmbackup")),
+            backup: backup::Options {
+                limits,
+                overlay_dir: o.overlay_dir.or(f.overlay_dir),
+                freeze_timeout: o
+                    .freeze_timeout_secs
+                    .or(f.freeze_timeout_secs)
+                    .map(Duration::from_secs)
+                    .unwrap_or(d.freeze_timeout),
+                commit_timeout: f
+                    .commit_timeout_secs
+                    .map(Duration::from_secs)
+                    .unwrap_or(d.commit_timeout),
+                threads: f.threads.unwrap_or(d.threads).max(1),
+                ..d
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_file_and_file_over_defaults() {
+        let f: FileConfig = toml::from_str(
+            "repo = '/srv/repo'\nmax_disk_gib = 100\noverlay_headroom = 0.5\nconnect = 'qemu:///session'",
+        )
+        .unwrap();
+        let o = Overrides {
+            repo: Some("/flag/repo".into()),
+            ..Overrides::default()
+        };
+        let c = Config::resolve(o, f).unwrap();
+        assert_eq!(c.repo, PathBuf::from("/flag/repo"));
+        assert_eq!(c.connect, "qemu:///session");
+        assert_eq!(c.backup.limits.max_disk_bytes, 100 * GIB);
+        assert_eq!(c.backup.limits.max_total_bytes, 4000 * GIB);
+        assert_eq!(c.backup.limits.overlay_headroom_ratio, 0.5);
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/vmbackup"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_ratios_are_refused() {
+        assert!(toml::from_str::<FileConfig>("rep = '/x'").is_err());
+        let o = Overrides {
+            overlay_headroom: Some(-1.0),
+            ..Overrides::default()
+        };
+        assert!(Config::resolve(o, FileConfig::default()).is_err());
+    }
+}

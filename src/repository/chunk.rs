@@ -1,0 +1,181 @@
+//! Content-addressed chunks: named by the SHA-256 of their content, stored once, compressed
+//! with zstd only where that pays, verified on every read.
+
+use sha2::{Digest as _, Sha256};
+
+use super::storage::ObjectStore;
+use super::{RepoError, Result};
+
+pub type Digest = [u8; 32];
+
+const MAGIC: &[u8; 4] = b"VMBC";
+const VERSION: u8 = 1;
+const HEADER: usize = 12;
+const FLAG_RAW: u8 = 0;
+const FLAG_ZSTD: u8 = 1;
+/// Compress only when a sample shrinks below this share of its size.
+const WORTH: f64 = 0.90;
+const SAMPLE: usize = 64 << 10;
+
+pub fn digest(data: &[u8]) -> Digest {
+    Sha256::digest(data).into()
+}
+
+pub fn hex(d: &Digest) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn object_name(d: &Digest) -> String {
+    let h = hex(d);
+    format!("chunks/{}/{}", &h[..4], h)
+}
+
+/// What `ChunkStore::put` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PutOutcome {
+    pub digest: Digest,
+    /// Bytes written to storage (0 when the chunk was already there).
+    pub stored_bytes: u64,
+    pub new: bool,
+}
+
+/// Encodes a chunk file: header, then the raw or zstd-compressed payload.
+pub fn encode(data: &[u8]) -> Vec<u8> {
+    let sample = &data[..data.len().min(SAMPLE)];
+    let compress = match zstd::bulk::compress(sample, 1) {
+        Ok(c) => (c.len() as f64) < sample.len() as f64 * WORTH,
+        Err(_) => false,
+    };
+    let (flag, payload) = if compress {
+        match zstd::bulk::compress(data, 1) {
+            Ok(c) if c.len() < data.len() => (FLAG_ZSTD, c),
+            _ => (FLAG_RAW, data.to_vec()),
+        }
+    } else {
+        (FLAG_RAW, data.to_vec())
+    };
+    let mut out = Vec::with_capacity(HEADER + payload.len());
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    out.push(flag);
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Decodes a chunk file and checks it against its digest.
+pub fn decode(bytes: &[u8], expect: &Digest) -> Result<Vec<u8>> {
+    let corrupt = || RepoError::Corrupt {
+        digest: hex(expect),
+    };
+    if bytes.len() < HEADER || &bytes[..4] != MAGIC || bytes[4] != VERSION {
+        return Err(corrupt());
+    }
+    let len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
+    let data = match bytes[5] {
+        FLAG_RAW => bytes[HEADER..].to_vec(),
+        FLAG_ZSTD => zstd::bulk::decompress(&bytes[HEADER..], len).map_err(|_| corrupt())?,
+        _ => return Err(corrupt()),
+    };
+    if data.len() != len || digest(&data) != *expect {
+        return Err(corrupt());
+    }
+    Ok(data)
+}
+
+pub struct ChunkStore<'a> {
+    store: &'a dyn ObjectStore,
+}
+
+impl<'a> ChunkStore<'a> {
+    pub fn new(store: &'a dyn ObjectStore) -> Self {
+        ChunkStore { store }
+    }
+
+    pub fn put(&self, data: &[u8]) -> Result<PutOutcome> {
+        let d = digest(data);
+        self.put_with_digest(data, d)
+    }
+
+    pub fn put_with_digest(&self, data: &[u8], d: Digest) -> Result<PutOutcome> {
+        let name = object_name(&d);
+        if self.store.exists(&name)? {
+            return Ok(PutOutcome {
+                digest: d,
+                stored_bytes: 0,
+                new: false,
+            });
+        }
+        let enc = encode(data);
+        self.store.put(&name, &enc)?;
+        Ok(PutOutcome {
+            digest: d,
+            stored_bytes: enc.len() as u64,
+            new: true,
+        })
+    }
+
+    pub fn get(&self, d: &Digest) -> Result<Vec<u8>> {
+        let bytes = self.store.get(&object_name(d))?;
+        decode(&bytes, d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repository::storage::LocalDir;
+
+    fn noise(n: usize) -> Vec<u8> {
+        let mut x: u64 = 88172645463325252;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_trip_dedup_and_compression_choice() {
+        let d = tempfile::tempdir().unwrap();
+        let s = LocalDir::new(d.path());
+        let c = ChunkStore::new(&s);
+        let text = b"the same line again and again\n".repeat(10_000);
+        let a = c.put(&text).unwrap();
+        assert!(
+            a.new && a.stored_bytes < text.len() as u64 / 10,
+            "text compresses"
+        );
+        let again = c.put(&text).unwrap();
+        assert_eq!((again.new, again.stored_bytes), (false, 0));
+        assert_eq!(c.get(&a.digest).unwrap(), text);
+        let rnd = noise(1 << 20);
+        let r = c.put(&rnd).unwrap();
+        assert_eq!(
+            r.stored_bytes,
+            rnd.len() as u64 + HEADER as u64,
+            "noise is stored raw"
+        );
+        assert_eq!(c.get(&r.digest).unwrap(), rnd);
+    }
+
+    #[test]
+    fn a_flipped_byte_is_reported_as_corrupt() {
+        let d = tempfile::tempdir().unwrap();
+        let s = LocalDir::new(d.path());
+        let c = ChunkStore::new(&s);
+        for data in [noise(4096), b"abc".repeat(5000)] {
+            let p = c.put(&data).unwrap();
+            let path = d.path().join(object_name(&p.digest));
+            let mut bytes = std::fs::read(&path).unwrap();
+            let i = bytes.len() - 7;
+            bytes[i] ^= 0x40;
+            std::fs::write(&path, bytes).unwrap();
+            assert!(matches!(c.get(&p.digest), Err(RepoError::Corrupt { .. })));
+        }
+    }
+}

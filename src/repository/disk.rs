@@ -1,0 +1,329 @@
+//! One disk in the repository: its index (one entry per fixed-size chunk, aligned to guest
+//! offsets, so unchanged regions deduplicate across backups) and the pipelines that fill it
+//! from an image and write it back out.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use sha2::{Digest as _, Sha256};
+
+use super::chunk::{self, ChunkStore, Digest};
+use super::{RepoError, Repository, Result};
+use crate::image::{ChunkKind, ImageReader};
+
+const MAGIC: &[u8; 4] = b"VMBI";
+const VERSION: u32 = 1;
+const ZERO: Digest = [0; 32];
+
+/// Which chunk holds what: `None` for a chunk that reads as zeros.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskIndex {
+    pub chunk_size: u64,
+    pub virtual_size: u64,
+    pub chunks: Vec<Option<Digest>>,
+}
+
+impl DiskIndex {
+    /// `VMBI`, u32 version, u64 chunk size, u64 virtual size, u64 count, 32 bytes per chunk
+    /// (all zero for a zero chunk), then the SHA-256 of everything before it. Integers LE.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(32 + self.chunks.len() * 32 + 32);
+        v.extend_from_slice(MAGIC);
+        v.extend_from_slice(&VERSION.to_le_bytes());
+        v.extend_from_slice(&self.chunk_size.to_le_bytes());
+        v.extend_from_slice(&self.virtual_size.to_le_bytes());
+        v.extend_from_slice(&(self.chunks.len() as u64).to_le_bytes());
+        for c in &self.chunks {
+            v.extend_from_slice(c.as_ref().unwrap_or(&ZERO));
+        }
+        let sum: [u8; 32] = Sha256::digest(&v).into();
+        v.extend_from_slice(&sum);
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<DiskIndex> {
+        let bad = |why: &str| RepoError::BadIndex(why.to_string());
+        if b.len() < 64 || &b[..4] != MAGIC {
+            return Err(bad("not a disk index"));
+        }
+        let (body, sum) = b.split_at(b.len() - 32);
+        if Sha256::digest(body).as_slice() != sum {
+            return Err(bad("checksum mismatch"));
+        }
+        let u64_at = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().unwrap_or([0; 8]));
+        if u32::from_le_bytes(body[4..8].try_into().unwrap_or([0; 4])) != VERSION {
+            return Err(bad("unknown version"));
+        }
+        let (chunk_size, virtual_size, count) = (u64_at(8), u64_at(16), u64_at(24) as usize);
+        if chunk_size == 0
+            || body.len() != 32 + count * 32
+            || virtual_size.div_ceil(chunk_size) as usize != count
+        {
+            return Err(bad("inconsistent sizes"));
+        }
+        let chunks = body[32..]
+            .chunks_exact(32)
+            .map(|c| {
+                let d: Digest = c.try_into().unwrap_or(ZERO);
+                (d != ZERO).then_some(d)
+            })
+            .collect();
+        Ok(DiskIndex {
+            chunk_size,
+            virtual_size,
+            chunks,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskBackup {
+    pub index: DiskIndex,
+    /// Bytes of the non-zero chunks.
+    pub logical_bytes: u64,
+    /// Bytes this disk added to storage.
+    pub stored_bytes_new: u64,
+    pub zero_chunks: u64,
+    pub data_chunks: u64,
+    pub reused_chunks: u64,
+}
+
+/// Stores a disk as chunks with `threads` workers, each holding one chunk buffer at a time.
+pub fn backup_disk(
+    repo: &Repository,
+    reader: &ImageReader,
+    chunk_size: u64,
+    threads: usize,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<DiskBackup> {
+    let total = reader.virtual_size();
+    let count = total.div_ceil(chunk_size) as usize;
+    let next = AtomicU64::new(0);
+    let done = AtomicU64::new(0);
+    let slots: Mutex<Vec<Option<Digest>>> = Mutex::new(vec![None; count]);
+    let (logical, stored, zeros, datas, reused) = (
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+    );
+    let failed: Mutex<Option<RepoError>> = Mutex::new(None);
+    let chunks = ChunkStore::new(repo.store());
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                let mut buf = Vec::with_capacity(chunk_size as usize);
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i as usize >= count || failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+                        break;
+                    }
+                    let r = (|| -> Result<()> {
+                        let kind = reader.read_chunk(i, chunk_size, &mut buf)?;
+                        if kind == ChunkKind::Zero || buf.iter().all(|&b| b == 0) {
+                            zeros.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            let out = chunks.put(&buf)?;
+                            logical.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                            stored.fetch_add(out.stored_bytes, Ordering::Relaxed);
+                            datas.fetch_add(1, Ordering::Relaxed);
+                            if !out.new {
+                                reused.fetch_add(1, Ordering::Relaxed);
+                            }
+                            if let Ok(mut sl) = slots.lock() {
+                                sl[i as usize] = Some(out.digest);
+                            }
+                        }
+                        let end = ((i + 1) * chunk_size).min(total);
+                        let d = done.fetch_add(end - i * chunk_size, Ordering::Relaxed);
+                        progress(d + end - i * chunk_size, total);
+                        Ok(())
+                    })();
+                    if let Err(e) = r {
+                        if let Ok(mut f) = failed.lock() {
+                            f.get_or_insert(e);
+                        }
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failed.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    Ok(DiskBackup {
+        index: DiskIndex {
+            chunk_size,
+            virtual_size: total,
+            chunks: slots.into_inner().unwrap_or_default(),
+        },
+        logical_bytes: logical.into_inner(),
+        stored_bytes_new: stored.into_inner(),
+        zero_chunks: zeros.into_inner(),
+        data_chunks: datas.into_inner(),
+        reused_chunks: reused.into_inner(),
+    })
+}
+
+/// Writes a stored disk into a new raw file (zero chunks stay holes), checking every chunk.
+pub fn restore_disk(
+    repo: &Repository,
+    index: &DiskIndex,
+    out: &Path,
+    threads: usize,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<()> {
+    let io = |what: &'static str| {
+        move |source| RepoError::Io {
+            what,
+            path: out.to_path_buf(),
+            source,
+        }
+    };
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(out)
+        .map_err(io("create"))?;
+    file.set_len(index.virtual_size).map_err(io("size"))?;
+    let next = AtomicU64::new(0);
+    let done = AtomicU64::new(0);
+    let failed: Mutex<Option<RepoError>> = Mutex::new(None);
+    let chunks = ChunkStore::new(repo.store());
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst) as usize;
+                if i >= index.chunks.len() || failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+                    break;
+                }
+                let r = (|| -> Result<()> {
+                    if let Some(d) = &index.chunks[i] {
+                        let data = chunks.get(d)?;
+                        file.write_all_at(&data, i as u64 * index.chunk_size)
+                            .map_err(io("write"))?;
+                    }
+                    let d = done.fetch_add(1, Ordering::Relaxed) + 1;
+                    progress(
+                        (d * index.chunk_size).min(index.virtual_size),
+                        index.virtual_size,
+                    );
+                    Ok(())
+                })();
+                if let Err(e) = r {
+                    if let Ok(mut f) = failed.lock() {
+                        f.get_or_insert(e);
+                    }
+                    break;
+                }
+            });
+        }
+    });
+    if let Some(e) = failed.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    file.sync_all().map_err(io("sync"))
+}
+
+/// The digests of the chunks of `index` that are missing or damaged.
+pub fn verify_disk(repo: &Repository, index: &DiskIndex) -> Result<Vec<String>> {
+    let chunks = ChunkStore::new(repo.store());
+    let mut bad = Vec::new();
+    for d in index.chunks.iter().flatten() {
+        match chunks.get(d) {
+            Ok(_) => {}
+            Err(RepoError::Corrupt { .. }) | Err(RepoError::NotFound(_)) => bad.push(chunk::hex(d)),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn run(args: &[&str]) {
+        assert!(
+            Command::new(args[0])
+                .args(&args[1..])
+                .status()
+                .unwrap()
+                .success(),
+            "{args:?}"
+        );
+    }
+
+    #[test]
+    fn index_round_trip_and_damage() {
+        let i = DiskIndex {
+            chunk_size: 4,
+            virtual_size: 10,
+            chunks: vec![Some([7; 32]), None, Some([9; 32])],
+        };
+        let b = i.encode();
+        assert_eq!(DiskIndex::decode(&b).unwrap(), i);
+        let mut bad = b.clone();
+        bad[40] ^= 1;
+        assert!(DiskIndex::decode(&bad).is_err());
+    }
+
+    #[test]
+    fn backup_dedups_skips_zeros_and_restores_exactly() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = Repository::open(&d.path().join("repo")).unwrap();
+        let img = d.path().join("a.qcow2");
+        let p = img.to_str().unwrap();
+        run(&["qemu-img", "create", "-q", "-f", "qcow2", p, "20M"]);
+        run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 3M", p]);
+        run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x00 8M 1M", p]);
+        run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x33 17M 100k", p]);
+        let reader = ImageReader::open(&img, "qcow2").unwrap();
+        let b = backup_disk(&repo, &reader, 1 << 20, 2, &|_, _| {}).unwrap();
+        assert_eq!(b.index.chunks.len(), 20);
+        assert_eq!(b.data_chunks, 4, "3 MiB of 0x5a + one partly written chunk");
+        assert_eq!(
+            repo.store().list("chunks/").unwrap().len(),
+            2,
+            "the 3 identical 0x5a chunks are stored once"
+        );
+        assert_eq!(b.zero_chunks, 16);
+        let again = backup_disk(&repo, &reader, 1 << 20, 2, &|_, _| {}).unwrap();
+        assert_eq!(again.stored_bytes_new, 0);
+        assert_eq!(again.index, b.index);
+
+        let out = d.path().join("out.raw");
+        restore_disk(&repo, &b.index, &out, 2, &|_, _| {}).unwrap();
+        let expect = d.path().join("expect.raw");
+        run(&[
+            "qemu-img",
+            "convert",
+            "-O",
+            "raw",
+            p,
+            expect.to_str().unwrap(),
+        ]);
+        assert!(std::fs::read(&out).unwrap() == std::fs::read(&expect).unwrap());
+        assert!(verify_disk(&repo, &b.index).unwrap().is_empty());
+
+        // Damage one chunk: verify names it and restore refuses.
+        let name = chunk::object_name(b.index.chunks[17].as_ref().unwrap());
+        let path = d.path().join("repo").join(name);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let n = bytes.len() - 1;
+        bytes[n] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        assert_eq!(verify_disk(&repo, &b.index).unwrap().len(), 1);
+        let out2 = d.path().join("out2.raw");
+        assert!(matches!(
+            restore_disk(&repo, &b.index, &out2, 2, &|_, _| {}),
+            Err(RepoError::Corrupt { .. })
+        ));
+    }
+}

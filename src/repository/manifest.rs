@@ -1,0 +1,88 @@
+//! One manifest per backup: what was backed up, when, how consistently, and where its data is.
+
+use serde::{Deserialize, Serialize};
+
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub id: String,
+    pub vm_name: String,
+    pub vm_uuid: String,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    pub ended_at: String,
+    /// `application` (frozen through the agent, or the VM was off) or `crash`.
+    pub consistency: String,
+    pub consistency_reason: Option<String>,
+    pub freeze_ms: Option<u64>,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    pub disks: Vec<DiskEntry>,
+    pub nics: Vec<NicEntry>,
+    /// The object holding the verbatim inactive domain XML (mode 0600).
+    pub domain_xml_object: String,
+    pub schedule: Option<String>,
+    /// Bytes this backup added to the repository.
+    pub stored_bytes: u64,
+    /// Bytes of data (non-zero chunks) read from the disks.
+    pub logical_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskEntry {
+    pub target: String,
+    pub format: String,
+    pub virtual_size: u64,
+    pub allocated_size: u64,
+    pub source: String,
+    pub chunk_size: u64,
+    pub index_object: String,
+    pub logical_bytes: u64,
+    pub stored_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicEntry {
+    pub mac: Option<String>,
+    pub model: Option<String>,
+    pub kind: String,
+    pub source: Option<String>,
+    pub ips: Vec<String>,
+}
+
+/// `<vm>-<yyyymmddThhmmssZ>-<4 hex>`: sortable by time, unique across quick successions.
+pub fn new_backup_id(vm_name: &str, started_unix: u64) -> String {
+    let ts = jiff::Timestamp::from_second(started_unix as i64)
+        .map(|t| t.strftime("%Y%m%dT%H%M%SZ").to_string())
+        .unwrap_or_else(|_| started_unix.to_string());
+    let mut r = [0u8; 2];
+    if getrandom(&mut r).is_err() {
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+            ^ std::process::id();
+        r = [(n >> 8) as u8, n as u8];
+    }
+    format!("{vm_name}-{ts}-{:02x}{:02x}", r[0], r[1])
+}
+
+fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ids_carry_the_utc_time_and_differ() {
+        let a = super::new_backup_id("web01", 1_795_000_000);
+        assert!(a.starts_with("web01-20261118T110640Z-"), "{a}");
+        let ids: std::collections::HashSet<String> =
+            (0..20).map(|_| super::new_backup_id("x", 0)).collect();
+        assert!(ids.len() > 1);
+        assert!(super::new_backup_id("x", 0).starts_with("x-19700101T000000Z-"));
+    }
+}

@@ -1,0 +1,422 @@
+//! `vmbackup check` and `vmbackup backup` against real libvirt domains running real guests.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use vmbackup::hypervisor::vm::VmSpec;
+use vmbackup::repository::disk::{restore_disk, DiskIndex};
+use vmbackup::repository::Repository;
+use vmbackup::testvm::{self, DiskSpec, Format, TestVm, TestVmBuilder};
+
+fn disk_sources(xml: &str) -> Vec<String> {
+    VmSpec::from_xml(xml)
+        .unwrap()
+        .disks
+        .into_iter()
+        .map(|d| d.source.unwrap_or_default())
+        .collect()
+}
+
+fn vm_paths(vm: &TestVm) -> Vec<String> {
+    vm.disk_paths()
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect()
+}
+
+fn record_count(vm: &TestVm, file: &str) -> u64 {
+    vm.sh(&format!("cat {file} 2>/dev/null | wc -l"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn wait_records(vm: &TestVm, file: &str, n: u64) {
+    let start = Instant::now();
+    while record_count(vm, file) < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the writer did not reach {n} records"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Restores one disk of a backup into a raw file with the library (the restore command is
+/// another issue's), so the test can look inside it.
+fn restore_disk_of(repo_dir: &Path, id: &str, target: &str, out: &Path) {
+    let repo = Repository::open(repo_dir).unwrap();
+    let m = repo.load(id).unwrap();
+    let d = m.disks.iter().find(|d| d.target == target).unwrap();
+    let bytes = repo.store().get(&d.index_object).unwrap();
+    let index = DiskIndex::decode(&bytes).unwrap();
+    restore_disk(&repo, &index, out, 2, &|_, _| {}).unwrap();
+}
+
+/// A state that a refused backup must leave exactly as it was.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    inactive_xml: String,
+    live_xml: String,
+    files: Vec<String>,
+    backups: Value,
+}
+
+fn snapshot(vm: &TestVm, place: &Place) -> Snapshot {
+    Snapshot {
+        inactive_xml: vm.dom().inactive_xml().unwrap(),
+        live_xml: vm.dom().live_xml().unwrap(),
+        files: files_in(vm.dir()),
+        backups: vmbackup(place, &["list"]).json["backups"].clone(),
+    }
+}
+
+fn failed_checks(run: &Run) -> Vec<String> {
+    let mut v = Vec::new();
+    for vm in run.json["vms"].as_array().into_iter().flatten() {
+        for c in vm["report"]["checks"].as_array().into_iter().flatten() {
+            if c["ok"] == json!(false) {
+                v.push(c["name"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn live_quiesced_backup_holds_a_prefix_of_the_records_and_leaves_the_vm_as_it_was() {
+    let vm = TestVmBuilder::new("bk-live")
+        .disk("vdb", Format::Qcow2, 256 * MIB)
+        .disk("vdc", Format::Raw, 128 * MIB)
+        .start()
+        .expect("guest boots");
+    vm.sh("dd if=/dev/urandom of=/mnt/vdc/random bs=1M count=8 2>/dev/null && sync")
+        .unwrap();
+    let random_sum = vm.sh("sha256sum < /mnt/vdc/random").unwrap();
+    vm.sh("vmb-writer start /mnt/vdb/records").unwrap();
+    wait_records(&vm, "/mnt/vdb/records", 20);
+
+    let place = Place::new();
+    let r = vmbackup(&place, &["backup", vm.name(), "--quiesce", "required"]);
+    assert_eq!(r.code, 0, "backup failed: {}", r.stderr);
+    eprintln!("vmbackup said:\n{}\n{}", r.stderr, r.json);
+    let b = &r.json["results"][0]["backup"];
+    assert_eq!(b["consistency"], "application", "{b}");
+    assert!(
+        b["freeze_ms"].as_u64().is_some(),
+        "no freeze duration in {b}"
+    );
+    let id = b["id"].as_str().unwrap().to_string();
+
+    // The guest was thawed: the agent says so, and the writer goes on writing.
+    let status = vm
+        .dom()
+        .agent_command(
+            &json!({"execute": "guest-fsfreeze-status"}),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert_eq!(status, json!("thawed"));
+    let n1 = record_count(&vm, "/mnt/vdb/records");
+    wait_records(&vm, "/mnt/vdb/records", n1 + 5);
+
+    // The VM runs on its original images again, in both definitions; no overlay is left.
+    assert_eq!(disk_sources(&vm.dom().live_xml().unwrap()), vm_paths(&vm));
+    assert_eq!(
+        disk_sources(&vm.dom().inactive_xml().unwrap()),
+        vm_paths(&vm)
+    );
+    assert_eq!(
+        files_in(vm.dir()),
+        ["console.log", "vdb.qcow2", "vdc.raw"],
+        "files besides the VM's own were left"
+    );
+
+    // The backup holds a prefix of what the guest wrote, with no torn record.
+    vm.sh("vmb-writer stop").unwrap();
+    let written = vm.read_file("/mnt/vdb/records").unwrap();
+    let out = place.dir.path().join("vdb.raw");
+    restore_disk_of(&place.repo(), &id, "vdb", &out);
+    let held = read_from_ext4(&out, "/records");
+    let check = testvm::check_records(&held);
+    assert!(
+        check.bad.is_empty(),
+        "torn or bad records in the backup: {:?}",
+        check.bad
+    );
+    assert!(
+        check.valid >= 20,
+        "only {} records in the backup",
+        check.valid
+    );
+    assert!(
+        written.starts_with(&held),
+        "the backup's records are not a prefix of the guest's"
+    );
+    // The second disk came along, byte for byte.
+    let out_c = place.dir.path().join("vdc.raw");
+    restore_disk_of(&place.repo(), &id, "vdc", &out_c);
+    let random = read_from_ext4(&out_c, "/random");
+    assert_eq!(
+        vmbackup::digest::sha256_hex(&random),
+        random_sum.split_whitespace().next().unwrap()
+    );
+
+    // list and show describe it.
+    let l = vmbackup(&place, &["list", vm.name()]);
+    assert_eq!(l.code, 0);
+    let row = &l.json["backups"][0];
+    assert_eq!(row["id"], json!(id));
+    assert_eq!(row["disks"], json!(["vdb", "vdc"]));
+    assert_eq!(row["vm_uuid"], json!(vm.dom().uuid().unwrap()));
+    let s = vmbackup(&place, &["show", &id]);
+    assert_eq!(s.code, 0);
+    assert_eq!(s.json["manifest"]["vm_name"], json!(vm.name()));
+    assert_eq!(s.json["manifest"]["disks"][0]["format"], json!("qcow2"));
+}
+
+#[test]
+fn a_disk_over_2032_gib_is_refused_and_nothing_changes() {
+    let vm = TestVmBuilder::new("bk-2033")
+        .blank_disk("vdb", Format::Qcow2, 2033 * GIB)
+        .define()
+        .unwrap();
+    let place = Place::new();
+    let before = snapshot(&vm, &place);
+    let c = vmbackup(&place, &["check", vm.name()]);
+    assert_eq!(c.code, 3, "{}", c.stderr);
+    assert_eq!(failed_checks(&c), ["disk-size:vdb"]);
+    let chk = &c.json["vms"][0]["report"]["checks"][0];
+    assert_eq!(chk["found"], json!(2033 * GIB));
+    assert_eq!(chk["limit"], json!(2032 * GIB));
+    let b = vmbackup(&place, &["backup", vm.name()]);
+    assert_eq!(b.code, 3, "{}", b.stderr);
+    assert!(b.json["results"][0]["error"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("exceeds the limit of 2032.00 GiB"));
+    assert_eq!(snapshot(&vm, &place), before);
+}
+
+#[test]
+fn disks_plus_memory_over_4000_gib_are_refused() {
+    let vm = TestVmBuilder::new("bk-4000")
+        .blank_disk("vdb", Format::Qcow2, 2000 * GIB)
+        .blank_disk("vdc", Format::Qcow2, 2000 * GIB)
+        .define()
+        .unwrap();
+    let place = Place::new();
+    let before = snapshot(&vm, &place);
+    let c = vmbackup(&place, &["check", vm.name()]);
+    assert_eq!(c.code, 3);
+    assert_eq!(failed_checks(&c), ["total-size"]);
+    assert_eq!(vmbackup(&place, &["backup", vm.name()]).code, 3);
+    assert_eq!(snapshot(&vm, &place), before);
+}
+
+/// A small tmpfs, unmounted when dropped.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn new(dir: PathBuf, size: &str) -> SmallFs {
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs");
+        SmallFs(dir)
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn too_little_room_for_overlays_is_refused_and_the_vm_keeps_running_unchanged() {
+    let vm = TestVmBuilder::new("bk-headroom")
+        .disk("vdb", Format::Qcow2, GIB)
+        .start()
+        .expect("guest boots");
+    let place = Place::new();
+    let small = SmallFs::new(place.dir.path().join("overlays"), "64m");
+    let before = snapshot(&vm, &place);
+    let ov = small.0.to_string_lossy().into_owned();
+    let c = vmbackup(&place, &["--overlay-dir", &ov, "check", vm.name()]);
+    assert_eq!(c.code, 3, "{}", c.stderr);
+    assert_eq!(failed_checks(&c), ["overlay-space"]);
+    let b = vmbackup(&place, &["--overlay-dir", &ov, "backup", vm.name()]);
+    assert_eq!(b.code, 3);
+    assert_eq!(snapshot(&vm, &place), before);
+    assert!(files_in(&small.0).is_empty());
+    // With the default headroom check satisfied elsewhere, the same VM passes.
+    assert_eq!(vmbackup(&place, &["check", vm.name()]).code, 0);
+}
+
+#[test]
+fn a_repository_too_small_for_the_data_is_refused() {
+    let fill = tempfile::tempdir_in("/var/tmp").unwrap();
+    let random: Vec<u8> = (0..24 * MIB as usize)
+        .map(|i| ((i as u64).wrapping_mul(6364136223846793005) >> 57) as u8 ^ (i >> 12) as u8)
+        .collect();
+    std::fs::write(fill.path().join("data"), random).unwrap();
+    let vm = TestVmBuilder::new("bk-reposize")
+        .disk_spec(DiskSpec {
+            target: "vdb".into(),
+            format: Format::Qcow2,
+            size: 128 * MIB,
+            ext4: true,
+            fill_from: Some(fill.path().to_path_buf()),
+        })
+        .define()
+        .unwrap();
+    let place = Place::new();
+    let small = SmallFs::new(place.dir.path().join("small-repo"), "8m");
+    let repo = small.0.join("repo");
+    let c = vmbackup_at(&repo, &place.state(), &["check", vm.name()]);
+    assert_eq!(c.code, 3, "{}", c.stderr);
+    assert_eq!(failed_checks(&c), ["repository-space"]);
+    let before_xml = vm.dom().inactive_xml().unwrap();
+    let b = vmbackup_at(&repo, &place.state(), &["backup", vm.name()]);
+    assert_eq!(b.code, 3);
+    assert_eq!(vm.dom().inactive_xml().unwrap(), before_xml);
+    assert!(!repo.join("backups").exists() || files_in(&repo.join("backups")).is_empty());
+}
+
+#[test]
+fn without_an_agent_channel_required_refuses_and_preferred_is_crash_consistent() {
+    let vm = TestVmBuilder::new("bk-noagent")
+        .no_agent()
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .start()
+        .expect("guest starts");
+    let place = Place::new();
+    let before = snapshot(&vm, &place);
+    let r = vmbackup(&place, &["backup", vm.name(), "--quiesce", "required"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert_eq!(snapshot(&vm, &place), before);
+
+    let r = vmbackup(&place, &["backup", vm.name(), "--quiesce", "preferred"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let b = &r.json["results"][0]["backup"];
+    assert_eq!(b["consistency"], "crash");
+    assert!(b["consistency_reason"]
+        .as_str()
+        .unwrap()
+        .contains("no guest agent channel"));
+    assert_eq!(disk_sources(&vm.dom().live_xml().unwrap()), vm_paths(&vm));
+    assert_eq!(
+        disk_sources(&vm.dom().inactive_xml().unwrap()),
+        vm_paths(&vm)
+    );
+}
+
+#[test]
+fn an_agent_that_does_not_answer_does_not_hold_the_backup_past_the_freeze_deadline() {
+    let vm = TestVmBuilder::new("bk-deadagent")
+        .cmdline("vmbackup.noagent")
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .define()
+        .unwrap();
+    vm.dom().start().unwrap();
+    let start = Instant::now();
+    while !std::fs::read_to_string(vm.console_path())
+        .unwrap_or_default()
+        .contains("no guest agent")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "guest did not boot\n{}",
+            vm.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let place = Place::new();
+    let before = snapshot(&vm, &place);
+    let r = vmbackup(
+        &place,
+        &[
+            "--freeze-timeout",
+            "3",
+            "backup",
+            vm.name(),
+            "--quiesce",
+            "required",
+        ],
+    );
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(snapshot(&vm, &place), before);
+
+    let t = Instant::now();
+    let r = vmbackup(
+        &place,
+        &[
+            "--freeze-timeout",
+            "3",
+            "backup",
+            vm.name(),
+            "--quiesce",
+            "preferred",
+        ],
+    );
+    let took = t.elapsed();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let b = &r.json["results"][0]["backup"];
+    assert_eq!(b["consistency"], "crash");
+    assert!(b["freeze_ms"].is_null());
+    assert!(b["consistency_reason"].as_str().unwrap().contains("freeze"));
+    // The whole backup (64 MiB disk) ends well before a hung agent call would (libvirt's
+    // default waits without end).
+    assert!(took < Duration::from_secs(60), "the backup took {took:?}");
+}
+
+#[test]
+fn a_second_backup_of_an_unchanged_vm_adds_under_one_percent() {
+    let fill = tempfile::tempdir_in("/var/tmp").unwrap();
+    let data: Vec<u8> = (0..48 * MIB as usize)
+        .map(|i| ((i as u64).wrapping_mul(0x9E3779B97F4A7C15) >> 56) as u8 ^ (i >> 9) as u8)
+        .collect();
+    std::fs::write(fill.path().join("data"), data).unwrap();
+    let vm = TestVmBuilder::new("bk-dedup")
+        .disk_spec(DiskSpec {
+            target: "vdb".into(),
+            format: Format::Qcow2,
+            size: 256 * MIB,
+            ext4: true,
+            fill_from: Some(fill.path().to_path_buf()),
+        })
+        .disk("vdc", Format::Raw, 64 * MIB)
+        .start()
+        .expect("guest boots");
+    let place = Place::new();
+    let first = vmbackup(&place, &["backup", vm.name(), "--quiesce", "required"]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let second = vmbackup(&place, &["backup", vm.name(), "--quiesce", "required"]);
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    let id = second.json["results"][0]["backup"]["id"].as_str().unwrap();
+    let m = vmbackup(&place, &["show", id]).json["manifest"].clone();
+    let allocated: u64 = m["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["allocated_size"].as_u64().unwrap())
+        .sum();
+    let added = second.json["results"][0]["backup"]["stored_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(allocated > 48 * MIB, "allocated {allocated}");
+    assert!(
+        added * 100 < allocated,
+        "the second backup added {added} bytes of {allocated} allocated"
+    );
+}
