@@ -1,5 +1,7 @@
 //! What `scripts/demo` shows: a throwaway VM, what vmbackup sees of it, its guest agent
-//! answering, and a freeze and thaw of its filesystems. The VM is removed at the end.
+//! answering, a freeze and thaw, then a live backup through the `vmbackup` command (check,
+//! backup, list), and the proof that the backup holds what the guest had written. The VM
+//! and the demo repository are removed at the end.
 
 use std::time::{Duration, Instant};
 
@@ -71,6 +73,63 @@ fn main() -> anyhow::Result<()> {
     println!("   thawed after {} ms", held.as_millis());
     print!(
         "   guest reads: {}",
+        String::from_utf8_lossy(&vm.read_file("/mnt/vdb/hello")?)
+    );
+
+    println!("== vmbackup check / backup / list (the command an administrator runs)");
+    let work = tempfile::Builder::new()
+        .prefix("vmbackup-demo-")
+        .tempdir_in("/var/tmp")?;
+    let repo = work.path().join("repo");
+    let state = work.path().join("state");
+    let bin = std::env::var("VMBACKUP_BIN")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/debug/vmbackup").into());
+    let cli = |args: &[&str]| -> anyhow::Result<()> {
+        println!("   $ vmbackup {}", args.join(" "));
+        let st = std::process::Command::new(&bin)
+            .arg("--repo")
+            .arg(&repo)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(args)
+            .status()?;
+        anyhow::ensure!(st.success(), "vmbackup {} failed: {st}", args.join(" "));
+        Ok(())
+    };
+    vm.write_file("/mnt/vdb/hello", b"written before the backup\n")?;
+    cli(&["check", vm.name()])?;
+    cli(&["backup", vm.name(), "--quiesce", "required"])?;
+    vm.write_file("/mnt/vdb/hello", b"changed after the backup\n")?;
+    cli(&["list"])?;
+
+    println!(
+        "== what the backup holds (disk vdb written out of the repository, read with debugfs)"
+    );
+    let r = vmbackup::repository::Repository::open(&repo)?;
+    let m = r
+        .list()?
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("no backup listed"))?;
+    let d = m
+        .disks
+        .iter()
+        .find(|d| d.target == "vdb")
+        .ok_or_else(|| anyhow::anyhow!("no vdb"))?;
+    let index = vmbackup::repository::disk::DiskIndex::decode(&r.store().get(&d.index_object)?)?;
+    let out = work.path().join("vdb.raw");
+    vmbackup::repository::disk::restore_disk(&r, &index, &out, 2, &|_, _| {})?;
+    let held = std::process::Command::new("debugfs")
+        .arg("-R")
+        .arg("cat /hello")
+        .arg(&out)
+        .output()?;
+    print!(
+        "   /hello in backup {}: {}",
+        m.id,
+        String::from_utf8_lossy(&held.stdout)
+    );
+    print!(
+        "   /hello in the guest now: {}",
         String::from_utf8_lossy(&vm.read_file("/mnt/vdb/hello")?)
     );
 
