@@ -1,9 +1,11 @@
 //! The backup pipeline for libvirt domains.
 //!
-//! Running VM: pre-flight, then freeze the guest's filesystems through the agent (with a
-//! deadline), one atomic disk-only external snapshot of every disk, thaw at once (the freeze
-//! covers only the snapshot, and its duration is recorded); copy the now read-only images into
-//! the repository; commit the overlays back with an active commit and pivot, check that the
+//! Running VM: pre-flight, then one atomic disk-only external snapshot of every disk with
+//! libvirt's quiesce flag: libvirtd freezes the guest's filesystems through the agent, takes
+//! the snapshot and thaws, all inside one call, so the freeze covers only the snapshot, every
+//! agent call has a deadline (the agent response timeout), and the thaw happens even if this
+//! process dies meanwhile. The call's duration is recorded as the freeze time (an upper
+//! bound). Then copy the now read-only images into the repository; commit the overlays back with an active commit and pivot, check that the
 //! live and the inactive XML point at the original images again, and delete the overlays. The
 //! commit back runs whatever happened to the copy.
 //!
@@ -252,27 +254,38 @@ pub fn lock_vm(state_dir: &Path, name: &str) -> Result<VmLock> {
 
 /// Keeps QEMU from opening an image for writing while it is read: QEMU's own image locking
 /// refuses the write permission while another process holds a shared lock on byte 201
-/// ("write is not shared").
-struct NoWriters {
+/// ("write is not shared"). Released when dropped.
+pub struct NoWriters {
     _file: File,
 }
 
-fn forbid_writers(path: &Path) -> Result<NoWriters> {
-    let file = File::open(path).map_err(|e| Error::io("open image", path, e))?;
-    let lock = libc::flock {
-        l_type: libc::F_RDLCK as libc::c_short,
+fn ofd_lock(kind: libc::c_int, byte: i64) -> libc::flock {
+    libc::flock {
+        l_type: kind as libc::c_short,
         l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: 201,
+        l_start: byte,
         l_len: 1,
         l_pid: 0,
-    };
-    match nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_OFD_SETLK(&lock)) {
-        Ok(_) => Ok(NoWriters { _file: file }),
-        Err(e) => Err(Error::Busy(format!(
-            "{} is in use by another process ({e})",
-            path.display()
-        ))),
     }
+}
+
+/// Takes the lock of `NoWriters` on an image; `Error::Busy` when a process (a running QEMU)
+/// already has the image open for writing, which it shows by a lock on byte 101.
+pub fn forbid_writers(path: &Path) -> Result<NoWriters> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let file = File::open(path).map_err(|e| Error::io("open image", path, e))?;
+    let busy = |why: String| Error::Busy(format!("{} is in use: {why}", path.display()));
+    fcntl(
+        file.as_raw_fd(),
+        FcntlArg::F_OFD_SETLK(&ofd_lock(libc::F_RDLCK, 201)),
+    )
+    .map_err(|e| busy(e.to_string()))?;
+    let mut probe = ofd_lock(libc::F_WRLCK, 101);
+    fcntl(file.as_raw_fd(), FcntlArg::F_OFD_GETLK(&mut probe)).map_err(|e| busy(e.to_string()))?;
+    if probe.l_type != libc::F_UNLCK as libc::c_short {
+        return Err(busy("another process has it open for writing".into()));
+    }
+    Ok(NoWriters { _file: file })
 }
 
 /// What a finished backup reports.
@@ -287,6 +300,18 @@ pub struct Outcome {
     pub stored_bytes: u64,
     pub duration_ms: u64,
     pub skipped_disks: Vec<preflight::SkippedDisk>,
+}
+
+/// An error and its causes on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
 }
 
 fn now_utc() -> String {
@@ -358,47 +383,50 @@ pub fn backup(
     let mut _no_writers = Vec::new();
     if subject.running {
         let snap = snapshot_xml(&id, &subject.spec, &work);
-        let frozen = match opts.quiesce {
+        let quiesce = match opts.quiesce {
             Quiesce::Off => {
                 reason = Some("--quiesce off".into());
-                None
+                false
             }
             _ if !subject.spec.agent_channel => {
                 reason = Some("the VM has no guest agent channel".into());
-                None
+                false
             }
-            q => match guest_agent::freeze(dom, opts.freeze_timeout) {
-                Ok(f) => Some(f),
-                Err(e) if q == Quiesce::Preferred => {
-                    tracing::warn!(vm = name, error = %e, "cannot freeze; the backup is crash-consistent");
-                    reason = Some(format!("freeze failed: {e}"));
-                    None
-                }
-                Err(e) => return Err(e),
-            },
+            _ => true,
         };
-        let snap_result = dom.snapshot_disk_only(&snap);
-        if let Some(f) = frozen {
-            // Thaw before anything else, even when the snapshot failed.
-            let held = f.thaw();
-            match held {
-                Ok(d) => {
-                    freeze_ms = Some(d.as_millis() as u64);
+        if quiesce {
+            // Bounds every agent call libvirt makes for the freeze and the thaw.
+            dom.set_agent_timeout(opts.freeze_timeout)?;
+            let t = Instant::now();
+            match dom.snapshot_disk_only(&snap, true) {
+                Ok(()) => {
+                    // Freeze, snapshot and thaw happen inside this one call: its duration
+                    // bounds how long the guest was frozen.
+                    freeze_ms = Some(t.elapsed().as_millis() as u64);
                     consistency = "application".into();
                 }
-                Err(e) => {
-                    tracing::error!(vm = name, error = %e, "thaw failed");
-                    reason = Some(format!("thaw failed: {e}"));
+                Err(e @ Error::AgentUnavailable { .. }) if opts.quiesce == Quiesce::Preferred => {
+                    tracing::warn!(vm = name, error = %e, "cannot freeze; the backup is crash-consistent");
+                    reason = Some(format!("freeze failed: {}", chain(&e)));
+                    check_interrupted()?;
+                    dom.snapshot_disk_only(&snap, false)?;
                 }
+                Err(e) => return Err(e),
             }
+        } else {
+            dom.snapshot_disk_only(&snap, false)?;
         }
-        snap_result?;
         tracing::info!(vm = name, freeze_ms, "snapshot taken");
     } else {
         consistency = "application".into();
         reason = Some("the VM was shut off".into());
         for w in &work {
             _no_writers.push(forbid_writers(Path::new(&w.source))?);
+        }
+        if dom.state()? != PowerState::ShutOff {
+            return Err(Error::Busy(format!(
+                "{name} was started while the backup began"
+            )));
         }
     }
 

@@ -420,3 +420,38 @@ fn a_second_backup_of_an_unchanged_vm_adds_under_one_percent() {
         "the second backup added {added} bytes of {allocated} allocated"
     );
 }
+
+#[test]
+fn a_shut_off_vm_is_backed_up_without_snapshot_and_cannot_start_on_a_disk_being_read() {
+    let vm = TestVmBuilder::new("bk-off")
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .define()
+        .unwrap();
+    let place = Place::new();
+    let r = vmbackup(&place, &["backup", vm.name(), "--quiesce", "required"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let b = &r.json["results"][0]["backup"];
+    assert_eq!(b["consistency"], "application");
+    assert!(b["consistency_reason"]
+        .as_str()
+        .unwrap()
+        .contains("shut off"));
+    assert_eq!(
+        files_in(vm.dir()),
+        ["vdb.qcow2"],
+        "a snapshot overlay was made"
+    );
+
+    // While vmbackup reads the image, QEMU cannot open it for writing: the VM does not start.
+    let held = vmbackup::backup::forbid_writers(&vm.disk_paths()[0]).unwrap();
+    assert!(
+        vm.dom().start().is_err(),
+        "the VM started on a disk being read"
+    );
+    drop(held);
+    vm.dom()
+        .start()
+        .expect("the VM starts once the read is over");
+    // And a running VM's image cannot be taken for a shut-off backup read.
+    assert!(vmbackup::backup::forbid_writers(&vm.disk_paths()[0]).is_err());
+}

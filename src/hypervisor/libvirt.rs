@@ -256,15 +256,21 @@ impl Dom {
 
 impl Dom {
     /// Creates an external disk-only snapshot from `xml` (a `<domainsnapshot>`), atomically
-    /// for all disks and without libvirt snapshot metadata. The caller freezes and thaws.
-    pub fn snapshot_disk_only(&self, xml: &str) -> Result<()> {
-        let flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+    /// for all disks and without libvirt snapshot metadata. With `quiesce`, libvirt freezes the
+    /// guest's filesystems through the agent just before and thaws them just after, inside
+    /// this one call (and thaws even when the snapshot fails or the caller dies meanwhile).
+    pub fn snapshot_disk_only(&self, xml: &str, quiesce: bool) -> Result<()> {
+        let mut flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
             | sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
             | sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA;
-        self.dom
-            .create_snapshot_xml(xml, flags)
-            .map(|_| ())
-            .map_err(self.err("disk-only snapshot"))
+        if quiesce {
+            flags |= sys::VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE;
+        }
+        match self.dom.create_snapshot_xml(xml, flags) {
+            Ok(_) => Ok(()),
+            Err(e) if quiesce => Err(self.agent_error("quiesced snapshot", e)),
+            Err(e) => Err(self.err("disk-only snapshot")(e)),
+        }
     }
 
     /// Starts an active block commit of `disk`'s top image into its backing image.

@@ -108,7 +108,8 @@ impl<'a> ChunkStore<'a> {
             });
         }
         let enc = encode(data);
-        self.store.put(&name, &enc)?;
+        // Made durable by the `sync` that precedes publishing the index that refers to it.
+        self.store.put_unsynced(&name, &enc)?;
         Ok(PutOutcome {
             digest: d,
             stored_bytes: enc.len() as u64,

@@ -92,6 +92,7 @@ pub struct DiskBackup {
 }
 
 /// Stores a disk as chunks with `threads` workers, each holding one chunk buffer at a time.
+/// Every chunk is durable when this returns.
 pub fn backup_disk(
     repo: &Repository,
     reader: &ImageReader,
@@ -156,6 +157,7 @@ pub fn backup_disk(
     if let Some(e) = failed.into_inner().ok().flatten() {
         return Err(e);
     }
+    repo.store().sync()?;
     Ok(DiskBackup {
         index: DiskIndex {
             chunk_size,

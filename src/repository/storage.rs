@@ -11,6 +11,10 @@ use super::{RepoError, Result};
 pub trait ObjectStore: Send + Sync {
     /// Stores `data` under `name`, atomically and durably.
     fn put(&self, name: &str, data: &[u8]) -> Result<()>;
+    /// Stores `data` under `name` atomically; durable only after the next `sync`.
+    fn put_unsynced(&self, name: &str, data: &[u8]) -> Result<()>;
+    /// Makes everything stored so far durable.
+    fn sync(&self) -> Result<()>;
     fn get(&self, name: &str) -> Result<Vec<u8>>;
     fn exists(&self, name: &str) -> Result<bool>;
     /// The names directly or indirectly under `prefix` (a folder, '/'-terminated or empty).
@@ -68,8 +72,8 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(io("sync folder", dir))
 }
 
-impl ObjectStore for LocalDir {
-    fn put(&self, name: &str, data: &[u8]) -> Result<()> {
+impl LocalDir {
+    fn write(&self, name: &str, data: &[u8], durable: bool) -> Result<()> {
         let path = self.path(name)?;
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
         std::fs::create_dir_all(&dir).map_err(io("create folder", &dir))?;
@@ -90,10 +94,36 @@ impl ObjectStore for LocalDir {
             .open(&tmp)
             .map_err(io("create", &tmp))?;
         f.write_all(data).map_err(io("write", &tmp))?;
-        f.sync_all().map_err(io("sync", &tmp))?;
+        if durable {
+            f.sync_all().map_err(io("sync", &tmp))?;
+        }
         drop(f);
         std::fs::rename(&tmp, &path).map_err(io("rename", &path))?;
-        sync_dir(&dir)
+        if durable {
+            sync_dir(&dir)?;
+        }
+        Ok(())
+    }
+}
+
+impl ObjectStore for LocalDir {
+    fn put(&self, name: &str, data: &[u8]) -> Result<()> {
+        self.write(name, data, true)
+    }
+
+    fn put_unsynced(&self, name: &str, data: &[u8]) -> Result<()> {
+        self.write(name, data, false)
+    }
+
+    fn sync(&self) -> Result<()> {
+        // One syncfs of the repository's filesystem instead of an fsync per object: data and
+        // directory entries of everything written so far become durable together.
+        let d = File::open(&self.root).map_err(io("open", &self.root))?;
+        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)).map_err(|e| RepoError::Io {
+            what: "syncfs",
+            path: self.root.clone(),
+            source: std::io::Error::from_raw_os_error(e as i32),
+        })
     }
 
     fn get(&self, name: &str) -> Result<Vec<u8>> {
