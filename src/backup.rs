@@ -383,6 +383,7 @@ pub fn backup(
     let mut _no_writers = Vec::new();
     if subject.running {
         let snap = snapshot_xml(&id, &subject.spec, &work);
+        let overlays = OverlayFiles::create(&work, &subject.facts)?;
         let quiesce = match opts.quiesce {
             Quiesce::Off => {
                 reason = Some("--quiesce off".into());
@@ -416,6 +417,8 @@ pub fn backup(
         } else {
             dom.snapshot_disk_only(&snap, false)?;
         }
+        // The VM runs on the overlays now: they are removed by the commit back, not here.
+        overlays.keep();
         tracing::info!(vm = name, freeze_ms, "snapshot taken");
     } else {
         consistency = "application".into();
@@ -492,6 +495,58 @@ pub fn backup(
         duration_ms: started.elapsed().as_millis() as u64,
         skipped_disks: report.skipped_disks,
     })
+}
+
+/// Overlay files made ahead of the snapshot; removed again unless the snapshot took them.
+struct OverlayFiles {
+    paths: Vec<PathBuf>,
+}
+
+impl OverlayFiles {
+    fn create(work: &[Work], facts: &Facts) -> Result<OverlayFiles> {
+        let mut made = OverlayFiles { paths: Vec::new() };
+        for w in work {
+            let Some(ov) = &w.overlay else { continue };
+            let size = facts
+                .disks
+                .iter()
+                .find(|d| d.target == w.target)
+                .map(|d| d.virtual_size)
+                .unwrap_or(0);
+            // -u: the backing image is in use by QEMU; its size is known already.
+            let out = std::process::Command::new("qemu-img")
+                .args([
+                    "create", "-q", "-u", "-f", "qcow2", "-F", &w.format, "-b", &w.source,
+                ])
+                .arg(ov)
+                .arg(size.to_string())
+                .output()
+                .map_err(|e| Error::Command {
+                    program: "qemu-img create".into(),
+                    detail: e.to_string(),
+                })?;
+            if !out.status.success() {
+                return Err(Error::Command {
+                    program: format!("qemu-img create {}", ov.display()),
+                    detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                });
+            }
+            made.paths.push(ov.clone());
+        }
+        Ok(made)
+    }
+
+    fn keep(mut self) {
+        self.paths.clear();
+    }
+}
+
+impl Drop for OverlayFiles {
+    fn drop(&mut self) {
+        for p in &self.paths {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 fn snapshot_xml(id: &str, spec: &VmSpec, work: &[Work]) -> String {

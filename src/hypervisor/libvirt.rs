@@ -259,10 +259,13 @@ impl Dom {
     /// for all disks and without libvirt snapshot metadata. With `quiesce`, libvirt freezes the
     /// guest's filesystems through the agent just before and thaws them just after, inside
     /// this one call (and thaws even when the snapshot fails or the caller dies meanwhile).
+    /// The overlay files named in `xml` must exist already (created empty, with the disk as
+    /// their backing file), so that the guest is not kept frozen while they are made.
     pub fn snapshot_disk_only(&self, xml: &str, quiesce: bool) -> Result<()> {
         let mut flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
             | sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
-            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA;
+            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT;
         if quiesce {
             flags |= sys::VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE;
         }
