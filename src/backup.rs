@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::{chain, Error, Result};
 use crate::guest_agent;
 use crate::hypervisor::libvirt::{Dom, Libvirt, PowerState};
 use crate::hypervisor::vm::VmSpec;
@@ -302,18 +302,6 @@ pub struct Outcome {
     pub skipped_disks: Vec<preflight::SkippedDisk>,
 }
 
-/// An error and its causes on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
-
 fn now_utc() -> String {
     jiff::Timestamp::now()
         .round(jiff::Unit::Millisecond)
@@ -550,11 +538,7 @@ impl Drop for OverlayFiles {
 }
 
 fn snapshot_xml(id: &str, spec: &VmSpec, work: &[Work]) -> String {
-    let esc = |s: &str| {
-        s.replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('\'', "&apos;")
-    };
+    let esc = xml_edit::escape_attr;
     let mut x = format!("<domainsnapshot><name>vmbackup-{}</name><disks>", esc(id));
     for d in &spec.disks {
         match work.iter().find(|w| w.target == d.target) {

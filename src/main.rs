@@ -15,7 +15,7 @@ use clap::Parser;
 use serde_json::{json, Value};
 use vmbackup::backup::{self, Quiesce};
 use vmbackup::config::{Config, FileConfig};
-use vmbackup::error::exit;
+use vmbackup::error::{chain, exit};
 use vmbackup::hypervisor::libvirt::Libvirt;
 use vmbackup::preflight::gib;
 use vmbackup::repository::Repository;
@@ -113,18 +113,6 @@ fn error_json(e: &vmbackup::Error) -> Value {
         v["preflight"] = serde_json::to_value(report).unwrap_or(Value::Null);
     }
     v
-}
-
-/// The error and its causes on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 fn cmd_check(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::guest_agent::{self, ExecOutput};
 use crate::hypervisor::libvirt::{Dom, Libvirt};
+use crate::hypervisor::xml_edit::escape_attr;
 
 /// Every test domain's name starts with this.
 pub const PREFIX: &str = "vmbt-";
@@ -286,14 +287,6 @@ pub struct TestVm {
     spec: TestVmBuilder,
 }
 
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('\'', "&apos;")
-        .replace('"', "&quot;")
-}
-
 impl TestVm {
     pub fn name(&self) -> &str {
         &self.name
@@ -346,12 +339,12 @@ impl TestVm {
              <features><acpi/></features>\n  <on_poweroff>destroy</on_poweroff>\n  \
              <on_reboot>restart</on_reboot>\n  <on_crash>destroy</on_crash>\n  <devices>\n",
             ty = if kvm { "kvm" } else { "qemu" },
-            name = xml_escape(&self.name),
+            name = escape_attr(&self.name),
             mem = s.memory_mib,
             vcpus = s.vcpus,
-            kernel = xml_escape(&kernel),
-            initrd = xml_escape(&initrd),
-            extra = xml_escape(&s.cmdline_extra),
+            kernel = escape_attr(&kernel),
+            initrd = escape_attr(&initrd),
+            extra = escape_attr(&s.cmdline_extra),
         );
         for (d, path) in s.disks.iter().zip(&self.disks) {
             let _ = write!(
@@ -360,20 +353,20 @@ impl TestVm {
                  cache='none' discard='unmap'/>\n      <source file='{src}'/>\n      <target \
                  dev='{t}' bus='virtio'/>\n      <serial>{t}</serial>\n    </disk>\n",
                 fmt = d.format.as_str(),
-                src = xml_escape(&path.to_string_lossy()),
-                t = xml_escape(&d.target),
+                src = escape_attr(&path.to_string_lossy()),
+                t = escape_attr(&d.target),
             );
         }
         x.push_str("    <interface type='user'>\n");
         if let Some(mac) = &s.mac {
-            let _ = writeln!(x, "      <mac address='{}'/>", xml_escape(mac));
+            let _ = writeln!(x, "      <mac address='{}'/>", escape_attr(mac));
         }
         x.push_str("      <model type='virtio'/>\n    </interface>\n");
         let _ = write!(
             x,
             "    <serial type='file'>\n      <source path='{}'/>\n      <target port='0'/>\n    \
              </serial>\n",
-            xml_escape(&self.console_path().to_string_lossy())
+            escape_attr(&self.console_path().to_string_lossy())
         );
         if s.agent {
             x.push_str(

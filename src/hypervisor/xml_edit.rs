@@ -3,7 +3,8 @@
 
 use crate::error::{Error, Result};
 
-fn escape_attr(v: &str) -> String {
+/// Escapes text for an XML attribute value (either quote style) or element content.
+pub fn escape_attr(v: &str) -> String {
     v.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

@@ -79,6 +79,37 @@ impl DiskIndex {
     }
 }
 
+/// Runs `work(i)` for every `i` in `0..count` on `threads` threads, which take the next index
+/// as they go; stops early at the first error and returns it.
+fn for_each_parallel(
+    count: usize,
+    threads: usize,
+    work: impl Fn(usize) -> Result<()> + Sync,
+) -> Result<()> {
+    let next = AtomicU64::new(0);
+    let failed: Mutex<Option<RepoError>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst) as usize;
+                if i >= count || failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+                    break;
+                }
+                if let Err(e) = work(i) {
+                    if let Ok(mut f) = failed.lock() {
+                        f.get_or_insert(e);
+                    }
+                    break;
+                }
+            });
+        }
+    });
+    match failed.into_inner().ok().flatten() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskBackup {
     pub index: DiskIndex,
@@ -102,7 +133,6 @@ pub fn backup_disk(
 ) -> Result<DiskBackup> {
     let total = reader.virtual_size();
     let count = total.div_ceil(chunk_size) as usize;
-    let next = AtomicU64::new(0);
     let done = AtomicU64::new(0);
     let slots: Mutex<Vec<Option<Digest>>> = Mutex::new(vec![None; count]);
     let (logical, stored, zeros, datas, reused) = (
@@ -112,51 +142,33 @@ pub fn backup_disk(
         AtomicU64::new(0),
         AtomicU64::new(0),
     );
-    let failed: Mutex<Option<RepoError>> = Mutex::new(None);
     let chunks = ChunkStore::new(repo.store());
-    std::thread::scope(|s| {
-        for _ in 0..threads.max(1) {
-            s.spawn(|| {
-                let mut buf = Vec::with_capacity(chunk_size as usize);
-                loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i as usize >= count || failed.lock().map(|f| f.is_some()).unwrap_or(true) {
-                        break;
-                    }
-                    let r = (|| -> Result<()> {
-                        let kind = reader.read_chunk(i, chunk_size, &mut buf)?;
-                        if kind == ChunkKind::Zero || buf.iter().all(|&b| b == 0) {
-                            zeros.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            let out = chunks.put(&buf)?;
-                            logical.fetch_add(buf.len() as u64, Ordering::Relaxed);
-                            stored.fetch_add(out.stored_bytes, Ordering::Relaxed);
-                            datas.fetch_add(1, Ordering::Relaxed);
-                            if !out.new {
-                                reused.fetch_add(1, Ordering::Relaxed);
-                            }
-                            if let Ok(mut sl) = slots.lock() {
-                                sl[i as usize] = Some(out.digest);
-                            }
-                        }
-                        let end = ((i + 1) * chunk_size).min(total);
-                        let d = done.fetch_add(end - i * chunk_size, Ordering::Relaxed);
-                        progress(d + end - i * chunk_size, total);
-                        Ok(())
-                    })();
-                    if let Err(e) = r {
-                        if let Ok(mut f) = failed.lock() {
-                            f.get_or_insert(e);
-                        }
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    if let Some(e) = failed.into_inner().ok().flatten() {
-        return Err(e);
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
+    for_each_parallel(count, threads, |i| {
+        BUF.with_borrow_mut(|buf| {
+            let i = i as u64;
+            let kind = reader.read_chunk(i, chunk_size, buf)?;
+            if kind == ChunkKind::Zero || buf.iter().all(|&b| b == 0) {
+                zeros.fetch_add(1, Ordering::Relaxed);
+            } else {
+                let out = chunks.put(buf)?;
+                logical.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                stored.fetch_add(out.stored_bytes, Ordering::Relaxed);
+                datas.fetch_add(1, Ordering::Relaxed);
+                if !out.new {
+                    reused.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Ok(mut sl) = slots.lock() {
+                    sl[i as usize] = Some(out.digest);
+                }
+            }
+            let len = ((i + 1) * chunk_size).min(total) - i * chunk_size;
+            progress(done.fetch_add(len, Ordering::Relaxed) + len, total);
+            Ok(())
+        })
+    })?;
     repo.store().sync()?;
     Ok(DiskBackup {
         index: DiskIndex {
@@ -193,42 +205,21 @@ pub fn restore_disk(
         .open(out)
         .map_err(io("create"))?;
     file.set_len(index.virtual_size).map_err(io("size"))?;
-    let next = AtomicU64::new(0);
     let done = AtomicU64::new(0);
-    let failed: Mutex<Option<RepoError>> = Mutex::new(None);
     let chunks = ChunkStore::new(repo.store());
-    std::thread::scope(|s| {
-        for _ in 0..threads.max(1) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::SeqCst) as usize;
-                if i >= index.chunks.len() || failed.lock().map(|f| f.is_some()).unwrap_or(true) {
-                    break;
-                }
-                let r = (|| -> Result<()> {
-                    if let Some(d) = &index.chunks[i] {
-                        let data = chunks.get(d)?;
-                        file.write_all_at(&data, i as u64 * index.chunk_size)
-                            .map_err(io("write"))?;
-                    }
-                    let d = done.fetch_add(1, Ordering::Relaxed) + 1;
-                    progress(
-                        (d * index.chunk_size).min(index.virtual_size),
-                        index.virtual_size,
-                    );
-                    Ok(())
-                })();
-                if let Err(e) = r {
-                    if let Ok(mut f) = failed.lock() {
-                        f.get_or_insert(e);
-                    }
-                    break;
-                }
-            });
+    for_each_parallel(index.chunks.len(), threads, |i| {
+        if let Some(d) = &index.chunks[i] {
+            let data = chunks.get(d)?;
+            file.write_all_at(&data, i as u64 * index.chunk_size)
+                .map_err(io("write"))?;
         }
-    });
-    if let Some(e) = failed.into_inner().ok().flatten() {
-        return Err(e);
-    }
+        let d = done.fetch_add(1, Ordering::Relaxed) + 1;
+        progress(
+            (d * index.chunk_size).min(index.virtual_size),
+            index.virtual_size,
+        );
+        Ok(())
+    })?;
     file.sync_all().map_err(io("sync"))
 }
 
