@@ -85,6 +85,8 @@ impl Error {
             Error::NoDomain(_) | Error::InvalidName { .. } | Error::Config { .. } => {
                 exit::BAD_INPUT
             }
+            Error::Repo(crate::repository::RepoError::NotFound(_))
+            | Error::Repo(crate::repository::RepoError::BadName(_)) => exit::BAD_INPUT,
             Error::Refused(_) => exit::REFUSED,
             Error::Busy(_) => exit::BUSY,
             _ => exit::FAILED,

@@ -255,8 +255,8 @@ fn cmd_list(cfg: &Config, domain: Option<&str>) -> anyhow::Result<Output> {
 }
 
 fn cmd_show(cfg: &Config, id: &str) -> anyhow::Result<Output> {
-    let repo = Repository::open(&cfg.repo)?;
-    let m = repo.load(id)?;
+    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    let m = repo.load(id).map_err(vmbackup::Error::from)?;
     let v = serde_json::to_value(&m)?;
     Ok(Output {
         text: serde_json::to_string_pretty(&v)? + "\n",
@@ -288,6 +288,12 @@ fn main() -> ExitCode {
                 exit::OK
             };
             let _ = e.print();
+            let json = std::env::args().any(|a| a == "--json")
+                || std::env::var("VMBACKUP_JSON").is_ok_and(|v| v == "true" || v == "1");
+            if json && code != exit::OK {
+                let msg = e.kind().to_string();
+                println!("{}", json!({"ok": false, "exit_code": code, "error": msg}));
+            }
             return ExitCode::from(code as u8);
         }
     };
