@@ -430,7 +430,9 @@ pub fn backup(
     let (entries, logical, stored) = match (copy, commit) {
         (Ok(c), Ok(())) => c,
         (Err(e), _) | (Ok(_), Err(e)) => {
-            let _ = repo.remove_incomplete(&[]);
+            if let Err(d) = repo.discard_unpublished(&id) {
+                tracing::warn!(vm = name, id = %id, error = %d, "cannot discard the failed backup's objects");
+            }
             return Err(e);
         }
     };

@@ -157,6 +157,19 @@ impl Repository {
         Ok(out)
     }
 
+    /// Deletes the objects of backup `id`, which failed before it was published. Never touches
+    /// a published backup, nor any other backup.
+    pub fn discard_unpublished(&self, id: &str) -> Result<()> {
+        storage::check_name(id)?;
+        if self.store.exists(&manifest_name(id))? {
+            return Ok(());
+        }
+        for name in self.store.list(&format!("backups/{id}/"))? {
+            self.store.delete(&name)?;
+        }
+        Ok(())
+    }
+
     /// Deletes the objects of backups that were never published, except those named in
     /// `in_progress`.
     pub fn remove_incomplete(&self, in_progress: &[&str]) -> Result<usize> {
@@ -219,6 +232,18 @@ mod tests {
         r.put_domain_xml("running", "<domain/>").unwrap();
         let ids: Vec<String> = r.list().unwrap().into_iter().map(|m| m.id).collect();
         assert_eq!(ids, ["b1", "b2"]);
+        r.put_domain_xml("failed", "<domain/>").unwrap();
+        r.discard_unpublished("failed").unwrap();
+        r.discard_unpublished("b2").unwrap();
+        assert!(!r.store().exists("backups/failed/domain.xml").unwrap());
+        assert!(
+            r.store().exists("backups/b2/domain.xml").unwrap(),
+            "published: kept"
+        );
+        assert!(
+            r.store().exists("backups/half/domain.xml").unwrap(),
+            "another: kept"
+        );
         assert_eq!(r.remove_incomplete(&["running"]).unwrap(), 1);
         assert!(!r.store().exists("backups/half/domain.xml").unwrap());
         assert!(r.store().exists("backups/running/domain.xml").unwrap());
