@@ -2,5 +2,6 @@
 //! read from its domain XML (`vm`).
 
 pub mod libvirt;
+pub mod qmp;
 pub mod vm;
 pub mod xml_edit;

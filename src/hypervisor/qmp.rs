@@ -1,0 +1,421 @@
+//! Plain QEMU VMs that libvirt does not manage, through their QMP monitor and guest-agent
+//! sockets, with the `qapi` crate.
+//!
+//! Naming: a plain QEMU VM called NAME is given on the command line as `qemu:NAME`; its
+//! sockets are `NAME.qmp` (QMP, e.g. `-qmp unix:DIR/NAME.qmp,server=on,wait=off`) and
+//! `NAME.qga` (the guest agent's chardev, e.g. `-chardev socket,path=DIR/NAME.qga,
+//! server=on,wait=off,id=qga0 -device virtio-serial -device virtserialport,chardev=qga0,
+//! name=org.qemu.guest_agent.0`) in one folder, `/run/vmbackup/qemu` unless `--qemu-dir`
+//! says otherwise.
+//!
+//! The API is blocking; inside, a current-thread tokio runtime drives qapi's streams. Commands
+//! use qapi's transport with replies read as JSON values, so that a QEMU older than the schema
+//! qapi was generated from (9.1; Debian 12 has 7.2) does not trip over fields it lacks. Every
+//! call has a timeout.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("cannot connect to {}", path.display())]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{command} failed: {detail}")]
+    Command { command: String, detail: String },
+    #[error("timed out after {secs}s: {what}")]
+    Timeout { what: String, secs: u64 },
+    #[error("unexpected reply to {command}: {detail}")]
+    Reply { command: String, detail: String },
+    #[error("commit back of {device}: {detail}")]
+    Commit { device: String, detail: String },
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+type Result<T> = std::result::Result<T, QmpError>;
+
+/// Declares a command whose arguments are a JSON object and whose reply is read as JSON.
+macro_rules! raw_command {
+    ($ty:ident, $name:literal, $kind:path) => {
+        #[derive(serde::Serialize)]
+        #[serde(transparent)]
+        struct $ty(Value);
+        impl qapi::Command for $ty {
+            type Ok = Value;
+            const NAME: &'static str = $name;
+            const ALLOW_OOB: bool = false;
+        }
+        impl $kind for $ty {}
+    };
+}
+
+raw_command!(QueryStatus, "query-status", qapi::qmp::QmpCommand);
+raw_command!(QueryBlock, "query-block", qapi::qmp::QmpCommand);
+raw_command!(QueryBlockJobs, "query-block-jobs", qapi::qmp::QmpCommand);
+raw_command!(Transaction, "transaction", qapi::qmp::QmpCommand);
+raw_command!(BlockCommit, "block-commit", qapi::qmp::QmpCommand);
+raw_command!(
+    BlockJobComplete,
+    "block-job-complete",
+    qapi::qmp::QmpCommand
+);
+raw_command!(BlockJobCancel, "block-job-cancel", qapi::qmp::QmpCommand);
+raw_command!(GuestPing, "guest-ping", qapi::qga::QgaCommand);
+raw_command!(GuestFreeze, "guest-fsfreeze-freeze", qapi::qga::QgaCommand);
+raw_command!(GuestThaw, "guest-fsfreeze-thaw", qapi::qga::QgaCommand);
+raw_command!(
+    GuestFreezeStatus,
+    "guest-fsfreeze-status",
+    qapi::qga::QgaCommand
+);
+raw_command!(
+    GuestInterfaces,
+    "guest-network-get-interfaces",
+    qapi::qga::QgaCommand
+);
+raw_command!(GuestExec, "guest-exec", qapi::qga::QgaCommand);
+raw_command!(GuestExecStatus, "guest-exec-status", qapi::qga::QgaCommand);
+
+type QmpService = qapi::futures::QapiService<
+    qapi::futures::QmpStreamTokio<tokio::io::WriteHalf<tokio::net::UnixStream>>,
+>;
+
+/// A disk of a plain QEMU VM, from `query-block`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuDisk {
+    /// The qdev id (or the legacy drive name).
+    pub device: String,
+    /// The node at the top of the disk's chain, attached to the device.
+    pub node_name: String,
+    pub file: String,
+    pub format: String,
+    pub virtual_size: u64,
+    pub read_only: bool,
+    pub removable: bool,
+}
+
+pub struct QemuVm {
+    name: String,
+    qga_path: PathBuf,
+    rt: tokio::runtime::Runtime,
+    qmp: QmpService,
+}
+
+const CALL: Duration = Duration::from_secs(30);
+
+fn qapi_err(command: &str, e: impl std::fmt::Display) -> QmpError {
+    QmpError::Command {
+        command: command.to_string(),
+        detail: e.to_string(),
+    }
+}
+
+impl QemuVm {
+    /// Connects to `DIR/NAME.qmp` and negotiates QMP.
+    pub fn open(dir: &Path, name: &str) -> Result<QemuVm> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(QmpError::Runtime)?;
+        let path = dir.join(format!("{name}.qmp"));
+        let qmp = rt.block_on(async {
+            let connect = async {
+                let stream = qapi::futures::QmpStreamTokio::open_uds(&path).await?;
+                stream.negotiate().await
+            };
+            let stream = tokio::time::timeout(CALL, connect)
+                .await
+                .map_err(|_| QmpError::Timeout {
+                    what: format!("QMP handshake on {}", path.display()),
+                    secs: CALL.as_secs(),
+                })?
+                .map_err(|source| QmpError::Connect {
+                    path: path.clone(),
+                    source,
+                })?;
+            let (service, events) = stream.into_parts();
+            // The event stream must be polled or replies never arrive.
+            tokio::spawn(events.into_future());
+            Ok::<_, QmpError>(service)
+        })?;
+        Ok(QemuVm {
+            name: name.to_string(),
+            qga_path: dir.join(format!("{name}.qga")),
+            rt,
+            qmp,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn qmp<C>(&self, cmd: C) -> Result<Value>
+    where
+        C: qapi::qmp::QmpCommand + qapi::Command<Ok = Value> + 'static,
+    {
+        let name = C::NAME;
+        self.rt.block_on(async {
+            tokio::time::timeout(CALL, self.qmp.execute(cmd))
+                .await
+                .map_err(|_| QmpError::Timeout {
+                    what: name.to_string(),
+                    secs: CALL.as_secs(),
+                })?
+                .map_err(|e| qapi_err(name, e))
+        })
+    }
+
+    /// One guest-agent command on a fresh connection (synced first), so that a stale reply
+    /// from an earlier timed-out call can never be taken for this one's.
+    fn qga<C>(&self, cmd: C, timeout: Duration) -> Result<Value>
+    where
+        C: qapi::qga::QgaCommand + qapi::Command<Ok = Value> + 'static,
+    {
+        let name = C::NAME;
+        let path = self.qga_path.clone();
+        self.rt.block_on(async move {
+            let work = async {
+                let stream = qapi::futures::QgaStreamTokio::open_uds(&path)
+                    .await
+                    .map_err(|source| QmpError::Connect {
+                        path: path.clone(),
+                        source,
+                    })?;
+                let (service, _task) = stream.spawn_tokio();
+                let sync = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.subsec_nanos() as i32)
+                    .unwrap_or(1)
+                    ^ std::process::id() as i32;
+                service
+                    .guest_sync(sync)
+                    .await
+                    .map_err(|e| qapi_err("guest-sync", e))?;
+                service.execute(cmd).await.map_err(|e| qapi_err(name, e))
+            };
+            tokio::time::timeout(timeout, work)
+                .await
+                .map_err(|_| QmpError::Timeout {
+                    what: format!("guest agent {name}"),
+                    secs: timeout.as_secs(),
+                })?
+        })
+    }
+
+    pub fn running(&self) -> Result<bool> {
+        let v = self.qmp(QueryStatus(json!({})))?;
+        Ok(v["running"].as_bool().unwrap_or(false))
+    }
+
+    pub fn disks(&self) -> Result<Vec<QemuDisk>> {
+        let v = self.qmp(QueryBlock(json!({})))?;
+        let list = v.as_array().ok_or_else(|| QmpError::Reply {
+            command: "query-block".into(),
+            detail: "not a list".into(),
+        })?;
+        let mut out = Vec::new();
+        for b in list {
+            let Some(ins) = b.get("inserted") else {
+                continue;
+            };
+            let qdev = b["qdev"].as_str().unwrap_or_default();
+            // "/machine/peripheral/vdb/virtio-backend" -> "vdb"
+            let device = match b["device"].as_str() {
+                Some(d) if !d.is_empty() => d.to_string(),
+                _ => qdev
+                    .strip_prefix("/machine/peripheral/")
+                    .and_then(|r| r.split('/').next())
+                    .unwrap_or(qdev)
+                    .to_string(),
+            };
+            out.push(QemuDisk {
+                device,
+                node_name: ins["node-name"].as_str().unwrap_or_default().to_string(),
+                file: ins["file"].as_str().unwrap_or_default().to_string(),
+                format: ins["drv"].as_str().unwrap_or_default().to_string(),
+                virtual_size: ins["image"]["virtual-size"].as_u64().unwrap_or(0),
+                read_only: ins["ro"].as_bool().unwrap_or(false),
+                removable: b["removable"].as_bool().unwrap_or(false),
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn agent_ping(&self, timeout: Duration) -> Result<()> {
+        self.qga(GuestPing(json!({})), timeout).map(|_| ())
+    }
+
+    pub fn freeze(&self, timeout: Duration) -> Result<u32> {
+        let v = self.qga(GuestFreeze(json!({})), timeout)?;
+        Ok(v.as_u64().unwrap_or(0) as u32)
+    }
+
+    pub fn thaw(&self, timeout: Duration) -> Result<u32> {
+        let v = self.qga(GuestThaw(json!({})), timeout)?;
+        Ok(v.as_u64().unwrap_or(0) as u32)
+    }
+
+    pub fn freeze_status(&self, timeout: Duration) -> Result<String> {
+        let v = self.qga(GuestFreezeStatus(json!({})), timeout)?;
+        Ok(v.as_str().unwrap_or_default().to_string())
+    }
+
+    /// The guest's interfaces: name, MAC, addresses with prefix (loopback left out).
+    pub fn guest_interfaces(&self) -> Result<Vec<(String, Option<String>, Vec<String>)>> {
+        let v = self.qga(GuestInterfaces(json!({})), CALL)?;
+        let mut out = Vec::new();
+        for i in v.as_array().into_iter().flatten() {
+            let name = i["name"].as_str().unwrap_or_default().to_string();
+            if name == "lo" {
+                continue;
+            }
+            let ips = i["ip-addresses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| {
+                    Some(format!(
+                        "{}/{}",
+                        a["ip-address"].as_str()?,
+                        a["prefix"].as_u64()?
+                    ))
+                })
+                .collect();
+            let mac = i["hardware-address"].as_str().map(str::to_ascii_lowercase);
+            out.push((name, mac, ips));
+        }
+        Ok(out)
+    }
+
+    /// Runs `sh -c script` in the guest; returns its exit code and stdout.
+    pub fn exec_sh(&self, script: &str, timeout: Duration) -> Result<(i32, String)> {
+        use base64::Engine as _;
+        let v = self.qga(
+            GuestExec(json!({"path": "/bin/sh", "arg": ["-c", script], "capture-output": true})),
+            CALL,
+        )?;
+        let pid = v["pid"].as_i64().ok_or_else(|| QmpError::Reply {
+            command: "guest-exec".into(),
+            detail: v.to_string(),
+        })?;
+        let start = Instant::now();
+        loop {
+            let s = self.qga(GuestExecStatus(json!({ "pid": pid })), CALL)?;
+            if s["exited"].as_bool() == Some(true) {
+                let out = s["out-data"]
+                    .as_str()
+                    .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                    .unwrap_or_default();
+                return Ok((
+                    s["exitcode"].as_i64().unwrap_or(-1) as i32,
+                    String::from_utf8_lossy(&out).into_owned(),
+                ));
+            }
+            if start.elapsed() > timeout {
+                return Err(QmpError::Timeout {
+                    what: format!("guest command {script}"),
+                    secs: timeout.as_secs(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Snapshots every listed node into its overlay file, all in one `transaction`.
+    pub fn snapshot(&self, overlays: &[(String, PathBuf)]) -> Result<()> {
+        let actions: Vec<Value> = overlays
+            .iter()
+            .map(|(node, file)| {
+                json!({"type": "blockdev-snapshot-sync", "data": {
+                    "node-name": node,
+                    "snapshot-file": file.to_string_lossy(),
+                    "snapshot-node-name": format!("vmbackup-overlay-{node}"),
+                    "format": "qcow2",
+                    "mode": "absolute-paths",
+                }})
+            })
+            .collect();
+        self.qmp(Transaction(json!({ "actions": actions })))
+            .map(|_| ())
+    }
+
+    /// Commits the active layer of `device` back into its backing image `original`: starts an
+    /// active block commit, waits until it is ready, completes it, waits until the job is gone,
+    /// and checks that the device runs on `original` again. On timeout the job is cancelled
+    /// and the VM stays, safely, on its overlay.
+    pub fn commit_back(&self, device: &str, original: &Path, timeout: Duration) -> Result<()> {
+        let top = self
+            .disks()?
+            .into_iter()
+            .find(|d| d.device == device)
+            .ok_or_else(|| QmpError::Commit {
+                device: device.into(),
+                detail: "no such device".into(),
+            })?;
+        let job = format!("vmbackup-commit-{device}");
+        self.qmp(BlockCommit(json!({"job-id": job, "device": top.node_name})))?;
+        let start = Instant::now();
+        let mut completed = false;
+        loop {
+            let jobs = self.qmp(QueryBlockJobs(json!({})))?;
+            let mine = jobs
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|j| j["device"].as_str() == Some(job.as_str()))
+                .cloned();
+            match mine {
+                Some(j) if !completed && j["ready"].as_bool() == Some(true) => {
+                    self.qmp(BlockJobComplete(json!({ "device": job })))?;
+                    completed = true;
+                }
+                Some(_) => {}
+                None if completed => break,
+                None => {
+                    return Err(QmpError::Commit {
+                        device: device.into(),
+                        detail: format!(
+                            "the job ended before it was completed; the VM runs on {}",
+                            top.file
+                        ),
+                    })
+                }
+            }
+            if start.elapsed() > timeout {
+                let _ = self.qmp(BlockJobCancel(json!({ "device": job })));
+                return Err(QmpError::Commit {
+                    device: device.into(),
+                    detail: format!(
+                        "not done after {}s; the VM stays on {}",
+                        timeout.as_secs(),
+                        top.file
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let now = self
+            .disks()?
+            .into_iter()
+            .find(|d| d.device == device)
+            .map(|d| d.file)
+            .unwrap_or_default();
+        if Path::new(&now) != original {
+            return Err(QmpError::Commit {
+                device: device.into(),
+                detail: format!(
+                    "after the commit the VM runs on {now}, not {}",
+                    original.display()
+                ),
+            });
+        }
+        Ok(())
+    }
+}
