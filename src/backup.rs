@@ -421,7 +421,7 @@ pub fn backup(
         }
     }
 
-    let copy = copy_disks(repo, &id, name, &subject, &work, opts, progress);
+    let copy = copy_disks(repo, &id, name, &subject.facts, &work, opts, progress);
     let commit = if subject.running {
         commit_back(lv, dom, &work, opts)
     } else {
@@ -446,45 +446,274 @@ pub fn backup(
             model: n.model.clone(),
             kind: n.kind.clone(),
             source: n.source.clone(),
-            ips: guest_ifs
-                .iter()
-                .filter(|g| g.mac.is_some() && g.mac == n.mac)
-                .flat_map(|g| g.ips.iter().filter(|ip| !ip.starts_with("fe80:")).cloned())
-                .collect(),
+            ips: ips_of(&guest_ifs, n.mac.as_deref()),
         })
         .collect();
-    let manifest = Manifest {
-        format_version: 1,
-        id: id.clone(),
-        vm_name: name.to_string(),
-        vm_uuid: subject.spec.uuid.clone(),
-        started_at,
-        ended_at: now_utc(),
-        consistency: consistency.clone(),
-        consistency_reason: reason.clone(),
-        freeze_ms,
-        vcpus: subject.spec.vcpus,
-        memory_bytes: subject.spec.memory_bytes,
-        disks: entries,
-        nics,
-        domain_xml_object: repo.put_domain_xml(&id, &subject.inactive_xml)?,
-        schedule: opts.schedule.clone(),
-        stored_bytes: stored,
-        logical_bytes: logical,
-    };
+    let description = repo.put_domain_xml(&id, &subject.inactive_xml)?;
+    finish(
+        repo,
+        Manifest {
+            format_version: 1,
+            id,
+            vm_name: name.to_string(),
+            vm_uuid: subject.spec.uuid.clone(),
+            started_at,
+            ended_at: now_utc(),
+            consistency,
+            consistency_reason: reason,
+            freeze_ms,
+            vcpus: subject.spec.vcpus,
+            memory_bytes: subject.spec.memory_bytes,
+            disks: entries,
+            nics,
+            domain_xml_object: description,
+            schedule: opts.schedule.clone(),
+            stored_bytes: stored,
+            logical_bytes: logical,
+        },
+        started,
+        report.skipped_disks,
+    )
+}
+
+/// The guest addresses recorded for the vNIC with `mac` (link-local ones left out).
+fn ips_of(ifs: &[guest_agent::GuestInterface], mac: Option<&str>) -> Vec<String> {
+    ifs.iter()
+        .filter(|g| mac.is_some() && g.mac.as_deref() == mac)
+        .flat_map(|g| g.ips.iter().filter(|ip| !ip.starts_with("fe80:")).cloned())
+        .collect()
+}
+
+/// Publishes the manifest (the backup becomes visible) and reports.
+fn finish(
+    repo: &Repository,
+    manifest: Manifest,
+    started: Instant,
+    skipped_disks: Vec<preflight::SkippedDisk>,
+) -> Result<Outcome> {
     repo.publish(&manifest)?;
-    tracing::info!(vm = name, id = %id, consistency = %consistency, "backup published");
+    tracing::info!(vm = %manifest.vm_name, id = %manifest.id, consistency = %manifest.consistency, "backup published");
     Ok(Outcome {
-        id,
-        vm: name.to_string(),
-        consistency,
-        consistency_reason: reason,
-        freeze_ms,
-        logical_bytes: logical,
-        stored_bytes: stored,
+        id: manifest.id,
+        vm: manifest.vm_name,
+        consistency: manifest.consistency,
+        consistency_reason: manifest.consistency_reason,
+        freeze_ms: manifest.freeze_ms,
+        logical_bytes: manifest.logical_bytes,
+        stored_bytes: manifest.stored_bytes,
         duration_ms: started.elapsed().as_millis() as u64,
-        skipped_disks: report.skipped_disks,
+        skipped_disks,
     })
+}
+
+/// Backs up the plain QEMU VM `name` (sockets `NAME.qmp` and `NAME.qga` in `qemu_dir`):
+/// freeze through its agent, one `transaction` snapshot of all disks, thaw, copy, commit
+/// back. Same pre-flight checks, lock and repository as for libvirt VMs.
+pub fn backup_qemu(
+    repo: &Repository,
+    state_dir: &Path,
+    qemu_dir: &Path,
+    name: &str,
+    opts: &Options,
+    progress: &(dyn Fn(&str, u64, u64) + Sync),
+) -> Result<Outcome> {
+    use crate::hypervisor::qmp::QemuVm;
+    let started = Instant::now();
+    let started_at = now_utc();
+    names::check_component(name)?;
+    let qmp_path = qemu_dir.join(format!("{name}.qmp"));
+    if !qmp_path.exists() {
+        return Err(Error::NoQemu {
+            name: name.to_string(),
+            path: qmp_path,
+        });
+    }
+    let q = QemuVm::open(qemu_dir, name)?;
+    let label = format!("qemu:{name}");
+    let (uuid, vcpus, memory) = q.shape()?;
+    let qdisks = q.disks()?;
+    let mut disks = Vec::new();
+    for d in &qdisks {
+        let mut f = DiskFacts {
+            target: d.device.clone(),
+            device: if d.removable { "cdrom" } else { "disk" }.into(),
+            kind: "file".into(),
+            source: Some(d.file.clone()),
+            readonly: d.read_only,
+            shareable: false,
+            virtual_size: d.virtual_size,
+            allocated_size: 0,
+        };
+        if let Ok(None) = preflight::disk_rule(&f) {
+            let info = image::info(Path::new(&d.file))?;
+            f.virtual_size = info.virtual_size;
+            f.allocated_size = info.actual_size;
+        }
+        disks.push(f);
+    }
+    let mut work = Vec::new();
+    let id = new_backup_id(name, jiff::Timestamp::now().as_second().max(0) as u64);
+    let mut overlay_dirs: Vec<(u64, PathBuf)> = Vec::new();
+    for (d, f) in qdisks.iter().zip(&disks) {
+        if !matches!(preflight::disk_rule(f), Ok(None)) {
+            continue;
+        }
+        let ov = overlay_path(opts, name, &d.device, &d.file, &id);
+        let dir = ov.parent().map(Path::to_path_buf).unwrap_or_default();
+        if let Some(dev) = device_of(&dir) {
+            if !overlay_dirs.iter().any(|(x, _)| *x == dev) {
+                overlay_dirs.push((dev, dir));
+            }
+        }
+        work.push((
+            d.node_name.clone(),
+            Work {
+                target: d.device.clone(),
+                source: d.file.clone(),
+                format: d.format.clone(),
+                overlay: Some(ov),
+            },
+        ));
+    }
+    let mut overlay_spaces = Vec::new();
+    for (_, dir) in &overlay_dirs {
+        overlay_spaces.push(free_space(dir)?);
+    }
+    let facts = Facts {
+        vm: label.clone(),
+        memory_bytes: memory,
+        disks,
+        overlay_spaces,
+        repository: free_space(repo.path())?,
+    };
+    let mut report = preflight::evaluate(&facts, &opts.limits);
+    let agent = opts.quiesce != Quiesce::Off && q.agent_ping(Duration::from_secs(5)).is_ok();
+    if opts.quiesce == Quiesce::Required && !agent {
+        report.ok = false;
+        report.checks.push(preflight::Check {
+            name: "quiesce".into(),
+            ok: false,
+            found: 0,
+            limit: 1,
+            message: "--quiesce required, but the guest agent does not answer".into(),
+        });
+    }
+    if !report.ok {
+        return Err(Error::Refused(Box::new(report)));
+    }
+    let _lock = lock_vm(state_dir, &format!("qemu-{name}"))?;
+    check_interrupted()?;
+    let guest_ifs = if agent {
+        q.guest_interfaces().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+
+    let (mut consistency, mut reason, mut freeze_ms) = ("crash".to_string(), None, None);
+    let overlays: Vec<(String, PathBuf)> = work
+        .iter()
+        .filter_map(|(node, w)| w.overlay.clone().map(|o| (node.clone(), o)))
+        .collect();
+    let t = Instant::now();
+    let frozen = if agent {
+        match q.freeze(opts.freeze_timeout) {
+            Ok(_) => true,
+            Err(e) => {
+                // A freeze that timed out may still complete in the guest: thaw regardless.
+                let _ = q.thaw(opts.freeze_timeout);
+                if opts.quiesce == Quiesce::Required {
+                    return Err(e.into());
+                }
+                reason = Some(format!("freeze failed: {}", chain(&e)));
+                false
+            }
+        }
+    } else {
+        reason = Some(match opts.quiesce {
+            Quiesce::Off => "--quiesce off".to_string(),
+            _ => "the guest agent does not answer".to_string(),
+        });
+        false
+    };
+    let snap = q.snapshot(&overlays);
+    if frozen {
+        // Thaw before anything else, whether the snapshot worked or not.
+        match q.thaw(opts.freeze_timeout) {
+            Ok(_) => {
+                freeze_ms = Some(t.elapsed().as_millis() as u64);
+                consistency = "application".into();
+            }
+            Err(e) => reason = Some(format!("thaw failed: {}", chain(&e))),
+        }
+    }
+    if let Err(e) = snap {
+        for (_, o) in &overlays {
+            let _ = std::fs::remove_file(o);
+        }
+        return Err(e.into());
+    }
+    let plain: Vec<Work> = work.into_iter().map(|(_, w)| w).collect();
+    let copy = copy_disks(repo, &id, &label, &facts, &plain, opts, progress);
+    let mut commit: Result<()> = Ok(());
+    for w in &plain {
+        let r = q
+            .commit_back(&w.target, Path::new(&w.source), opts.commit_timeout)
+            .map_err(Error::from)
+            .and_then(|()| match &w.overlay {
+                Some(o) => std::fs::remove_file(o).map_err(|e| Error::io("remove overlay", o, e)),
+                None => Ok(()),
+            });
+        if let Err(e) = r {
+            tracing::error!(vm = %label, disk = %w.target, error = %chain(&e), "commit back failed");
+            if commit.is_ok() {
+                commit = Err(e);
+            }
+        }
+    }
+    let (entries, logical, stored) = match (copy, commit) {
+        (Ok(c), Ok(())) => c,
+        (Err(e), _) | (Ok(_), Err(e)) => {
+            let _ = repo.discard_unpublished(&id);
+            return Err(e);
+        }
+    };
+    let nics = guest_ifs
+        .iter()
+        .map(|g| NicEntry {
+            mac: g.mac.clone(),
+            model: None,
+            kind: "qemu".into(),
+            source: None,
+            ips: ips_of(&guest_ifs, g.mac.as_deref()),
+        })
+        .collect();
+    let description = format!("backups/{id}/qemu-block.json");
+    repo.store()
+        .put(&description, q.block_json()?.to_string().as_bytes())?;
+    finish(
+        repo,
+        Manifest {
+            format_version: 1,
+            id,
+            vm_name: label,
+            vm_uuid: uuid,
+            started_at,
+            ended_at: now_utc(),
+            consistency,
+            consistency_reason: reason,
+            freeze_ms,
+            vcpus,
+            memory_bytes: memory,
+            disks: entries,
+            nics,
+            domain_xml_object: description,
+            schedule: opts.schedule.clone(),
+            stored_bytes: stored,
+            logical_bytes: logical,
+        },
+        started,
+        report.skipped_disks,
+    )
 }
 
 /// Overlay files made ahead of the snapshot; removed again unless the snapshot took them.
@@ -564,7 +793,7 @@ fn copy_disks(
     repo: &Repository,
     id: &str,
     vm: &str,
-    subject: &Subject,
+    facts: &Facts,
     work: &[Work],
     opts: &Options,
     progress: &(dyn Fn(&str, u64, u64) + Sync),
@@ -574,8 +803,7 @@ fn copy_disks(
     for w in work {
         check_interrupted()?;
         let reader = ImageReader::open(Path::new(&w.source), &w.format)?;
-        let facts = subject
-            .facts
+        let facts = facts
             .disks
             .iter()
             .find(|d| d.target == w.target)

@@ -50,6 +50,10 @@ pub struct Global {
     /// Largest disks plus memory, in GiB [default: 4000]
     #[arg(long, global = true, env = "VMBACKUP_MAX_TOTAL_GIB")]
     pub max_total_gib: Option<u64>,
+    /// Folder of plain QEMU VMs' sockets, NAME.qmp and NAME.qga, for `qemu:NAME`
+    /// [default: /run/vmbackup/qemu]
+    #[arg(long, global = true, env = "VMBACKUP_QEMU_DIR")]
+    pub qemu_dir: Option<PathBuf>,
     /// Longest freeze wait for the guest agent, in seconds [default: 10]
     #[arg(long, global = true, env = "VMBACKUP_FREEZE_TIMEOUT")]
     pub freeze_timeout: Option<u64>,
@@ -66,6 +70,7 @@ impl Global {
             max_disk_gib: self.max_disk_gib,
             max_total_gib: self.max_total_gib,
             freeze_timeout_secs: self.freeze_timeout,
+            qemu_dir: self.qemu_dir.clone(),
         }
     }
 }
@@ -84,7 +89,7 @@ pub enum Command {
         #[arg(required = true)]
         domains: Vec<String>,
     },
-    /// Take one backup of each VM
+    /// Take one backup of each VM (libvirt domain names, or qemu:NAME for plain QEMU)
     Backup {
         #[arg(required = true)]
         domains: Vec<String>,

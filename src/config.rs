@@ -25,6 +25,7 @@ pub struct FileConfig {
     pub freeze_timeout_secs: Option<u64>,
     pub commit_timeout_secs: Option<u64>,
     pub threads: Option<usize>,
+    pub qemu_dir: Option<PathBuf>,
 }
 
 pub const DEFAULT_CONFIG: &str = "/etc/vmbackup/config.toml";
@@ -53,6 +54,8 @@ pub struct Config {
     pub connect: String,
     pub repo: PathBuf,
     pub state_dir: PathBuf,
+    /// Where plain QEMU VMs' sockets are (`NAME.qmp`, `NAME.qga`).
+    pub qemu_dir: PathBuf,
     pub backup: backup::Options,
 }
 
@@ -67,6 +70,7 @@ pub struct Overrides {
     pub max_disk_gib: Option<u64>,
     pub max_total_gib: Option<u64>,
     pub freeze_timeout_secs: Option<u64>,
+    pub qemu_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -108,6 +112,10 @@ impl Config {
                 .state_dir
                 .or(f.state_dir)
                 .unwrap_or_else(|| PathBuf::from("/var/lib/vmbackup")),
+            qemu_dir: o
+                .qemu_dir
+                .or(f.qemu_dir)
+                .unwrap_or_else(|| PathBuf::from("/run/vmbackup/qemu")),
             backup: backup::Options {
                 limits,
                 overlay_dir: o.overlay_dir.or(f.overlay_dir),

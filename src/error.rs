@@ -76,15 +76,20 @@ pub enum Error {
     Repo(#[from] crate::repository::RepoError),
     #[error("disk image")]
     Image(#[from] crate::image::ImageError),
+    #[error("no plain QEMU VM {name:?} (no QMP socket {})", path.display())]
+    NoQemu { name: String, path: PathBuf },
+    #[error("QEMU")]
+    Qmp(#[from] crate::hypervisor::qmp::QmpError),
 }
 
 impl Error {
     /// The exit code the command-line contract gives this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::NoDomain(_) | Error::InvalidName { .. } | Error::Config { .. } => {
-                exit::BAD_INPUT
-            }
+            Error::NoDomain(_)
+            | Error::NoQemu { .. }
+            | Error::InvalidName { .. }
+            | Error::Config { .. } => exit::BAD_INPUT,
             Error::Repo(crate::repository::RepoError::NotFound(_))
             | Error::Repo(crate::repository::RepoError::BadName(_)) => exit::BAD_INPUT,
             Error::Refused(_) => exit::REFUSED,

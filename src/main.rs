@@ -173,9 +173,12 @@ fn cmd_backup(cfg: &Config, domains: &[String], quiesce: cli::Quiesce) -> anyhow
     let mut text = String::new();
     let mut failures = Vec::new();
     for name in domains {
-        match backup::backup(&lv, &repo, &cfg.state_dir, name, &opts, &|l, d, t| {
-            progress.show(l, d, t)
-        }) {
+        let show = |l: &str, d: u64, t: u64| progress.show(l, d, t);
+        let result = match name.strip_prefix("qemu:") {
+            Some(q) => backup::backup_qemu(&repo, &cfg.state_dir, &cfg.qemu_dir, q, &opts, &show),
+            None => backup::backup(&lv, &repo, &cfg.state_dir, name, &opts, &show),
+        };
+        match result {
             Ok(o) => {
                 text.push_str(&format!(
                     "{}: backup {} ({} consistent{}), {} read, {} stored, {:.1}s\n",

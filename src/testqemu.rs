@@ -1,6 +1,7 @@
 //! Throwaway plain QEMU VMs (not managed by libvirt) for the tests of the QMP path: the test
 //! guest of `vm-images/build`, its QMP and guest-agent sockets named as `hypervisor::qmp`
-//! expects (`NAME.qmp`, `NAME.qga` in the VM's folder). Dropping it stops QEMU and removes the
+//! expects (`NAME.qmp`, `NAME.qga` in the VM's folder), plus `harness.qmp`, the harness's
+//! own monitor. Dropping it stops QEMU and removes the
 //! folder, whatever happened; during a panic the console is printed first.
 
 use std::os::unix::process::CommandExt;
@@ -89,6 +90,12 @@ impl TestQemu {
             "unix:{},server=on,wait=off",
             dir.join(format!("{name}.qmp")).display()
         ))
+        // A second monitor for the harness: `NAME.qmp` stays free for vmbackup.
+        .arg("-qmp")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            dir.join("harness.qmp").display()
+        ))
         .arg("-chardev")
         .arg(format!(
             "socket,path={},server=on,wait=off,id=qga0",
@@ -135,7 +142,12 @@ impl TestQemu {
         let start = Instant::now();
         loop {
             if t.vm.is_none() {
-                t.vm = QemuVm::open(&dir, &name).ok();
+                t.vm = QemuVm::open_paths(
+                    &name,
+                    &dir.join("harness.qmp"),
+                    &dir.join(format!("{name}.qga")),
+                )
+                .ok();
             }
             if let Some(vm) = &t.vm {
                 if vm.agent_ping(Duration::from_secs(2)).is_ok() {

@@ -109,3 +109,71 @@ fn freeze_snapshot_thaw_and_commit_back_through_qmp() {
         .unwrap();
     assert_eq!((rc, out.as_str()), (0, "before\nduring\n"));
 }
+
+#[test]
+fn vmbackup_backs_up_a_plain_qemu_vm_through_qmp() {
+    let place = Place::new();
+    let vdb = disk(place.dir.path(), "vdb", Format::Qcow2);
+    let t = TestQemu::start(
+        "qmp-cli",
+        &[(vdb.clone(), "qcow2")],
+        Duration::from_secs(180),
+    )
+    .expect("plain QEMU guest boots");
+    let q = t.qemu();
+    let (rc, _) = q
+        .exec_sh(
+            "echo in-the-backup > /mnt/vdb/f && sync /mnt/vdb/f",
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    assert_eq!(rc, 0);
+    let dir = t.dir().to_string_lossy().into_owned();
+    let target = format!("qemu:{}", t.name());
+    let r = vmbackup(
+        &place,
+        &[
+            "--qemu-dir",
+            &dir,
+            "backup",
+            &target,
+            "--quiesce",
+            "required",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let b = &r.json["results"][0]["backup"];
+    assert_eq!(b["consistency"], "application", "{b}");
+    assert!(b["freeze_ms"].as_u64().is_some());
+    // Back on its original image, thawed, no overlay left.
+    let files: Vec<String> = q.disks().unwrap().into_iter().map(|d| d.file).collect();
+    assert_eq!(files, [vdb.to_string_lossy().into_owned()]);
+    assert_eq!(q.freeze_status(Duration::from_secs(10)).unwrap(), "thawed");
+    assert!(
+        !std::fs::read_dir(place.dir.path())
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().contains("vmbackup-")),
+        "an overlay was left"
+    );
+    q.exec_sh(
+        "echo after > /mnt/vdb/f && sync /mnt/vdb/f",
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    // The backup holds what the guest had written before it.
+    let id = b["id"].as_str().unwrap();
+    let repo = vmbackup::repository::Repository::open(&place.repo()).unwrap();
+    let m = repo.load(id).unwrap();
+    assert_eq!(m.vm_name, target);
+    let idx = vmbackup::repository::disk::DiskIndex::decode(
+        &repo.store().get(&m.disks[0].index_object).unwrap(),
+    )
+    .unwrap();
+    let out = place.dir.path().join("restored.raw");
+    vmbackup::repository::disk::restore_disk(&repo, &idx, &out, 2, &|_, _| {}).unwrap();
+    assert_eq!(read_from_ext4(&out, "/f"), b"in-the-backup\n");
+    // An unknown plain QEMU VM is bad input.
+    let r = vmbackup(&place, &["--qemu-dir", &dir, "backup", "qemu:no-such-vm"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+}

@@ -57,6 +57,13 @@ macro_rules! raw_command {
 
 raw_command!(QueryStatus, "query-status", qapi::qmp::QmpCommand);
 raw_command!(QueryBlock, "query-block", qapi::qmp::QmpCommand);
+raw_command!(QueryUuid, "query-uuid", qapi::qmp::QmpCommand);
+raw_command!(QueryCpus, "query-cpus-fast", qapi::qmp::QmpCommand);
+raw_command!(
+    QueryMemory,
+    "query-memory-size-summary",
+    qapi::qmp::QmpCommand
+);
 raw_command!(QueryBlockJobs, "query-block-jobs", qapi::qmp::QmpCommand);
 raw_command!(Transaction, "transaction", qapi::qmp::QmpCommand);
 raw_command!(BlockCommit, "block-commit", qapi::qmp::QmpCommand);
@@ -117,13 +124,23 @@ fn qapi_err(command: &str, e: impl std::fmt::Display) -> QmpError {
 }
 
 impl QemuVm {
-    /// Connects to `DIR/NAME.qmp` and negotiates QMP.
+    /// Connects to `DIR/NAME.qmp` and negotiates QMP. A QMP socket serves one client at a
+    /// time: nothing else may be connected to it.
     pub fn open(dir: &Path, name: &str) -> Result<QemuVm> {
+        Self::open_paths(
+            name,
+            &dir.join(format!("{name}.qmp")),
+            &dir.join(format!("{name}.qga")),
+        )
+    }
+
+    /// Connects to the QMP socket `qmp`; the guest agent is at `qga`.
+    pub fn open_paths(name: &str, qmp: &Path, qga: &Path) -> Result<QemuVm> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(QmpError::Runtime)?;
-        let path = dir.join(format!("{name}.qmp"));
+        let path = qmp.to_path_buf();
         let qmp = rt.block_on(async {
             let connect = async {
                 let stream = qapi::futures::QmpStreamTokio::open_uds(&path).await?;
@@ -146,7 +163,7 @@ impl QemuVm {
         })?;
         Ok(QemuVm {
             name: name.to_string(),
-            qga_path: dir.join(format!("{name}.qga")),
+            qga_path: qga.to_path_buf(),
             rt,
             qmp,
         })
@@ -181,14 +198,23 @@ impl QemuVm {
         let name = C::NAME;
         let path = self.qga_path.clone();
         self.rt.block_on(async move {
-            let work = async {
-                let stream = qapi::futures::QgaStreamTokio::open_uds(&path)
+            let connect = async {
+                qapi::futures::QgaStreamTokio::open_uds(&path)
                     .await
                     .map_err(|source| QmpError::Connect {
                         path: path.clone(),
                         source,
-                    })?;
-                let (service, _task) = stream.spawn_tokio();
+                    })
+            };
+            let stream =
+                tokio::time::timeout(timeout, connect)
+                    .await
+                    .map_err(|_| QmpError::Timeout {
+                        what: format!("connecting to the guest agent for {name}"),
+                        secs: timeout.as_secs(),
+                    })??;
+            let (service, task) = stream.spawn_tokio();
+            let work = async {
                 let sync = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.subsec_nanos() as i32)
@@ -200,18 +226,43 @@ impl QemuVm {
                     .map_err(|e| qapi_err("guest-sync", e))?;
                 service.execute(cmd).await.map_err(|e| qapi_err(name, e))
             };
-            tokio::time::timeout(timeout, work)
-                .await
-                .map_err(|_| QmpError::Timeout {
-                    what: format!("guest agent {name}"),
-                    secs: timeout.as_secs(),
-                })?
+            let result = tokio::time::timeout(timeout, work).await;
+            // The agent's socket serves one client at a time: close this connection now, on
+            // every path, so that the next client (this process or another) gets through.
+            drop(service);
+            task.abort();
+            let _ = task.await;
+            result.map_err(|_| QmpError::Timeout {
+                what: format!("guest agent {name}"),
+                secs: timeout.as_secs(),
+            })?
         })
     }
 
     pub fn running(&self) -> Result<bool> {
         let v = self.qmp(QueryStatus(json!({})))?;
         Ok(v["running"].as_bool().unwrap_or(false))
+    }
+
+    /// The VM's UUID, vCPU count and memory in bytes.
+    pub fn shape(&self) -> Result<(String, u32, u64)> {
+        let uuid = self.qmp(QueryUuid(json!({})))?["UUID"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let cpus = self
+            .qmp(QueryCpus(json!({})))?
+            .as_array()
+            .map_or(0, Vec::len) as u32;
+        let mem = self.qmp(QueryMemory(json!({})))?["base-memory"]
+            .as_u64()
+            .unwrap_or(0);
+        Ok((uuid, cpus, mem))
+    }
+
+    /// The raw `query-block` reply, kept with a backup as the VM's description.
+    pub fn block_json(&self) -> Result<Value> {
+        self.qmp(QueryBlock(json!({})))
     }
 
     pub fn disks(&self) -> Result<Vec<QemuDisk>> {
@@ -267,8 +318,8 @@ impl QemuVm {
         Ok(v.as_str().unwrap_or_default().to_string())
     }
 
-    /// The guest's interfaces: name, MAC, addresses with prefix (loopback left out).
-    pub fn guest_interfaces(&self) -> Result<Vec<(String, Option<String>, Vec<String>)>> {
+    /// The guest's interfaces and addresses (loopback left out).
+    pub fn guest_interfaces(&self) -> Result<Vec<crate::guest_agent::GuestInterface>> {
         let v = self.qga(GuestInterfaces(json!({})), CALL)?;
         let mut out = Vec::new();
         for i in v.as_array().into_iter().flatten() {
@@ -289,7 +340,7 @@ impl QemuVm {
                 })
                 .collect();
             let mac = i["hardware-address"].as_str().map(str::to_ascii_lowercase);
-            out.push((name, mac, ips));
+            out.push(crate::guest_agent::GuestInterface { name, mac, ips });
         }
         Ok(out)
     }
