@@ -276,6 +276,26 @@ fn main() -> Result<()> {
     let added = dir_bytes(&repo.join("chunks")).saturating_sub(before);
     let _ = m;
 
+    // Peak RSS against disk size: the same backup of a VM with one 64 MiB disk.
+    let small = TestVmBuilder::new("bench-small")
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .start()?;
+    let small_repo = base.join("small-repo");
+    fresh(&small_repo)?;
+    let ms = measure(
+        &vmbackup,
+        &[
+            "--json",
+            "--repo",
+            small_repo.to_str().unwrap(),
+            "--state-dir",
+            base.join("state").to_str().unwrap(),
+            "backup",
+            small.name(),
+        ],
+    )?;
+    drop(small);
+
     let (mv, mn, mc) = (median(&mut t_vmb), median(&mut t_vnb), median(&mut t_conv));
     let mf = if freezes.is_empty() {
         f64::NAN
@@ -311,6 +331,11 @@ fn main() -> Result<()> {
     println!(
         "  second backup, unchanged VM adds {:.1} KiB",
         added as f64 / 1024.0
+    );
+    println!(
+        "  vmbackup peak RSS: {} MiB for 8 GiB of disks (1.51 GiB allocated), {} MiB for one 64 MiB disk",
+        rss_vmb / 1024,
+        ms.max_rss_kib / 1024
     );
     drop(vm);
     let _ = std::fs::remove_dir_all(&base);
