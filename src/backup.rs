@@ -122,6 +122,22 @@ fn device_of(path: &Path) -> Option<u64> {
     }
 }
 
+/// The free space of each distinct filesystem among the folders the overlays go into.
+fn overlay_spaces(overlays: impl IntoIterator<Item = PathBuf>) -> Result<Vec<Space>> {
+    let mut seen: Vec<u64> = Vec::new();
+    let mut spaces = Vec::new();
+    for ov in overlays {
+        let dir = ov.parent().map(Path::to_path_buf).unwrap_or_default();
+        if let Some(dev) = device_of(&dir) {
+            if !seen.contains(&dev) {
+                seen.push(dev);
+                spaces.push(free_space(&dir)?);
+            }
+        }
+    }
+    Ok(spaces)
+}
+
 /// Where the overlay of `disk_source` goes.
 fn overlay_path(opts: &Options, vm: &str, target: &str, source: &str, id: &str) -> PathBuf {
     let dir = match &opts.overlay_dir {
@@ -156,7 +172,7 @@ pub fn survey(lv: &Libvirt, name: &str, repo_dir: &Path, opts: &Options) -> Resu
         inactive_xml.clone()
     })?;
     let mut disks = Vec::new();
-    let mut overlay_devs: Vec<(u64, PathBuf)> = Vec::new();
+    let mut overlays = Vec::new();
     for d in &spec.disks {
         let mut f = DiskFacts {
             target: d.target.clone(),
@@ -173,21 +189,12 @@ pub fn survey(lv: &Libvirt, name: &str, repo_dir: &Path, opts: &Options) -> Resu
             f.virtual_size = info.virtual_size;
             f.allocated_size = info.actual_size;
             if running {
-                let ov = overlay_path(opts, name, &d.target, src, "x");
-                let dir = ov.parent().map(Path::to_path_buf).unwrap_or_default();
-                if let Some(dev) = device_of(&dir) {
-                    if !overlay_devs.iter().any(|(d, _)| *d == dev) {
-                        overlay_devs.push((dev, dir));
-                    }
-                }
+                overlays.push(overlay_path(opts, name, &d.target, src, "x"));
             }
         }
         disks.push(f);
     }
-    let mut overlay_spaces = Vec::new();
-    for (_, dir) in &overlay_devs {
-        overlay_spaces.push(free_space(dir)?);
-    }
+    let overlay_spaces = overlay_spaces(overlays)?;
     let facts = Facts {
         vm: name.to_string(),
         memory_bytes: spec.memory_bytes,
@@ -553,18 +560,11 @@ pub fn backup_qemu(
     }
     let mut work = Vec::new();
     let id = new_backup_id(name, jiff::Timestamp::now().as_second().max(0) as u64);
-    let mut overlay_dirs: Vec<(u64, PathBuf)> = Vec::new();
     for (d, f) in qdisks.iter().zip(&disks) {
         if !matches!(preflight::disk_rule(f), Ok(None)) {
             continue;
         }
         let ov = overlay_path(opts, name, &d.device, &d.file, &id);
-        let dir = ov.parent().map(Path::to_path_buf).unwrap_or_default();
-        if let Some(dev) = device_of(&dir) {
-            if !overlay_dirs.iter().any(|(x, _)| *x == dev) {
-                overlay_dirs.push((dev, dir));
-            }
-        }
         work.push((
             d.node_name.clone(),
             Work {
@@ -575,10 +575,10 @@ pub fn backup_qemu(
             },
         ));
     }
-    let mut overlay_spaces = Vec::new();
-    for (_, dir) in &overlay_dirs {
-        overlay_spaces.push(free_space(dir)?);
-    }
+    let overlay_spaces = overlay_spaces(
+        work.iter()
+            .filter_map(|(_, w): &(String, Work)| w.overlay.clone()),
+    )?;
     let facts = Facts {
         vm: label.clone(),
         memory_bytes: memory,

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use vmbackup::hypervisor::vm::VmSpec;
 use vmbackup::repository::disk::{restore_disk, DiskIndex};
 use vmbackup::repository::Repository;
-use vmbackup::testvm::{self, DiskSpec, Format, TestVm, TestVmBuilder};
+use vmbackup::testvm::{self, Format, TestVm, TestVmBuilder};
 
 fn disk_sources(xml: &str) -> Vec<String> {
     VmSpec::from_xml(xml)
@@ -265,19 +265,9 @@ fn too_little_room_for_overlays_is_refused_and_the_vm_keeps_running_unchanged() 
 
 #[test]
 fn a_repository_too_small_for_the_data_is_refused() {
-    let fill = tempfile::tempdir_in("/var/tmp").unwrap();
-    let random: Vec<u8> = (0..24 * MIB as usize)
-        .map(|i| ((i as u64).wrapping_mul(6364136223846793005) >> 57) as u8 ^ (i >> 12) as u8)
-        .collect();
-    std::fs::write(fill.path().join("data"), random).unwrap();
+    let (_fill, spec) = filled_disk("vdb", 128 * MIB, 24);
     let vm = TestVmBuilder::new("bk-reposize")
-        .disk_spec(DiskSpec {
-            target: "vdb".into(),
-            format: Format::Qcow2,
-            size: 128 * MIB,
-            ext4: true,
-            fill_from: Some(fill.path().to_path_buf()),
-        })
+        .disk_spec(spec)
         .define()
         .unwrap();
     let place = Place::new();
@@ -382,19 +372,9 @@ fn an_agent_that_does_not_answer_does_not_hold_the_backup_past_the_freeze_deadli
 
 #[test]
 fn a_second_backup_of_an_unchanged_vm_adds_under_one_percent() {
-    let fill = tempfile::tempdir_in("/var/tmp").unwrap();
-    let data: Vec<u8> = (0..48 * MIB as usize)
-        .map(|i| ((i as u64).wrapping_mul(0x9E3779B97F4A7C15) >> 56) as u8 ^ (i >> 9) as u8)
-        .collect();
-    std::fs::write(fill.path().join("data"), data).unwrap();
+    let (_fill, spec) = filled_disk("vdb", 256 * MIB, 48);
     let vm = TestVmBuilder::new("bk-dedup")
-        .disk_spec(DiskSpec {
-            target: "vdb".into(),
-            format: Format::Qcow2,
-            size: 256 * MIB,
-            ext4: true,
-            fill_from: Some(fill.path().to_path_buf()),
-        })
+        .disk_spec(spec)
         .disk("vdc", Format::Raw, 64 * MIB)
         .start()
         .expect("guest boots");

@@ -71,6 +71,34 @@ pub fn vmbackup_at(repo: &Path, state: &Path, args: &[&str]) -> Run {
     }
 }
 
+/// A qcow2 data disk whose ext4 filesystem holds `data_mib` MiB of incompressible bytes in
+/// `/data`. Keep the returned folder alive until the VM is defined.
+pub fn filled_disk(
+    target: &str,
+    size: u64,
+    data_mib: u64,
+) -> (tempfile::TempDir, vmbackup::testvm::DiskSpec) {
+    let fill = tempfile::tempdir_in("/var/tmp").expect("temporary folder");
+    let mut x: u64 = 0x9E3779B97F4A7C15 ^ data_mib;
+    let data: Vec<u8> = (0..data_mib * MIB)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    std::fs::write(fill.path().join("data"), data).expect("write fill data");
+    let spec = vmbackup::testvm::DiskSpec {
+        target: target.into(),
+        format: vmbackup::testvm::Format::Qcow2,
+        size,
+        ext4: true,
+        fill_from: Some(fill.path().to_path_buf()),
+    };
+    (fill, spec)
+}
+
 /// Reads a file out of an ext4 image on the host, without mounting it.
 pub fn read_from_ext4(image: &Path, path: &str) -> Vec<u8> {
     let out = Command::new("debugfs")
