@@ -259,6 +259,12 @@ pub fn lock_vm(state_dir: &Path, name: &str) -> Result<VmLock> {
     }
 }
 
+/// The repository's shared lock, so that no gc runs while this backup writes.
+fn lock_repo(repo: &Repository) -> Result<crate::repository::maintain::RepoLock> {
+    repo.lock_for_backup()?
+        .ok_or_else(|| Error::Busy("a gc of the repository is running".into()))
+}
+
 /// Keeps QEMU from opening an image for writing while it is read: QEMU's own image locking
 /// refuses the write permission while another process holds a shared lock on byte 201
 /// ("write is not shared"). Released when dropped.
@@ -343,6 +349,7 @@ pub fn backup(
         return Err(Error::Refused(Box::new(report)));
     }
     let _lock = lock_vm(state_dir, name)?;
+    let _repo_lock = lock_repo(repo)?;
     check_interrupted()?;
     let id = new_backup_id(name, jiff::Timestamp::now().as_second().max(0) as u64);
     let dom = &subject.dom;
@@ -602,6 +609,7 @@ pub fn backup_qemu(
         return Err(Error::Refused(Box::new(report)));
     }
     let _lock = lock_vm(state_dir, &format!("qemu-{name}"))?;
+    let _repo_lock = lock_repo(repo)?;
     check_interrupted()?;
     let guest_ifs = if agent {
         q.guest_interfaces().unwrap_or_default()

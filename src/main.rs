@@ -268,6 +268,66 @@ fn cmd_show(cfg: &Config, id: &str) -> anyhow::Result<Output> {
     })
 }
 
+fn cmd_delete(cfg: &Config, id: &str) -> anyhow::Result<Output> {
+    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    repo.delete(id).map_err(vmbackup::Error::from)?;
+    Ok(Output {
+        json: json!({"ok": true, "deleted": id}),
+        text: format!("deleted {id} (its chunks are freed by gc)\n"),
+        code: exit::OK,
+    })
+}
+
+fn cmd_verify(cfg: &Config, ids: &[String]) -> anyhow::Result<Output> {
+    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    let ids: Vec<String> = if ids.is_empty() {
+        repo.list()
+            .map_err(vmbackup::Error::from)?
+            .into_iter()
+            .map(|m| m.id)
+            .collect()
+    } else {
+        ids.to_vec()
+    };
+    let mut results = Vec::new();
+    let mut text = String::new();
+    for id in &ids {
+        let v = repo.verify(id).map_err(vmbackup::Error::from)?;
+        if v.ok {
+            text.push_str(&format!("{id}: ok ({} chunks)\n", v.chunks));
+        } else {
+            text.push_str(&format!("{id}: DAMAGED\n"));
+            for d in &v.damaged {
+                text.push_str(&format!("  {d}\n"));
+            }
+        }
+        results.push(v);
+    }
+    let ok = results.iter().all(|v| v.ok);
+    Ok(Output {
+        json: json!({"ok": ok, "backups": results}),
+        text,
+        code: if ok { exit::OK } else { exit::FAILED },
+    })
+}
+
+fn cmd_gc(cfg: &Config) -> anyhow::Result<Output> {
+    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    match repo.gc().map_err(vmbackup::Error::from)? {
+        Some(c) => Ok(Output {
+            text: format!(
+                "removed {} chunks ({}), kept {}\n",
+                c.removed_chunks,
+                human_bytes(c.removed_bytes),
+                c.kept_chunks
+            ),
+            json: json!({"ok": true, "gc": c}),
+            code: exit::OK,
+        }),
+        None => Err(vmbackup::Error::Busy("a backup is writing to the repository".into()).into()),
+    }
+}
+
 fn run(cli: cli::Cli) -> anyhow::Result<Output> {
     let file = FileConfig::load(cli.global.config.as_deref())?;
     let cfg = Config::resolve(cli.global.overrides(), file)?;
@@ -277,6 +337,9 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
         C::Backup { domains, quiesce } => cmd_backup(&cfg, domains, *quiesce),
         C::List { domain } => cmd_list(&cfg, domain.as_deref()),
         C::Show { id } => cmd_show(&cfg, id).with_context(|| format!("show {id}")),
+        C::Delete { id } => cmd_delete(&cfg, id).with_context(|| format!("delete {id}")),
+        C::Verify { ids } => cmd_verify(&cfg, ids),
+        C::Gc => cmd_gc(&cfg),
         other => Err(vmbackup::Error::NotImplemented(other.name()).into()),
     }
 }

@@ -223,11 +223,13 @@ pub fn restore_disk(
     file.sync_all().map_err(io("sync"))
 }
 
-/// The digests of the chunks of `index` that are missing or damaged.
+/// The digests of the distinct chunks of `index` that are missing or damaged.
 pub fn verify_disk(repo: &Repository, index: &DiskIndex) -> Result<Vec<String>> {
     let chunks = ChunkStore::new(repo.store());
     let mut bad = Vec::new();
-    for d in index.chunks.iter().flatten() {
+    let mut seen = std::collections::HashSet::new();
+    // Each distinct chunk once, however often the disk uses it.
+    for d in index.chunks.iter().flatten().filter(|d| seen.insert(**d)) {
         match chunks.get(d) {
             Ok(_) => {}
             Err(RepoError::Corrupt { .. }) | Err(RepoError::NotFound(_)) => bad.push(chunk::hex(d)),

@@ -3,6 +3,7 @@
 
 pub mod chunk;
 pub mod disk;
+pub mod maintain;
 pub mod manifest;
 pub mod storage;
 
@@ -50,7 +51,7 @@ pub struct Repository {
     store: Box<dyn ObjectStore>,
 }
 
-fn manifest_name(id: &str) -> String {
+pub(crate) fn manifest_name(id: &str) -> String {
     format!("backups/{id}/manifest.json")
 }
 

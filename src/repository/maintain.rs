@@ -1,0 +1,254 @@
+//! Image management: delete a backup, verify backups against their digests, and collect the
+//! chunks no backup references. Garbage collection excludes running backups through the
+//! repository lock: backups hold it shared, gc exclusive.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::chunk::{self, Digest};
+use super::disk::{verify_disk, DiskIndex};
+use super::{manifest_name, RepoError, Repository, Result};
+
+/// The repository lock, released when dropped.
+pub struct RepoLock {
+    _lock: nix::fcntl::Flock<File>,
+}
+
+fn lock(repo: &Repository, exclusive: bool) -> Result<Option<RepoLock>> {
+    use nix::fcntl::{Flock, FlockArg};
+    let path = repo.path().join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| RepoError::Io {
+            what: "open lock",
+            path: path.clone(),
+            source,
+        })?;
+    let arg = if exclusive {
+        FlockArg::LockExclusiveNonblock
+    } else {
+        FlockArg::LockSharedNonblock
+    };
+    match Flock::lock(file, arg) {
+        Ok(l) => Ok(Some(RepoLock { _lock: l })),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(RepoError::Io {
+            what: "lock",
+            path,
+            source: std::io::Error::from_raw_os_error(e as i32),
+        }),
+    }
+}
+
+impl Repository {
+    /// Held by every backup while it writes: gc waits for none and runs only without them.
+    /// `None` while a gc runs.
+    pub fn lock_for_backup(&self) -> Result<Option<RepoLock>> {
+        lock(self, false)
+    }
+
+    /// Deletes backup `id`: its manifest first (it disappears from lists at once), then the
+    /// rest of its objects. Its chunks stay until `gc`.
+    pub fn delete(&self, id: &str) -> Result<()> {
+        let m = self.load(id)?;
+        self.store().delete(&manifest_name(&m.id))?;
+        for name in self.store().list(&format!("backups/{}/", m.id))? {
+            self.store().delete(&name)?;
+        }
+        Ok(())
+    }
+
+    /// Re-reads every chunk of backup `id` and checks it against its digest.
+    pub fn verify(&self, id: &str) -> Result<Verified> {
+        let m = self.load(id)?;
+        let mut damaged = Vec::new();
+        let mut chunks = 0;
+        for d in &m.disks {
+            let index = match self
+                .store()
+                .get(&d.index_object)
+                .and_then(|b| DiskIndex::decode(&b))
+            {
+                Ok(i) => i,
+                Err(_) => {
+                    damaged.push(format!("{}: index {}", d.target, d.index_object));
+                    continue;
+                }
+            };
+            chunks += index.chunks.iter().flatten().count();
+            for digest in verify_disk(self, &index)? {
+                damaged.push(format!("{}: chunk {digest}", d.target));
+            }
+        }
+        Ok(Verified {
+            id: m.id,
+            vm: m.vm_name,
+            ok: damaged.is_empty(),
+            chunks,
+            damaged,
+        })
+    }
+
+    /// Removes the chunks no published backup references. Runs only while no backup holds
+    /// the repository lock (`Ok(None)` otherwise: busy).
+    pub fn gc(&self) -> Result<Option<Collected>> {
+        let Some(_lock) = lock(self, true)? else {
+            return Ok(None);
+        };
+        let mut live: HashSet<Digest> = HashSet::new();
+        for m in self.list()? {
+            for d in &m.disks {
+                let index = DiskIndex::decode(&self.store().get(&d.index_object)?)?;
+                live.extend(index.chunks.iter().flatten().copied());
+            }
+        }
+        let live: HashSet<String> = live.iter().map(chunk::object_name).collect();
+        let (mut removed, mut bytes) = (0u64, 0u64);
+        for name in self.store().list("chunks/")? {
+            if !live.contains(&name) {
+                bytes += std::fs::metadata(self.path().join(&name))
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                self.store().delete(&name)?;
+                removed += 1;
+            }
+        }
+        Ok(Some(Collected {
+            removed_chunks: removed,
+            removed_bytes: bytes,
+            kept_chunks: live.len() as u64,
+        }))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verified {
+    pub id: String,
+    pub vm: String,
+    pub ok: bool,
+    pub chunks: usize,
+    /// What is damaged or missing, one line each.
+    pub damaged: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Collected {
+    pub removed_chunks: u64,
+    pub removed_bytes: u64,
+    pub kept_chunks: u64,
+}
+
+/// Whether `path` is a repository (has its config file).
+pub fn is_repository(path: &Path) -> bool {
+    path.join("config.json").is_file()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::ImageReader;
+    use crate::repository::disk::backup_disk;
+    use crate::repository::manifest::{DiskEntry, Manifest};
+    use std::process::Command;
+
+    fn image(dir: &Path, name: &str, pattern: &str) -> std::path::PathBuf {
+        let p = dir.join(name);
+        let s = p.to_str().unwrap();
+        assert!(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", s, "8M"])
+            .status()
+            .unwrap()
+            .success());
+        let w = format!("write -P {pattern} 0 2M");
+        assert!(Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", &w, s])
+            .status()
+            .unwrap()
+            .success());
+        p
+    }
+
+    fn back_up(repo: &Repository, id: &str, img: &Path) {
+        let reader = ImageReader::open(img, "qcow2").unwrap();
+        let b = backup_disk(repo, &reader, 1 << 20, 2, &|_, _| {}).unwrap();
+        let index_object = repo.put_index(id, "vda", &b.index).unwrap();
+        repo.publish(&Manifest {
+            format_version: 1,
+            id: id.into(),
+            vm_name: "vm".into(),
+            vm_uuid: "u".into(),
+            started_at: format!("2026-01-01T00:00:0{}Z", id.len()),
+            ended_at: String::new(),
+            consistency: "application".into(),
+            consistency_reason: None,
+            freeze_ms: None,
+            vcpus: 1,
+            memory_bytes: 1,
+            disks: vec![DiskEntry {
+                target: "vda".into(),
+                format: "qcow2".into(),
+                virtual_size: 8 << 20,
+                allocated_size: 0,
+                source: img.to_string_lossy().into_owned(),
+                chunk_size: 1 << 20,
+                index_object,
+                logical_bytes: b.logical_bytes,
+                stored_bytes: b.stored_bytes_new,
+            }],
+            nics: vec![],
+            domain_xml_object: String::new(),
+            schedule: None,
+            stored_bytes: b.stored_bytes_new,
+            logical_bytes: b.logical_bytes,
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn verify_names_the_damaged_backup_delete_and_gc_free_only_unreferenced_chunks() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = Repository::open(&d.path().join("repo")).unwrap();
+        let a = image(d.path(), "a.qcow2", "0x11");
+        let b = image(d.path(), "b.qcow2", "0x22");
+        back_up(&repo, "a1", &a);
+        back_up(&repo, "b1", &b);
+        assert!(repo.verify("a1").unwrap().ok);
+        assert_eq!(repo.verify("a1").unwrap().chunks, 2);
+
+        // Damage b's chunk: only b1 is named.
+        let chunks = repo.store().list("chunks/").unwrap();
+        assert_eq!(chunks.len(), 2);
+        let data = DiskIndex::decode(&repo.store().get("backups/b1/vda.index").unwrap()).unwrap();
+        let name = chunk::object_name(data.chunks[0].as_ref().unwrap());
+        let path = d.path().join("repo").join(&name);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[20] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+        assert!(repo.verify("a1").unwrap().ok);
+        let v = repo.verify("b1").unwrap();
+        assert!(!v.ok);
+        assert_eq!(v.damaged.len(), 1);
+
+        // gc keeps what is referenced; after deleting b1, its chunk goes.
+        assert_eq!(repo.gc().unwrap().unwrap().removed_chunks, 0);
+        repo.delete("b1").unwrap();
+        assert!(matches!(repo.load("b1"), Err(RepoError::NotFound(_))));
+        assert!(repo.store().list("backups/b1/").unwrap().is_empty());
+        let c = repo.gc().unwrap().unwrap();
+        assert_eq!((c.removed_chunks, c.kept_chunks), (1, 1));
+        assert!(repo.verify("a1").unwrap().ok);
+
+        // gc refuses while a backup holds the lock.
+        let held = repo.lock_for_backup().unwrap().unwrap();
+        assert!(repo.gc().unwrap().is_none());
+        drop(held);
+        assert!(repo.gc().unwrap().is_some());
+        assert!(matches!(repo.delete("nope"), Err(RepoError::NotFound(_))));
+    }
+}
