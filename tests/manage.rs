@@ -78,7 +78,7 @@ fn verify_names_the_damaged_backup_and_delete_then_gc_free_its_chunks() {
         .iter()
         .map(|x| x["id"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(ids, [ida.clone()]);
+    assert_eq!(ids, std::slice::from_ref(&ida));
     let g = vmbackup(&place, &["gc"]);
     assert_eq!(g.code, 0, "{}", g.stderr);
     assert_eq!(
