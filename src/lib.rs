@@ -13,6 +13,7 @@ pub mod image;
 pub mod names;
 pub mod preflight;
 pub mod repository;
+pub mod restore;
 pub mod testqemu;
 pub mod testvm;
 

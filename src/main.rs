@@ -268,6 +268,30 @@ fn cmd_show(cfg: &Config, id: &str) -> anyhow::Result<Output> {
     })
 }
 
+fn cmd_restore(cfg: &Config, id: &str, power_off: bool) -> anyhow::Result<Output> {
+    let lv = Libvirt::open(&cfg.connect)?;
+    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    let progress = Progress::new();
+    let opts = vmbackup::restore::Options {
+        power_off,
+        shutdown_timeout: Duration::from_secs(60),
+        threads: cfg.backup.threads,
+    };
+    let r = vmbackup::restore::restore(&lv, &repo, &cfg.state_dir, id, &opts, &|l, d, t| {
+        progress.show(l, d, t)
+    })?;
+    Ok(Output {
+        text: format!(
+            "restored {} onto {} ({}); it is powered off\n",
+            r.id,
+            r.vm,
+            r.disks.join(", ")
+        ),
+        json: json!({"ok": true, "restore": r}),
+        code: exit::OK,
+    })
+}
+
 fn cmd_delete(cfg: &Config, id: &str) -> anyhow::Result<Output> {
     let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
     repo.delete(id).map_err(vmbackup::Error::from)?;
@@ -337,6 +361,12 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
         C::Backup { domains, quiesce } => cmd_backup(&cfg, domains, *quiesce),
         C::List { domain } => cmd_list(&cfg, domain.as_deref()),
         C::Show { id } => cmd_show(&cfg, id).with_context(|| format!("show {id}")),
+        C::Restore {
+            id,
+            as_name: None,
+            power_off,
+            ..
+        } => cmd_restore(&cfg, id, *power_off).with_context(|| format!("restore {id}")),
         C::Delete { id } => cmd_delete(&cfg, id).with_context(|| format!("delete {id}")),
         C::Verify { ids } => cmd_verify(&cfg, ids),
         C::Gc => cmd_gc(&cfg),

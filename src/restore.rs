@@ -1,0 +1,218 @@
+//! Restore a backup onto its original VM: the VM is left powered off, redefined from the
+//! backup's saved domain XML (so vCPUs, memory, disks and vNICs with their MACs are the
+//! originals), with every disk written back from the repository.
+//!
+//! Order, so that a refused or failed restore changes nothing: checks first (the VM is off,
+//! or `--power-off` was given; no other VM uses one of the backup's MACs); then every disk is
+//! written into a temporary file beside its image, each chunk checked against its digest;
+//! only when all disks are written are the images replaced (rename) and the domain redefined.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::backup::lock_vm;
+use crate::error::{Error, Result};
+use crate::hypervisor::libvirt::{Libvirt, PowerState};
+use crate::hypervisor::vm::VmSpec;
+use crate::preflight::{Check, Report};
+use crate::repository::disk::{restore_disk, DiskIndex};
+use crate::repository::Repository;
+
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Shut a running VM down first (gracefully, then forced after `shutdown_timeout`).
+    pub power_off: bool,
+    pub shutdown_timeout: Duration,
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Restored {
+    pub id: String,
+    pub vm: String,
+    pub disks: Vec<String>,
+    pub duration_ms: u64,
+}
+
+/// Temporary files of a restore, removed unless they were moved into place.
+struct Temps(Vec<PathBuf>);
+
+impl Drop for Temps {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn refuse(vm: &str, name: &str, message: String) -> Error {
+    Error::Refused(Box::new(Report {
+        vm: vm.to_string(),
+        ok: false,
+        checks: vec![Check {
+            name: name.to_string(),
+            ok: false,
+            found: 0,
+            limit: 0,
+            message,
+        }],
+        skipped_disks: vec![],
+        disks: vec![],
+    }))
+}
+
+/// The MACs of the backup that another defined VM uses: `(mac, other VM)`.
+fn mac_conflicts(lv: &Libvirt, own_uuid: &str, macs: &[String]) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for name in lv.domain_names()? {
+        let Some(dom) = lv.find_domain(&name)? else {
+            continue;
+        };
+        let spec = VmSpec::from_xml(&dom.inactive_xml()?)?;
+        if spec.uuid == own_uuid {
+            continue;
+        }
+        for n in &spec.nics {
+            if let Some(m) = &n.mac {
+                if macs.contains(m) {
+                    out.push((m.clone(), name.clone()));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Restores backup `id` onto its original VM (found by UUID, else by name; recreated from the
+/// saved XML when it no longer exists but its disks' folders do).
+pub fn restore(
+    lv: &Libvirt,
+    repo: &Repository,
+    state_dir: &Path,
+    id: &str,
+    opts: &Options,
+    progress: &(dyn Fn(&str, u64, u64) + Sync),
+) -> Result<Restored> {
+    let started = Instant::now();
+    let m = repo.load(id)?;
+    let xml = repo.get_domain_xml(id)?;
+    let saved = VmSpec::from_xml(&xml)?;
+    let _lock = lock_vm(state_dir, &m.vm_name)?;
+    let dom = lv.find_domain(&m.vm_name)?;
+
+    if let Some(d) = &dom {
+        if d.state()? != PowerState::ShutOff && !opts.power_off {
+            return Err(Error::Busy(format!(
+                "{} is running; shut it down or give --power-off",
+                m.vm_name
+            )));
+        }
+    }
+    let macs: Vec<String> = saved.nics.iter().filter_map(|n| n.mac.clone()).collect();
+    let conflicts = mac_conflicts(lv, &saved.uuid, &macs)?;
+    if !conflicts.is_empty() {
+        let list: Vec<String> = conflicts
+            .iter()
+            .map(|(mac, vm)| format!("{mac} is used by {vm}"))
+            .collect();
+        return Err(refuse(
+            &m.vm_name,
+            "mac-conflict",
+            format!("MAC address conflict: {}", list.join(", ")),
+        ));
+    }
+
+    // Every disk into a temporary file beside its image; chunks are checked while read.
+    let mut temps = Temps(Vec::new());
+    let mut moves: Vec<(PathBuf, PathBuf)> = Vec::new();
+    for d in &m.disks {
+        let target = PathBuf::from(&d.source);
+        let dir = target
+            .parent()
+            .ok_or_else(|| Error::Command {
+                program: "restore".into(),
+                detail: format!("{} has no folder", d.source),
+            })?
+            .to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create folder", &dir, e))?;
+        let raw = dir.join(format!(
+            ".{}.vmbackup-restore-{}.raw",
+            d.target,
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&raw);
+        temps.0.push(raw.clone());
+        let index = DiskIndex::decode(&repo.store().get(&d.index_object)?)?;
+        let label = format!("restore {} {}", m.vm_name, d.target);
+        restore_disk(repo, &index, &raw, opts.threads.max(1), &|a, b| {
+            progress(&label, a, b)
+        })?;
+        let ready = if d.format == "raw" {
+            raw.clone()
+        } else {
+            let conv = dir.join(format!(
+                ".{}.vmbackup-restore-{}.{}",
+                d.target,
+                std::process::id(),
+                d.format
+            ));
+            let _ = std::fs::remove_file(&conv);
+            temps.0.push(conv.clone());
+            let out = std::process::Command::new("qemu-img")
+                .args(["convert", "-q", "-f", "raw", "-O", &d.format])
+                .arg(&raw)
+                .arg(&conv)
+                .output()
+                .map_err(|e| Error::Command {
+                    program: "qemu-img convert".into(),
+                    detail: e.to_string(),
+                })?;
+            if !out.status.success() {
+                return Err(Error::Command {
+                    program: "qemu-img convert".into(),
+                    detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                });
+            }
+            conv
+        };
+        moves.push((ready, target));
+    }
+
+    // All disks are written and checked: now the VM may change.
+    if let Some(d) = &dom {
+        if d.state()? != PowerState::ShutOff {
+            power_off(d, opts.shutdown_timeout)?;
+        }
+    }
+    for (from, to) in &moves {
+        std::fs::rename(from, to).map_err(|e| Error::io("replace disk", to, e))?;
+    }
+    lv.define(&xml)?;
+    tracing::info!(vm = %m.vm_name, id, "restored; the VM is left powered off");
+    Ok(Restored {
+        id: id.to_string(),
+        vm: m.vm_name.clone(),
+        disks: m.disks.iter().map(|d| d.target.clone()).collect(),
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Shuts a domain down through its agent, then forcibly after `timeout`.
+fn power_off(d: &crate::hypervisor::libvirt::Dom, timeout: Duration) -> Result<()> {
+    let _ = d.agent_command(
+        &serde_json::json!({"execute": "guest-shutdown", "arguments": {"mode": "powerdown"}}),
+        Duration::from_secs(5),
+    );
+    let start = Instant::now();
+    while d.is_active()? {
+        if start.elapsed() > timeout {
+            tracing::warn!(vm = d.name(), "graceful shutdown timed out; powering off");
+            d.destroy()?;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! `vmbackup restore` onto the original VM, against real libvirt domains and guests.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use vmbackup::hypervisor::vm::VmSpec;
+use vmbackup::testvm::{Format, TestVm, TestVmBuilder};
+
+fn virsh(args: &[&str]) {
+    let out = Command::new("virsh")
+        .arg("-c")
+        .arg("qemu:///system")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "virsh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn spec(vm: &TestVm) -> VmSpec {
+    VmSpec::from_xml(&vm.dom().inactive_xml().unwrap()).unwrap()
+}
+
+fn disk_digest(vm: &TestVm) -> String {
+    vmbackup::digest::sha256_hex(&std::fs::read(&vm.disk_paths()[0]).unwrap())
+}
+
+#[test]
+fn restore_brings_back_the_data_vcpus_memory_and_mac_and_leaves_the_vm_off() {
+    let mac = "52:54:00:4e:11:01";
+    let vm = TestVmBuilder::new("rs-round")
+        .vcpus(1)
+        .memory_mib(256)
+        .mac(mac)
+        .disk("vdb", Format::Qcow2, 128 * MIB)
+        .start()
+        .expect("guest boots");
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    vm.write_file("/mnt/vdb/data", &payload).unwrap();
+    let place = Place::new();
+    let b = vmbackup(&place, &["backup", vm.name(), "--quiesce", "required"]);
+    assert_eq!(b.code, 0, "{}", b.stderr);
+    let id = b.json["results"][0]["backup"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Change the data, and the vCPUs, memory and MAC of the definition.
+    vm.write_file("/mnt/vdb/data", b"changed after the backup")
+        .unwrap();
+    virsh(&["setvcpus", vm.name(), "2", "--config", "--maximum"]);
+    virsh(&["setvcpus", vm.name(), "2", "--config"]);
+    virsh(&["setmaxmem", vm.name(), "393216", "--config"]);
+    virsh(&["setmem", vm.name(), "393216", "--config"]);
+    let altered = vm
+        .dom()
+        .inactive_xml()
+        .unwrap()
+        .replace(mac, "52:54:00:4e:11:99");
+    vm.libvirt().define(&altered).unwrap();
+    let s = spec(&vm);
+    assert_eq!((s.vcpus, s.memory_bytes), (2, 384 * MIB));
+
+    // Running, without --power-off: refused, nothing changed.
+    let before = vm.dom().inactive_xml().unwrap();
+    let r = vmbackup(&place, &["restore", &id]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert_eq!(vm.dom().inactive_xml().unwrap(), before);
+    assert_eq!(
+        vm.read_file("/mnt/vdb/data").unwrap(),
+        b"changed after the backup"
+    );
+
+    let r = vmbackup(&place, &["restore", &id, "--power-off"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!vm.dom().is_active().unwrap(), "the VM was left running");
+    let s = spec(&vm);
+    assert_eq!(s.vcpus, 1);
+    assert_eq!(s.memory_bytes, 256 * MIB);
+    assert_eq!(s.nics[0].mac.as_deref(), Some(mac));
+
+    vm.dom().start().unwrap();
+    vm.wait_agent(Duration::from_secs(180)).unwrap();
+    assert!(
+        vm.read_file("/mnt/vdb/data").unwrap() == payload,
+        "the guest does not read the backup's data"
+    );
+}
+
+#[test]
+fn restore_is_refused_while_a_backup_of_the_vm_runs() {
+    let vm = TestVmBuilder::new("rs-busy")
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .define()
+        .unwrap();
+    let place = Place::new();
+    let b = vmbackup(&place, &["backup", vm.name()]);
+    assert_eq!(b.code, 0, "{}", b.stderr);
+    let id = b.json["results"][0]["backup"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let digest = disk_digest(&vm);
+    // A backup of the VM holds this lock for its whole run.
+    let held = vmbackup::backup::lock_vm(&place.state(), vm.name()).unwrap();
+    let r = vmbackup(&place, &["restore", &id]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    // And a backup is refused while a restore (or backup) holds it.
+    assert_eq!(vmbackup(&place, &["backup", vm.name()]).code, 4);
+    drop(held);
+    assert_eq!(disk_digest(&vm), digest);
+    assert_eq!(vmbackup(&place, &["restore", &id]).code, 0);
+}
+
+#[test]
+fn a_corrupt_chunk_makes_restore_refuse_and_leaves_the_disks_untouched() {
+    let (_fill, d) = filled_disk("vdb", 64 * MIB, 6);
+    let vm = TestVmBuilder::new("rs-corrupt")
+        .disk_spec(d)
+        .define()
+        .unwrap();
+    let place = Place::new();
+    let b = vmbackup(&place, &["backup", vm.name()]);
+    assert_eq!(b.code, 0, "{}", b.stderr);
+    let id = b.json["results"][0]["backup"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let chunks = vmbackup::repository::Repository::open(&place.repo())
+        .unwrap()
+        .store()
+        .list("chunks/")
+        .unwrap();
+    let path = place.repo().join(&chunks[chunks.len() / 2]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = bytes.len() - 100;
+    bytes[n] ^= 0x01;
+    std::fs::write(&path, bytes).unwrap();
+
+    let v = vmbackup(&place, &["verify", &id]);
+    assert_eq!(v.code, 1);
+    let digest = disk_digest(&vm);
+    let xml = vm.dom().inactive_xml().unwrap();
+    let r = vmbackup(&place, &["restore", &id]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.json["error"].as_str().unwrap().contains("damaged"),
+        "{}",
+        r.json
+    );
+    assert_eq!(disk_digest(&vm), digest, "the VM's disk was changed");
+    assert_eq!(vm.dom().inactive_xml().unwrap(), xml);
+    assert_eq!(
+        files_in(vm.dir()),
+        ["vdb.qcow2"],
+        "temporary files were left"
+    );
+}
+
+#[test]
+fn a_mac_used_by_another_vm_is_refused() {
+    let mac = "52:54:00:4e:22:01";
+    let vm = TestVmBuilder::new("rs-mac")
+        .mac(mac)
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .define()
+        .unwrap();
+    let place = Place::new();
+    let b = vmbackup(&place, &["backup", vm.name()]);
+    assert_eq!(b.code, 0, "{}", b.stderr);
+    let id = b.json["results"][0]["backup"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let _other = TestVmBuilder::new("rs-mac-other")
+        .mac(mac)
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .define()
+        .unwrap();
+    let digest = disk_digest(&vm);
+    let r = vmbackup(&place, &["restore", &id]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(
+        r.json["error"].as_str().unwrap().contains(mac),
+        "{}",
+        r.json
+    );
+    assert_eq!(disk_digest(&vm), digest);
+}
