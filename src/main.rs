@@ -268,7 +268,13 @@ fn cmd_show(cfg: &Config, id: &str) -> anyhow::Result<Output> {
     })
 }
 
-fn cmd_restore(cfg: &Config, id: &str, power_off: bool) -> anyhow::Result<Output> {
+fn cmd_restore(
+    cfg: &Config,
+    id: &str,
+    power_off: bool,
+    as_name: Option<&str>,
+    new_macs: bool,
+) -> anyhow::Result<Output> {
     let lv = Libvirt::open(&cfg.connect)?;
     let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
     let progress = Progress::new();
@@ -276,6 +282,8 @@ fn cmd_restore(cfg: &Config, id: &str, power_off: bool) -> anyhow::Result<Output
         power_off,
         shutdown_timeout: Duration::from_secs(60),
         threads: cfg.backup.threads,
+        as_name: as_name.map(str::to_string),
+        new_macs,
     };
     let r = vmbackup::restore::restore(&lv, &repo, &cfg.state_dir, id, &opts, &|l, d, t| {
         progress.show(l, d, t)
@@ -363,10 +371,11 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
         C::Show { id } => cmd_show(&cfg, id).with_context(|| format!("show {id}")),
         C::Restore {
             id,
-            as_name: None,
+            as_name,
             power_off,
-            ..
-        } => cmd_restore(&cfg, id, *power_off).with_context(|| format!("restore {id}")),
+            new_macs,
+        } => cmd_restore(&cfg, id, *power_off, as_name.as_deref(), *new_macs)
+            .with_context(|| format!("restore {id}")),
         C::Delete { id } => cmd_delete(&cfg, id).with_context(|| format!("delete {id}")),
         C::Verify { ids } => cmd_verify(&cfg, ids),
         C::Gc => cmd_gc(&cfg),

@@ -16,6 +16,7 @@ use crate::backup::lock_vm;
 use crate::error::{Error, Result};
 use crate::hypervisor::libvirt::{Libvirt, PowerState};
 use crate::hypervisor::vm::VmSpec;
+use crate::hypervisor::xml_edit;
 use crate::preflight::{Check, Report};
 use crate::repository::disk::{restore_disk, DiskIndex};
 use crate::repository::Repository;
@@ -26,6 +27,10 @@ pub struct Options {
     pub power_off: bool,
     pub shutdown_timeout: Duration,
     pub threads: usize,
+    /// Recreate the VM under this name, with a new UUID and new disk paths.
+    pub as_name: Option<String>,
+    /// With `as_name`: give the vNICs new MACs when another VM uses the recorded ones.
+    pub new_macs: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -97,38 +102,85 @@ pub fn restore(
 ) -> Result<Restored> {
     let started = Instant::now();
     let m = repo.load(id)?;
-    let xml = repo.get_domain_xml(id)?;
+    let mut xml = repo.get_domain_xml(id)?;
     let saved = VmSpec::from_xml(&xml)?;
-    let _lock = lock_vm(state_dir, &m.vm_name)?;
-    let dom = lv.find_domain(&m.vm_name)?;
+    let name = opts.as_name.clone().unwrap_or_else(|| m.vm_name.clone());
+    crate::names::check_component(&name)?;
+    let _lock = lock_vm(state_dir, &name)?;
+    let dom = lv.find_domain(&name)?;
+
+    // Where each disk goes: its recorded image, or with --as a new file beside it.
+    let mut targets: Vec<PathBuf> = m.disks.iter().map(|d| PathBuf::from(&d.source)).collect();
+    if let Some(new) = &opts.as_name {
+        if dom.is_some() {
+            return Err(refuse(
+                &name,
+                "name-taken",
+                format!("a VM named {new} exists already"),
+            ));
+        }
+        xml = xml_edit::set_name(&xml, new)?;
+        xml = xml_edit::remove_elements(&xml, |n| {
+            n.has_tag_name("uuid") && n.parent().is_some_and(|p| p.has_tag_name("domain"))
+        })?;
+        for (d, t) in m.disks.iter().zip(targets.iter_mut()) {
+            let dir = Path::new(&d.source).parent().unwrap_or(Path::new("/"));
+            *t = dir.join(format!("{new}-{}.{}", d.target, d.format));
+            if t.exists() {
+                return Err(refuse(
+                    &name,
+                    "disk-exists",
+                    format!("{} exists already", t.display()),
+                ));
+            }
+            xml = xml_edit::set_disk_source(&xml, &d.target, &t.to_string_lossy())?;
+        }
+    }
 
     if let Some(d) = &dom {
         if d.state()? != PowerState::ShutOff && !opts.power_off {
             return Err(Error::Busy(format!(
                 "{} is running; shut it down or give --power-off",
-                m.vm_name
+                name
             )));
         }
     }
     let macs: Vec<String> = saved.nics.iter().filter_map(|n| n.mac.clone()).collect();
-    let conflicts = mac_conflicts(lv, &saved.uuid, &macs)?;
+    // A new VM (--as) conflicts with every other VM, the original included.
+    let own_uuid = if opts.as_name.is_some() {
+        ""
+    } else {
+        saved.uuid.as_str()
+    };
+    let conflicts = mac_conflicts(lv, own_uuid, &macs)?;
     if !conflicts.is_empty() {
-        let list: Vec<String> = conflicts
-            .iter()
-            .map(|(mac, vm)| format!("{mac} is used by {vm}"))
-            .collect();
-        return Err(refuse(
-            &m.vm_name,
-            "mac-conflict",
-            format!("MAC address conflict: {}", list.join(", ")),
-        ));
+        if opts.as_name.is_some() && opts.new_macs {
+            xml = xml_edit::remove_elements(&xml, |n| {
+                n.has_tag_name("mac") && n.parent().is_some_and(|p| p.has_tag_name("interface"))
+            })?;
+        } else {
+            let list: Vec<String> = conflicts
+                .iter()
+                .map(|(mac, vm)| format!("{mac} is used by {vm}"))
+                .collect();
+            let hint = if opts.as_name.is_some() {
+                " (--new-macs gives new ones)"
+            } else {
+                ""
+            };
+            return Err(refuse(
+                &name,
+                "mac-conflict",
+                format!("MAC address conflict: {}{hint}", list.join(", ")),
+            ));
+        }
     }
 
     // Every disk into a temporary file beside its image; chunks are checked while read.
     let mut temps = Temps(Vec::new());
     let mut moves: Vec<(PathBuf, PathBuf)> = Vec::new();
-    for d in &m.disks {
-        let target = PathBuf::from(&d.source);
+    for (d, target) in m.disks.iter().zip(&targets) {
+        let target = target.clone();
         let dir = target
             .parent()
             .ok_or_else(|| Error::Command {
@@ -190,10 +242,10 @@ pub fn restore(
         std::fs::rename(from, to).map_err(|e| Error::io("replace disk", to, e))?;
     }
     lv.define(&xml)?;
-    tracing::info!(vm = %m.vm_name, id, "restored; the VM is left powered off");
+    tracing::info!(vm = %name, id, "restored; the VM is left powered off");
     Ok(Restored {
         id: id.to_string(),
-        vm: m.vm_name.clone(),
+        vm: name,
         disks: m.disks.iter().map(|d| d.target.clone()).collect(),
         duration_ms: started.elapsed().as_millis() as u64,
     })

@@ -193,3 +193,107 @@ fn a_mac_used_by_another_vm_is_refused() {
     );
     assert_eq!(disk_digest(&vm), digest);
 }
+
+/// Destroys and undefines a domain the test made by restoring, whatever happens.
+struct Undefine(String);
+
+impl Drop for Undefine {
+    fn drop(&mut self) {
+        let lv = vmbackup::hypervisor::libvirt::Libvirt::open("qemu:///system").unwrap();
+        if let Ok(Some(d)) = lv.find_domain(&self.0) {
+            let _ = d.destroy();
+            let _ = d.undefine();
+        }
+    }
+}
+
+#[test]
+fn restore_as_recreates_a_deleted_vm_that_boots_with_its_data() {
+    let mac = "52:54:00:4e:33:01";
+    let vm = TestVmBuilder::new("rs-as")
+        .mac(mac)
+        .disk("vdb", Format::Qcow2, 128 * MIB)
+        .start()
+        .expect("guest boots");
+    vm.write_file("/mnt/vdb/data", b"kept by the backup")
+        .unwrap();
+    let old_uuid = vm.dom().uuid().unwrap();
+    let place = Place::new();
+    let b = vmbackup(&place, &["backup", vm.name(), "--quiesce", "required"]);
+    assert_eq!(b.code, 0, "{}", b.stderr);
+    let id = b.json["results"][0]["backup"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // The VM goes away, disks and all.
+    vm.dom().destroy().unwrap();
+    vm.dom().undefine().unwrap();
+    std::fs::remove_file(&vm.disk_paths()[0]).unwrap();
+
+    let new = format!("{}-back", vm.name());
+    let _cleanup = Undefine(new.clone());
+    let r = vmbackup(&place, &["restore", &id, "--as", &new]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let lv = vmbackup::hypervisor::libvirt::Libvirt::open("qemu:///system").unwrap();
+    let dom = lv.domain(&new).unwrap();
+    assert!(!dom.is_active().unwrap());
+    let s = VmSpec::from_xml(&dom.inactive_xml().unwrap()).unwrap();
+    assert_ne!(s.uuid, old_uuid);
+    assert_eq!(s.nics[0].mac.as_deref(), Some(mac));
+    assert_ne!(s.disks[0].source.as_deref(), vm.disk_paths()[0].to_str());
+
+    dom.start().unwrap();
+    let start = std::time::Instant::now();
+    while vmbackup::guest_agent::ping(&dom, Duration::from_secs(2)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "{new} did not boot"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let out = vmbackup::guest_agent::exec(
+        &dom,
+        "/bin/cat",
+        &["/mnt/vdb/data"],
+        None,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert_eq!(out.stdout, b"kept by the backup");
+    let _ = dom.destroy();
+    if let Some(p) = &s.disks[0].source {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+#[test]
+fn restore_as_beside_the_original_needs_new_macs() {
+    let mac = "52:54:00:4e:44:01";
+    let vm = TestVmBuilder::new("rs-clone")
+        .mac(mac)
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .define()
+        .unwrap();
+    let place = Place::new();
+    let b = vmbackup(&place, &["backup", vm.name()]);
+    assert_eq!(b.code, 0, "{}", b.stderr);
+    let id = b.json["results"][0]["backup"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let new = format!("{}-copy", vm.name());
+    let _cleanup = Undefine(new.clone());
+    let r = vmbackup(&place, &["restore", &id, "--as", &new]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.json["error"].as_str().unwrap().contains("--new-macs"));
+    assert_eq!(files_in(vm.dir()), ["vdb.qcow2"]);
+    let r = vmbackup(&place, &["restore", &id, "--as", &new, "--new-macs"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let lv = vmbackup::hypervisor::libvirt::Libvirt::open("qemu:///system").unwrap();
+    let s = VmSpec::from_xml(&lv.domain(&new).unwrap().inactive_xml().unwrap()).unwrap();
+    assert!(s.nics[0].mac.is_some());
+    assert_ne!(s.nics[0].mac.as_deref(), Some(mac));
+    // The original is untouched.
+    assert_eq!(spec(&vm).nics[0].mac.as_deref(), Some(mac));
+}

@@ -54,6 +54,60 @@ pub fn set_disk_source(xml: &str, target: &str, path: &str) -> Result<String> {
     Ok(out)
 }
 
+/// Returns `xml` with the text of the domain's `<name>` set to `name`.
+pub fn set_name(xml: &str, name: &str) -> Result<String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| Error::Xml(e.to_string()))?;
+    let node = doc
+        .root_element()
+        .children()
+        .find(|c| c.has_tag_name("name"))
+        .ok_or_else(|| Error::Xml("no <name>".into()))?;
+    let text = node
+        .first_child()
+        .filter(|t| t.is_text())
+        .ok_or_else(|| Error::Xml("empty <name>".into()))?;
+    let r = text.range();
+    Ok(format!(
+        "{}{}{}",
+        &xml[..r.start],
+        escape_attr(name),
+        &xml[r.end..]
+    ))
+}
+
+/// Returns `xml` without the elements that `pick` selects (for example the domain's `<uuid>`,
+/// or the `<mac>` of every `<interface>`), each removed with its indentation.
+pub fn remove_elements(xml: &str, pick: impl Fn(roxmltree::Node) -> bool) -> Result<String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| Error::Xml(e.to_string()))?;
+    let mut ranges: Vec<std::ops::Range<usize>> = doc
+        .descendants()
+        .filter(|n| n.is_element() && pick(*n))
+        .map(|n| {
+            let r = n.range();
+            // Take the whitespace before the element on its line too.
+            let start = xml[..r.start].trim_end_matches([' ', '\t']).len();
+            let start = if xml[..start].ends_with('\n') {
+                start - 1
+            } else {
+                r.start
+            };
+            start..r.end
+        })
+        .collect();
+    ranges.sort_by_key(|r| r.start);
+    let mut out = String::with_capacity(xml.len());
+    let mut at = 0;
+    for r in ranges {
+        if r.start < at {
+            continue;
+        }
+        out.push_str(&xml[at..r.start]);
+        at = r.end;
+    }
+    out.push_str(&xml[at..]);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +133,28 @@ mod tests {
             disk_source(&out, "vda").unwrap().as_deref(),
             Some("/img/a.qcow2")
         );
+    }
+
+    #[test]
+    fn renames_and_removes_uuid_and_macs_keeping_the_rest() {
+        let xml = "<domain>\n  <name>old</name>\n  <uuid>1234</uuid>\n  <devices>\n    \
+            <interface type='user'>\n      <mac address='52:54:00:00:00:01'/>\n      \
+            <model type='virtio'/>\n    </interface>\n  </devices>\n</domain>\n";
+        let out = set_name(xml, "new").unwrap();
+        let out = remove_elements(&out, |n| {
+            (n.has_tag_name("uuid") && n.parent().is_some_and(|p| p.has_tag_name("domain")))
+                || (n.has_tag_name("mac")
+                    && n.parent().is_some_and(|p| p.has_tag_name("interface")))
+        })
+        .unwrap();
+        assert_eq!(
+            out,
+            "<domain>\n  <name>new</name>\n  <devices>\n    <interface type='user'>\n      \
+             <model type='virtio'/>\n    </interface>\n  </devices>\n</domain>\n"
+        );
+        let spec = crate::hypervisor::vm::VmSpec::from_xml(&out).unwrap();
+        assert_eq!((spec.name.as_str(), spec.uuid.as_str()), ("new", ""));
+        assert_eq!(spec.nics[0].mac, None);
     }
 
     #[test]
