@@ -126,10 +126,119 @@ fn make_fill(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `vmbackup restore` of the benchmark VM against `virtnbdrestore` of a full backup of the
+/// same VM, alternating; the VM is shut off, as both tools require.
+fn bench_restore(
+    vm: &vmbackup::testvm::TestVm,
+    base: &Path,
+    vmbackup: &str,
+    rounds: usize,
+    allocated: u64,
+) -> Result<()> {
+    let name = vm.name();
+    let repo = base.join("repo");
+    let state = base.join("state");
+    fresh(&repo)?;
+    fresh(&state)?;
+    let common = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "--json",
+            "--repo",
+            repo.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let args = common(&["backup", name]);
+    let m = measure(
+        vmbackup,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    let v: serde_json::Value = serde_json::from_str(m.stdout.trim())?;
+    let id = v["results"][0]["backup"]["id"]
+        .as_str()
+        .context("backup id")?
+        .to_string();
+    let vnb = base.join("virtnbdbackup");
+    let _ = std::fs::remove_dir_all(&vnb);
+    measure(
+        "virtnbdbackup",
+        &[
+            "-U",
+            "qemu:///system",
+            "-d",
+            name,
+            "-l",
+            "full",
+            "-o",
+            vnb.to_str().unwrap(),
+        ],
+    )?;
+    vm.shutdown(Duration::from_secs(60))?;
+
+    let (mut t_vmb, mut t_vnr) = (Vec::new(), Vec::new());
+    let (mut rss_vmb, mut rss_vnr) = (0u64, 0u64);
+    for round in 1..=rounds {
+        let args = common(&["restore", &id]);
+        let m = measure(
+            vmbackup,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )?;
+        eprintln!(
+            "bench: round {round}: vmbackup restore {:.2}s, rss {} MiB",
+            m.secs,
+            m.max_rss_kib / 1024
+        );
+        t_vmb.push(m.secs);
+        rss_vmb = rss_vmb.max(m.max_rss_kib);
+        let out = base.join("virtnbdrestore");
+        fresh(&out)?;
+        let m = measure(
+            "virtnbdrestore",
+            &[
+                "-U",
+                "qemu:///system",
+                "-i",
+                vnb.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+            ],
+        )?;
+        eprintln!(
+            "bench: round {round}: virtnbdrestore {:.2}s, rss {} MiB",
+            m.secs,
+            m.max_rss_kib / 1024
+        );
+        t_vnr.push(m.secs);
+        rss_vnr = rss_vnr.max(m.max_rss_kib);
+    }
+    let (mv, mn) = (median(&mut t_vmb), median(&mut t_vnr));
+    println!("benchmark: restore of a 2-disk VM ({:.2} GiB allocated, 8 GiB virtual), {rounds} rounds, medians", allocated as f64 / GIB as f64);
+    println!(
+        "  vmbackup restore         {mv:7.2} s   peak RSS {:5} MiB",
+        rss_vmb / 1024
+    );
+    println!(
+        "  virtnbdrestore           {mn:7.2} s   peak RSS {:5} MiB",
+        rss_vnr / 1024
+    );
+    println!(
+        "  speed-up vs virtnbdrestore  {:.2}x (target >= 3x)",
+        mn / mv
+    );
+    let _ = std::fs::remove_dir_all(base);
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let what = std::env::args().nth(1).unwrap_or_else(|| "backup".into());
-    if what != "backup" {
-        bail!("unknown benchmark {what:?} (known: backup)");
+    if what != "backup" && what != "restore" {
+        bail!("unknown benchmark {what:?} (known: backup, restore)");
     }
     let rounds: usize = std::env::var("BENCH_ROUNDS")
         .ok()
@@ -172,6 +281,9 @@ fn main() -> Result<()> {
         allocated as f64 / GIB as f64
     );
     let name = vm.name().to_string();
+    if what == "restore" {
+        return bench_restore(&vm, &base, &vmbackup, rounds, allocated);
+    }
 
     let (mut t_vmb, mut t_vnb, mut t_conv) = (Vec::new(), Vec::new(), Vec::new());
     let (mut rss_vmb, mut rss_vnb, mut rss_conv) = (0u64, 0u64, 0u64);

@@ -213,7 +213,7 @@ pub fn restore(
             let _ = std::fs::remove_file(&conv);
             temps.0.push(conv.clone());
             let out = std::process::Command::new("qemu-img")
-                .args(["convert", "-q", "-f", "raw", "-O", &d.format])
+                .args(["convert", "-q", "-W", "-f", "raw", "-O", &d.format])
                 .arg(&raw)
                 .arg(&conv)
                 .output()
@@ -229,6 +229,10 @@ pub fn restore(
             }
             conv
         };
+        // Durable before it replaces anything.
+        std::fs::File::open(&ready)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io("sync restored disk", &ready, e))?;
         moves.push((ready, target));
     }
 
@@ -240,6 +244,11 @@ pub fn restore(
     }
     for (from, to) in &moves {
         std::fs::rename(from, to).map_err(|e| Error::io("replace disk", to, e))?;
+        if let Some(dir) = to.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| Error::io("sync folder", dir, e))?;
+        }
     }
     lv.define(&xml)?;
     tracing::info!(vm = %name, id, "restored; the VM is left powered off");

@@ -185,6 +185,7 @@ pub fn backup_disk(
 }
 
 /// Writes a stored disk into a new raw file (zero chunks stay holes), checking every chunk.
+/// The file is not synced: the caller makes the final image durable (it may convert first).
 pub fn restore_disk(
     repo: &Repository,
     index: &DiskIndex,
@@ -220,7 +221,7 @@ pub fn restore_disk(
         );
         Ok(())
     })?;
-    file.sync_all().map_err(io("sync"))
+    Ok(())
 }
 
 /// The digests of the distinct chunks of `index` that are missing or damaged.
