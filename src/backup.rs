@@ -59,6 +59,8 @@ pub struct Options {
     pub threads: usize,
     /// The schedule that asked for this backup.
     pub schedule: Option<String>,
+    /// The schedule occurrence it is made for (RFC 3339, UTC).
+    pub scheduled_for: Option<String>,
 }
 
 impl Default for Options {
@@ -74,6 +76,7 @@ impl Default for Options {
                 .map(|n| n.get())
                 .unwrap_or(2),
             schedule: None,
+            scheduled_for: None,
         }
     }
 }
@@ -482,6 +485,7 @@ pub fn backup(
             nics,
             domain_xml_object: description,
             schedule: opts.schedule.clone(),
+            scheduled_for: opts.scheduled_for.clone(),
             stored_bytes: stored,
             logical_bytes: logical,
         },
@@ -716,6 +720,7 @@ pub fn backup_qemu(
             nics,
             domain_xml_object: description,
             schedule: opts.schedule.clone(),
+            scheduled_for: opts.scheduled_for.clone(),
             stored_bytes: stored,
             logical_bytes: logical,
         },

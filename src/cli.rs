@@ -57,6 +57,12 @@ pub struct Global {
     /// Longest freeze wait for the guest agent, in seconds [default: 10]
     #[arg(long, global = true, env = "VMBACKUP_FREEZE_TIMEOUT")]
     pub freeze_timeout: Option<u64>,
+    /// VMs a one-hour schedule slot may hold [default: 8]
+    #[arg(long, global = true, env = "VMBACKUP_SLOT_CAPACITY")]
+    pub slot_capacity: Option<usize>,
+    /// How late a missed schedule occurrence may still run, in minutes [default: 360]
+    #[arg(long, global = true, env = "VMBACKUP_CATCH_UP_MINUTES")]
+    pub catch_up_minutes: Option<u64>,
 }
 
 impl Global {
@@ -71,6 +77,8 @@ impl Global {
             max_total_gib: self.max_total_gib,
             freeze_timeout_secs: self.freeze_timeout,
             qemu_dir: self.qemu_dir.clone(),
+            slot_capacity: self.slot_capacity,
+            catch_up_minutes: self.catch_up_minutes,
         }
     }
 }
@@ -125,35 +133,109 @@ pub enum Command {
     /// Manage schedules
     #[command(subcommand)]
     Schedule(ScheduleCommand),
-    /// Run every schedule occurrence that is due (what an external timer calls)
+    /// Run every schedule occurrence that is due (what an external timer calls every minute)
     RunDue {
-        /// Evaluate at this time (RFC 3339) instead of now
+        /// Evaluate at this time (RFC 3339, e.g. 2027-01-04T02:30:00Z) instead of now
         #[arg(long)]
         now: Option<String>,
+        /// Show what is due without running or claiming anything
+        #[arg(long)]
+        dry_run: bool,
     },
-    /// Job history
+    /// Job history (backup, restore, delete, prune), oldest first
     History {
         /// How many days back
         #[arg(long, default_value_t = 7)]
         days: u32,
         /// All jobs
-        #[arg(long)]
+        #[arg(long, conflicts_with = "days")]
         all: bool,
+        /// Only this VM's jobs
+        #[arg(long)]
+        vm: Option<String>,
     },
+    /// Exempt a backup from retention
+    Pin { id: String },
+    /// Let retention remove a backup again
+    Unpin { id: String },
     /// Finish or undo what an interrupted run left
     Recover,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Kind {
+    Once,
+    Daily,
+    Weekly,
+    Monthly,
+}
+
+/// The fields of a schedule; on `edit`, only those given change.
+#[derive(Debug, Args)]
+pub struct ScheduleFields {
+    /// A VM to back up (repeat for several; on edit, replaces the list)
+    #[arg(long = "vm")]
+    pub vms: Vec<String>,
+    /// How often
+    #[arg(long = "type", value_enum)]
+    pub kind: Option<Kind>,
+    /// The date of a `once` schedule (YYYY-MM-DD, local)
+    #[arg(long)]
+    pub date: Option<String>,
+    /// The weekday of a `weekly` schedule, or of a `monthly --week` one
+    #[arg(long)]
+    pub weekday: Option<String>,
+    /// The day of the month of a `monthly` schedule (29-31 run on the last day of shorter months)
+    #[arg(long)]
+    pub day: Option<u8>,
+    /// first, second, third, fourth, fifth or last: with --weekday, e.g. the third Monday
+    /// (months without a fifth one are skipped)
+    #[arg(long)]
+    pub week: Option<String>,
+    /// First date it may run (YYYY-MM-DD, local) [default: today]
+    #[arg(long)]
+    pub start: Option<String>,
+    /// The one-hour slot's starting hour (0-23, local), or `auto` for the least loaded one
+    #[arg(long)]
+    pub slot: Option<String>,
+    /// IANA time zone of the slot and dates [default: the host's, else UTC]
+    #[arg(long)]
+    pub tz: Option<String>,
+    /// Retention: keep the newest N backups of each VM
+    #[arg(long, conflicts_with = "keep_days")]
+    pub keep: Option<u32>,
+    /// Retention: keep backups younger than N days
+    #[arg(long)]
+    pub keep_days: Option<u32>,
+    /// Retention: keep everything (on edit, drops the rule)
+    #[arg(long, conflicts_with_all = ["keep", "keep_days"])]
+    pub keep_all: bool,
+    /// Freeze the guest's filesystems [default: preferred]
+    #[arg(long, value_enum)]
+    pub quiesce: Option<Quiesce>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ScheduleCommand {
     /// Add a schedule
-    Add { name: String },
+    Add {
+        name: String,
+        #[command(flatten)]
+        fields: ScheduleFields,
+        /// Add it disabled
+        #[arg(long)]
+        disabled: bool,
+    },
     /// List schedules
     List,
     /// Show a schedule
     Show { name: String },
     /// Change a schedule
-    Edit { name: String },
+    Edit {
+        name: String,
+        #[command(flatten)]
+        fields: ScheduleFields,
+    },
     /// Enable a schedule
     Enable { name: String },
     /// Disable a schedule
@@ -179,6 +261,8 @@ impl Command {
             Command::RunDue { .. } => "run-due",
             Command::History { .. } => "history",
             Command::Recover => "recover",
+            Command::Pin { .. } => "pin",
+            Command::Unpin { .. } => "unpin",
         }
     }
 }

@@ -26,6 +26,12 @@ pub struct FileConfig {
     pub commit_timeout_secs: Option<u64>,
     pub threads: Option<usize>,
     pub qemu_dir: Option<PathBuf>,
+    /// VMs a one-hour slot may hold.
+    pub slot_capacity: Option<usize>,
+    /// How late a missed occurrence may still run, in minutes.
+    pub catch_up_minutes: Option<u64>,
+    /// Where job reports go.
+    pub report: Option<crate::notify::ReportConfig>,
 }
 
 pub const DEFAULT_CONFIG: &str = "/etc/vmbackup/config.toml";
@@ -57,6 +63,11 @@ pub struct Config {
     /// Where plain QEMU VMs' sockets are (`NAME.qmp`, `NAME.qga`).
     pub qemu_dir: PathBuf,
     pub backup: backup::Options,
+    /// VMs a one-hour slot may hold [default: 8].
+    pub slot_capacity: usize,
+    /// How late a missed occurrence may still run [default: 6 hours].
+    pub catch_up: Duration,
+    pub report: crate::notify::ReportConfig,
 }
 
 /// The flags and environment variables that override the file (`None`: not given).
@@ -71,7 +82,12 @@ pub struct Overrides {
     pub max_total_gib: Option<u64>,
     pub freeze_timeout_secs: Option<u64>,
     pub qemu_dir: Option<PathBuf>,
+    pub slot_capacity: Option<usize>,
+    pub catch_up_minutes: Option<u64>,
 }
+
+pub const DEFAULT_SLOT_CAPACITY: usize = 8;
+pub const DEFAULT_CATCH_UP_MINUTES: u64 = 360;
 
 impl Config {
     pub fn resolve(o: Overrides, f: FileConfig) -> Result<Config> {
@@ -131,6 +147,17 @@ impl Config {
                 threads: f.threads.unwrap_or(d.threads).max(1),
                 ..d
             },
+            slot_capacity: o
+                .slot_capacity
+                .or(f.slot_capacity)
+                .unwrap_or(DEFAULT_SLOT_CAPACITY),
+            catch_up: Duration::from_secs(
+                60 * o
+                    .catch_up_minutes
+                    .or(f.catch_up_minutes)
+                    .unwrap_or(DEFAULT_CATCH_UP_MINUTES),
+            ),
+            report: f.report.unwrap_or_default(),
         })
     }
 }
@@ -156,6 +183,20 @@ mod tests {
         assert_eq!(c.backup.limits.max_total_bytes, 4000 * GIB);
         assert_eq!(c.backup.limits.overlay_headroom_ratio, 0.5);
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/vmbackup"));
+    }
+
+    #[test]
+    fn report_settings_and_schedule_defaults() {
+        let f: FileConfig = toml::from_str(
+            "slot_capacity = 2\n[report]\nsmtp = '127.0.0.1:2525'\nto = ['ops@example.com']\ncommand = ['/bin/cat']",
+        )
+        .unwrap();
+        let c = Config::resolve(Overrides::default(), f).unwrap();
+        assert_eq!(c.slot_capacity, 2);
+        assert_eq!(c.catch_up, Duration::from_secs(6 * 3600));
+        assert_eq!(c.report.smtp.as_deref(), Some("127.0.0.1:2525"));
+        assert_eq!(c.report.to, vec!["ops@example.com".to_string()]);
+        assert!(toml::from_str::<FileConfig>("[report]\nsmpt = 'x'").is_err());
     }
 
     #[test]

@@ -80,6 +80,14 @@ pub enum Error {
     NoQemu { name: String, path: PathBuf },
     #[error("QEMU")]
     Qmp(#[from] crate::hypervisor::qmp::QmpError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    SlotFull(String),
+    #[error("report")]
+    Notify(#[from] crate::notify::NotifyError),
 }
 
 impl Error {
@@ -89,10 +97,13 @@ impl Error {
             Error::NoDomain(_)
             | Error::NoQemu { .. }
             | Error::InvalidName { .. }
-            | Error::Config { .. } => exit::BAD_INPUT,
+            | Error::Config { .. }
+            | Error::Invalid(_)
+            | Error::State(crate::state::StateError::NoSchedule(_))
+            | Error::State(crate::state::StateError::ScheduleExists(_)) => exit::BAD_INPUT,
             Error::Repo(crate::repository::RepoError::NotFound(_))
             | Error::Repo(crate::repository::RepoError::BadName(_)) => exit::BAD_INPUT,
-            Error::Refused(_) => exit::REFUSED,
+            Error::Refused(_) | Error::SlotFull(_) => exit::REFUSED,
             Error::Busy(_) => exit::BUSY,
             _ => exit::FAILED,
         }

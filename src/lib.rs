@@ -11,9 +11,12 @@ pub mod guest_agent;
 pub mod hypervisor;
 pub mod image;
 pub mod names;
+pub mod notify;
 pub mod preflight;
 pub mod repository;
 pub mod restore;
+pub mod schedule;
+pub mod state;
 pub mod testqemu;
 pub mod testvm;
 

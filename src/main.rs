@@ -3,6 +3,7 @@
 //! logs, warnings and progress go to stderr.
 
 mod cli;
+mod cli_schedule;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -107,6 +108,65 @@ fn human_bytes(b: u64) -> String {
     }
 }
 
+/// Records a manual job in the history; a history that cannot be written is a warning, not
+/// a reason to refuse the job.
+struct JobRecord {
+    state: Option<vmbackup::state::State>,
+    id: Option<i64>,
+}
+
+impl JobRecord {
+    fn start(cfg: &Config, kind: &str, vm: Option<&str>) -> JobRecord {
+        let state = match vmbackup::state::State::open(&cfg.state_dir) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("job history not recorded: {}", chain(&e));
+                None
+            }
+        };
+        let id = state.as_ref().and_then(|s| {
+            s.start_job(&vmbackup::state::NewJob {
+                kind,
+                vm,
+                ..Default::default()
+            })
+            .map_err(|e| tracing::warn!("job history not recorded: {}", chain(&e)))
+            .ok()
+        });
+        JobRecord { state, id }
+    }
+
+    fn finish(&self, status: &str, backup_id: Option<&str>, error: Option<&str>) {
+        if let (Some(s), Some(id)) = (&self.state, self.id) {
+            if let Err(e) = s.finish_job(id, status, backup_id, error, None) {
+                tracing::warn!("job history not recorded: {}", chain(&e));
+            }
+        }
+    }
+
+    fn finish_result<T>(&self, r: &anyhow::Result<T>, backup_id: Option<&str>) {
+        match r {
+            Ok(_) => self.finish("ok", backup_id, None),
+            Err(e) if exit_code_of(e) == exit::BAD_INPUT => self.forget(),
+            Err(e) => self.finish("failed", backup_id, Some(&format!("{e:#}"))),
+        }
+    }
+
+    /// Bad input changes nothing, not even the history.
+    fn forget(&self) {
+        if let (Some(s), Some(id)) = (&self.state, self.id) {
+            let _ = s.delete_job(id);
+        }
+    }
+}
+
+fn exit_code_of(e: &anyhow::Error) -> i32 {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<vmbackup::Error>())
+        .map(vmbackup::Error::exit_code)
+        .unwrap_or(exit::FAILED)
+}
+
 fn error_json(e: &vmbackup::Error) -> Value {
     let mut v = json!({"error": chain(e), "exit_code": e.exit_code()});
     if let vmbackup::Error::Refused(report) = e {
@@ -174,10 +234,17 @@ fn cmd_backup(cfg: &Config, domains: &[String], quiesce: cli::Quiesce) -> anyhow
     let mut failures = Vec::new();
     for name in domains {
         let show = |l: &str, d: u64, t: u64| progress.show(l, d, t);
+        let job = JobRecord::start(cfg, "backup", Some(name));
         let result = match name.strip_prefix("qemu:") {
             Some(q) => backup::backup_qemu(&repo, &cfg.state_dir, &cfg.qemu_dir, q, &opts, &show),
             None => backup::backup(&lv, &repo, &cfg.state_dir, name, &opts, &show),
         };
+        match &result {
+            Ok(o) => job.finish("ok", Some(&o.id), None),
+            Err(e) if e.exit_code() == exit::BAD_INPUT => job.forget(),
+            Err(e) if e.exit_code() == exit::BUSY => job.finish("skipped", None, Some(&chain(e))),
+            Err(e) => job.finish("failed", None, Some(&chain(e))),
+        }
         match result {
             Ok(o) => {
                 text.push_str(&format!(
@@ -374,11 +441,37 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             as_name,
             power_off,
             new_macs,
-        } => cmd_restore(&cfg, id, *power_off, as_name.as_deref(), *new_macs)
-            .with_context(|| format!("restore {id}")),
-        C::Delete { id } => cmd_delete(&cfg, id).with_context(|| format!("delete {id}")),
+        } => {
+            let vm = as_name.clone().or_else(|| {
+                Repository::open(&cfg.repo)
+                    .and_then(|r| r.load(id))
+                    .ok()
+                    .map(|m| m.vm_name)
+            });
+            let job = JobRecord::start(&cfg, "restore", vm.as_deref());
+            let r = cmd_restore(&cfg, id, *power_off, as_name.as_deref(), *new_macs)
+                .with_context(|| format!("restore {id}"));
+            job.finish_result(&r, Some(id));
+            r
+        }
+        C::Delete { id } => {
+            let vm = Repository::open(&cfg.repo)
+                .and_then(|r| r.load(id))
+                .ok()
+                .map(|m| m.vm_name);
+            let job = JobRecord::start(&cfg, "delete", vm.as_deref());
+            let r = cmd_delete(&cfg, id).with_context(|| format!("delete {id}"));
+            job.finish_result(&r, Some(id));
+            r
+        }
         C::Verify { ids } => cmd_verify(&cfg, ids),
         C::Gc => cmd_gc(&cfg),
+        C::Prune => cli_schedule::cmd_prune(&cfg),
+        C::Schedule(c) => cli_schedule::cmd_schedule(&cfg, c),
+        C::RunDue { now, dry_run } => cli_schedule::cmd_run_due(&cfg, now.as_deref(), *dry_run),
+        C::History { days, all, vm } => cli_schedule::cmd_history(&cfg, *days, *all, vm.as_deref()),
+        C::Pin { id } => cli_schedule::cmd_pin(&cfg, id, true),
+        C::Unpin { id } => cli_schedule::cmd_pin(&cfg, id, false),
         other => Err(vmbackup::Error::NotImplemented(other.name()).into()),
     }
 }
@@ -415,11 +508,7 @@ fn main() -> ExitCode {
             ExitCode::from(out.code as u8)
         }
         Err(e) => {
-            let code = e
-                .chain()
-                .find_map(|c| c.downcast_ref::<vmbackup::Error>())
-                .map(vmbackup::Error::exit_code)
-                .unwrap_or(exit::FAILED);
+            let code = exit_code_of(&e);
             if json {
                 println!(
                     "{}",

@@ -204,6 +204,7 @@ mod tests {
             nics: vec![],
             domain_xml_object: String::new(),
             schedule: None,
+            scheduled_for: None,
             stored_bytes: b.stored_bytes_new,
             logical_bytes: b.logical_bytes,
         })

@@ -24,6 +24,10 @@ pub struct Manifest {
     /// The object holding the verbatim inactive domain XML (mode 0600).
     pub domain_xml_object: String,
     pub schedule: Option<String>,
+    /// The schedule occurrence this backup was made for (RFC 3339, UTC); retention orders and
+    /// ages a schedule's backups by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_for: Option<String>,
     /// Bytes this backup added to the repository.
     pub stored_bytes: u64,
     /// Bytes of data (non-zero chunks) read from the disks.

@@ -217,6 +217,7 @@ mod tests {
             nics: vec![],
             domain_xml_object: format!("backups/{id}/domain.xml"),
             schedule: None,
+            scheduled_for: None,
             stored_bytes: 0,
             logical_bytes: 0,
         }

@@ -1,0 +1,469 @@
+//! The scheduling commands of the binary: `schedule ...`, `run-due`, `history`, `pin`,
+//! `unpin`, `prune`.
+
+use jiff::Timestamp;
+use serde_json::{json, Value};
+use vmbackup::config::Config;
+use vmbackup::error::exit;
+use vmbackup::schedule::calendar::{parse_ordinal, parse_weekday, weekday_name};
+use vmbackup::schedule::{self, run, Recurrence, Retention, Spec};
+use vmbackup::state::State;
+use vmbackup::Error;
+
+use crate::cli::{Kind, Quiesce, ScheduleCommand, ScheduleFields};
+use crate::{human_bytes, Output, Progress};
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::Invalid(msg.into())
+}
+
+fn default_tz() -> String {
+    jiff::tz::TimeZone::system()
+        .iana_name()
+        .map(str::to_string)
+        .unwrap_or_else(|| "UTC".into())
+}
+
+fn weekday(s: &str) -> Result<String, Error> {
+    parse_weekday(s)
+        .map(|w| weekday_name(w).to_string())
+        .ok_or_else(|| invalid(format!("bad weekday {s:?} (monday ... sunday)")))
+}
+
+/// The recurrence the fields describe, taking what they leave out from `old`.
+fn recurrence(f: &ScheduleFields, old: Option<&Recurrence>) -> Result<Recurrence, Error> {
+    let old_kind = old.map(|r| match r {
+        Recurrence::Once { .. } => Kind::Once,
+        Recurrence::Daily => Kind::Daily,
+        Recurrence::Weekly { .. } => Kind::Weekly,
+        Recurrence::MonthlyDay { .. } | Recurrence::MonthlyWeekday { .. } => Kind::Monthly,
+    });
+    let kind = f
+        .kind
+        .or(old_kind)
+        .ok_or_else(|| invalid("--type once|daily|weekly|monthly is required"))?;
+    let old_weekday = match old {
+        Some(Recurrence::Weekly { weekday }) | Some(Recurrence::MonthlyWeekday { weekday, .. }) => {
+            Some(weekday.clone())
+        }
+        _ => None,
+    };
+    let wd = || -> Result<String, Error> {
+        match (&f.weekday, &old_weekday) {
+            (Some(w), _) => weekday(w),
+            (None, Some(w)) => Ok(w.clone()),
+            (None, None) => Err(invalid("--weekday is required")),
+        }
+    };
+    Ok(match kind {
+        Kind::Once => Recurrence::Once {
+            date: match (&f.date, old) {
+                (Some(d), _) => d.clone(),
+                (None, Some(Recurrence::Once { date })) => date.clone(),
+                _ => return Err(invalid("--type once needs --date YYYY-MM-DD")),
+            },
+        },
+        Kind::Daily => Recurrence::Daily,
+        Kind::Weekly => Recurrence::Weekly { weekday: wd()? },
+        Kind::Monthly => {
+            let nth = match &f.week {
+                Some(w) => Some(parse_ordinal(w).ok_or_else(|| {
+                    invalid(format!(
+                        "bad --week {w:?} (first, second, third, fourth, fifth, last)"
+                    ))
+                })?),
+                None => None,
+            };
+            match (f.day, nth, old) {
+                (Some(_), Some(_), _) => {
+                    return Err(invalid("give --day or --week with --weekday, not both"))
+                }
+                (Some(day), None, _) => Recurrence::MonthlyDay { day },
+                (None, Some(nth), _) => Recurrence::MonthlyWeekday {
+                    nth,
+                    weekday: wd()?,
+                },
+                (None, None, Some(Recurrence::MonthlyDay { day })) if f.weekday.is_none() => {
+                    Recurrence::MonthlyDay { day: *day }
+                }
+                (None, None, Some(Recurrence::MonthlyWeekday { nth, .. })) => {
+                    Recurrence::MonthlyWeekday {
+                        nth: *nth,
+                        weekday: wd()?,
+                    }
+                }
+                _ => {
+                    return Err(invalid(
+                        "--type monthly needs --day N, or --week ORDINAL --weekday DAY",
+                    ))
+                }
+            }
+        }
+    })
+}
+
+/// Applies the fields to `old` (or builds a new schedule); returns it and whether the slot
+/// is to be chosen automatically.
+fn build(
+    name: &str,
+    f: &ScheduleFields,
+    old: Option<Spec>,
+    now: Timestamp,
+) -> Result<(Spec, bool), Error> {
+    let tz =
+        f.tz.clone()
+            .or_else(|| old.as_ref().map(|o| o.tz.clone()))
+            .unwrap_or_else(default_tz);
+    let zone = jiff::tz::TimeZone::get(&tz)
+        .map_err(|e| invalid(format!("unknown time zone {tz:?}: {e}")))?;
+    let (hour, auto) = match f.slot.as_deref() {
+        Some("auto") => (0, true),
+        Some(s) => {
+            let h = s.strip_suffix(":00").unwrap_or(s);
+            let h: u8 = h
+                .parse()
+                .ok()
+                .filter(|h| *h < 24)
+                .ok_or_else(|| invalid(format!("bad --slot {s:?}: an hour 0-23, or auto")))?;
+            (h, false)
+        }
+        None => match &old {
+            Some(o) => (o.hour, false),
+            None => return Err(invalid("--slot HOUR (0-23) or --slot auto is required")),
+        },
+    };
+    let retention = if f.keep_all {
+        None
+    } else if let Some(n) = f.keep {
+        Some(Retention::Count { keep: n })
+    } else if let Some(d) = f.keep_days {
+        Some(Retention::Days { days: d })
+    } else {
+        old.as_ref().and_then(|o| o.retention)
+    };
+    let quiesce = match f.quiesce {
+        Some(Quiesce::Required) => "required".to_string(),
+        Some(Quiesce::Preferred) => "preferred".to_string(),
+        Some(Quiesce::Off) => "off".to_string(),
+        None => old
+            .as_ref()
+            .map(|o| o.quiesce.clone())
+            .unwrap_or_else(|| "preferred".into()),
+    };
+    let spec = Spec {
+        name: name.to_string(),
+        vms: if f.vms.is_empty() {
+            old.as_ref().map(|o| o.vms.clone()).unwrap_or_default()
+        } else {
+            f.vms.clone()
+        },
+        recurrence: recurrence(f, old.as_ref().map(|o| &o.recurrence))?,
+        start_date: f
+            .start
+            .clone()
+            .or_else(|| old.as_ref().map(|o| o.start_date.clone()))
+            .unwrap_or_else(|| now.to_zoned(zone).date().to_string()),
+        hour,
+        tz,
+        retention,
+        enabled: old.as_ref().is_none_or(|o| o.enabled),
+        quiesce,
+    };
+    spec.validate().map_err(invalid)?;
+    Ok((spec, auto))
+}
+
+/// Refuses VM names libvirt does not know (plain QEMU `qemu:NAME` are checked when they run).
+fn check_vms_exist(cfg: &Config, spec: &Spec) -> Result<(), Error> {
+    let libvirt_vms: Vec<&String> = spec
+        .vms
+        .iter()
+        .filter(|v| !v.starts_with("qemu:"))
+        .collect();
+    if libvirt_vms.is_empty() {
+        return Ok(());
+    }
+    match vmbackup::hypervisor::libvirt::Libvirt::open(&cfg.connect) {
+        Ok(lv) => {
+            for vm in libvirt_vms {
+                if lv.find_domain(vm)?.is_none() {
+                    return Err(Error::NoDomain(vm.clone()));
+                }
+            }
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(
+                "cannot check that the VMs exist: {}",
+                vmbackup::error::chain(&e)
+            );
+            Ok(())
+        }
+    }
+}
+
+fn spec_json(spec: &Spec, now: Timestamp) -> Value {
+    let mut v = serde_json::to_value(spec).unwrap_or(Value::Null);
+    v["slot"] = json!(spec.slot_label());
+    v["description"] = json!(spec.recurrence.describe());
+    v["next_run"] = json!(spec
+        .enabled
+        .then(|| spec.next_after(now))
+        .flatten()
+        .map(|t| t.to_string()));
+    v
+}
+
+fn spec_line(spec: &Spec, now: Timestamp) -> String {
+    format!(
+        "{:<20} {:<8} {:<32} {:<32} {:<24} {:<22} {}\n",
+        spec.name,
+        if spec.enabled { "enabled" } else { "disabled" },
+        spec.recurrence.describe(),
+        spec.slot_label(),
+        spec.retention
+            .map(|r| r.describe())
+            .unwrap_or_else(|| "keep all".into()),
+        spec.enabled
+            .then(|| spec.next_after(now))
+            .flatten()
+            .map(|t| t.strftime("%Y-%m-%dT%H:%MZ").to_string())
+            .unwrap_or_else(|| "-".into()),
+        spec.vms.join(",")
+    )
+}
+
+const HEADER: &str = "NAME                 STATE    RECURRENCE                       SLOT                             RETENTION                NEXT (UTC)             VMS\n";
+
+pub fn cmd_schedule(cfg: &Config, c: &ScheduleCommand) -> anyhow::Result<Output> {
+    let state = State::open(&cfg.state_dir).map_err(Error::from)?;
+    let now = Timestamp::now();
+    let others = |name: &str| -> Result<Vec<Spec>, Error> {
+        Ok(state
+            .schedules()?
+            .into_iter()
+            .map(|(s, _)| s)
+            .filter(|s| s.name != name)
+            .collect())
+    };
+    let saved = |verb: &str, spec: &Spec| Output {
+        text: format!("{verb} {}", HEADER) + &spec_line(spec, now),
+        json: json!({"ok": true, "schedule": spec_json(spec, now)}),
+        code: exit::OK,
+    };
+    match c {
+        ScheduleCommand::Add {
+            name,
+            fields,
+            disabled,
+        } => {
+            let (mut spec, auto) = build(name, fields, None, now)?;
+            spec.enabled = !disabled;
+            if state.schedule(name).is_ok() {
+                return Err(
+                    Error::from(vmbackup::state::StateError::ScheduleExists(name.clone())).into(),
+                );
+            }
+            check_vms_exist(cfg, &spec)?;
+            schedule::place(&others(name)?, &mut spec, auto, cfg.slot_capacity, now)?;
+            state.add_schedule(&spec).map_err(Error::from)?;
+            Ok(saved("added:\n", &spec))
+        }
+        ScheduleCommand::Edit { name, fields } => {
+            let (old, _) = state.schedule(name).map_err(Error::from)?;
+            let (mut spec, auto) = build(name, fields, Some(old), now)?;
+            if !fields.vms.is_empty() {
+                check_vms_exist(cfg, &spec)?;
+            }
+            schedule::place(&others(name)?, &mut spec, auto, cfg.slot_capacity, now)?;
+            state.update_schedule(&spec).map_err(Error::from)?;
+            Ok(saved("changed:\n", &spec))
+        }
+        ScheduleCommand::Enable { name } | ScheduleCommand::Disable { name } => {
+            let (mut spec, _) = state.schedule(name).map_err(Error::from)?;
+            spec.enabled = matches!(c, ScheduleCommand::Enable { .. });
+            schedule::place(&others(name)?, &mut spec, false, cfg.slot_capacity, now)?;
+            state.update_schedule(&spec).map_err(Error::from)?;
+            let verb = if spec.enabled {
+                "enabled:\n"
+            } else {
+                "disabled:\n"
+            };
+            Ok(saved(verb, &spec))
+        }
+        ScheduleCommand::Remove { name } => {
+            state.remove_schedule(name).map_err(Error::from)?;
+            Ok(Output {
+                text: format!("removed schedule {name} (its backups stay)\n"),
+                json: json!({"ok": true, "removed": name}),
+                code: exit::OK,
+            })
+        }
+        ScheduleCommand::Show { name } => {
+            let (spec, _) = state.schedule(name).map_err(Error::from)?;
+            let v = spec_json(&spec, now);
+            Ok(Output {
+                text: serde_json::to_string_pretty(&v)? + "\n",
+                json: json!({"ok": true, "schedule": v}),
+                code: exit::OK,
+            })
+        }
+        ScheduleCommand::List => {
+            let all = state.schedules().map_err(Error::from)?;
+            let mut text = HEADER.to_string();
+            let mut rows = Vec::new();
+            for (s, _) in &all {
+                text.push_str(&spec_line(s, now));
+                rows.push(spec_json(s, now));
+            }
+            Ok(Output {
+                text,
+                json: json!({"ok": true, "schedules": rows}),
+                code: exit::OK,
+            })
+        }
+    }
+}
+
+pub fn cmd_run_due(cfg: &Config, now: Option<&str>, dry_run: bool) -> anyhow::Result<Output> {
+    let now = match now {
+        Some(s) => s.parse::<Timestamp>().map_err(|e| {
+            invalid(format!(
+                "bad --now {s:?} (RFC 3339, e.g. 2027-01-04T02:30:00Z): {e}"
+            ))
+        })?,
+        None => Timestamp::now(),
+    };
+    let progress = Progress::new();
+    let o = run::Options {
+        now,
+        catch_up: cfg.catch_up,
+        dry_run,
+    };
+    let r = run::run_due(cfg, &o, &|l, d, t| progress.show(l, d, t))?;
+    let mut text = String::new();
+    for j in &r.jobs {
+        text.push_str(&format!("schedule {}:\n", j.schedule));
+        for v in &j.results {
+            let what = match (&v.backup_id, &v.error) {
+                (Some(id), _) => format!(
+                    "{id}, {} stored{}",
+                    human_bytes(v.stored_bytes.unwrap_or(0)),
+                    if v.pruned.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", pruned {}", v.pruned.join(" "))
+                    }
+                ),
+                (None, Some(e)) => e.clone(),
+                _ => String::new(),
+            };
+            text.push_str(&format!(
+                "  {:<20} due {}  {:<8} {what}\n",
+                v.vm, v.due, v.status
+            ));
+        }
+    }
+    if r.jobs.is_empty() {
+        text.push_str(&format!("nothing due at {}\n", r.now));
+    }
+    for e in &r.report_errors {
+        text.push_str(&format!("report not sent: {e}\n"));
+    }
+    let failed = r.failed();
+    let code = match (failed, r.succeeded()) {
+        (0, _) => exit::OK,
+        (_, 0) => exit::FAILED,
+        _ => exit::PARTIAL,
+    };
+    Ok(Output {
+        json: json!({"ok": code == exit::OK, "run": r}),
+        text,
+        code,
+    })
+}
+
+pub fn cmd_history(cfg: &Config, days: u32, all: bool, vm: Option<&str>) -> anyhow::Result<Output> {
+    let state = State::open(&cfg.state_dir).map_err(Error::from)?;
+    let since = (!all).then(|| vmbackup::state::now_ms() - i64::from(days) * 86_400_000);
+    let jobs: Vec<_> = state
+        .jobs(since)
+        .map_err(Error::from)?
+        .into_iter()
+        .filter(|j| vm.is_none_or(|v| j.vm.as_deref() == Some(v)))
+        .collect();
+    let mut text = format!(
+        "{:<6} {:<24} {:<8} {:<12} {:>9} {:<16} {:<12} {}\n",
+        "ID", "START (UTC)", "TYPE", "STATUS", "DURATION", "VM", "SCHEDULE", "BACKUP / ERROR"
+    );
+    for j in &jobs {
+        text.push_str(&format!(
+            "{:<6} {:<24} {:<8} {:<12} {:>9} {:<16} {:<12} {}\n",
+            j.id,
+            j.started,
+            j.kind,
+            j.status,
+            j.duration_ms
+                .map(|d| format!("{:.1}s", d as f64 / 1000.0))
+                .unwrap_or_else(|| "-".into()),
+            j.vm.as_deref().unwrap_or("-"),
+            j.schedule.as_deref().unwrap_or("-"),
+            j.error
+                .as_deref()
+                .or(j.backup_id.as_deref())
+                .or(j.detail.as_deref())
+                .unwrap_or("")
+        ));
+    }
+    Ok(Output {
+        json: json!({"ok": true, "jobs": jobs}),
+        text,
+        code: exit::OK,
+    })
+}
+
+pub fn cmd_pin(cfg: &Config, id: &str, pin: bool) -> anyhow::Result<Output> {
+    let repo = vmbackup::repository::Repository::open(&cfg.repo).map_err(Error::from)?;
+    repo.load(id).map_err(Error::from)?;
+    let state = State::open(&cfg.state_dir).map_err(Error::from)?;
+    if pin {
+        state.pin(id).map_err(Error::from)?;
+    } else {
+        state.unpin(id).map_err(Error::from)?;
+    }
+    Ok(Output {
+        text: format!(
+            "{id} {}\n",
+            if pin {
+                "pinned: retention keeps it"
+            } else {
+                "unpinned"
+            }
+        ),
+        json: json!({"ok": true, "id": id, "pinned": pin}),
+        code: exit::OK,
+    })
+}
+
+pub fn cmd_prune(cfg: &Config) -> anyhow::Result<Output> {
+    let repo = vmbackup::repository::Repository::open(&cfg.repo).map_err(Error::from)?;
+    let all = run::prune_all(&cfg.state_dir, &repo, Timestamp::now())?;
+    let deleted: Vec<&String> = all.iter().flat_map(|p| &p.deleted).collect();
+    let errors: Vec<&String> = all.iter().flat_map(|p| &p.errors).collect();
+    let mut text = format!("deleted {} backups\n", deleted.len());
+    for d in &deleted {
+        text.push_str(&format!("  {d}\n"));
+    }
+    for e in &errors {
+        text.push_str(&format!("  error: {e}\n"));
+    }
+    Ok(Output {
+        json: json!({"ok": errors.is_empty(), "deleted": deleted, "errors": errors}),
+        text,
+        code: if errors.is_empty() {
+            exit::OK
+        } else {
+            exit::FAILED
+        },
+    })
+}

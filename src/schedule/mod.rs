@@ -1,0 +1,158 @@
+//! Schedules: what to back up, when (a recurrence, a start date and a one-hour slot in a named
+//! time zone), what to keep; slot capacity; and `run-due`, which the external timer calls.
+
+pub mod calendar;
+pub mod retention;
+pub mod run;
+pub mod slots;
+
+use jiff::civil::Date;
+use jiff::tz::TimeZone;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+pub use calendar::{Occurrence, Recurrence};
+pub use retention::Retention;
+
+/// One schedule as stored (JSON in the state database).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Spec {
+    pub name: String,
+    pub vms: Vec<String>,
+    pub recurrence: Recurrence,
+    /// First local date the schedule may run (`YYYY-MM-DD`).
+    pub start_date: String,
+    /// The slot: `hour`:00 to `hour+1`:00 local time.
+    pub hour: u8,
+    /// IANA time zone name.
+    pub tz: String,
+    pub retention: Option<Retention>,
+    pub enabled: bool,
+    /// `required`, `preferred` or `off`.
+    pub quiesce: String,
+}
+
+impl Spec {
+    /// Checks every field; the message says what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        crate::names::check_component(&self.name).map_err(|e| e.to_string())?;
+        if self.vms.is_empty() {
+            return Err("a schedule needs at least one VM (--vm)".into());
+        }
+        for vm in &self.vms {
+            let plain = vm.strip_prefix("qemu:").unwrap_or(vm);
+            crate::names::check_component(plain).map_err(|e| e.to_string())?;
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(d) = self.vms.iter().find(|v| !seen.insert(*v)) {
+            return Err(format!("VM {d:?} is named twice"));
+        }
+        self.recurrence.validate()?;
+        self.start()?;
+        if self.hour > 23 {
+            return Err(format!("slot hour {} is not between 0 and 23", self.hour));
+        }
+        self.zone()?;
+        if !matches!(self.quiesce.as_str(), "required" | "preferred" | "off") {
+            return Err(format!("bad quiesce {:?}", self.quiesce));
+        }
+        if let Some(Retention::Count { keep: 0 }) = self.retention {
+            return Err("--keep must be at least 1".into());
+        }
+        if let Some(Retention::Days { days: 0 }) = self.retention {
+            return Err("--keep-days must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    pub fn start(&self) -> Result<Date, String> {
+        self.start_date
+            .parse::<Date>()
+            .map_err(|e| format!("bad start date {:?}: {e}", self.start_date))
+    }
+
+    pub fn zone(&self) -> Result<TimeZone, String> {
+        TimeZone::get(&self.tz).map_err(|e| format!("unknown time zone {:?}: {e}", self.tz))
+    }
+
+    /// `02:00-03:00 Europe/Berlin`.
+    pub fn slot_label(&self) -> String {
+        slot_label(self.hour, &self.tz)
+    }
+
+    /// Occurrences of VM `vm` starting in `[from, to]`.
+    pub fn occurrences(&self, vm: &str, from: Timestamp, to: Timestamp) -> Vec<Occurrence> {
+        let (Ok(start), Ok(tz)) = (self.start(), self.zone()) else {
+            return Vec::new();
+        };
+        calendar::occurrences(&self.recurrence, start, self.hour, &tz, vm, from, to)
+    }
+
+    /// The next occurrence of any of its VMs after `now`, within a year and a bit.
+    pub fn next_after(&self, now: Timestamp) -> Option<Timestamp> {
+        let to = Timestamp::from_second(now.as_second() + 400 * 86_400).ok()?;
+        self.vms
+            .iter()
+            .filter_map(|vm| {
+                self.occurrences(vm, now, to)
+                    .into_iter()
+                    .find(|o| o.at > now)
+                    .map(|o| o.at)
+            })
+            .min()
+    }
+}
+
+pub fn slot_label(hour: u8, tz: &str) -> String {
+    format!("{:02}:00-{:02}:00 {tz}", hour, (hour + 1) % 24)
+}
+
+/// Puts `spec` into a slot: with `auto`, the least loaded hour; then checks capacity against
+/// every other enabled schedule. Refuses (`Error::SlotFull`, exit code 3) with the nearest
+/// hours that have room.
+pub fn place(
+    others: &[Spec],
+    spec: &mut Spec,
+    auto: bool,
+    capacity: usize,
+    now: Timestamp,
+) -> crate::Result<()> {
+    let loads = slots::loads(others, Some(&spec.name), now);
+    if auto {
+        spec.hour = slots::least_loaded(spec, &loads, now);
+    }
+    if !spec.enabled {
+        return Ok(());
+    }
+    if spec.vms.len() > capacity {
+        return Err(crate::Error::SlotFull(format!(
+            "schedule {} has {} VMs, more than a slot holds ({capacity}); split it",
+            spec.name,
+            spec.vms.len()
+        )));
+    }
+    let Some(o) = slots::overflow(spec, &loads, capacity, now) else {
+        return Ok(());
+    };
+    let tz = spec.zone().map_err(crate::Error::Invalid)?;
+    let when = o.hour_start.to_zoned(tz);
+    let near = slots::nearest_with_room(spec, &loads, capacity, now, 3);
+    let near = if near.is_empty() {
+        "no slot has room; raise slot_capacity".to_string()
+    } else {
+        format!(
+            "nearest slots with room: {}",
+            near.iter()
+                .map(|h| format!("{:02}:00-{:02}:00", h, (h + 1) % 24))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    Err(crate::Error::SlotFull(format!(
+        "slot {} is full: on {} it already holds {} of {capacity} VMs and this schedule adds {}; {near}",
+        spec.slot_label(),
+        when.date(),
+        o.already,
+        spec.vms.len(),
+    )))
+}

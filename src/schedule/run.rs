@@ -1,0 +1,427 @@
+//! `run-due`: every schedule occurrence that is due runs once, then retention, then reports.
+//!
+//! For each enabled schedule and each of its VMs, the occurrences since the schedule was created
+//! (at most `LOOKBACK_DAYS` back) up to `now` that no earlier run claimed are:
+//! - run, for the latest one whose start is at most the catch-up window old;
+//! - recorded as `missed`, for older ones (the host was down, or the timer did not fire);
+//!   several occurrences missed inside the window run once, the older ones recorded as missed.
+//!
+//! An occurrence is claimed in the state database right before it runs, so two `run-due`
+//! started at the same moment share the work and never run one occurrence twice. A VM whose
+//! previous job still holds its lock is skipped, and recorded so.
+
+use std::path::Path;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use serde::Serialize;
+
+use super::retention::{self, Kept};
+use super::Spec;
+use crate::backup::{self, Quiesce};
+use crate::config::Config;
+use crate::error::{chain, Error, Result};
+use crate::hypervisor::libvirt::Libvirt;
+use crate::repository::Repository;
+use crate::state::{fmt_ms, NewJob, State};
+
+/// Oldest occurrence `run-due` looks at (missed ones older than this are not recorded).
+pub const LOOKBACK_DAYS: i64 = 35;
+
+/// The outcome of one VM's occurrence.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmResult {
+    pub vm: String,
+    /// When the occurrence was due (UTC).
+    pub due: String,
+    /// `ok`, `failed`, `skipped`, `missed` (or `due` in a dry run).
+    pub status: String,
+    pub backup_id: Option<String>,
+    pub consistency: Option<String>,
+    pub freeze_ms: Option<u64>,
+    pub stored_bytes: Option<u64>,
+    pub started: Option<String>,
+    pub ended: Option<String>,
+    pub error: Option<String>,
+    /// Backups removed by retention after this one succeeded.
+    pub pruned: Vec<String>,
+    pub prune_errors: Vec<String>,
+}
+
+/// One schedule's part of a run: the job a report is sent for.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobReport {
+    pub schedule: String,
+    pub recurrence: String,
+    pub slot: String,
+    pub run_at: String,
+    pub results: Vec<VmResult>,
+}
+
+impl JobReport {
+    pub fn count(&self, status: &str) -> usize {
+        self.results.iter().filter(|r| r.status == status).count()
+    }
+}
+
+/// What one `run-due` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunDue {
+    pub now: String,
+    pub dry_run: bool,
+    pub jobs: Vec<JobReport>,
+    pub report_errors: Vec<String>,
+}
+
+impl RunDue {
+    pub fn failed(&self) -> usize {
+        self.jobs.iter().map(|j| j.count("failed")).sum()
+    }
+    pub fn succeeded(&self) -> usize {
+        self.jobs.iter().map(|j| j.count("ok")).sum()
+    }
+}
+
+/// Settings of a run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub now: Timestamp,
+    pub catch_up: Duration,
+    pub dry_run: bool,
+}
+
+/// What one schedule has to do now, per VM.
+struct Plan {
+    missed: Vec<(String, i64, String)>,
+    run: Vec<(String, i64)>,
+}
+
+fn plan(state: &State, spec: &Spec, created_ms: i64, o: &Options) -> Result<Plan> {
+    let now_ms = o.now.as_millisecond();
+    let lower = created_ms.max(now_ms - LOOKBACK_DAYS * 86_400_000);
+    let from = Timestamp::from_millisecond(lower).unwrap_or(Timestamp::MIN);
+    let window_ms = o.catch_up.as_millis() as i64;
+    let mut p = Plan {
+        missed: Vec::new(),
+        run: Vec::new(),
+    };
+    for vm in &spec.vms {
+        let mut pending = Vec::new();
+        for occ in spec.occurrences(vm, from, o.now) {
+            let due = occ.at.as_millisecond();
+            if !state.is_claimed(&spec.name, vm, due)? {
+                pending.push(due);
+            }
+        }
+        let latest_in_window = pending
+            .iter()
+            .copied()
+            .filter(|d| now_ms - d <= window_ms)
+            .max();
+        for due in pending {
+            match latest_in_window {
+                Some(l) if l == due => p.run.push((vm.clone(), due)),
+                Some(l) if due > now_ms - window_ms => p.missed.push((
+                    vm.clone(),
+                    due,
+                    format!("superseded by the occurrence due {}", fmt_ms(l)),
+                )),
+                _ => p.missed.push((
+                    vm.clone(),
+                    due,
+                    format!(
+                        "not run within the catch-up window of {} min",
+                        o.catch_up.as_secs() / 60
+                    ),
+                )),
+            }
+        }
+    }
+    Ok(p)
+}
+
+fn empty_result(vm: &str, due: i64, status: &str) -> VmResult {
+    VmResult {
+        vm: vm.to_string(),
+        due: fmt_ms(due),
+        status: status.into(),
+        backup_id: None,
+        consistency: None,
+        freeze_ms: None,
+        stored_bytes: None,
+        started: None,
+        ended: None,
+        error: None,
+        pruned: Vec::new(),
+        prune_errors: Vec::new(),
+    }
+}
+
+fn quiesce_of(spec: &Spec) -> Quiesce {
+    match spec.quiesce.as_str() {
+        "required" => Quiesce::Required,
+        "off" => Quiesce::Off,
+        _ => Quiesce::Preferred,
+    }
+}
+
+/// Runs every due occurrence. `progress` as for a backup.
+pub fn run_due(
+    cfg: &Config,
+    o: &Options,
+    progress: &(dyn Fn(&str, u64, u64) + Sync),
+) -> Result<RunDue> {
+    let state = State::open(&cfg.state_dir)?;
+    let mut out = RunDue {
+        now: o.now.to_string(),
+        dry_run: o.dry_run,
+        jobs: Vec::new(),
+        report_errors: Vec::new(),
+    };
+    // Connected on first need: a minute with nothing due touches neither libvirt nor the
+    // repository.
+    let mut lv: Option<Libvirt> = None;
+    let mut repo: Option<Repository> = None;
+    for (spec, created_ms) in state.schedules()? {
+        if !spec.enabled {
+            continue;
+        }
+        let p = plan(&state, &spec, created_ms, o)?;
+        if p.missed.is_empty() && p.run.is_empty() {
+            continue;
+        }
+        let mut job = JobReport {
+            schedule: spec.name.clone(),
+            recurrence: spec.recurrence.describe(),
+            slot: spec.slot_label(),
+            run_at: o.now.to_string(),
+            results: Vec::new(),
+        };
+        for (vm, due, why) in &p.missed {
+            if o.dry_run {
+                job.results.push(empty_result(vm, *due, "missed"));
+                continue;
+            }
+            if state.claim(&spec.name, vm, *due)? {
+                tracing::warn!(schedule = %spec.name, vm = %vm, due = %fmt_ms(*due), "missed: {why}");
+                let j = NewJob {
+                    kind: "backup",
+                    vm: Some(vm),
+                    schedule: Some(&spec.name),
+                    due_ms: Some(*due),
+                };
+                state.record_job(&j, "missed", why)?;
+                let mut r = empty_result(vm, *due, "missed");
+                r.error = Some(why.clone());
+                job.results.push(r);
+            }
+        }
+        for (vm, due) in &p.run {
+            if o.dry_run {
+                job.results.push(empty_result(vm, *due, "due"));
+                continue;
+            }
+            if !state.claim(&spec.name, vm, *due)? {
+                continue; // another run-due has it
+            }
+            if repo.is_none() {
+                repo = Some(Repository::open(&cfg.repo)?);
+            }
+            let repo = repo.as_ref().expect("opened above");
+            if lv.is_none() && !vm.starts_with("qemu:") {
+                match Libvirt::open(&cfg.connect) {
+                    Ok(l) => lv = Some(l),
+                    Err(e) => {
+                        let j = NewJob {
+                            kind: "backup",
+                            vm: Some(vm),
+                            schedule: Some(&spec.name),
+                            due_ms: Some(*due),
+                        };
+                        let msg = chain(&e);
+                        state.record_job(&j, "failed", &msg)?;
+                        let mut r = empty_result(vm, *due, "failed");
+                        r.error = Some(msg);
+                        job.results.push(r);
+                        continue;
+                    }
+                }
+            }
+            let r = run_one(cfg, &state, lv.as_ref(), repo, &spec, vm, *due, o, progress)?;
+            job.results.push(r);
+            if backup::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
+        }
+        if !job.results.is_empty() {
+            out.jobs.push(job);
+        }
+        if backup::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+            break;
+        }
+    }
+    if !o.dry_run {
+        for job in &out.jobs {
+            if let Err(e) = crate::notify::send(&cfg.report, job) {
+                tracing::error!(schedule = %job.schedule, "report not sent: {}", chain(&e));
+                out.report_errors
+                    .push(format!("{}: {}", job.schedule, chain(&e)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_one(
+    cfg: &Config,
+    state: &State,
+    lv: Option<&Libvirt>,
+    repo: &Repository,
+    spec: &Spec,
+    vm: &str,
+    due: i64,
+    o: &Options,
+    progress: &(dyn Fn(&str, u64, u64) + Sync),
+) -> Result<VmResult> {
+    let j = NewJob {
+        kind: "backup",
+        vm: Some(vm),
+        schedule: Some(&spec.name),
+        due_ms: Some(due),
+    };
+    let job_id = state.start_job(&j)?;
+    let mut opts = cfg.backup.clone();
+    opts.quiesce = quiesce_of(spec);
+    opts.schedule = Some(spec.name.clone());
+    opts.scheduled_for = Some(fmt_ms(due));
+    let started = Timestamp::now();
+    tracing::info!(schedule = %spec.name, vm, due = %fmt_ms(due), "scheduled backup");
+    let result = match (vm.strip_prefix("qemu:"), lv) {
+        (Some(q), _) => {
+            backup::backup_qemu(repo, &cfg.state_dir, &cfg.qemu_dir, q, &opts, progress)
+        }
+        (None, Some(lv)) => backup::backup(lv, repo, &cfg.state_dir, vm, &opts, progress),
+        (None, None) => unreachable!("libvirt is connected before a libvirt VM runs"),
+    };
+    let mut r = empty_result(vm, due, "ok");
+    r.started = Some(started.to_string());
+    match result {
+        Ok(b) => {
+            state.finish_job(job_id, "ok", Some(&b.id), None, None)?;
+            r.backup_id = Some(b.id.clone());
+            r.consistency = Some(b.consistency.clone());
+            r.freeze_ms = b.freeze_ms;
+            r.stored_bytes = Some(b.stored_bytes);
+            r.ended = Some(Timestamp::now().to_string());
+            if let Some(rule) = spec.retention {
+                let p = prune(state, repo, &spec.name, vm, rule, o.now)?;
+                r.pruned = p.deleted;
+                r.prune_errors = p.errors;
+            }
+        }
+        Err(Error::Busy(why)) => {
+            let msg = format!("skipped: the previous job is still running ({why})");
+            tracing::warn!(schedule = %spec.name, vm, "{msg}");
+            state.finish_job(job_id, "skipped", None, Some(&msg), None)?;
+            r.status = "skipped".into();
+            r.error = Some(msg);
+            r.ended = Some(Timestamp::now().to_string());
+        }
+        Err(e) => {
+            let msg = chain(&e);
+            tracing::error!(schedule = %spec.name, vm, "scheduled backup failed: {msg}");
+            state.finish_job(job_id, "failed", None, Some(&msg), None)?;
+            r.status = "failed".into();
+            r.error = Some(msg);
+            r.ended = Some(Timestamp::now().to_string());
+        }
+    }
+    Ok(r)
+}
+
+/// What a retention pass removed, and what it could not.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Pruned {
+    pub deleted: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+/// Applies `rule` to schedule `schedule`'s backups of `vm`, at time `now`. Every deletion is
+/// tried; the errors are collected. Recorded as one `prune` job when it deletes or fails.
+pub fn prune(
+    state: &State,
+    repo: &Repository,
+    schedule: &str,
+    vm: &str,
+    rule: retention::Retention,
+    now: Timestamp,
+) -> Result<Pruned> {
+    let pinned = state.pinned()?;
+    let plain = vm.strip_prefix("qemu:").unwrap_or(vm);
+    let kept: Vec<Kept> = repo
+        .list()?
+        .into_iter()
+        .filter(|m| m.schedule.as_deref() == Some(schedule) && m.vm_name == plain)
+        .filter_map(|m| {
+            let when = m.scheduled_for.as_deref().unwrap_or(&m.started_at);
+            let time = when.parse::<Timestamp>().ok()?;
+            Some(Kept {
+                pinned: pinned.contains(&m.id),
+                id: m.id,
+                time,
+            })
+        })
+        .collect();
+    let doomed = retention::to_delete(&kept, rule, now);
+    let mut out = Pruned::default();
+    if doomed.is_empty() {
+        return Ok(out);
+    }
+    let job = state.start_job(&NewJob {
+        kind: "prune",
+        vm: Some(vm),
+        schedule: Some(schedule),
+        due_ms: None,
+    })?;
+    for id in doomed {
+        match repo.delete(&id) {
+            Ok(()) => {
+                tracing::info!(schedule, vm, id = %id, "retention: deleted");
+                out.deleted.push(id);
+            }
+            Err(e) => {
+                let msg = format!("{id}: {}", chain(&e));
+                tracing::error!(schedule, vm, "retention: cannot delete {msg}");
+                out.errors.push(msg);
+            }
+        }
+    }
+    let detail = format!("{}; deleted: {}", rule.describe(), out.deleted.join(", "));
+    let err = (!out.errors.is_empty()).then(|| out.errors.join("; "));
+    state.finish_job(
+        job,
+        if out.errors.is_empty() {
+            "ok"
+        } else {
+            "failed"
+        },
+        None,
+        err.as_deref(),
+        Some(&detail),
+    )?;
+    Ok(out)
+}
+
+/// `prune`: every schedule's retention over its VMs, at time `now`.
+pub fn prune_all(state_dir: &Path, repo: &Repository, now: Timestamp) -> Result<Vec<Pruned>> {
+    let state = State::open(state_dir)?;
+    let mut all = Vec::new();
+    for (spec, _) in state.schedules()? {
+        let Some(rule) = spec.retention else { continue };
+        for vm in &spec.vms {
+            all.push(prune(&state, repo, &spec.name, vm, rule, now)?);
+        }
+    }
+    Ok(all)
+}

@@ -1,0 +1,500 @@
+//! The state that is not backup data, in one SQLite database in the state directory
+//! (`state.db`, mode 0600): schedules, the occurrences `run-due` has claimed, the job history
+//! and the pinned backups.
+//!
+//! Several processes share it (the timer's `run-due`, an administrator's `backup`): WAL mode
+//! and a busy timeout let them wait for each other instead of failing, and claiming an
+//! occurrence is one `INSERT` on its primary key, so two `run-due` started at the same moment
+//! never run the same occurrence twice.
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+use crate::schedule::Spec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state database {}", path.display())]
+    Sql {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("cannot create the state database {}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no schedule named {0:?}")]
+    NoSchedule(String),
+    #[error("a schedule named {0:?} exists already")]
+    ScheduleExists(String),
+    #[error("stored schedule {name:?} is unreadable: {detail}")]
+    Corrupt { name: String, detail: String },
+}
+
+pub type Result<T, E = StateError> = std::result::Result<T, E>;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS schedules (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS occurrences (
+    schedule TEXT NOT NULL,
+    vm TEXT NOT NULL,
+    due_ms INTEGER NOT NULL,
+    claimed_ms INTEGER NOT NULL,
+    PRIMARY KEY (schedule, vm, due_ms)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    vm TEXT,
+    schedule TEXT,
+    due_ms INTEGER,
+    backup_id TEXT,
+    status TEXT NOT NULL,
+    started_ms INTEGER NOT NULL,
+    ended_ms INTEGER,
+    error TEXT,
+    detail TEXT,
+    pid INTEGER
+);
+CREATE INDEX IF NOT EXISTS jobs_started ON jobs (started_ms);
+CREATE TABLE IF NOT EXISTS pins (
+    backup_id TEXT PRIMARY KEY,
+    pinned_ms INTEGER NOT NULL
+);
+";
+
+/// One job of the history.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Job {
+    pub id: i64,
+    /// `backup`, `restore`, `delete`, `prune`.
+    pub kind: String,
+    pub vm: Option<String>,
+    pub schedule: Option<String>,
+    /// The occurrence it ran for (UTC), for scheduled jobs.
+    pub due: Option<String>,
+    pub backup_id: Option<String>,
+    /// `running`, `ok`, `failed`, `skipped`, `missed`, `interrupted`.
+    pub status: String,
+    pub started: String,
+    pub ended: Option<String>,
+    pub duration_ms: Option<i64>,
+    pub error: Option<String>,
+    pub detail: Option<String>,
+}
+
+/// What a new job row holds.
+#[derive(Debug, Clone, Default)]
+pub struct NewJob<'a> {
+    pub kind: &'a str,
+    pub vm: Option<&'a str>,
+    pub schedule: Option<&'a str>,
+    pub due_ms: Option<i64>,
+}
+
+pub fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+pub fn fmt_ms(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| ms.to_string())
+}
+
+pub struct State {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl State {
+    /// Opens (creating it if needed) the database in `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<State> {
+        let path = state_dir.join("state.db");
+        let create = |source| StateError::Create {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(state_dir).map_err(create)?;
+        // Created 0600 before SQLite opens it: it names VMs and holds report settings' output.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(create)?;
+        let sql = |source| StateError::Sql {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(sql)?;
+        conn.busy_timeout(Duration::from_secs(30)).map_err(sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql)?;
+        conn.execute_batch(SCHEMA).map_err(sql)?;
+        Ok(State { conn, path })
+    }
+
+    fn sql(&self, source: rusqlite::Error) -> StateError {
+        StateError::Sql {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    // ---- schedules ----
+
+    pub fn add_schedule(&self, spec: &Spec) -> Result<()> {
+        let now = now_ms();
+        let json = serde_json::to_string(spec).expect("a schedule serializes");
+        match self.conn.execute(
+            "INSERT INTO schedules (name, spec, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?3)",
+            params![spec.name, json, now],
+        ) {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StateError::ScheduleExists(spec.name.clone()))
+            }
+            Err(e) => Err(self.sql(e)),
+        }
+    }
+
+    pub fn update_schedule(&self, spec: &Spec) -> Result<()> {
+        let json = serde_json::to_string(spec).expect("a schedule serializes");
+        let n = self
+            .conn
+            .execute(
+                "UPDATE schedules SET spec = ?2, updated_ms = ?3 WHERE name = ?1",
+                params![spec.name, json, now_ms()],
+            )
+            .map_err(|e| self.sql(e))?;
+        if n == 0 {
+            return Err(StateError::NoSchedule(spec.name.clone()));
+        }
+        Ok(())
+    }
+
+    pub fn remove_schedule(&self, name: &str) -> Result<()> {
+        let n = self
+            .conn
+            .execute("DELETE FROM schedules WHERE name = ?1", params![name])
+            .map_err(|e| self.sql(e))?;
+        if n == 0 {
+            return Err(StateError::NoSchedule(name.into()));
+        }
+        Ok(())
+    }
+
+    /// One schedule and when it was created (ms since the epoch).
+    pub fn schedule(&self, name: &str) -> Result<(Spec, i64)> {
+        let row: Option<(String, i64)> = self
+            .conn
+            .query_row(
+                "SELECT spec, created_ms FROM schedules WHERE name = ?1",
+                params![name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.sql(e))?;
+        let (json, created) = row.ok_or_else(|| StateError::NoSchedule(name.into()))?;
+        Ok((parse_spec(name, &json)?, created))
+    }
+
+    /// Every schedule, by name, with its creation time.
+    pub fn schedules(&self) -> Result<Vec<(Spec, i64)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT name, spec, created_ms FROM schedules ORDER BY name")
+            .map_err(|e| self.sql(e))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .map_err(|e| self.sql(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, json, created) = row.map_err(|e| self.sql(e))?;
+            out.push((parse_spec(&name, &json)?, created));
+        }
+        Ok(out)
+    }
+
+    // ---- occurrences ----
+
+    /// Claims an occurrence for this process; `false` when another process (or an earlier
+    /// run) has it.
+    pub fn claim(&self, schedule: &str, vm: &str, due_ms: i64) -> Result<bool> {
+        let n = self
+            .conn
+            .execute(
+                "INSERT OR IGNORE INTO occurrences (schedule, vm, due_ms, claimed_ms) \
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![schedule, vm, due_ms, now_ms()],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(n == 1)
+    }
+
+    pub fn is_claimed(&self, schedule: &str, vm: &str, due_ms: i64) -> Result<bool> {
+        self.conn
+            .query_row(
+                "SELECT 1 FROM occurrences WHERE schedule = ?1 AND vm = ?2 AND due_ms = ?3",
+                params![schedule, vm, due_ms],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|o| o.is_some())
+            .map_err(|e| self.sql(e))
+    }
+
+    // ---- jobs ----
+
+    /// Records a job as running; returns its id.
+    pub fn start_job(&self, j: &NewJob) -> Result<i64> {
+        self.conn
+            .execute(
+                "INSERT INTO jobs (kind, vm, schedule, due_ms, status, started_ms, pid) \
+                 VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6)",
+                params![
+                    j.kind,
+                    j.vm,
+                    j.schedule,
+                    j.due_ms,
+                    now_ms(),
+                    std::process::id()
+                ],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Records how a job ended.
+    pub fn finish_job(
+        &self,
+        id: i64,
+        status: &str,
+        backup_id: Option<&str>,
+        error: Option<&str>,
+        detail: Option<&str>,
+    ) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE jobs SET status = ?2, backup_id = COALESCE(?3, backup_id), error = ?4, \
+                 detail = ?5, ended_ms = ?6 WHERE id = ?1",
+                params![id, status, backup_id, error, detail, now_ms()],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    pub fn delete_job(&self, id: i64) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM jobs WHERE id = ?1", params![id])
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    /// Records a job that did not run (`skipped`, `missed`) in one step.
+    pub fn record_job(&self, j: &NewJob, status: &str, error: &str) -> Result<i64> {
+        let id = self.start_job(j)?;
+        self.finish_job(id, status, None, Some(error), None)?;
+        Ok(id)
+    }
+
+    /// Jobs started at or after `since_ms` (all with `None`), oldest first. A job still
+    /// `running` whose process is gone is shown as `interrupted`.
+    pub fn jobs(&self, since_ms: Option<i64>) -> Result<Vec<Job>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT id, kind, vm, schedule, due_ms, backup_id, status, started_ms, ended_ms, \
+                 error, detail, pid FROM jobs WHERE started_ms >= ?1 ORDER BY started_ms, id",
+            )
+            .map_err(|e| self.sql(e))?;
+        let rows = st
+            .query_map(params![since_ms.unwrap_or(i64::MIN)], |r| {
+                let started: i64 = r.get(7)?;
+                let ended: Option<i64> = r.get(8)?;
+                let mut status: String = r.get(6)?;
+                let pid: Option<i64> = r.get(11)?;
+                if status == "running" && !pid.is_some_and(process_alive) {
+                    status = "interrupted".into();
+                }
+                Ok(Job {
+                    id: r.get(0)?,
+                    kind: r.get(1)?,
+                    vm: r.get(2)?,
+                    schedule: r.get(3)?,
+                    due: r.get::<_, Option<i64>>(4)?.map(fmt_ms),
+                    backup_id: r.get(5)?,
+                    status,
+                    started: fmt_ms(started),
+                    ended: ended.map(fmt_ms),
+                    duration_ms: ended.map(|e| e - started),
+                    error: r.get(9)?,
+                    detail: r.get(10)?,
+                })
+            })
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.sql(e))
+    }
+
+    // ---- pins ----
+
+    pub fn pin(&self, backup_id: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO pins (backup_id, pinned_ms) VALUES (?1, ?2)",
+                params![backup_id, now_ms()],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    pub fn unpin(&self, backup_id: &str) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM pins WHERE backup_id = ?1", params![backup_id])
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    pub fn pinned(&self) -> Result<std::collections::HashSet<String>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT backup_id FROM pins")
+            .map_err(|e| self.sql(e))?;
+        let rows = st
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.sql(e))
+    }
+}
+
+fn parse_spec(name: &str, json: &str) -> Result<Spec> {
+    serde_json::from_str(json).map_err(|e| StateError::Corrupt {
+        name: name.into(),
+        detail: e.to_string(),
+    })
+}
+
+fn process_alive(pid: i64) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    // Signal 0 checks existence only. EPERM means it exists under another user.
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) => true,
+        Err(e) => e == nix::errno::Errno::EPERM,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::Recurrence;
+
+    fn spec(name: &str) -> Spec {
+        Spec {
+            name: name.into(),
+            vms: vec!["a".into()],
+            recurrence: Recurrence::Daily,
+            start_date: "2027-01-01".into(),
+            hour: 2,
+            tz: "UTC".into(),
+            retention: None,
+            enabled: true,
+            quiesce: "preferred".into(),
+        }
+    }
+
+    #[test]
+    fn schedules_claims_jobs_and_pins() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = State::open(dir.path()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("state.db"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        s.add_schedule(&spec("nightly")).unwrap();
+        assert!(matches!(
+            s.add_schedule(&spec("nightly")),
+            Err(StateError::ScheduleExists(_))
+        ));
+        let mut sp = spec("nightly");
+        sp.hour = 5;
+        s.update_schedule(&sp).unwrap();
+        assert_eq!(s.schedule("nightly").unwrap().0.hour, 5);
+        assert!(matches!(
+            s.update_schedule(&spec("other")),
+            Err(StateError::NoSchedule(_))
+        ));
+
+        // A second handle (another process) cannot claim what the first claimed.
+        let s2 = State::open(dir.path()).unwrap();
+        assert!(s.claim("nightly", "a", 1000).unwrap());
+        assert!(!s2.claim("nightly", "a", 1000).unwrap());
+        assert!(s2.claim("nightly", "a", 2000).unwrap());
+
+        let id = s
+            .start_job(&NewJob {
+                kind: "backup",
+                vm: Some("a"),
+                ..NewJob::default()
+            })
+            .unwrap();
+        assert_eq!(s.jobs(None).unwrap()[0].status, "running");
+        s.finish_job(id, "ok", Some("a-1"), None, None).unwrap();
+        let j = &s2.jobs(None).unwrap()[0];
+        assert_eq!(
+            (j.status.as_str(), j.backup_id.as_deref()),
+            ("ok", Some("a-1"))
+        );
+        assert!(s.jobs(Some(now_ms() + 10_000)).unwrap().is_empty());
+
+        s.pin("a-1").unwrap();
+        assert!(s2.pinned().unwrap().contains("a-1"));
+        s.unpin("a-1").unwrap();
+        assert!(s.pinned().unwrap().is_empty());
+        s.remove_schedule("nightly").unwrap();
+        assert!(s.schedules().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_dead_process_job_shows_as_interrupted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = State::open(dir.path()).unwrap();
+        s.start_job(&NewJob {
+            kind: "backup",
+            ..NewJob::default()
+        })
+        .unwrap();
+        s.conn
+            .execute("UPDATE jobs SET pid = 999999999", [])
+            .unwrap();
+        assert_eq!(s.jobs(None).unwrap()[0].status, "interrupted");
+    }
+}

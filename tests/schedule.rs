@@ -1,0 +1,564 @@
+//! Schedules, `run-due`, retention, history and job reports, against real libvirt domains
+//! running real guests, driven by `run-due --now` over a simulated week.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use jiff::Timestamp;
+use serde_json::Value;
+use vmbackup::repository::Repository;
+use vmbackup::schedule::calendar::vm_offset_secs;
+use vmbackup::testvm::{Format, TestVmBuilder};
+
+fn ts(s: &str) -> Timestamp {
+    s.parse().unwrap()
+}
+
+fn plus_hours(t: Timestamp, h: i64) -> Timestamp {
+    Timestamp::from_second(t.as_second() + h * 3600).unwrap()
+}
+
+/// Starts `vmbackup --json ... run-due --now NOW` without waiting.
+fn spawn_run_due(place: &Place, now: Timestamp, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_vmbackup"))
+        .arg("--json")
+        .arg("--repo")
+        .arg(place.repo())
+        .arg("--state-dir")
+        .arg(place.state())
+        .args(extra)
+        .args(["run-due", "--now", &now.to_string()])
+        .env_remove("VMBACKUP_CONFIG")
+        .env("VMBACKUP_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run vmbackup")
+}
+
+fn finish(child: Child) -> (i32, Value, String) {
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let v: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {stdout:?}\n{stderr}"));
+    (out.status.code().unwrap_or(-1), v, stderr)
+}
+
+/// The history, all of it.
+fn history(place: &Place) -> Vec<Value> {
+    let h = vmbackup(place, &["history", "--all"]);
+    assert_eq!(h.code, 0, "{}", h.stderr);
+    h.json["jobs"].as_array().unwrap().clone()
+}
+
+fn jobs_where<'a>(jobs: &'a [Value], kind: &str, status: &str) -> Vec<&'a Value> {
+    jobs.iter()
+        .filter(|j| j["kind"] == kind && j["status"] == status)
+        .collect()
+}
+
+/// The occurrence of the 02:00 UTC slot on `day` for `vm`.
+fn due_of(day: &str, vm: &str) -> Timestamp {
+    due_at(day, 2, vm)
+}
+
+/// The occurrence of the `hour`:00 UTC slot on `day` for `vm`.
+fn due_at(day: &str, hour: u8, vm: &str) -> Timestamp {
+    let slot = ts(&format!("{day}T{hour:02}:00:00Z"));
+    Timestamp::from_second(slot.as_second() + vm_offset_secs(vm)).unwrap()
+}
+
+#[test]
+fn a_simulated_week_runs_each_occurrence_once_keeps_the_newest_n_and_records_what_was_missed() {
+    let a = TestVmBuilder::new("sch-a")
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .start()
+        .expect("guest a boots");
+    let b = TestVmBuilder::new("sch-b")
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .start()
+        .expect("guest b boots");
+    let place = Place::new();
+    let add = vmbackup(
+        &place,
+        &[
+            "schedule",
+            "add",
+            "nightly",
+            "--vm",
+            a.name(),
+            "--vm",
+            b.name(),
+            "--type",
+            "daily",
+            "--slot",
+            "2",
+            "--tz",
+            "UTC",
+            "--start",
+            "2027-01-04",
+            "--keep",
+            "3",
+        ],
+    );
+    assert_eq!(add.code, 0, "{}", add.stderr);
+    let add = vmbackup(
+        &place,
+        &[
+            "schedule",
+            "add",
+            "weekly",
+            "--vm",
+            b.name(),
+            "--type",
+            "weekly",
+            "--weekday",
+            "wednesday",
+            "--slot",
+            "5",
+            "--tz",
+            "UTC",
+            "--start",
+            "2027-01-04",
+        ],
+    );
+    assert_eq!(add.code, 0, "{}", add.stderr);
+
+    // Monday 2027-01-04 to Sunday 2027-01-10, a run-due every hour, two of them at once each
+    // time. The host is "down" on Thursday from 00:00 to 12:00: that night's occurrences are
+    // more than the catch-up window (6 h) late when the timer comes back.
+    let start = ts("2027-01-04T00:00:00Z");
+    let down = (ts("2027-01-07T00:00:00Z"), ts("2027-01-07T12:00:00Z"));
+    let mut ran_per_step = Vec::new();
+    for h in 0..(7 * 24) {
+        let now = plus_hours(start, h);
+        if now >= down.0 && now < down.1 {
+            continue;
+        }
+        let first = spawn_run_due(&place, now, &[]);
+        let second = spawn_run_due(&place, now, &[]);
+        let mut ok_ids = Vec::new();
+        for child in [first, second] {
+            let (code, v, stderr) = finish(child);
+            assert_eq!(code, 0, "run-due at {now}: {v}\n{stderr}");
+            for job in v["run"]["jobs"].as_array().unwrap() {
+                for r in job["results"].as_array().unwrap() {
+                    if r["status"] == "ok" {
+                        ok_ids.push(r["backup_id"].as_str().unwrap().to_string());
+                    }
+                }
+            }
+        }
+        if !ok_ids.is_empty() {
+            ran_per_step.push((now, ok_ids));
+        }
+    }
+
+    let jobs = history(&place);
+    let ok = jobs_where(&jobs, "backup", "ok");
+    // Per (schedule, VM): the occurrences that ran, each exactly once.
+    let mut ran: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for j in &ok {
+        ran.entry((
+            j["schedule"].as_str().unwrap().to_string(),
+            j["vm"].as_str().unwrap().to_string(),
+        ))
+        .or_default()
+        .push(j["due"].as_str().unwrap().to_string());
+    }
+    let days_run = [
+        "2027-01-04",
+        "2027-01-05",
+        "2027-01-06",
+        "2027-01-08",
+        "2027-01-09",
+        "2027-01-10",
+    ];
+    for vm in [a.name(), b.name()] {
+        let want: Vec<String> = days_run.iter().map(|d| due_of(d, vm).to_string()).collect();
+        assert_eq!(ran[&("nightly".to_string(), vm.to_string())], want, "{vm}");
+    }
+    assert_eq!(
+        ran[&("weekly".to_string(), b.name().to_string())],
+        vec![due_at("2027-01-06", 5, b.name()).to_string()]
+    );
+    assert_eq!(
+        ok.len(),
+        13,
+        "every occurrence ran once, none twice: {ran:?}"
+    );
+
+    // Thursday's occurrences are recorded as missed, not run.
+    let missed = jobs_where(&jobs, "backup", "missed");
+    let missed: BTreeSet<(String, String)> = missed
+        .iter()
+        .map(|j| {
+            (
+                j["vm"].as_str().unwrap().into(),
+                j["due"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let want: BTreeSet<(String, String)> = [a.name(), b.name()]
+        .iter()
+        .map(|vm| (vm.to_string(), due_of("2027-01-07", vm).to_string()))
+        .collect();
+    assert_eq!(missed, want);
+
+    // Retention: the newest 3 of each VM's nightly backups stay; the weekly one too.
+    let repo = Repository::open(&place.repo()).unwrap();
+    let mut kept: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for m in repo.list().unwrap() {
+        kept.entry((m.schedule.clone().unwrap(), m.vm_name.clone()))
+            .or_default()
+            .push(m.scheduled_for.clone().unwrap());
+    }
+    for vm in [a.name(), b.name()] {
+        let mut got = kept[&("nightly".to_string(), vm.to_string())].clone();
+        got.sort();
+        let want: Vec<String> = ["2027-01-08", "2027-01-09", "2027-01-10"]
+            .iter()
+            .map(|d| due_of(d, vm).to_string())
+            .collect();
+        assert_eq!(got, want, "{vm}");
+    }
+    assert_eq!(kept[&("weekly".to_string(), b.name().to_string())].len(), 1);
+    assert_eq!(kept.len(), 3);
+    // Each prune ran after a successful backup and removed exactly the ones beyond the count.
+    let prunes = jobs_where(&jobs, "prune", "ok");
+    assert_eq!(prunes.len(), 6, "{prunes:?}");
+    // Two run-due at once shared the work: no step produced the same backup twice.
+    for (now, ids) in &ran_per_step {
+        let set: BTreeSet<&String> = ids.iter().collect();
+        assert_eq!(set.len(), ids.len(), "{now}: {ids:?}");
+    }
+    // The guests were thawed: their agents answer and the disk takes writes.
+    for vm in [&a, &b] {
+        vm.sh("echo after > /mnt/vdb/after && sync").unwrap();
+    }
+}
+
+/// A loopback SMTP server (Debian's python3-aiosmtpd) delivering into a maildir.
+struct Smtp {
+    child: Child,
+    port: u16,
+    maildir: tempfile::TempDir,
+}
+
+impl Smtp {
+    fn start() -> Smtp {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let maildir = tempfile::tempdir().unwrap();
+        let child = Command::new("/usr/bin/python3")
+            .args(["-m", "aiosmtpd", "-n", "-l"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            // aiosmtpd's Mailbox creates the maildir (new, cur, tmp) when it does not exist.
+            .arg(maildir.path().join("mail"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3-aiosmtpd is installed (scripts/setup-host)");
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "SMTP server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Smtp {
+            child,
+            port,
+            maildir,
+        }
+    }
+
+    fn messages(&self) -> Vec<String> {
+        let new = self.maildir.path().join("mail/new");
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(new).into_iter().flatten().flatten() {
+            out.push(std::fs::read_to_string(e.path()).unwrap());
+        }
+        out
+    }
+}
+
+impl Drop for Smtp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let t = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_failing_scheduled_backup_is_recorded_deletes_nothing_and_is_reported_by_mail() {
+    let vm = TestVmBuilder::new("sch-fail")
+        .no_agent()
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .start()
+        .expect("guest starts");
+    let place = Place::new();
+    let smtp = Smtp::start();
+    let hook_out = place.dir.path().join("hook.json");
+    let config = place.dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[report]\nsmtp = \"127.0.0.1:{}\"\nfrom = \"vmbackup@test.invalid\"\nto = [\"ops@test.invalid\"]\ncommand = [\"/usr/bin/tee\", \"{}\"]\n",
+            smtp.port,
+            hook_out.display()
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_string_lossy().into_owned();
+    let add = vmbackup(
+        &place,
+        &[
+            "schedule",
+            "add",
+            "keep1",
+            "--vm",
+            vm.name(),
+            "--type",
+            "daily",
+            "--slot",
+            "3",
+            "--tz",
+            "UTC",
+            "--start",
+            "2027-02-01",
+            "--keep",
+            "1",
+            "--quiesce",
+            "preferred",
+        ],
+    );
+    assert_eq!(add.code, 0, "{}", add.stderr);
+
+    // Day 1: no agent, `preferred`: a crash-consistent backup.
+    let r = run_due_at(&place, &cfg, "2027-02-01T04:00:00Z");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let first = &r.json["run"]["jobs"][0]["results"][0];
+    assert_eq!(first["status"], "ok", "{}", r.json);
+    assert_eq!(first["consistency"], "crash");
+    let first_id = first["backup_id"].as_str().unwrap().to_string();
+
+    // Day 2: the schedule now requires the agent: the backup fails and deletes nothing.
+    let edit = vmbackup(
+        &place,
+        &["schedule", "edit", "keep1", "--quiesce", "required"],
+    );
+    assert_eq!(edit.code, 0, "{}", edit.stderr);
+    let r = run_due_at(&place, &cfg, "2027-02-02T04:00:00Z");
+    assert_eq!(r.code, 1, "a run whose only job failed: {}", r.json);
+    let second = &r.json["run"]["jobs"][0]["results"][0];
+    assert_eq!(second["status"], "failed");
+    assert!(second["pruned"].as_array().unwrap().is_empty());
+    let list = vmbackup(&place, &["list"]);
+    let ids: Vec<&str> = list.json["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![first_id.as_str()]);
+    let jobs = history(&place);
+    let failed = jobs_where(&jobs, "backup", "failed");
+    assert_eq!(failed.len(), 1, "{jobs:?}");
+    assert_eq!(failed[0]["vm"], vm.name());
+    assert_eq!(failed[0]["schedule"], "keep1");
+    let err = failed[0]["error"].as_str().unwrap();
+    assert!(err.contains("agent"), "{err}");
+    assert!(jobs_where(&jobs, "prune", "ok").is_empty());
+    assert!(jobs_where(&jobs, "prune", "failed").is_empty());
+
+    // Each run-due sent one report per job: a mail with the per-VM table, and the JSON to
+    // the command.
+    let mails = wait_for("two mails", || {
+        let m = smtp.messages();
+        (m.len() == 2).then_some(m)
+    });
+    let failed_mail = mails
+        .iter()
+        .find(|m| m.contains("Subject: vmbackup keep1: 0 ok, 1 failed"))
+        .unwrap_or_else(|| panic!("{mails:?}"));
+    assert!(failed_mail.contains(vm.name()));
+    assert!(failed_mail.contains("failed"));
+    assert!(
+        failed_mail.contains("2027-02-02T03:"),
+        "the due time in UTC: {failed_mail}"
+    );
+    assert!(failed_mail.contains("agent"), "{failed_mail}");
+    let ok_mail = mails
+        .iter()
+        .find(|m| m.contains("Subject: vmbackup keep1: 1 ok, 0 failed"))
+        .unwrap();
+    assert!(ok_mail.contains(&first_id));
+    let hook: Value = serde_json::from_slice(&std::fs::read(&hook_out).unwrap()).unwrap();
+    assert_eq!(hook["schedule"], "keep1");
+    assert_eq!(hook["results"][0]["status"], "failed");
+
+    // The history has both jobs, with start, end and duration.
+    let h = vmbackup(&place, &["history", "--all", "--vm", vm.name()]);
+    let jobs = h.json["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 2);
+    for j in jobs {
+        assert!(j["started"].is_string() && j["ended"].is_string() && j["duration_ms"].is_i64());
+    }
+}
+
+fn run_due_at(place: &Place, config: &str, now: &str) -> Run {
+    vmbackup(place, &["--config", config, "run-due", "--now", now])
+}
+
+fn schedule_names(place: &Place) -> Vec<String> {
+    let l = vmbackup(place, &["schedule", "list"]);
+    assert_eq!(l.code, 0, "{}", l.stderr);
+    l.json["schedules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_schedule_for_a_full_slot_is_refused_with_the_nearest_free_slots() {
+    let place = Place::new();
+    let cap = ["--slot-capacity", "2"];
+    let add = |name: &str, vms: &[&str], slot: &str| {
+        let mut args: Vec<&str> = cap.to_vec();
+        args.extend([
+            "schedule", "add", name, "--type", "daily", "--tz", "UTC", "--slot", slot,
+        ]);
+        for v in vms {
+            args.extend(["--vm", v]);
+        }
+        vmbackup(&place, &args)
+    };
+    assert_eq!(add("one", &["qemu:a", "qemu:b"], "2").code, 0);
+    assert_eq!(add("two", &["qemu:c"], "3").code, 0);
+    let before = schedule_names(&place);
+    let r = add("three", &["qemu:d"], "2");
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    let msg = r.json["error"].as_str().unwrap();
+    assert!(msg.contains("slot 02:00-03:00 UTC is full"), "{msg}");
+    assert!(msg.contains("2 of 2 VMs"), "{msg}");
+    assert!(
+        msg.contains("nearest slots with room: 01:00-02:00, 03:00-04:00, 00:00-01:00"),
+        "{msg}"
+    );
+    assert_eq!(schedule_names(&place), before, "nothing changed");
+    // `--slot auto` finds room; a disabled schedule takes none, and enabling it is checked.
+    let auto = add("three", &["qemu:d"], "auto");
+    assert_eq!(auto.code, 0, "{}", auto.stderr);
+    assert_eq!(auto.json["schedule"]["hour"], 0);
+    let mut args: Vec<&str> = cap.to_vec();
+    args.extend([
+        "schedule",
+        "add",
+        "four",
+        "--type",
+        "daily",
+        "--tz",
+        "UTC",
+        "--slot",
+        "2",
+        "--vm",
+        "qemu:e",
+        "--disabled",
+    ]);
+    assert_eq!(vmbackup(&place, &args).code, 0);
+    let mut args: Vec<&str> = cap.to_vec();
+    args.extend(["schedule", "enable", "four"]);
+    assert_eq!(vmbackup(&place, &args).code, 3);
+    // An edit into the full slot is refused the same way.
+    let mut args: Vec<&str> = cap.to_vec();
+    args.extend(["schedule", "edit", "two", "--slot", "2"]);
+    let r = vmbackup(&place, &args);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    let show = vmbackup(&place, &["schedule", "show", "two"]);
+    assert_eq!(show.json["schedule"]["hour"], 3);
+}
+
+#[test]
+fn bad_schedules_are_refused_with_exit_code_2_and_change_nothing() {
+    let place = Place::new();
+    let bad: [&[&str]; 7] = [
+        &[
+            "schedule",
+            "add",
+            "x",
+            "--vm",
+            "vmbt-no-such-vm",
+            "--type",
+            "daily",
+            "--slot",
+            "1",
+        ],
+        &[
+            "schedule", "add", "x", "--vm", "qemu:a", "--type", "weekly", "--slot", "1",
+        ],
+        &[
+            "schedule", "add", "x", "--vm", "qemu:a", "--type", "daily", "--slot", "24",
+        ],
+        &[
+            "schedule",
+            "add",
+            "x",
+            "--vm",
+            "qemu:a",
+            "--type",
+            "daily",
+            "--slot",
+            "1",
+            "--tz",
+            "Mars/Base",
+        ],
+        &[
+            "schedule", "add", "../x", "--vm", "qemu:a", "--type", "daily", "--slot", "1",
+        ],
+        &[
+            "schedule", "add", "x", "--vm", "qemu:a", "--type", "monthly", "--day", "32", "--slot",
+            "1",
+        ],
+        &["schedule", "edit", "nope", "--slot", "1"],
+    ];
+    for args in bad {
+        let r = vmbackup(&place, args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(r.json["error"].as_str().is_some_and(|e| !e.is_empty()));
+    }
+    assert!(schedule_names(&place).is_empty());
+    let r = vmbackup(&place, &["run-due", "--now", "yesterday"]);
+    assert_eq!(r.code, 2);
+    assert!(
+        !Path::new(&place.repo()).exists(),
+        "no repository was created"
+    );
+}
