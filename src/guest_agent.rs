@@ -122,10 +122,12 @@ pub struct GuestInterface {
 
 /// The guest's network interfaces and addresses (loopback left out).
 pub fn interfaces(dom: &Dom) -> Result<Vec<GuestInterface>> {
-    let r = dom.agent_command(
-        &json!({"execute": "guest-network-get-interfaces"}),
-        AGENT_CALL,
-    )?;
+    interfaces_within(dom, AGENT_CALL)
+}
+
+/// `interfaces`, waiting at most `timeout` for the agent.
+pub fn interfaces_within(dom: &Dom, timeout: Duration) -> Result<Vec<GuestInterface>> {
+    let r = dom.agent_command(&json!({"execute": "guest-network-get-interfaces"}), timeout)?;
     let list = r.as_array().ok_or_else(|| Error::AgentReply {
         command: "guest-network-get-interfaces".into(),
         detail: "not a list".into(),

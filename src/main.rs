@@ -355,13 +355,20 @@ fn cmd_restore(
     let r = vmbackup::restore::restore(&lv, &repo, &cfg.state_dir, id, &opts, &|l, d, t| {
         progress.show(l, d, t)
     })?;
+    let mut text = format!(
+        "restored {} onto {} ({}); it is powered off\n",
+        r.id,
+        r.vm,
+        r.disks.join(", ")
+    );
+    for s in &r.reserved {
+        text.push_str(&format!("DHCP reservation: {s}\n"));
+    }
+    for w in &r.warnings {
+        text.push_str(&format!("warning: {w}\n"));
+    }
     Ok(Output {
-        text: format!(
-            "restored {} onto {} ({}); it is powered off\n",
-            r.id,
-            r.vm,
-            r.disks.join(", ")
-        ),
+        text,
         json: json!({"ok": true, "restore": r}),
         code: exit::OK,
     })

@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::backup::lock_vm;
 use crate::error::{Error, Result};
 use crate::hypervisor::libvirt::{Libvirt, PowerState};
+use crate::hypervisor::network::{self, Reservation};
 use crate::hypervisor::vm::VmSpec;
 use crate::hypervisor::xml_edit;
 use crate::preflight::{Check, Report};
@@ -39,6 +40,146 @@ pub struct Restored {
     pub vm: String,
     pub disks: Vec<String>,
     pub duration_ms: u64,
+    /// DHCP reservations made or found on libvirt networks: `IP for MAC on NETWORK`.
+    pub reserved: Vec<String>,
+    /// What the restore could not do after the VM was restored.
+    pub warnings: Vec<String>,
+}
+
+/// How long a running VM's agent may take to say which addresses it has.
+const IP_QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Other running VMs whose guests report one of `ips`: `(ip, vm)`. VMs without an agent
+/// channel, or whose agent does not answer within `IP_QUERY_TIMEOUT`, are not asked.
+fn ip_conflicts(
+    lv: &Libvirt,
+    own_uuid: &str,
+    ips: &[std::net::Ipv4Addr],
+) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    if ips.is_empty() {
+        return Ok(out);
+    }
+    for name in lv.domain_names()? {
+        let Some(dom) = lv.find_domain(&name)? else {
+            continue;
+        };
+        if !dom.is_active()? {
+            continue;
+        }
+        let spec = VmSpec::from_xml(&dom.live_xml()?)?;
+        if spec.uuid == own_uuid || !spec.agent_channel {
+            continue;
+        }
+        let ifs = match crate::guest_agent::interfaces_within(&dom, IP_QUERY_TIMEOUT) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::debug!(vm = %name, error = %e, "no addresses from the agent");
+                continue;
+            }
+        };
+        let theirs: Vec<String> = ifs.into_iter().flat_map(|i| i.ips).collect();
+        for ip in network::ipv4s(&theirs) {
+            if ips.contains(&ip) {
+                out.push((ip.to_string(), name.clone()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A DHCP reservation to make on a libvirt network after the VM is defined.
+struct PlannedReservation {
+    network: String,
+    mac: String,
+    ip: String,
+    plan: Reservation,
+    live: bool,
+}
+
+/// For every vNIC on a libvirt network with a recorded IPv4 address, what its network's DHCP
+/// must reserve; a reservation of that address for another MAC is a conflict.
+fn plan_reservations(
+    lv: &Libvirt,
+    saved: &VmSpec,
+    m: &crate::repository::manifest::Manifest,
+) -> Result<(Vec<PlannedReservation>, Vec<String>)> {
+    let mut plans = Vec::new();
+    let mut conflicts = Vec::new();
+    for nic in saved.nics.iter().filter(|n| n.kind == "network") {
+        let (Some(net), Some(mac)) = (&nic.source, &nic.mac) else {
+            continue;
+        };
+        let recorded = m
+            .nics
+            .iter()
+            .find(|e| e.mac.as_deref() == Some(mac.as_str()))
+            .map(|e| network::ipv4s(&e.ips))
+            .unwrap_or_default();
+        if recorded.is_empty() {
+            continue;
+        }
+        let Some((xml, live)) = lv.network_xml(net)? else {
+            tracing::warn!(network = %net, "the vNIC's network does not exist; no reservation");
+            continue;
+        };
+        for ip in recorded {
+            let plan = network::plan(&xml, mac, ip).map_err(|e| Error::Xml(e.to_string()))?;
+            if let Reservation::Conflict { other_mac } = &plan {
+                conflicts.push(format!(
+                    "{ip} is reserved on network {net} for {other_mac}, not for {mac}"
+                ));
+            }
+            plans.push(PlannedReservation {
+                network: net.clone(),
+                mac: mac.clone(),
+                ip: ip.to_string(),
+                plan,
+                live,
+            });
+        }
+    }
+    Ok((plans, conflicts))
+}
+
+/// Makes the planned reservations; returns what is reserved, and what failed.
+fn reserve(lv: &Libvirt, plans: &[PlannedReservation]) -> (Vec<String>, Vec<String>) {
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    for p in plans {
+        let label = format!("{} for {} on {}", p.ip, p.mac, p.network);
+        let host = network::host_xml(&p.mac, &p.ip);
+        let r = match &p.plan {
+            Reservation::Present => Ok(true),
+            Reservation::NotServed | Reservation::Conflict { .. } => Ok(false),
+            Reservation::Add { ip_index } => lv
+                .network_dhcp_host(&p.network, true, *ip_index, &host, p.live)
+                .map(|_| true),
+            Reservation::Replace { ip_index, old_ip } => lv
+                .network_dhcp_host(
+                    &p.network,
+                    false,
+                    *ip_index,
+                    &network::host_xml(&p.mac, old_ip),
+                    p.live,
+                )
+                .and_then(|_| lv.network_dhcp_host(&p.network, true, *ip_index, &host, p.live))
+                .map(|_| true),
+        };
+        match r {
+            Ok(true) => {
+                tracing::info!("DHCP reservation: {label}");
+                done.push(label);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                let msg = format!("cannot reserve {label}: {}", crate::error::chain(&e));
+                tracing::error!("{msg}");
+                failed.push(msg);
+            }
+        }
+    }
+    (done, failed)
 }
 
 /// Temporary files of a restore, removed unless they were moved into place.
@@ -153,8 +294,10 @@ pub fn restore(
         saved.uuid.as_str()
     };
     let conflicts = mac_conflicts(lv, own_uuid, &macs)?;
+    let mut macs_replaced = false;
     if !conflicts.is_empty() {
         if opts.as_name.is_some() && opts.new_macs {
+            macs_replaced = true;
             xml = xml_edit::remove_elements(&xml, |n| {
                 n.has_tag_name("mac") && n.parent().is_some_and(|p| p.has_tag_name("interface"))
             })?;
@@ -174,6 +317,39 @@ pub fn restore(
                 format!("MAC address conflict: {}{hint}", list.join(", ")),
             ));
         }
+    }
+
+    // The recorded addresses: no other running VM may have one, and the networks' DHCP must
+    // be able to reserve them for the vNICs' MACs.
+    let recorded: Vec<std::net::Ipv4Addr> =
+        m.nics.iter().flat_map(|n| network::ipv4s(&n.ips)).collect();
+    let ip_taken = ip_conflicts(lv, own_uuid, &recorded)?;
+    if !ip_taken.is_empty() {
+        let list: Vec<String> = ip_taken
+            .iter()
+            .map(|(ip, vm)| format!("{ip} is in use by running VM {vm}"))
+            .collect();
+        return Err(refuse(
+            &name,
+            "ip-conflict",
+            format!("IP address conflict: {}", list.join(", ")),
+        ));
+    }
+    let (reservations, reserved_elsewhere) = if macs_replaced {
+        // New MACs are made by libvirt at define time: nothing to reserve for the old ones.
+        (Vec::new(), Vec::new())
+    } else {
+        plan_reservations(lv, &saved, &m)?
+    };
+    if !reserved_elsewhere.is_empty() {
+        return Err(refuse(
+            &name,
+            "dhcp-conflict",
+            format!(
+                "DHCP reservation conflict: {}",
+                reserved_elsewhere.join(", ")
+            ),
+        ));
     }
 
     // Every disk into a temporary file beside its image; chunks are checked while read.
@@ -251,12 +427,15 @@ pub fn restore(
         }
     }
     lv.define(&xml)?;
+    let (reserved, warnings) = reserve(lv, &reservations);
     tracing::info!(vm = %name, id, "restored; the VM is left powered off");
     Ok(Restored {
         id: id.to_string(),
         vm: name,
         disks: m.disks.iter().map(|d| d.target.clone()).collect(),
         duration_ms: started.elapsed().as_millis() as u64,
+        reserved,
+        warnings,
     })
 }
 

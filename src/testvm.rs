@@ -102,6 +102,7 @@ pub struct TestVmBuilder {
     memory_mib: u64,
     disks: Vec<DiskSpec>,
     mac: Option<String>,
+    network: Option<String>,
     agent: bool,
     cmdline_extra: String,
     boot_timeout: Duration,
@@ -123,6 +124,7 @@ impl TestVmBuilder {
             memory_mib: 256,
             disks: Vec::new(),
             mac: None,
+            network: None,
             agent: true,
             cmdline_extra: String::new(),
             boot_timeout: Duration::from_secs(180),
@@ -163,6 +165,12 @@ impl TestVmBuilder {
         self
     }
     /// The MAC of the VM's one vNIC (user-mode networking; no traffic leaves the host).
+    /// Puts the vNIC on libvirt network `name` instead of user-mode networking.
+    pub fn network(mut self, name: &str) -> Self {
+        self.network = Some(name.to_string());
+        self
+    }
+
     pub fn mac(mut self, mac: &str) -> Self {
         self.mac = Some(mac.to_string());
         self
@@ -357,7 +365,16 @@ impl TestVm {
                 t = escape_attr(&d.target),
             );
         }
-        x.push_str("    <interface type='user'>\n");
+        match &s.network {
+            Some(n) => {
+                let _ = writeln!(
+                    x,
+                    "    <interface type='network'>\n      <source network='{}'/>",
+                    escape_attr(n)
+                );
+            }
+            None => x.push_str("    <interface type='user'>\n"),
+        }
         if let Some(mac) = &s.mac {
             let _ = writeln!(x, "      <mac address='{}'/>", escape_attr(mac));
         }
@@ -571,6 +588,12 @@ pub fn clean_leftovers(lv: &Libvirt) -> Result<()> {
             }
         }
     }
+    for name in lv.network_names()? {
+        if name.starts_with(PREFIX) && stale(&name) {
+            eprintln!("testvm: removing leftover network {name}");
+            lv.remove_network(&name)?;
+        }
+    }
     if let Ok(entries) = std::fs::read_dir(test_root()) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -626,4 +649,67 @@ pub fn check_records(data: &[u8]) -> RecordCheck {
         }
     }
     RecordCheck { valid, bad }
+}
+
+/// A throwaway isolated libvirt network (no `<forward>`: no traffic leaves it) with DHCP on
+/// 192.168.`octet`.0/24, removed when dropped.
+pub struct TestNetwork {
+    name: String,
+    lv: Libvirt,
+    octet: u8,
+}
+
+impl TestNetwork {
+    /// Creates and starts the network; `octet` picks its /24 (it must be unique among the
+    /// tests running at once).
+    pub fn create(hint: &str, octet: u8) -> Result<TestNetwork> {
+        let lv = Libvirt::open(&test_uri())?;
+        CLEAN_LEFTOVERS.call_once(|| {
+            if let Err(e) = clean_leftovers(&lv) {
+                eprintln!("testvm: cleaning leftovers failed: {e}");
+            }
+        });
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id();
+        let name = format!("{PREFIX}{pid}-{n}-{hint}");
+        // Linux bridge names have at most 15 characters.
+        let bridge = format!("vb{}-{n}", pid % 10_000_000);
+        let xml = format!(
+            "<network>\n  <name>{}</name>\n  <bridge name='{}' stp='off'/>\n  \
+             <ip address='192.168.{octet}.1' netmask='255.255.255.0'>\n    <dhcp>\n      \
+             <range start='192.168.{octet}.100' end='192.168.{octet}.200'/>\n    </dhcp>\n  \
+             </ip>\n</network>\n",
+            escape_attr(&name),
+            escape_attr(&bridge)
+        );
+        lv.remove_network(&name)?;
+        lv.define_network(&xml)?;
+        Ok(TestNetwork { name, lv, octet })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// An address of the network's subnet.
+    pub fn ip(&self, host: u8) -> String {
+        format!("192.168.{}.{host}", self.octet)
+    }
+
+    /// The network's persistent XML.
+    pub fn xml(&self) -> Result<String> {
+        Ok(self
+            .lv
+            .network_xml(&self.name)?
+            .map(|(x, _)| x)
+            .unwrap_or_default())
+    }
+}
+
+impl Drop for TestNetwork {
+    fn drop(&mut self) {
+        if let Err(e) = self.lv.remove_network(&self.name) {
+            eprintln!("testvm: cannot remove network {}: {e}", self.name);
+        }
+    }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use vmbackup::hypervisor::vm::VmSpec;
-use vmbackup::testvm::{Format, TestVm, TestVmBuilder};
+use vmbackup::testvm::{Format, TestNetwork, TestVm, TestVmBuilder};
 
 fn virsh(args: &[&str]) {
     let out = Command::new("virsh")
@@ -296,4 +296,92 @@ fn restore_as_beside_the_original_needs_new_macs() {
     assert_ne!(s.nics[0].mac.as_deref(), Some(mac));
     // The original is untouched.
     assert_eq!(spec(&vm).nics[0].mac.as_deref(), Some(mac));
+}
+
+#[test]
+fn restore_reserves_the_recorded_ip_on_a_dhcp_network_and_refuses_an_ip_in_use() {
+    let net = TestNetwork::create("rs-net", 213).expect("an isolated network starts");
+    let mac = "52:54:00:4e:33:01";
+    let vm = TestVmBuilder::new("rs-ip")
+        .mac(mac)
+        .network(net.name())
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .start()
+        .expect("guest boots");
+    let ip = net.ip(50);
+    vm.sh(&format!(
+        "ip link set eth0 up && ip addr add {ip}/24 dev eth0"
+    ))
+    .unwrap();
+    let place = Place::new();
+    let b = vmbackup(&place, &["backup", vm.name(), "--quiesce", "required"]);
+    assert_eq!(b.code, 0, "{}", b.stderr);
+    let id = b.json["results"][0]["backup"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let show = vmbackup(&place, &["show", &id]);
+    assert_eq!(
+        show.json["manifest"]["nics"][0]["ips"],
+        serde_json::json!([format!("{ip}/24")]),
+        "the guest's address is recorded"
+    );
+    assert!(!net.xml().unwrap().contains(mac));
+
+    // Another running VM has the address now: refused with the figures, nothing changed.
+    let other = TestVmBuilder::new("rs-ip-other")
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .start()
+        .expect("second guest boots");
+    other
+        .sh(&format!(
+            "ip link set eth0 up && ip addr add {ip}/24 dev eth0"
+        ))
+        .unwrap();
+    let before = vm.dom().inactive_xml().unwrap();
+    let r = vmbackup(&place, &["restore", &id, "--power-off"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    let err = r.json["error"].as_str().unwrap();
+    assert!(err.contains(&ip) && err.contains(other.name()), "{err}");
+    assert!(
+        vm.dom().is_active().unwrap(),
+        "a refused restore powered the VM off"
+    );
+    assert_eq!(vm.dom().inactive_xml().unwrap(), before);
+    assert!(!net.xml().unwrap().contains(mac));
+
+    // Address free again: the restore reserves it for the vNIC's MAC on the network's DHCP.
+    other.sh(&format!("ip addr del {ip}/24 dev eth0")).unwrap();
+    let r = vmbackup(&place, &["restore", &id, "--power-off"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!vm.dom().is_active().unwrap());
+    let host = format!("<host mac='{mac}' ip='{ip}'/>");
+    let xml = net.xml().unwrap();
+    assert!(xml.contains(&host), "{xml}");
+    // Restored again: the reservation is there once.
+    let r = vmbackup(&place, &["restore", &id]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(net.xml().unwrap().matches(&host).count(), 1);
+    let s = spec(&vm);
+    assert_eq!(s.nics[0].mac.as_deref(), Some(mac));
+    assert_eq!(s.nics[0].source.as_deref(), Some(net.name()));
+    // Both restores are in the job history.
+    let h = vmbackup(&place, &["history", "--vm", vm.name()]);
+    let kinds: Vec<(String, String)> = h.json["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| {
+            (
+                j["kind"].as_str().unwrap().to_string(),
+                j["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let restored_ok = kinds
+        .iter()
+        .filter(|(k, s)| k == "restore" && s == "ok")
+        .count();
+    assert_eq!(restored_ok, 2, "{kinds:?}");
+    assert!(kinds.contains(&("backup".into(), "ok".into())));
 }

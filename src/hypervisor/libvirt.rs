@@ -80,6 +80,117 @@ impl Libvirt {
         Ok(Dom { dom, name })
     }
 
+    /// A libvirt network's XML and whether it is active; `None` when there is no such network.
+    pub fn network_xml(&self, name: &str) -> Result<Option<(String, bool)>> {
+        let err = |op, source| Error::Libvirt {
+            op,
+            domain: format!("network {name}"),
+            source,
+        };
+        let net = match self.conn.lookup_network_by_name(name) {
+            Ok(n) => n,
+            Err(e) if e.code().is(ErrorNumber::NoNetwork) => return Ok(None),
+            Err(e) => return Err(err("network lookup", e)),
+        };
+        let xml = net
+            .xml_desc(sys::VIR_NETWORK_XML_INACTIVE)
+            .map_err(|e| err("network XML", e))?;
+        let active = net.is_active().map_err(|e| err("network state", e))?;
+        Ok(Some((xml, active)))
+    }
+
+    /// Adds (`add`) or removes a `<host>` of the DHCP section of network `name`'s
+    /// `ip_index`-th `<ip>`, in its persistent definition and, when it runs, live.
+    pub fn network_dhcp_host(
+        &self,
+        name: &str,
+        add: bool,
+        ip_index: usize,
+        host_xml: &str,
+        live: bool,
+    ) -> Result<()> {
+        let err = |op, source| Error::Libvirt {
+            op,
+            domain: format!("network {name}"),
+            source,
+        };
+        let net = self
+            .conn
+            .lookup_network_by_name(name)
+            .map_err(|e| err("network lookup", e))?;
+        let cmd = if add {
+            sys::VIR_NETWORK_UPDATE_COMMAND_ADD_LAST
+        } else {
+            sys::VIR_NETWORK_UPDATE_COMMAND_DELETE
+        };
+        let mut flags = sys::VIR_NETWORK_UPDATE_AFFECT_CONFIG;
+        if live {
+            flags |= sys::VIR_NETWORK_UPDATE_AFFECT_LIVE;
+        }
+        net.update(
+            cmd,
+            sys::VIR_NETWORK_SECTION_IP_DHCP_HOST,
+            ip_index as i32,
+            host_xml,
+            flags,
+        )
+        .map_err(|e| err("network update", e))
+    }
+
+    /// Defines and starts a persistent network from XML.
+    pub fn define_network(&self, xml: &str) -> Result<()> {
+        let err = |op, source| Error::Libvirt {
+            op,
+            domain: "network (new)".into(),
+            source,
+        };
+        let net = self
+            .conn
+            .define_network_xml(xml)
+            .map_err(|e| err("network define", e))?;
+        if let Err(e) = net.create() {
+            let _ = net.undefine();
+            return Err(err("network start", e));
+        }
+        Ok(())
+    }
+
+    /// Stops (if running) and undefines network `name`; a missing one is fine.
+    pub fn remove_network(&self, name: &str) -> Result<()> {
+        let net = match self.conn.lookup_network_by_name(name) {
+            Ok(n) => n,
+            Err(e) if e.code().is(ErrorNumber::NoNetwork) => return Ok(()),
+            Err(source) => {
+                return Err(Error::Libvirt {
+                    op: "network lookup",
+                    domain: format!("network {name}"),
+                    source,
+                })
+            }
+        };
+        if net.is_active().unwrap_or(false) {
+            let _ = net.destroy();
+        }
+        net.undefine().map_err(|source| Error::Libvirt {
+            op: "network undefine",
+            domain: format!("network {name}"),
+            source,
+        })
+    }
+
+    /// The names of all networks, running or not.
+    pub fn network_names(&self) -> Result<Vec<String>> {
+        let nets = self
+            .conn
+            .list_all_networks(0)
+            .map_err(|source| Error::Libvirt {
+                op: "list networks",
+                domain: String::from("*"),
+                source,
+            })?;
+        Ok(nets.iter().filter_map(|n| n.name().ok()).collect())
+    }
+
     /// The names of all domains, running or not.
     pub fn domain_names(&self) -> Result<Vec<String>> {
         let doms = self

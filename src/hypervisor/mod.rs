@@ -2,6 +2,7 @@
 //! read from its domain XML (`vm`).
 
 pub mod libvirt;
+pub mod network;
 pub mod qmp;
 pub mod vm;
 pub mod xml_edit;
