@@ -13,6 +13,7 @@ pub mod image;
 pub mod names;
 pub mod notify;
 pub mod preflight;
+pub mod qcow2;
 pub mod repository;
 pub mod restore;
 pub mod schedule;

@@ -19,7 +19,7 @@ use crate::hypervisor::network::{self, Reservation};
 use crate::hypervisor::vm::VmSpec;
 use crate::hypervisor::xml_edit;
 use crate::preflight::{Check, Report};
-use crate::repository::disk::{restore_disk, DiskIndex};
+use crate::repository::disk::{restore_disk, restore_disk_qcow2, DiskIndex};
 use crate::repository::Repository;
 
 #[derive(Debug, Clone, Default)]
@@ -46,6 +46,18 @@ pub struct Restored {
     pub warnings: Vec<String>,
 }
 
+/// The result of a call on domain `name`, or `None` when it failed because the domain went
+/// away meanwhile (another tool undefined it while the restore looked at every VM).
+fn unless_gone<T>(lv: &Libvirt, name: &str, r: Result<T>) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) => match lv.find_domain(name)? {
+            None => Ok(None),
+            Some(_) => Err(e),
+        },
+    }
+}
+
 /// How long a running VM's agent may take to say which addresses it has.
 const IP_QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -64,10 +76,13 @@ fn ip_conflicts(
         let Some(dom) = lv.find_domain(&name)? else {
             continue;
         };
-        if !dom.is_active()? {
+        if !unless_gone(lv, &name, dom.is_active())?.unwrap_or(false) {
             continue;
         }
-        let spec = VmSpec::from_xml(&dom.live_xml()?)?;
+        let Some(xml) = unless_gone(lv, &name, dom.live_xml())? else {
+            continue;
+        };
+        let spec = VmSpec::from_xml(&xml)?;
         if spec.uuid == own_uuid || !spec.agent_channel {
             continue;
         }
@@ -216,7 +231,10 @@ fn mac_conflicts(lv: &Libvirt, own_uuid: &str, macs: &[String]) -> Result<Vec<(S
         let Some(dom) = lv.find_domain(&name)? else {
             continue;
         };
-        let spec = VmSpec::from_xml(&dom.inactive_xml()?)?;
+        let Some(xml) = unless_gone(lv, &name, dom.inactive_xml())? else {
+            continue;
+        };
+        let spec = VmSpec::from_xml(&xml)?;
         if spec.uuid == own_uuid {
             continue;
         }
@@ -365,6 +383,25 @@ pub fn restore(
             })?
             .to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("create folder", &dir, e))?;
+        let index = DiskIndex::decode(&repo.store().get(&d.index_object)?)?;
+        let label = format!("restore {} {}", m.vm_name, d.target);
+        let threads = opts.threads.max(1);
+        if d.format == "qcow2" && index.chunk_size % crate::qcow2::CLUSTER == 0 {
+            // Straight into a new qcow2 image: one pass, no raw copy to convert.
+            let q = dir.join(format!(
+                ".{}.vmbackup-restore-{}.qcow2",
+                d.target,
+                std::process::id()
+            ));
+            let _ = std::fs::remove_file(&q);
+            temps.0.push(q.clone());
+            restore_disk_qcow2(repo, &index, &q, threads, &|a, b| progress(&label, a, b))?;
+            std::fs::File::open(&q)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io("sync restored disk", &q, e))?;
+            moves.push((q, target));
+            continue;
+        }
         let raw = dir.join(format!(
             ".{}.vmbackup-restore-{}.raw",
             d.target,
@@ -372,11 +409,7 @@ pub fn restore(
         ));
         let _ = std::fs::remove_file(&raw);
         temps.0.push(raw.clone());
-        let index = DiskIndex::decode(&repo.store().get(&d.index_object)?)?;
-        let label = format!("restore {} {}", m.vm_name, d.target);
-        restore_disk(repo, &index, &raw, opts.threads.max(1), &|a, b| {
-            progress(&label, a, b)
-        })?;
+        restore_disk(repo, &index, &raw, threads, &|a, b| progress(&label, a, b))?;
         let ready = if d.format == "raw" {
             raw.clone()
         } else {

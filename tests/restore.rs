@@ -301,7 +301,7 @@ fn restore_as_beside_the_original_needs_new_macs() {
 #[test]
 fn restore_reserves_the_recorded_ip_on_a_dhcp_network_and_refuses_an_ip_in_use() {
     let net = TestNetwork::create("rs-net", 213).expect("an isolated network starts");
-    let mac = "52:54:00:4e:33:01";
+    let mac = "52:54:00:4e:55:01";
     let vm = TestVmBuilder::new("rs-ip")
         .mac(mac)
         .network(net.name())

@@ -224,6 +224,54 @@ pub fn restore_disk(
     Ok(())
 }
 
+/// Writes a stored disk into a new qcow2 image in one pass (zero clusters unallocated),
+/// checking every chunk. The chunk size must be a multiple of `qcow2::CLUSTER`. Not synced.
+pub fn restore_disk_qcow2(
+    repo: &Repository,
+    index: &DiskIndex,
+    out: &Path,
+    threads: usize,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<()> {
+    let io = |what: &'static str| {
+        move |source| RepoError::Io {
+            what,
+            path: out.to_path_buf(),
+            source,
+        }
+    };
+    if index.chunk_size % crate::qcow2::CLUSTER != 0 {
+        return Err(RepoError::BadIndex(format!(
+            "chunk size {} is not a multiple of the qcow2 cluster size",
+            index.chunk_size
+        )));
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(out)
+        .map_err(io("create"))?;
+    let writer = crate::qcow2::Qcow2Writer::new(file, index.virtual_size);
+    let done = AtomicU64::new(0);
+    let chunks = ChunkStore::new(repo.store());
+    for_each_parallel(index.chunks.len(), threads, |i| {
+        if let Some(d) = &index.chunks[i] {
+            let data = chunks.get(d)?;
+            writer
+                .write_at(i as u64 * index.chunk_size, &data)
+                .map_err(io("write"))?;
+        }
+        let d = done.fetch_add(1, Ordering::Relaxed) + 1;
+        progress(
+            (d * index.chunk_size).min(index.virtual_size),
+            index.virtual_size,
+        );
+        Ok(())
+    })?;
+    writer.finish().map_err(io("write"))?;
+    Ok(())
+}
+
 /// The digests of the distinct chunks of `index` that are missing or damaged.
 pub fn verify_disk(repo: &Repository, index: &DiskIndex) -> Result<Vec<String>> {
     let chunks = ChunkStore::new(repo.store());
@@ -306,6 +354,18 @@ mod tests {
             expect.to_str().unwrap(),
         ]);
         assert!(std::fs::read(&out).unwrap() == std::fs::read(&expect).unwrap());
+        let outq = d.path().join("out.qcow2");
+        restore_disk_qcow2(&repo, &b.index, &outq, 2, &|_, _| {}).unwrap();
+        run(&["qemu-img", "check", "-q", outq.to_str().unwrap()]);
+        run(&[
+            "qemu-img",
+            "compare",
+            "-q",
+            "-F",
+            "raw",
+            outq.to_str().unwrap(),
+            expect.to_str().unwrap(),
+        ]);
         assert!(verify_disk(&repo, &b.index).unwrap().is_empty());
 
         // Damage one chunk: verify names it and restore refuses.
