@@ -51,7 +51,7 @@ impl Qcow2Writer {
     /// Writes `data` at guest offset `offset` (cluster-aligned; `data` is whole clusters
     /// except at the end of the disk). Each guest range may be written once.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        if offset % CLUSTER != 0 || offset + data.len() as u64 > self.size {
+        if !offset.is_multiple_of(CLUSTER) || offset + data.len() as u64 > self.size {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "qcow2 write outside the image or not cluster-aligned",

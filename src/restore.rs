@@ -386,7 +386,7 @@ pub fn restore(
         let index = DiskIndex::decode(&repo.store().get(&d.index_object)?)?;
         let label = format!("restore {} {}", m.vm_name, d.target);
         let threads = opts.threads.max(1);
-        if d.format == "qcow2" && index.chunk_size % crate::qcow2::CLUSTER == 0 {
+        if d.format == "qcow2" && index.chunk_size.is_multiple_of(crate::qcow2::CLUSTER) {
             // Straight into a new qcow2 image: one pass, no raw copy to convert.
             let q = dir.join(format!(
                 ".{}.vmbackup-restore-{}.qcow2",

@@ -240,7 +240,7 @@ pub fn restore_disk_qcow2(
             source,
         }
     };
-    if index.chunk_size % crate::qcow2::CLUSTER != 0 {
+    if !index.chunk_size.is_multiple_of(crate::qcow2::CLUSTER) {
         return Err(RepoError::BadIndex(format!(
             "chunk size {} is not a multiple of the qcow2 cluster size",
             index.chunk_size

@@ -425,3 +425,78 @@ pub fn prune_all(state_dir: &Path, repo: &Repository, now: Timestamp) -> Result<
     }
     Ok(all)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::Recurrence;
+
+    fn spec() -> Spec {
+        Spec {
+            name: "nightly".into(),
+            vms: vec!["a".into()],
+            recurrence: Recurrence::Daily,
+            start_date: "2027-01-01".into(),
+            hour: 2,
+            tz: "UTC".into(),
+            retention: None,
+            enabled: true,
+            quiesce: "preferred".into(),
+        }
+    }
+
+    fn opts(now: &str, window_h: u64) -> Options {
+        Options {
+            now: now.parse().unwrap(),
+            catch_up: Duration::from_secs(window_h * 3600),
+            dry_run: false,
+        }
+    }
+
+    #[test]
+    fn missed_occurrences_run_once_inside_the_window_and_are_recorded_outside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let created = "2026-12-01T00:00:00Z"
+            .parse::<Timestamp>()
+            .unwrap()
+            .as_millisecond();
+        // Down from the 3rd to the 5th, 12:00; a 3-day window: the 5th runs, the 3rd and
+        // 4th are superseded; the 1st and 2nd are older than the window: missed.
+        let p = plan(&state, &spec(), created, &opts("2027-01-05T12:00:00Z", 72)).unwrap();
+        assert_eq!(p.run.len(), 1);
+        assert_eq!(
+            fmt_ms(p.run[0].1).get(..10),
+            Some("2027-01-05"),
+            "{:?}",
+            p.run
+        );
+        assert_eq!(p.missed.len(), 4);
+        assert_eq!(
+            p.missed
+                .iter()
+                .filter(|m| m.2.starts_with("superseded"))
+                .count(),
+            2
+        );
+        // A 6-hour window: the 5th (10 hours late) is missed too.
+        let p = plan(&state, &spec(), created, &opts("2027-01-05T12:00:00Z", 6)).unwrap();
+        assert!(p.run.is_empty());
+        assert_eq!(p.missed.len(), 5);
+        // Claimed occurrences are not planned again.
+        for (vm, due, _) in &p.missed {
+            assert!(state.claim("nightly", vm, *due).unwrap());
+        }
+        let p = plan(&state, &spec(), created, &opts("2027-01-05T12:00:00Z", 6)).unwrap();
+        assert!(p.run.is_empty() && p.missed.is_empty());
+        // Nothing before the schedule was created.
+        let late = "2027-01-04T00:00:00Z"
+            .parse::<Timestamp>()
+            .unwrap()
+            .as_millisecond();
+        let dir2 = tempfile::tempdir().unwrap();
+        let state2 = State::open(dir2.path()).unwrap();
+        let p = plan(&state2, &spec(), late, &opts("2027-01-05T12:00:00Z", 6)).unwrap();
+        assert_eq!(p.missed.len() + p.run.len(), 2, "the 4th and the 5th only");
+    }
+}
