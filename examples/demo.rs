@@ -1,7 +1,8 @@
 //! What `scripts/demo` shows: a throwaway VM, what vmbackup sees of it, its guest agent
 //! answering, a freeze and thaw, then a live backup through the `vmbackup` command (check,
-//! backup, list), and the proof that the backup holds what the guest had written. The VM
-//! and the demo repository are removed at the end.
+//! backup, list), the proof that the backup holds what the guest had written, and a restore
+//! onto the VM after which the guest reads the backup's data again. The VM and the demo
+//! repository are removed at the end.
 
 use std::time::{Duration, Instant};
 
@@ -132,6 +133,23 @@ fn main() -> anyhow::Result<()> {
         "   /hello in the guest now: {}",
         String::from_utf8_lossy(&vm.read_file("/mnt/vdb/hello")?)
     );
+
+    println!("== vmbackup restore onto the original VM (shut down first; left powered off)");
+    cli(&["restore", &m.id, "--power-off"])?;
+    anyhow::ensure!(!vm.dom().is_active()?, "the restored VM is running");
+    println!("   {} is powered off; starting it", vm.name());
+    vm.dom().start()?;
+    vm.wait_agent(Duration::from_secs(180))?;
+    let after = vm.read_file("/mnt/vdb/hello")?;
+    print!(
+        "   /hello in the guest after the restore: {}",
+        String::from_utf8_lossy(&after)
+    );
+    anyhow::ensure!(
+        after == b"written before the backup\n",
+        "the restored guest does not read the backup's data"
+    );
+    cli(&["history"])?;
 
     println!("== cleaning up {}", vm.name());
     drop(vm);

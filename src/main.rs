@@ -292,6 +292,14 @@ fn cmd_list(cfg: &Config, domain: Option<&str>) -> anyhow::Result<Output> {
         .into_iter()
         .filter(|m| domain.is_none_or(|d| m.vm_name == d))
         .collect();
+    // Pins live in the state database; listing does not create one.
+    let pinned = if cfg.state_dir.join("state.db").exists() {
+        vmbackup::state::State::open(&cfg.state_dir)
+            .and_then(|s| s.pinned())
+            .unwrap_or_default()
+    } else {
+        Default::default()
+    };
     let mut text = format!(
         "{:<40} {:<16} {:<24} {:<24} {:>10} {:>10} {:<6} {}\n",
         "ID", "VM", "START (UTC)", "END (UTC)", "LOGICAL", "STORED", "DISKS", "CONSISTENCY"
@@ -310,11 +318,17 @@ fn cmd_list(cfg: &Config, domain: Option<&str>) -> anyhow::Result<Output> {
             disks.join(","),
             m.consistency
         ));
+        if pinned.contains(&m.id) {
+            text.pop();
+            text.push_str(" (pinned)\n");
+        }
         rows.push(json!({
             "id": m.id, "vm_name": m.vm_name, "vm_uuid": m.vm_uuid,
             "started_at": m.started_at, "ended_at": m.ended_at,
             "logical_bytes": m.logical_bytes, "stored_bytes": m.stored_bytes,
             "disks": disks, "consistency": m.consistency, "freeze_ms": m.freeze_ms,
+            "schedule": m.schedule, "scheduled_for": m.scheduled_for,
+            "pinned": pinned.contains(&m.id),
         }));
     }
     Ok(Output {
