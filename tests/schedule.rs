@@ -136,6 +136,8 @@ fn a_simulated_week_runs_each_occurrence_once_keeps_the_newest_n_and_records_wha
     let start = ts("2027-01-04T00:00:00Z");
     let down = (ts("2027-01-07T00:00:00Z"), ts("2027-01-07T12:00:00Z"));
     let mut ran_per_step = Vec::new();
+    // VM a's first backup is pinned: retention neither deletes nor counts it.
+    let mut pinned: Option<String> = None;
     for h in 0..(7 * 24) {
         let now = plus_hours(start, h);
         if now >= down.0 && now < down.1 {
@@ -153,6 +155,16 @@ fn a_simulated_week_runs_each_occurrence_once_keeps_the_newest_n_and_records_wha
                         ok_ids.push(r["backup_id"].as_str().unwrap().to_string());
                     }
                 }
+            }
+        }
+        if pinned.is_none() {
+            if let Some(id) = ok_ids
+                .iter()
+                .find(|i| i.starts_with(&format!("{}-", a.name())))
+            {
+                let p = vmbackup(&place, &["pin", id]);
+                assert_eq!(p.code, 0, "{}", p.stderr);
+                pinned = Some(id.clone());
             }
         }
         if !ok_ids.is_empty() {
@@ -211,7 +223,8 @@ fn a_simulated_week_runs_each_occurrence_once_keeps_the_newest_n_and_records_wha
         .collect();
     assert_eq!(missed, want);
 
-    // Retention: the newest 3 of each VM's nightly backups stay; the weekly one too.
+    // Retention: the newest 3 of each VM's nightly backups stay (and a's pinned first one);
+    // the weekly one too.
     let repo = Repository::open(&place.repo()).unwrap();
     let mut kept: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
     for m in repo.list().unwrap() {
@@ -222,17 +235,29 @@ fn a_simulated_week_runs_each_occurrence_once_keeps_the_newest_n_and_records_wha
     for vm in [a.name(), b.name()] {
         let mut got = kept[&("nightly".to_string(), vm.to_string())].clone();
         got.sort();
-        let want: Vec<String> = ["2027-01-08", "2027-01-09", "2027-01-10"]
-            .iter()
-            .map(|d| due_of(d, vm).to_string())
-            .collect();
+        let days: &[&str] = if vm == a.name() {
+            &["2027-01-04", "2027-01-08", "2027-01-09", "2027-01-10"]
+        } else {
+            &["2027-01-08", "2027-01-09", "2027-01-10"]
+        };
+        let want: Vec<String> = days.iter().map(|d| due_of(d, vm).to_string()).collect();
         assert_eq!(got, want, "{vm}");
     }
+    let list = vmbackup(&place, &["list", a.name()]);
+    let pinned_rows: Vec<&Value> = list.json["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["pinned"] == true)
+        .collect();
+    assert_eq!(pinned_rows.len(), 1);
+    assert_eq!(pinned_rows[0]["id"].as_str(), pinned.as_deref());
     assert_eq!(kept[&("weekly".to_string(), b.name().to_string())].len(), 1);
     assert_eq!(kept.len(), 3);
-    // Each prune ran after a successful backup and removed exactly the ones beyond the count.
+    // Each prune ran after a successful backup and removed exactly the ones beyond the count:
+    // a's after the 9th and 10th (its pinned one does not count), b's after the 8th to 10th.
     let prunes = jobs_where(&jobs, "prune", "ok");
-    assert_eq!(prunes.len(), 6, "{prunes:?}");
+    assert_eq!(prunes.len(), 5, "{prunes:?}");
     // Two run-due at once shared the work: no step produced the same backup twice.
     for (now, ids) in &ran_per_step {
         let set: BTreeSet<&String> = ids.iter().collect();
