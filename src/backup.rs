@@ -346,12 +346,24 @@ pub fn backup(
 ) -> Result<Outcome> {
     let started = Instant::now();
     let started_at = now_utc();
+    names::check_component(name)?;
+    let dom = lv.domain(name)?;
+    let _lock = lock_vm(state_dir, name)?;
+    // A run killed between its snapshot and its commit left the VM on overlays: finish it.
+    let recovered = crate::recover::recover_vm(lv, &dom, opts)?;
+    if !recovered.is_empty() {
+        tracing::warn!(
+            vm = name,
+            disks = recovered.len(),
+            "finished an interrupted backup's commit back"
+        );
+    }
+    drop(dom);
     let subject = survey(lv, name, repo.path(), opts)?;
     let report = preflight(&subject, opts);
     if !report.ok {
         return Err(Error::Refused(Box::new(report)));
     }
-    let _lock = lock_vm(state_dir, name)?;
     let _repo_lock = lock_repo(repo)?;
     check_interrupted()?;
     let id = new_backup_id(name, jiff::Timestamp::now().as_second().max(0) as u64);
@@ -849,6 +861,26 @@ fn copy_disks(
 
 /// Commits every overlay back into its original image, pivots, checks the live and inactive
 /// definitions, and deletes the overlays. Tries every disk even when one fails.
+/// Commits overlays `(target, overlay, original image)` of running VM `dom` back, as at the
+/// end of a backup (for `recover`).
+pub fn commit_overlays(
+    lv: &Libvirt,
+    dom: &Dom,
+    disks: &[(String, String, String)],
+    opts: &Options,
+) -> Result<()> {
+    let work: Vec<Work> = disks
+        .iter()
+        .map(|(target, overlay, image)| Work {
+            target: target.clone(),
+            source: image.clone(),
+            format: String::new(),
+            overlay: Some(PathBuf::from(overlay)),
+        })
+        .collect();
+    commit_back(lv, dom, &work, opts)
+}
+
 fn commit_back(lv: &Libvirt, dom: &Dom, work: &[Work], opts: &Options) -> Result<()> {
     let mut first_err = None;
     for w in work {

@@ -158,8 +158,12 @@ pub enum Command {
     Pin { id: String },
     /// Let retention remove a backup again
     Unpin { id: String },
-    /// Finish or undo what an interrupted run left
-    Recover,
+    /// Finish what an interrupted backup left (VMs on snapshot overlays, unpublished data);
+    /// every backup also does it first for its own VM
+    Recover {
+        /// Only these VMs [default: all]
+        domains: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -242,27 +246,4 @@ pub enum ScheduleCommand {
     Disable { name: String },
     /// Remove a schedule
     Remove { name: String },
-}
-
-impl Command {
-    /// The command's name as the user typed it, for messages.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Command::Check { .. } => "check",
-            Command::Backup { .. } => "backup",
-            Command::List { .. } => "list",
-            Command::Show { .. } => "show",
-            Command::Restore { .. } => "restore",
-            Command::Delete { .. } => "delete",
-            Command::Verify { .. } => "verify",
-            Command::Prune => "prune",
-            Command::Gc => "gc",
-            Command::Schedule(_) => "schedule",
-            Command::RunDue { .. } => "run-due",
-            Command::History { .. } => "history",
-            Command::Recover => "recover",
-            Command::Pin { .. } => "pin",
-            Command::Unpin { .. } => "unpin",
-        }
-    }
 }

@@ -62,8 +62,6 @@ pub enum Error {
     Command { program: String, detail: String },
     #[error("config {}: {detail}", path.display())]
     Config { path: PathBuf, detail: String },
-    #[error("{0}: not implemented yet")]
-    NotImplemented(&'static str),
     #[error("refused by pre-flight: {}", .0.refusals().join("; "))]
     Refused(Box<crate::preflight::Report>),
     #[error("busy: {0}")]

@@ -14,6 +14,7 @@ pub mod names;
 pub mod notify;
 pub mod preflight;
 pub mod qcow2;
+pub mod recover;
 pub mod repository;
 pub mod restore;
 pub mod schedule;

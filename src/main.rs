@@ -448,6 +448,48 @@ fn cmd_gc(cfg: &Config) -> anyhow::Result<Output> {
     }
 }
 
+fn cmd_recover(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
+    let lv = Libvirt::open(&cfg.connect)?;
+    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    let r = vmbackup::recover::recover(&lv, &repo, &cfg.state_dir, domains, &cfg.backup)?;
+    let mut text = String::new();
+    for d in &r.disks {
+        text.push_str(&format!(
+            "{} {}: committed {} back into {}\n",
+            d.vm, d.disk, d.overlay, d.image
+        ));
+    }
+    for b in &r.busy {
+        text.push_str(&format!(
+            "{b}: busy (a backup or restore runs), left alone\n"
+        ));
+    }
+    for e in &r.errors {
+        text.push_str(&format!("error: {e}\n"));
+    }
+    if r.removed_objects > 0 {
+        text.push_str(&format!(
+            "removed {} objects of unfinished backups\n",
+            r.removed_objects
+        ));
+    }
+    if text.is_empty() {
+        text.push_str("nothing to recover\n");
+    }
+    let code = if !r.errors.is_empty() {
+        exit::FAILED
+    } else if !r.busy.is_empty() {
+        exit::BUSY
+    } else {
+        exit::OK
+    };
+    Ok(Output {
+        json: json!({"ok": code == exit::OK, "recover": r}),
+        text,
+        code,
+    })
+}
+
 fn run(cli: cli::Cli) -> anyhow::Result<Output> {
     let file = FileConfig::load(cli.global.config.as_deref())?;
     let cfg = Config::resolve(cli.global.overrides(), file)?;
@@ -488,12 +530,12 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
         C::Verify { ids } => cmd_verify(&cfg, ids),
         C::Gc => cmd_gc(&cfg),
         C::Prune => cli_schedule::cmd_prune(&cfg),
+        C::Recover { domains } => cmd_recover(&cfg, domains),
         C::Schedule(c) => cli_schedule::cmd_schedule(&cfg, c),
         C::RunDue { now, dry_run } => cli_schedule::cmd_run_due(&cfg, now.as_deref(), *dry_run),
         C::History { days, all, vm } => cli_schedule::cmd_history(&cfg, *days, *all, vm.as_deref()),
         C::Pin { id } => cli_schedule::cmd_pin(&cfg, id, true),
         C::Unpin { id } => cli_schedule::cmd_pin(&cfg, id, false),
-        other => Err(vmbackup::Error::NotImplemented(other.name()).into()),
     }
 }
 

@@ -435,3 +435,83 @@ fn a_shut_off_vm_is_backed_up_without_snapshot_and_cannot_start_on_a_disk_being_
     // And a running VM's image cannot be taken for a shut-off backup read.
     assert!(vmbackup::backup::forbid_writers(&vm.disk_paths()[0]).is_err());
 }
+
+/// What a backup killed between its snapshot and its commit back leaves: the VM running on a
+/// vmbackup overlay (named as vmbackup names them), made here with virsh.
+fn leave_on_overlay(vm: &TestVm, tag: &str) -> PathBuf {
+    let overlay = vm.dir().join(format!(
+        "{}.vdb.vmbackup-{}-{tag}.qcow2",
+        vm.name(),
+        vm.name()
+    ));
+    let out = Command::new("virsh")
+        .args(["-c", "qemu:///system", "snapshot-create-as", vm.name()])
+        .args(["--disk-only", "--no-metadata", "--atomic", "--diskspec"])
+        .arg(format!("vdb,snapshot=external,file={}", overlay.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let live = vm.dom().live_xml().unwrap();
+    assert_eq!(
+        disk_sources(&live),
+        vec![overlay.to_string_lossy().into_owned()]
+    );
+    overlay
+}
+
+#[test]
+fn a_backup_killed_between_snapshot_and_commit_is_finished_by_recover_and_by_the_next_backup() {
+    let vm = TestVmBuilder::new("bk-recover")
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .start()
+        .expect("guest boots");
+    let image = vm_paths(&vm);
+    let place = Place::new();
+
+    // `recover` commits the overlay back, pivots, fixes the definition, deletes the overlay.
+    let ov = leave_on_overlay(&vm, "first");
+    vm.write_file("/mnt/vdb/on-overlay", b"written while on the overlay")
+        .unwrap();
+    let r = vmbackup(&place, &["recover", vm.name()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json["recover"]["disks"][0]["disk"], "vdb");
+    assert_eq!(disk_sources(&vm.dom().live_xml().unwrap()), image);
+    assert_eq!(disk_sources(&vm.dom().inactive_xml().unwrap()), image);
+    assert!(!ov.exists(), "the overlay is deleted");
+    assert_eq!(
+        vm.read_file("/mnt/vdb/on-overlay").unwrap(),
+        b"written while on the overlay"
+    );
+
+    // The next backup of the VM does the same first, then backs up what the guest wrote.
+    let ov = leave_on_overlay(&vm, "second");
+    vm.write_file("/mnt/vdb/second", b"second overlay").unwrap();
+    vm.sh("sync").unwrap();
+    let b = vmbackup(&place, &["backup", vm.name(), "--quiesce", "required"]);
+    assert_eq!(b.code, 0, "{}", b.stderr);
+    assert_eq!(disk_sources(&vm.dom().live_xml().unwrap()), image);
+    assert_eq!(disk_sources(&vm.dom().inactive_xml().unwrap()), image);
+    assert!(!ov.exists());
+    assert!(
+        files_in(vm.dir()).iter().all(|f| !f.contains(".vmbackup-")),
+        "{:?}",
+        files_in(vm.dir())
+    );
+    let id = b.json["results"][0]["backup"]["id"].as_str().unwrap();
+    let out = place.dir.path().join("vdb.raw");
+    restore_disk_of(&place.repo(), id, "vdb", &out);
+    assert_eq!(read_from_ext4(&out, "/second"), b"second overlay");
+    assert_eq!(
+        read_from_ext4(&out, "/on-overlay"),
+        b"written while on the overlay"
+    );
+
+    // Nothing is left to recover.
+    let r = vmbackup(&place, &["recover", vm.name()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.json["recover"]["disks"].as_array().unwrap().is_empty());
+}

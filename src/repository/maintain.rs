@@ -53,6 +53,11 @@ impl Repository {
         lock(self, false)
     }
 
+    /// The repository to itself (no backup writing); `None` while one does.
+    pub fn lock_exclusive(&self) -> Result<Option<RepoLock>> {
+        lock(self, true)
+    }
+
     /// Deletes backup `id`: its manifest first (it disappears from lists at once), then the
     /// rest of its objects. Its chunks stay until `gc`.
     pub fn delete(&self, id: &str) -> Result<()> {
