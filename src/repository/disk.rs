@@ -184,6 +184,50 @@ pub fn backup_disk(
     })
 }
 
+/// Reads every data chunk of `index` (checked against its digest) and hands it to `write`
+/// with its guest offset, on `threads` threads; zero chunks are skipped.
+fn for_each_data_chunk(
+    repo: &Repository,
+    index: &DiskIndex,
+    threads: usize,
+    progress: &(dyn Fn(u64, u64) + Sync),
+    write: impl Fn(u64, &[u8]) -> Result<()> + Sync,
+) -> Result<()> {
+    let done = AtomicU64::new(0);
+    let chunks = ChunkStore::new(repo.store());
+    for_each_parallel(index.chunks.len(), threads, |i| {
+        if let Some(d) = &index.chunks[i] {
+            write(i as u64 * index.chunk_size, &chunks.get(d)?)?;
+        }
+        let d = done.fetch_add(1, Ordering::Relaxed) + 1;
+        progress(
+            (d * index.chunk_size).min(index.virtual_size),
+            index.virtual_size,
+        );
+        Ok(())
+    })
+}
+
+fn create_new(out: &Path) -> Result<std::fs::File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(out)
+        .map_err(|source| RepoError::Io {
+            what: "create",
+            path: out.to_path_buf(),
+            source,
+        })
+}
+
+fn write_error(out: &Path) -> impl Fn(std::io::Error) -> RepoError + '_ {
+    move |source| RepoError::Io {
+        what: "write",
+        path: out.to_path_buf(),
+        source,
+    }
+}
+
 /// Writes a stored disk into a new raw file (zero chunks stay holes), checking every chunk.
 /// The file is not synced: the caller makes the final image durable (it may convert first).
 pub fn restore_disk(
@@ -193,35 +237,11 @@ pub fn restore_disk(
     threads: usize,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<()> {
-    let io = |what: &'static str| {
-        move |source| RepoError::Io {
-            what,
-            path: out.to_path_buf(),
-            source,
-        }
-    };
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(out)
-        .map_err(io("create"))?;
-    file.set_len(index.virtual_size).map_err(io("size"))?;
-    let done = AtomicU64::new(0);
-    let chunks = ChunkStore::new(repo.store());
-    for_each_parallel(index.chunks.len(), threads, |i| {
-        if let Some(d) = &index.chunks[i] {
-            let data = chunks.get(d)?;
-            file.write_all_at(&data, i as u64 * index.chunk_size)
-                .map_err(io("write"))?;
-        }
-        let d = done.fetch_add(1, Ordering::Relaxed) + 1;
-        progress(
-            (d * index.chunk_size).min(index.virtual_size),
-            index.virtual_size,
-        );
-        Ok(())
-    })?;
-    Ok(())
+    let file = create_new(out)?;
+    file.set_len(index.virtual_size).map_err(write_error(out))?;
+    for_each_data_chunk(repo, index, threads, progress, |at, data| {
+        file.write_all_at(data, at).map_err(write_error(out))
+    })
 }
 
 /// Writes a stored disk into a new qcow2 image in one pass (zero clusters unallocated),
@@ -233,42 +253,17 @@ pub fn restore_disk_qcow2(
     threads: usize,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<()> {
-    let io = |what: &'static str| {
-        move |source| RepoError::Io {
-            what,
-            path: out.to_path_buf(),
-            source,
-        }
-    };
     if !index.chunk_size.is_multiple_of(crate::qcow2::CLUSTER) {
         return Err(RepoError::BadIndex(format!(
             "chunk size {} is not a multiple of the qcow2 cluster size",
             index.chunk_size
         )));
     }
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(out)
-        .map_err(io("create"))?;
-    let writer = crate::qcow2::Qcow2Writer::new(file, index.virtual_size);
-    let done = AtomicU64::new(0);
-    let chunks = ChunkStore::new(repo.store());
-    for_each_parallel(index.chunks.len(), threads, |i| {
-        if let Some(d) = &index.chunks[i] {
-            let data = chunks.get(d)?;
-            writer
-                .write_at(i as u64 * index.chunk_size, &data)
-                .map_err(io("write"))?;
-        }
-        let d = done.fetch_add(1, Ordering::Relaxed) + 1;
-        progress(
-            (d * index.chunk_size).min(index.virtual_size),
-            index.virtual_size,
-        );
-        Ok(())
+    let writer = crate::qcow2::Qcow2Writer::new(create_new(out)?, index.virtual_size);
+    for_each_data_chunk(repo, index, threads, progress, |at, data| {
+        writer.write_at(at, data).map_err(write_error(out))
     })?;
-    writer.finish().map_err(io("write"))?;
+    writer.finish().map_err(write_error(out))?;
     Ok(())
 }
 
