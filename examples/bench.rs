@@ -32,6 +32,10 @@ struct Measured {
 /// Runs a program (no shell) and measures it with `wait4`, which reports the peak RSS of
 /// exactly that child.
 fn measure(program: &str, args: &[&str]) -> Result<Measured> {
+    // Every tool starts on a quiet page cache: what the previous tool left dirty is written
+    // out first, untimed, so that nobody pays for another's writes (vmbackup's syncfs would).
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
     let start = Instant::now();
     let out_path = std::env::temp_dir().join(format!("bench-out-{}", std::process::id()));
     let out_file = std::fs::File::create(&out_path)?;
