@@ -221,13 +221,15 @@ pub fn run_due(
                 job.results.push(empty_result(vm, *due, "due"));
                 continue;
             }
-            if !state.claim(&spec.name, vm, *due)? {
-                continue; // another run-due has it
-            }
+            // Opened before the claim: a repository that cannot be opened fails this run-due
+            // with nothing claimed, so the next one tries the occurrence again.
             if repo.is_none() {
                 repo = Some(Repository::open(&cfg.repo)?);
             }
             let repo = repo.as_ref().expect("opened above");
+            if !state.claim(&spec.name, vm, *due)? {
+                continue; // another run-due has it
+            }
             if lv.is_none() && !vm.starts_with("qemu:") {
                 match Libvirt::open(&cfg.connect) {
                     Ok(l) => lv = Some(l),
