@@ -57,6 +57,9 @@ pub struct ImageInfo {
     pub actual_size: u64,
     #[serde(rename = "backing-filename", default)]
     pub backing_file: Option<String>,
+    /// The backing file's path as QEMU resolves it (absolute).
+    #[serde(rename = "full-backing-filename", default)]
+    pub full_backing_file: Option<String>,
 }
 
 /// `qemu-img info` of an image; `-U` so that it works while QEMU holds the image.
@@ -67,6 +70,29 @@ pub fn info(path: &Path) -> Result<ImageInfo> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// `qemu-img commit -d`: writes an overlay's data into its backing image (the overlay is
+/// left as it is, for the caller to delete). The image must not be in use.
+pub fn commit(overlay: &Path) -> Result<()> {
+    qemu_img(&["commit", "-q", "-d", &overlay.to_string_lossy()]).map(|_| ())
+}
+
+/// `qemu-img convert` of `src` (format `src_format`) into a new image `dst` of `dst_format`,
+/// with out-of-order writes.
+pub fn convert(src: &Path, src_format: &str, dst: &Path, dst_format: &str) -> Result<()> {
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-W",
+        "-f",
+        src_format,
+        "-O",
+        dst_format,
+        &src.to_string_lossy(),
+        &dst.to_string_lossy(),
+    ])
+    .map(|_| ())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -76,20 +76,11 @@ fn overlays_in(vm: &str, xml: &str) -> Result<Vec<(String, String, Option<String
     Ok(out)
 }
 
-/// The backing file `qemu-img` reads in an overlay's header (shared read: QEMU may hold it).
+/// The backing image named in an overlay's header (read shared: QEMU may hold it).
 fn backing_of(overlay: &str) -> Result<String> {
-    let out = std::process::Command::new("qemu-img")
-        .args(["info", "-U", "--output=json", overlay])
-        .output()
-        .map_err(|e| Error::Command {
-            program: "qemu-img info".into(),
-            detail: e.to_string(),
-        })?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v["full-backing-filename"]
-        .as_str()
-        .or(v["backing-filename"].as_str())
-        .map(str::to_string)
+    let info = crate::image::info(Path::new(overlay))?;
+    info.full_backing_file
+        .or(info.backing_file)
         .ok_or_else(|| Error::Command {
             program: "qemu-img info".into(),
             detail: format!("{overlay} names no backing image"),
@@ -125,20 +116,7 @@ pub fn recover_vm(lv: &Libvirt, dom: &Dom, opts: &Options) -> Result<Vec<Recover
     } else {
         let mut inactive = dom.inactive_xml()?;
         for (target, overlay, image) in &work {
-            let out = std::process::Command::new("qemu-img")
-                .args(["commit", "-q", "-d"])
-                .arg(overlay)
-                .output()
-                .map_err(|e| Error::Command {
-                    program: "qemu-img commit".into(),
-                    detail: e.to_string(),
-                })?;
-            if !out.status.success() {
-                return Err(Error::Command {
-                    program: "qemu-img commit".into(),
-                    detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-                });
-            }
+            crate::image::commit(Path::new(overlay))?;
             inactive = xml_edit::set_disk_source(&inactive, target, image)?;
         }
         lv.define(&inactive)?;

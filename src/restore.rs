@@ -421,21 +421,7 @@ pub fn restore(
             ));
             let _ = std::fs::remove_file(&conv);
             temps.0.push(conv.clone());
-            let out = std::process::Command::new("qemu-img")
-                .args(["convert", "-q", "-W", "-f", "raw", "-O", &d.format])
-                .arg(&raw)
-                .arg(&conv)
-                .output()
-                .map_err(|e| Error::Command {
-                    program: "qemu-img convert".into(),
-                    detail: e.to_string(),
-                })?;
-            if !out.status.success() {
-                return Err(Error::Command {
-                    program: "qemu-img convert".into(),
-                    detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-                });
-            }
+            crate::image::convert(&raw, "raw", &conv, &d.format)?;
             conv
         };
         // Durable before it replaces anything.

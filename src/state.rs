@@ -413,20 +413,9 @@ fn process_alive(pid: i64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schedule::Recurrence;
 
     fn spec(name: &str) -> Spec {
-        Spec {
-            name: name.into(),
-            vms: vec!["a".into()],
-            recurrence: Recurrence::Daily,
-            start_date: "2027-01-01".into(),
-            hour: 2,
-            tz: "UTC".into(),
-            retention: None,
-            enabled: true,
-            quiesce: "preferred".into(),
-        }
+        Spec::example(name)
     }
 
     #[test]

@@ -103,6 +103,24 @@ impl Spec {
     }
 }
 
+#[cfg(test)]
+impl Spec {
+    /// A daily 02:00 UTC schedule of VM `a` from 2027-01-01, for tests.
+    pub(crate) fn example(name: &str) -> Spec {
+        Spec {
+            name: name.into(),
+            vms: vec!["a".into()],
+            recurrence: Recurrence::Daily,
+            start_date: "2027-01-01".into(),
+            hour: 2,
+            tz: "UTC".into(),
+            retention: None,
+            enabled: true,
+            quiesce: "preferred".into(),
+        }
+    }
+}
+
 pub fn slot_label(hour: u8, tz: &str) -> String {
     format!("{:02}:00-{:02}:00 {tz}", hour, (hour + 1) % 24)
 }

@@ -431,20 +431,9 @@ pub fn prune_all(state_dir: &Path, repo: &Repository, now: Timestamp) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schedule::Recurrence;
 
     fn spec() -> Spec {
-        Spec {
-            name: "nightly".into(),
-            vms: vec!["a".into()],
-            recurrence: Recurrence::Daily,
-            start_date: "2027-01-01".into(),
-            hour: 2,
-            tz: "UTC".into(),
-            retention: None,
-            enabled: true,
-            quiesce: "preferred".into(),
-        }
+        Spec::example("nightly")
     }
 
     fn opts(now: &str, window_h: u64) -> Options {
