@@ -523,3 +523,39 @@ fn a_backup_killed_between_snapshot_and_commit_is_finished_by_recover_and_by_the
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.json["recover"]["disks"].as_array().unwrap().is_empty());
 }
+
+#[test]
+fn recover_commits_the_overlay_of_a_vm_shut_off_since_offline() {
+    let vm = TestVmBuilder::new("bk-recover-off")
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .start()
+        .expect("guest boots");
+    let image = vm_paths(&vm);
+    let ov = leave_on_overlay(&vm, "off");
+    vm.write_file("/mnt/vdb/on-overlay", b"written before the power cut")
+        .unwrap();
+    vm.sh("sync").unwrap();
+    vm.dom().destroy().unwrap();
+    assert_eq!(
+        disk_sources(&vm.dom().inactive_xml().unwrap()),
+        vec![ov.to_string_lossy().into_owned()],
+        "the shut-off VM's definition names the overlay"
+    );
+    let place = Place::new();
+    let r = vmbackup(&place, &["recover", vm.name()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json["recover"]["disks"][0]["image"], image[0].as_str());
+    assert_eq!(disk_sources(&vm.dom().inactive_xml().unwrap()), image);
+    assert!(!ov.exists(), "the overlay is deleted");
+    let raw = place.dir.path().join("vdb.raw");
+    let st = Command::new("qemu-img")
+        .args(["convert", "-O", "raw", &image[0]])
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(
+        read_from_ext4(&raw, "/on-overlay"),
+        b"written before the power cut"
+    );
+}
