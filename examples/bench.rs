@@ -5,7 +5,10 @@
 //! repetitive text. Each round runs, in turn, `vmbackup backup` into a fresh repository,
 //! `virtnbdbackup -l full` into a fresh folder, and `qemu-img convert -O qcow2` of both images.
 //! Prints the medians, the ratios, the median freeze, the peak RSS of each tool, the bytes
-//! stored, and the bytes a second backup of the unchanged VM adds.
+//! stored, and the bytes a second backup of the unchanged VM adds. Each round also measures
+//! two floors: `dd` writing as many bytes as vmbackup stored, with an fsync (the disk's cost
+//! of making them durable), and the guest agent freezing and thawing with nothing in between
+//! (the guest's own cost of a freeze); and `sync` after virtnbdbackup, which never fsyncs.
 //!
 //! Environment: BENCH_ROUNDS (default 3), BENCH_DIR (default /var/tmp/vmbackup-bench),
 //! BENCH_VMBACKUP (path of the vmbackup binary; default target/release/vmbackup).
@@ -94,6 +97,37 @@ fn dir_bytes(p: &Path) -> u64 {
         }
     }
     total
+}
+
+/// The disk's floor for making `bytes` durable: `dd` of that many bytes into a new file of
+/// the benchmark folder, with an fsync at the end.
+fn write_floor(base: &Path, bytes: u64) -> Result<Measured> {
+    let floor = base.join("floor");
+    let count = bytes.div_ceil(4 << 20).max(1).to_string();
+    let m = measure(
+        "dd",
+        &[
+            "if=/dev/zero",
+            &format!("of={}", floor.display()),
+            "bs=4M",
+            &format!("count={count}"),
+            "conv=fsync",
+            "status=none",
+        ],
+    )?;
+    let _ = std::fs::remove_file(&floor);
+    Ok(m)
+}
+
+/// The guest's own cost of a freeze: the agent freezes and at once thaws all filesystems
+/// (through libvirt, nothing in between), after the guest has been idle for a second as it
+/// is before a backup. No backup tool can freeze for less.
+fn guest_freeze_floor(vm: &vmbackup::testvm::TestVm) -> Result<f64> {
+    std::thread::sleep(Duration::from_secs(1));
+    let start = Instant::now();
+    let frozen = vmbackup::guest_agent::freeze(vm.dom(), Duration::from_secs(10))?;
+    frozen.thaw()?;
+    Ok(start.elapsed().as_secs_f64() * 1000.0)
 }
 
 fn fresh(dir: &Path) -> Result<()> {
@@ -222,20 +256,7 @@ fn bench_restore(
         rss_vnr = rss_vnr.max(m.max_rss_kib);
         // The disk's floor: writing the allocated bytes once and making them durable, as a
         // restore must before it replaces the VM's images.
-        let floor = base.join("floor");
-        let count = allocated.div_ceil(4 << 20).to_string();
-        let m = measure(
-            "dd",
-            &[
-                "if=/dev/zero",
-                &format!("of={}", floor.display()),
-                "bs=4M",
-                &format!("count={count}"),
-                "conv=fsync",
-                "status=none",
-            ],
-        )?;
-        let _ = std::fs::remove_file(&floor);
+        let m = write_floor(base, allocated)?;
         eprintln!("bench: round {round}: dd write+fsync floor {:.2}s", m.secs);
         t_dd.push(m.secs);
     }
@@ -310,6 +331,7 @@ fn main() -> Result<()> {
     }
 
     let (mut t_vmb, mut t_vnb, mut t_conv) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut t_vnb_sync, mut t_floor, mut guest_freezes) = (Vec::new(), Vec::new(), Vec::new());
     let (mut rss_vmb, mut rss_vnb, mut rss_conv) = (0u64, 0u64, 0u64);
     let mut freezes = Vec::new();
     let mut stored = 0u64;
@@ -344,6 +366,17 @@ fn main() -> Result<()> {
         t_vmb.push(m.secs);
         rss_vmb = rss_vmb.max(m.max_rss_kib);
 
+        // Floors measured in the same round: the disk writing the stored bytes durably, and
+        // the guest freezing and thawing its filesystems with nothing in between.
+        let floor = write_floor(&base, stored)?;
+        let gf = guest_freeze_floor(&vm)?;
+        eprintln!(
+            "bench: round {round}: dd write+fsync of the stored bytes {:.2}s, guest freeze+thaw {gf:.0} ms",
+            floor.secs
+        );
+        t_floor.push(floor.secs);
+        guest_freezes.push(gf);
+
         // virtnbdbackup, fresh folder.
         let out = base.join("virtnbdbackup");
         let _ = std::fs::remove_dir_all(&out);
@@ -367,6 +400,14 @@ fn main() -> Result<()> {
         );
         t_vnb.push(m.secs);
         rss_vnb = rss_vnb.max(m.max_rss_kib);
+        // virtnbdbackup never calls fsync: its data may still be in the page cache when it
+        // exits. The same durability as vmbackup's costs it a sync afterwards.
+        let start = Instant::now();
+        let st = Command::new("sync").status()?;
+        if !st.success() {
+            bail!("sync failed: {st}");
+        }
+        t_vnb_sync.push(m.secs + start.elapsed().as_secs_f64());
 
         // qemu-img convert of both images (force-share: the VM is running).
         let conv = base.join("convert");
@@ -433,6 +474,8 @@ fn main() -> Result<()> {
     drop(small);
 
     let (mv, mn, mc) = (median(&mut t_vmb), median(&mut t_vnb), median(&mut t_conv));
+    let (mns, mfl) = (median(&mut t_vnb_sync), median(&mut t_floor));
+    let mgf = median(&mut guest_freezes);
     let mf = if freezes.is_empty() {
         f64::NAN
     } else {
@@ -451,15 +494,27 @@ fn main() -> Result<()> {
         "  qemu-img convert         {mc:7.2} s   peak RSS {:5} MiB",
         rss_conv / 1024
     );
+    println!("  virtnbdbackup + sync     {mns:7.2} s   (the same durability as vmbackup's)");
+    println!(
+        "  dd write+fsync, stored   {mfl:7.2} s   (the disk's floor for the bytes vmbackup stores)"
+    );
     println!(
         "  speed-up vs virtnbdbackup   {:.2}x (target >= 3x)",
         mn / mv
+    );
+    println!(
+        "  speed-up vs virtnbdbackup + sync {:.2}x; vmbackup / disk floor {:.2}x",
+        mns / mv,
+        mv / mfl
     );
     println!(
         "  time vs qemu-img convert    {:.2}x (target <= 1.5x)",
         mv / mc
     );
     println!("  median freeze               {mf:.0} ms (target <= 100 ms)");
+    println!(
+        "  guest's own freeze+thaw     {mgf:.0} ms (agent alone, nothing in between: the floor)"
+    );
     println!(
         "  bytes stored (repository)   {:.1} MiB",
         stored as f64 / MIB as f64
