@@ -61,6 +61,9 @@ pub struct Options {
     pub schedule: Option<String>,
     /// The schedule occurrence it is made for (RFC 3339, UTC).
     pub scheduled_for: Option<String>,
+    /// The `vmbackup` binary, started as a thaw guard (`thaw_guard`) while a plain QEMU
+    /// guest is frozen; `None`: no guard.
+    pub thaw_guard: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -77,6 +80,7 @@ impl Default for Options {
                 .unwrap_or(2),
             schedule: None,
             scheduled_for: None,
+            thaw_guard: None,
         }
     }
 }
@@ -560,6 +564,10 @@ pub fn backup_qemu(
     }
     let q = QemuVm::open(qemu_dir, name)?;
     let label = format!("qemu:{name}");
+    let _lock = lock_vm(state_dir, &format!("qemu-{name}"))?;
+    // First finish what an interrupted run left: guest frozen, disks on overlays. This also
+    // tells whether the agent answers.
+    let recovered = crate::recover::recover_qemu(&q, opts)?;
     let (uuid, vcpus, memory) = q.shape()?;
     let qdisks = q.disks()?;
     let mut disks = Vec::new();
@@ -610,7 +618,7 @@ pub fn backup_qemu(
         repository: free_space(repo.path())?,
     };
     let mut report = preflight::evaluate(&facts, &opts.limits);
-    let agent = opts.quiesce != Quiesce::Off && q.agent_ping(Duration::from_secs(5)).is_ok();
+    let agent = opts.quiesce != Quiesce::Off && recovered.agent;
     if opts.quiesce == Quiesce::Required && !agent {
         report.ok = false;
         report.checks.push(preflight::Check {
@@ -624,7 +632,6 @@ pub fn backup_qemu(
     if !report.ok {
         return Err(Error::Refused(Box::new(report)));
     }
-    let _lock = lock_vm(state_dir, &format!("qemu-{name}"))?;
     let _repo_lock = lock_repo(repo)?;
     check_interrupted()?;
     let guest_ifs = if agent {
@@ -638,13 +645,30 @@ pub fn backup_qemu(
         .iter()
         .filter_map(|(node, w)| w.overlay.clone().map(|o| (node.clone(), o)))
         .collect();
+    // Started before the freeze: thaws the guest if this process dies while it is frozen
+    // (no libvirtd does it here). Disarmed once the guest is thawed.
+    let mut guard = match (&opts.thaw_guard, agent) {
+        (Some(program), true) => Some(crate::thaw_guard::ThawGuard::spawn(
+            program,
+            q.qga_path(),
+            opts.freeze_timeout,
+        )?),
+        _ => None,
+    };
+    let disarm = |g: &mut Option<crate::thaw_guard::ThawGuard>| {
+        if let Some(g) = g.take() {
+            g.disarm();
+        }
+    };
     let t = Instant::now();
     let frozen = if agent {
         match q.freeze(opts.freeze_timeout) {
             Ok(_) => true,
             Err(e) => {
                 // A freeze that timed out may still complete in the guest: thaw regardless.
-                let _ = q.thaw(opts.freeze_timeout);
+                if q.thaw(opts.freeze_timeout).is_ok() {
+                    disarm(&mut guard);
+                }
                 if opts.quiesce == Quiesce::Required {
                     return Err(e.into());
                 }
@@ -666,10 +690,13 @@ pub fn backup_qemu(
             Ok(_) => {
                 freeze_ms = Some(t.elapsed().as_millis() as u64);
                 consistency = "application".into();
+                disarm(&mut guard);
             }
             Err(e) => reason = Some(format!("thaw failed: {}", chain(&e))),
         }
     }
+    // Not disarmed: the guest may still be frozen; the guard tries to thaw it now.
+    drop(guard);
     if let Err(e) = snap {
         for (_, o) in &overlays {
             let _ = std::fs::remove_file(o);

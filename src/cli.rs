@@ -158,11 +158,22 @@ pub enum Command {
     Pin { id: String },
     /// Let retention remove a backup again
     Unpin { id: String },
-    /// Finish what an interrupted backup left (VMs on snapshot overlays, unpublished data);
-    /// every backup also does it first for its own VM
+    /// Finish what an interrupted backup left (VMs on snapshot overlays, plain QEMU guests
+    /// left frozen, unpublished data); every backup also does it first for its own VM
     Recover {
-        /// Only these VMs [default: all]
+        /// Only these VMs, `qemu:NAME` for a plain QEMU VM [default: all libvirt VMs]
         domains: Vec<String>,
+    },
+    /// (internal) Thaws a plain QEMU guest when its standard input ends without the word
+    /// `thawed`: started by a backup while it holds the guest frozen
+    #[command(hide = true)]
+    ThawGuard {
+        /// The guest agent's socket
+        #[arg(long)]
+        qga: std::path::PathBuf,
+        /// Seconds to wait for the agent
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
     },
 }
 

@@ -21,5 +21,6 @@ pub mod schedule;
 pub mod state;
 pub mod testqemu;
 pub mod testvm;
+pub mod thaw_guard;
 
 pub use error::{Error, Result};

@@ -451,13 +451,23 @@ fn cmd_gc(cfg: &Config) -> anyhow::Result<Output> {
 fn cmd_recover(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
     let lv = Libvirt::open(&cfg.connect)?;
     let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
-    let r = vmbackup::recover::recover(&lv, &repo, &cfg.state_dir, domains, &cfg.backup)?;
+    let r = vmbackup::recover::recover(
+        &lv,
+        &repo,
+        &cfg.state_dir,
+        &cfg.qemu_dir,
+        domains,
+        &cfg.backup,
+    )?;
     let mut text = String::new();
     for d in &r.disks {
         text.push_str(&format!(
             "{} {}: committed {} back into {}\n",
             d.vm, d.disk, d.overlay, d.image
         ));
+    }
+    for t in &r.thawed {
+        text.push_str(&format!("{t}: the guest was frozen: thawed\n"));
     }
     for b in &r.busy {
         text.push_str(&format!(
@@ -491,9 +501,24 @@ fn cmd_recover(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
 }
 
 fn run(cli: cli::Cli) -> anyhow::Result<Output> {
-    let file = FileConfig::load(cli.global.config.as_deref())?;
-    let cfg = Config::resolve(cli.global.overrides(), file)?;
     use cli::Command as C;
+    // Before any configuration is read: a guard must thaw even when the config is broken.
+    if let C::ThawGuard { qga, timeout } = &cli.command {
+        let thawed = vmbackup::thaw_guard::watch(
+            &mut std::io::stdin().lock(),
+            qga,
+            std::time::Duration::from_secs(*timeout),
+        )?;
+        return Ok(Output {
+            json: json!({"ok": true, "thawed": thawed}),
+            text: String::new(),
+            code: exit::OK,
+        });
+    }
+    let file = FileConfig::load(cli.global.config.as_deref())?;
+    let mut cfg = Config::resolve(cli.global.overrides(), file)?;
+    // This binary guards the plain QEMU guests it freezes (see thaw_guard).
+    cfg.backup.thaw_guard = std::env::current_exe().ok();
     match &cli.command {
         C::Check { domains } => cmd_check(&cfg, domains),
         C::Backup { domains, quiesce } => cmd_backup(&cfg, domains, *quiesce),
@@ -531,6 +556,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
         C::Gc => cmd_gc(&cfg),
         C::Prune => cli_schedule::cmd_prune(&cfg),
         C::Recover { domains } => cmd_recover(&cfg, domains),
+        C::ThawGuard { .. } => unreachable!("handled before the configuration is read"),
         C::Schedule(c) => cli_schedule::cmd_schedule(&cfg, c),
         C::RunDue { now, dry_run } => cli_schedule::cmd_run_due(&cfg, now.as_deref(), *dry_run),
         C::History { days, all, vm } => cli_schedule::cmd_history(&cfg, *days, *all, vm.as_deref()),

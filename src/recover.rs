@@ -5,8 +5,13 @@
 //! committed offline (`qemu-img commit`). Objects of backups that were never published are
 //! removed when no backup is writing.
 //!
-//! `vmbackup recover` does it for every VM; every `backup` does it first for its own VM.
-//! Overlays are recognised by their name, `<vm>.<target>.vmbackup-<backup id>.qcow2`.
+//! A plain QEMU VM (`qemu:NAME`) is handled through QMP the same way, and since vmbackup
+//! freezes such a guest itself (no libvirtd to thaw it if vmbackup is killed), a guest the
+//! agent reports frozen is thawed first.
+//!
+//! `vmbackup recover` does it for every libvirt VM and the plain QEMU VMs named; every
+//! `backup` does it first for its own VM. Overlays are recognised by their name,
+//! `<vm>.<target>.vmbackup-<backup id>.qcow2`.
 
 use std::path::Path;
 
@@ -15,6 +20,7 @@ use serde::Serialize;
 use crate::backup::{self, Options};
 use crate::error::{chain, Error, Result};
 use crate::hypervisor::libvirt::{Dom, Libvirt, PowerState};
+use crate::hypervisor::qmp::QemuVm;
 use crate::hypervisor::xml_edit;
 use crate::repository::Repository;
 
@@ -33,6 +39,8 @@ pub struct Report {
     pub disks: Vec<Recovered>,
     /// VMs left alone because an operation holds them.
     pub busy: Vec<String>,
+    /// Plain QEMU VMs whose guest was found frozen, and thawed.
+    pub thawed: Vec<String>,
     pub errors: Vec<String>,
     /// Objects of unpublished backups removed from the repository.
     pub removed_objects: usize,
@@ -135,6 +143,82 @@ pub fn recover_vm(lv: &Libvirt, dom: &Dom, opts: &Options) -> Result<Vec<Recover
         .collect())
 }
 
+/// What `recover_qemu` found and did.
+#[derive(Debug, Default)]
+pub struct QemuRecovery {
+    pub disks: Vec<Recovered>,
+    /// The guest agent answered.
+    pub agent: bool,
+    /// The guest was frozen, and has been thawed.
+    pub thawed: bool,
+}
+
+/// How long `recover_qemu` waits for the guest agent: one that does not answer in this
+/// time is taken to be absent.
+const AGENT_PROBE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Puts the plain QEMU VM of `q` back into the state a finished backup leaves: guest thawed,
+/// every disk on its original image, overlays deleted. The caller holds the VM's lock.
+pub fn recover_qemu(q: &QemuVm, opts: &Options) -> Result<QemuRecovery> {
+    let label = format!("qemu:{}", q.name());
+    let mut r = QemuRecovery::default();
+    if let Ok(status) = q.freeze_status(AGENT_PROBE) {
+        r.agent = true;
+        if status == "frozen" {
+            tracing::warn!(vm = %label, "the guest was left frozen (an interrupted backup?): thawing it");
+            q.thaw(opts.freeze_timeout)?;
+            r.thawed = true;
+        }
+    }
+    // Newest overlay first: a run killed on a VM already left on an overlay adds another.
+    for _ in 0..16 {
+        let disks = q.disks()?;
+        let Some(d) = disks.iter().find(|d| is_overlay(q.name(), &d.file)) else {
+            break;
+        };
+        let image = match &d.backing {
+            Some(b) => b.clone(),
+            None => backing_of(&d.file)?,
+        };
+        tracing::warn!(vm = %label, disk = %d.device, overlay = %d.file, "an interrupted backup left the disk on its overlay: committing it back");
+        q.cancel_commit(&d.device, opts.commit_timeout)?;
+        q.commit_back(&d.device, Path::new(&image), opts.commit_timeout)?;
+        std::fs::remove_file(&d.file).map_err(|e| Error::io("remove overlay", &d.file, e))?;
+        r.disks.push(Recovered {
+            vm: label.clone(),
+            disk: d.device.clone(),
+            overlay: d.file.clone(),
+            image,
+        });
+    }
+    Ok(r)
+}
+
+/// `recover` of one plain QEMU VM named on the command line.
+fn recover_qemu_named(
+    r: &mut Report,
+    state_dir: &Path,
+    qemu_dir: &Path,
+    name: &str,
+    opts: &Options,
+) -> Result<()> {
+    let _lock = match backup::lock_vm(state_dir, &format!("qemu-{name}")) {
+        Ok(l) => l,
+        Err(Error::Busy(_)) => {
+            r.busy.push(format!("qemu:{name}"));
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let q = QemuVm::open(qemu_dir, name)?;
+    let done = recover_qemu(&q, opts)?;
+    if done.thawed {
+        r.thawed.push(format!("qemu:{name}"));
+    }
+    r.disks.extend(done.disks);
+    Ok(())
+}
+
 /// A running VM whose live disks are its images but whose persistent definition still
 /// names an overlay: the definition is pointed back at the images.
 fn fix_inactive_only(lv: &Libvirt, dom: &Dom, name: &str) -> Result<Vec<Recovered>> {
@@ -170,21 +254,50 @@ fn fix_inactive_only(lv: &Libvirt, dom: &Dom, name: &str) -> Result<Vec<Recovere
     Ok(out)
 }
 
-/// `vmbackup recover`: every VM (or those named), then the repository.
+/// `vmbackup recover`: every libvirt VM (or the VMs named, `qemu:NAME` for plain QEMU
+/// VMs in `qemu_dir`), then the repository.
 pub fn recover(
     lv: &Libvirt,
     repo: &Repository,
     state_dir: &Path,
+    qemu_dir: &Path,
     names: &[String],
     opts: &Options,
 ) -> Result<Report> {
     let mut r = Report::default();
+    // Names given are checked first: an unknown one is bad input and nothing is touched.
+    for name in names {
+        match name.strip_prefix("qemu:") {
+            Some(plain) => {
+                crate::names::check_component(plain)?;
+                let qmp = qemu_dir.join(format!("{plain}.qmp"));
+                if !qmp.exists() {
+                    return Err(Error::NoQemu {
+                        name: plain.to_string(),
+                        path: qmp,
+                    });
+                }
+            }
+            None => {
+                if lv.find_domain(name)?.is_none() {
+                    return Err(Error::NoDomain(name.clone()));
+                }
+            }
+        }
+    }
     let names = if names.is_empty() {
         lv.domain_names()?
     } else {
         names.to_vec()
     };
     for name in names {
+        if let Some(plain) = name.strip_prefix("qemu:") {
+            if let Err(e) = recover_qemu_named(&mut r, state_dir, qemu_dir, plain, opts) {
+                tracing::error!(vm = %name, "recover failed: {}", chain(&e));
+                r.errors.push(format!("{name}: {}", chain(&e)));
+            }
+            continue;
+        }
         let Some(dom) = lv.find_domain(&name)? else {
             r.errors.push(format!("no domain named {name:?}"));
             continue;

@@ -177,3 +177,140 @@ fn vmbackup_backs_up_a_plain_qemu_vm_through_qmp() {
     let r = vmbackup(&place, &["--qemu-dir", &dir, "backup", "qemu:no-such-vm"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
 }
+
+#[test]
+fn a_plain_qemu_vm_left_frozen_on_an_overlay_is_put_back_by_recover_and_by_the_next_backup() {
+    let place = Place::new();
+    let vdb = disk(place.dir.path(), "vdb", Format::Qcow2);
+    let t = TestQemu::start(
+        "qmp-recover",
+        &[(vdb.clone(), "qcow2")],
+        Duration::from_secs(180),
+    )
+    .expect("plain QEMU guest boots");
+    let q = t.qemu();
+    let sh = |script: &str| {
+        let (rc, out) = q.exec_sh(script, Duration::from_secs(60)).unwrap();
+        assert_eq!(rc, 0, "{script}: {out}");
+        out
+    };
+    let dir = t.dir().to_string_lossy().into_owned();
+    let target = format!("qemu:{}", t.name());
+    let image = vdb.to_string_lossy().into_owned();
+    sh("echo before > /mnt/vdb/f && sync /mnt/vdb/f");
+
+    // What a vmbackup killed between its freeze and its commit leaves (SIGKILL: no handler
+    // runs): the disk on an overlay named as vmbackup names them, written to by the guest,
+    // and the guest frozen.
+    let leave = |tag: &str, file: &str| -> PathBuf {
+        let node = q.disks().unwrap()[0].node_name.clone();
+        let ov = place.dir.path().join(format!(
+            "{}.vdb.vmbackup-{}-{tag}.qcow2",
+            t.name(),
+            t.name()
+        ));
+        q.snapshot(&[(node, ov.clone())]).unwrap();
+        sh(&format!(
+            "echo {tag} > /mnt/vdb/{file} && sync /mnt/vdb/{file}"
+        ));
+        q.freeze(Duration::from_secs(10)).unwrap();
+        assert_eq!(q.freeze_status(Duration::from_secs(10)).unwrap(), "frozen");
+        assert_eq!(q.disks().unwrap()[0].file, ov.to_string_lossy());
+        ov
+    };
+    let back_on_image_and_thawed = |ov: &PathBuf| {
+        assert_eq!(q.freeze_status(Duration::from_secs(10)).unwrap(), "thawed");
+        assert_eq!(q.disks().unwrap()[0].file, image);
+        assert!(!ov.exists(), "the overlay {} is still there", ov.display());
+    };
+
+    // `recover qemu:NAME`: thawed, committed back, overlay gone, the guest's writes kept.
+    let ov = leave("first", "g");
+    let r = vmbackup(&place, &["--qemu-dir", &dir, "recover", &target]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let rec = &r.json["recover"];
+    assert_eq!(rec["thawed"], serde_json::json!([target]), "{rec}");
+    assert_eq!(
+        rec["disks"][0]["overlay"],
+        ov.to_string_lossy().as_ref(),
+        "{rec}"
+    );
+    assert_eq!(rec["disks"][0]["image"], image.as_str(), "{rec}");
+    back_on_image_and_thawed(&ov);
+    assert_eq!(sh("cat /mnt/vdb/f /mnt/vdb/g"), "before\nfirst\n");
+
+    // The next backup does the same first, then backs up quiesced what the guest wrote.
+    let ov = leave("second", "h");
+    let r = vmbackup(
+        &place,
+        &[
+            "--qemu-dir",
+            &dir,
+            "backup",
+            &target,
+            "--quiesce",
+            "required",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let b = &r.json["results"][0]["backup"];
+    assert_eq!(b["consistency"], "application", "{b}");
+    back_on_image_and_thawed(&ov);
+    assert!(
+        !files_in(place.dir.path())
+            .iter()
+            .any(|f| f.contains("vmbackup-")),
+        "an overlay was left: {:?}",
+        files_in(place.dir.path())
+    );
+    let repo = vmbackup::repository::Repository::open(&place.repo()).unwrap();
+    let m = repo.load(b["id"].as_str().unwrap()).unwrap();
+    let idx = vmbackup::repository::disk::DiskIndex::decode(
+        &repo.store().get(&m.disks[0].index_object).unwrap(),
+    )
+    .unwrap();
+    let out = place.dir.path().join("restored.raw");
+    vmbackup::repository::disk::restore_disk(&repo, &idx, &out, 2, &|_, _| {}).unwrap();
+    assert_eq!(read_from_ext4(&out, "/h"), b"second\n");
+    sh("echo after > /mnt/vdb/f && sync /mnt/vdb/f");
+
+    // Unknown or invalid plain QEMU VMs are bad input.
+    for bad in ["qemu:no-such-vm", "qemu:../x"] {
+        let r = vmbackup(&place, &["--qemu-dir", &dir, "recover", bad]);
+        assert_eq!(r.code, 2, "{bad}: {}", r.stderr);
+    }
+}
+
+#[test]
+fn the_thaw_guard_thaws_a_frozen_guest_unless_told_it_was_thawed() {
+    let place = Place::new();
+    let vdb = disk(place.dir.path(), "vdb", Format::Qcow2);
+    let t = TestQemu::start("qmp-guard", &[(vdb, "qcow2")], Duration::from_secs(180))
+        .expect("plain QEMU guest boots");
+    let q = t.qemu();
+    let qga = t.dir().join(format!("{}.qga", t.name()));
+    let program = std::path::Path::new(env!("CARGO_BIN_EXE_vmbackup"));
+    let status = || q.freeze_status(Duration::from_secs(10)).unwrap();
+    let spawn =
+        || vmbackup::thaw_guard::ThawGuard::spawn(program, &qga, Duration::from_secs(10)).unwrap();
+
+    // The backup thawed the guest and says so: the guard leaves the guest alone (here it
+    // is still frozen, so a guard that thawed anyway would show).
+    let guard = spawn();
+    q.freeze(Duration::from_secs(10)).unwrap();
+    guard.disarm();
+    assert_eq!(status(), "frozen");
+
+    // Its input ends without that word, as when the backup is killed (SIGKILL included):
+    // the guard thaws the guest before it exits.
+    let guard = spawn();
+    drop(guard);
+    assert_eq!(status(), "thawed");
+    let (rc, _) = q
+        .exec_sh(
+            "echo ok > /mnt/vdb/f && sync /mnt/vdb/f",
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    assert_eq!(rc, 0);
+}

@@ -105,6 +105,8 @@ pub struct QemuDisk {
     pub virtual_size: u64,
     pub read_only: bool,
     pub removable: bool,
+    /// The image below `file` in the chain, when there is one.
+    pub backing: Option<String>,
 }
 
 pub struct QemuVm {
@@ -121,6 +123,73 @@ fn qapi_err(command: &str, e: impl std::fmt::Display) -> QmpError {
         command: command.to_string(),
         detail: e.to_string(),
     }
+}
+
+/// One guest-agent command on a fresh connection to the agent's socket `path` (synced
+/// first), so that a stale reply from an earlier timed-out call can never be taken for this
+/// one's.
+fn qga_call<C>(
+    rt: &tokio::runtime::Runtime,
+    path: &Path,
+    cmd: C,
+    timeout: Duration,
+) -> Result<Value>
+where
+    C: qapi::qga::QgaCommand + qapi::Command<Ok = Value> + 'static,
+{
+    let name = C::NAME;
+    let path = path.to_path_buf();
+    rt.block_on(async move {
+        let connect = async {
+            qapi::futures::QgaStreamTokio::open_uds(&path)
+                .await
+                .map_err(|source| QmpError::Connect {
+                    path: path.clone(),
+                    source,
+                })
+        };
+        let stream =
+            tokio::time::timeout(timeout, connect)
+                .await
+                .map_err(|_| QmpError::Timeout {
+                    what: format!("connecting to the guest agent for {name}"),
+                    secs: timeout.as_secs(),
+                })??;
+        let (service, task) = stream.spawn_tokio();
+        let work = async {
+            let sync = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos() as i32)
+                .unwrap_or(1)
+                ^ std::process::id() as i32;
+            service
+                .guest_sync(sync)
+                .await
+                .map_err(|e| qapi_err("guest-sync", e))?;
+            service.execute(cmd).await.map_err(|e| qapi_err(name, e))
+        };
+        let result = tokio::time::timeout(timeout, work).await;
+        // The agent's socket serves one client at a time: close this connection now, on
+        // every path, so that the next client (this process or another) gets through.
+        drop(service);
+        task.abort();
+        let _ = task.await;
+        result.map_err(|_| QmpError::Timeout {
+            what: format!("guest agent {name}"),
+            secs: timeout.as_secs(),
+        })?
+    })
+}
+
+/// Thaws the guest whose agent listens on `qga`, without QMP: what the thaw guard does when
+/// the backup that froze the guest is gone.
+pub fn thaw_guest_at(qga: &Path, timeout: Duration) -> Result<u32> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(QmpError::Runtime)?;
+    let v = qga_call(&rt, qga, GuestThaw(json!({})), timeout)?;
+    Ok(v.as_u64().unwrap_or(0) as u32)
 }
 
 impl QemuVm {
@@ -173,6 +242,11 @@ impl QemuVm {
         &self.name
     }
 
+    /// The guest agent's socket.
+    pub fn qga_path(&self) -> &Path {
+        &self.qga_path
+    }
+
     fn qmp<C>(&self, cmd: C) -> Result<Value>
     where
         C: qapi::qmp::QmpCommand + qapi::Command<Ok = Value> + 'static,
@@ -189,54 +263,11 @@ impl QemuVm {
         })
     }
 
-    /// One guest-agent command on a fresh connection (synced first), so that a stale reply
-    /// from an earlier timed-out call can never be taken for this one's.
     fn qga<C>(&self, cmd: C, timeout: Duration) -> Result<Value>
     where
         C: qapi::qga::QgaCommand + qapi::Command<Ok = Value> + 'static,
     {
-        let name = C::NAME;
-        let path = self.qga_path.clone();
-        self.rt.block_on(async move {
-            let connect = async {
-                qapi::futures::QgaStreamTokio::open_uds(&path)
-                    .await
-                    .map_err(|source| QmpError::Connect {
-                        path: path.clone(),
-                        source,
-                    })
-            };
-            let stream =
-                tokio::time::timeout(timeout, connect)
-                    .await
-                    .map_err(|_| QmpError::Timeout {
-                        what: format!("connecting to the guest agent for {name}"),
-                        secs: timeout.as_secs(),
-                    })??;
-            let (service, task) = stream.spawn_tokio();
-            let work = async {
-                let sync = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.subsec_nanos() as i32)
-                    .unwrap_or(1)
-                    ^ std::process::id() as i32;
-                service
-                    .guest_sync(sync)
-                    .await
-                    .map_err(|e| qapi_err("guest-sync", e))?;
-                service.execute(cmd).await.map_err(|e| qapi_err(name, e))
-            };
-            let result = tokio::time::timeout(timeout, work).await;
-            // The agent's socket serves one client at a time: close this connection now, on
-            // every path, so that the next client (this process or another) gets through.
-            drop(service);
-            task.abort();
-            let _ = task.await;
-            result.map_err(|_| QmpError::Timeout {
-                what: format!("guest agent {name}"),
-                secs: timeout.as_secs(),
-            })?
-        })
+        qga_call(&self.rt, &self.qga_path, cmd, timeout)
     }
 
     pub fn running(&self) -> Result<bool> {
@@ -294,6 +325,10 @@ impl QemuVm {
                 virtual_size: ins["image"]["virtual-size"].as_u64().unwrap_or(0),
                 read_only: ins["ro"].as_bool().unwrap_or(false),
                 removable: b["removable"].as_bool().unwrap_or(false),
+                backing: ins["image"]["full-backing-filename"]
+                    .as_str()
+                    .or(ins["backing_file"].as_str())
+                    .map(str::to_string),
             });
         }
         Ok(out)
@@ -397,6 +432,38 @@ impl QemuVm {
             .map(|_| ())
     }
 
+    /// The block job with id `job`, if there is one.
+    fn block_job(&self, job: &str) -> Result<Option<Value>> {
+        let jobs = self.qmp(QueryBlockJobs(json!({})))?;
+        Ok(jobs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|j| j["device"].as_str() == Some(job))
+            .cloned())
+    }
+
+    /// Cancels the commit of `device` an interrupted run may have left (the disk stays on
+    /// its overlay) and waits until the job is gone.
+    pub fn cancel_commit(&self, device: &str, timeout: Duration) -> Result<bool> {
+        let job = format!("vmbackup-commit-{device}");
+        if self.block_job(&job)?.is_none() {
+            return Ok(false);
+        }
+        self.qmp(BlockJobCancel(json!({ "device": job, "force": true })))?;
+        let start = Instant::now();
+        while self.block_job(&job)?.is_some() {
+            if start.elapsed() > timeout {
+                return Err(QmpError::Timeout {
+                    what: format!("cancelling {job}"),
+                    secs: timeout.as_secs(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(true)
+    }
+
     /// Commits the active layer of `device` back into its backing image `original`: starts an
     /// active block commit, waits until it is ready, completes it, waits until the job is gone,
     /// and checks that the device runs on `original` again. On timeout the job is cancelled
@@ -415,14 +482,7 @@ impl QemuVm {
         let start = Instant::now();
         let mut completed = false;
         loop {
-            let jobs = self.qmp(QueryBlockJobs(json!({})))?;
-            let mine = jobs
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|j| j["device"].as_str() == Some(job.as_str()))
-                .cloned();
-            match mine {
+            match self.block_job(&job)? {
                 Some(j) if !completed && j["ready"].as_bool() == Some(true) => {
                     self.qmp(BlockJobComplete(json!({ "device": job })))?;
                     completed = true;
