@@ -540,20 +540,18 @@ fn finish(
     })
 }
 
-/// Backs up the plain QEMU VM `name` (sockets `NAME.qmp` and `NAME.qga` in `qemu_dir`):
-/// freeze through its agent, one `transaction` snapshot of all disks, thaw, copy, commit
-/// back. Same pre-flight checks, lock and repository as for libvirt VMs.
-pub fn backup_qemu(
-    repo: &Repository,
-    state_dir: &Path,
-    qemu_dir: &Path,
-    name: &str,
-    opts: &Options,
-    progress: &(dyn Fn(&str, u64, u64) + Sync),
-) -> Result<Outcome> {
-    use crate::hypervisor::qmp::QemuVm;
-    let started = Instant::now();
-    let started_at = now_utc();
+/// A plain QEMU VM as a backup sees it: its shape, the pre-flight facts, and (node name,
+/// work) for each disk to back up.
+struct QemuSubject {
+    uuid: String,
+    vcpus: u32,
+    memory: u64,
+    facts: Facts,
+    work: Vec<(String, Work)>,
+}
+
+/// Connects to the plain QEMU VM `name` of `qemu_dir`; bad input when it has no QMP socket.
+fn open_qemu(qemu_dir: &Path, name: &str) -> Result<crate::hypervisor::qmp::QemuVm> {
     names::check_component(name)?;
     let qmp_path = qemu_dir.join(format!("{name}.qmp"));
     if !qmp_path.exists() {
@@ -562,12 +560,18 @@ pub fn backup_qemu(
             path: qmp_path,
         });
     }
-    let q = QemuVm::open(qemu_dir, name)?;
-    let label = format!("qemu:{name}");
-    let _lock = lock_vm(state_dir, &format!("qemu-{name}"))?;
-    // First finish what an interrupted run left: guest frozen, disks on overlays. This also
-    // tells whether the agent answers.
-    let recovered = crate::recover::recover_qemu(&q, opts)?;
+    Ok(crate::hypervisor::qmp::QemuVm::open(qemu_dir, name)?)
+}
+
+/// Gathers what the pre-flight checks of plain QEMU VM `q` look at; overlays are named
+/// after backup `id`.
+fn survey_qemu(
+    q: &crate::hypervisor::qmp::QemuVm,
+    repo_dir: &Path,
+    opts: &Options,
+    id: &str,
+) -> Result<QemuSubject> {
+    let name = q.name();
     let (uuid, vcpus, memory) = q.shape()?;
     let qdisks = q.disks()?;
     let mut disks = Vec::new();
@@ -590,12 +594,11 @@ pub fn backup_qemu(
         disks.push(f);
     }
     let mut work = Vec::new();
-    let id = new_backup_id(name, jiff::Timestamp::now().as_second().max(0) as u64);
     for (d, f) in qdisks.iter().zip(&disks) {
         if !matches!(preflight::disk_rule(f), Ok(None)) {
             continue;
         }
-        let ov = overlay_path(opts, name, &d.device, &d.file, &id);
+        let ov = overlay_path(opts, name, &d.device, &d.file, id);
         work.push((
             d.node_name.clone(),
             Work {
@@ -611,12 +614,55 @@ pub fn backup_qemu(
             .filter_map(|(_, w): &(String, Work)| w.overlay.clone()),
     )?;
     let facts = Facts {
-        vm: label.clone(),
+        vm: format!("qemu:{name}"),
         memory_bytes: memory,
         disks,
         overlay_spaces,
-        repository: free_space(repo.path())?,
+        repository: free_space(repo_dir)?,
     };
+    Ok(QemuSubject {
+        uuid,
+        vcpus,
+        memory,
+        facts,
+        work,
+    })
+}
+
+/// `check qemu:NAME`: the pre-flight checks of a plain QEMU VM, alone; nothing is changed.
+pub fn check_qemu(qemu_dir: &Path, name: &str, repo_dir: &Path, opts: &Options) -> Result<Report> {
+    let q = open_qemu(qemu_dir, name)?;
+    let subject = survey_qemu(&q, repo_dir, opts, "check")?;
+    Ok(preflight::evaluate(&subject.facts, &opts.limits))
+}
+
+/// Backs up the plain QEMU VM `name` (sockets `NAME.qmp` and `NAME.qga` in `qemu_dir`):
+/// freeze through its agent, one `transaction` snapshot of all disks, thaw, copy, commit
+/// back. Same pre-flight checks, lock and repository as for libvirt VMs.
+pub fn backup_qemu(
+    repo: &Repository,
+    state_dir: &Path,
+    qemu_dir: &Path,
+    name: &str,
+    opts: &Options,
+    progress: &(dyn Fn(&str, u64, u64) + Sync),
+) -> Result<Outcome> {
+    let started = Instant::now();
+    let started_at = now_utc();
+    let q = open_qemu(qemu_dir, name)?;
+    let label = format!("qemu:{name}");
+    let _lock = lock_vm(state_dir, &format!("qemu-{name}"))?;
+    // First finish what an interrupted run left: guest frozen, disks on overlays. This also
+    // tells whether the agent answers.
+    let recovered = crate::recover::recover_qemu(&q, opts)?;
+    let id = new_backup_id(name, jiff::Timestamp::now().as_second().max(0) as u64);
+    let QemuSubject {
+        uuid,
+        vcpus,
+        memory,
+        facts,
+        work,
+    } = survey_qemu(&q, repo.path(), opts, &id)?;
     let mut report = preflight::evaluate(&facts, &opts.limits);
     let agent = opts.quiesce != Quiesce::Off && recovered.agent;
     if opts.quiesce == Quiesce::Required && !agent {

@@ -176,14 +176,25 @@ fn error_json(e: &vmbackup::Error) -> Value {
 }
 
 fn cmd_check(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
-    let lv = Libvirt::open(&cfg.connect)?;
+    // Opened at the first libvirt VM: plain QEMU VMs (`qemu:NAME`) are checked through QMP.
+    let mut lv: Option<Libvirt> = None;
     let mut reports = Vec::new();
     let mut text = String::new();
     let mut code = exit::OK;
     for name in domains {
-        match backup::survey(&lv, name, &cfg.repo, &cfg.backup) {
-            Ok(subject) => {
-                let r = backup::preflight(&subject, &cfg.backup);
+        let report = match name.strip_prefix("qemu:") {
+            Some(plain) => backup::check_qemu(&cfg.qemu_dir, plain, &cfg.repo, &cfg.backup),
+            None => {
+                if lv.is_none() {
+                    lv = Some(Libvirt::open(&cfg.connect)?);
+                }
+                let lv = lv.as_ref().expect("opened above");
+                backup::survey(lv, name, &cfg.repo, &cfg.backup)
+                    .map(|subject| backup::preflight(&subject, &cfg.backup))
+            }
+        };
+        match report {
+            Ok(r) => {
                 text.push_str(&format!(
                     "{name}: {}\n",
                     if r.ok { "ok" } else { "REFUSED" }

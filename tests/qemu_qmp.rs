@@ -130,6 +130,45 @@ fn vmbackup_backs_up_a_plain_qemu_vm_through_qmp() {
     assert_eq!(rc, 0);
     let dir = t.dir().to_string_lossy().into_owned();
     let target = format!("qemu:{}", t.name());
+
+    // The pre-flight checks alone, with their figures; a refusal changes nothing.
+    let r = vmbackup(&place, &["--qemu-dir", &dir, "check", &target]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let vm = &r.json["vms"][0];
+    assert_eq!(
+        (vm["vm"].as_str(), vm["ok"].as_bool()),
+        (Some(target.as_str()), Some(true)),
+        "{vm}"
+    );
+    let checks = vm["report"]["checks"].as_array().unwrap();
+    assert!(checks.iter().all(|c| c["ok"] == true), "{vm}");
+    assert!(checks.len() >= 4, "{vm}");
+    // The disk's folder (where overlays would go), without the repository and state folders.
+    let vm_files = || {
+        let mut f = files_in(place.dir.path());
+        f.retain(|n| n != "repo" && n != "state");
+        f
+    };
+    let before = vm_files();
+    for cmd in ["check", "backup"] {
+        let r = vmbackup(
+            &place,
+            &["--qemu-dir", &dir, "--max-total-gib", "0", cmd, &target],
+        );
+        assert_eq!(r.code, 3, "{cmd}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("GiB") || r.json.to_string().contains("GiB"),
+            "{cmd}: {}",
+            r.json
+        );
+        assert_eq!(vm_files(), before, "{cmd} changed files");
+        assert_eq!(q.disks().unwrap()[0].file, vdb.to_string_lossy());
+    }
+    let r = vmbackup(&place, &["list"]);
+    assert_eq!(r.json["backups"], serde_json::json!([]), "{}", r.json);
+    let r = vmbackup(&place, &["--qemu-dir", &dir, "check", "qemu:no-such-vm"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+
     let r = vmbackup(
         &place,
         &[
