@@ -171,6 +171,7 @@ mod tests {
         let c = ChunkStore::new(&s);
         for data in [noise(4096), b"abc".repeat(5000)] {
             let p = c.put(&data).unwrap();
+            s.sync().unwrap();
             let path = d.path().join(object_name(&p.digest));
             let mut bytes = std::fs::read(&path).unwrap();
             let i = bytes.len() - 7;

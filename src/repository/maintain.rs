@@ -115,6 +115,11 @@ impl Repository {
         }
         let live: HashSet<String> = live.iter().map(chunk::object_name).collect();
         let (mut removed, mut bytes) = (0u64, 0u64);
+        // Chunks written by backups that died before their sync never got a name.
+        let temporaries = self.store().remove_temporaries()?;
+        if temporaries > 0 {
+            tracing::info!(files = temporaries, "removed unfinished writes");
+        }
         for name in self.store().list("chunks/")? {
             if !live.contains(&name) {
                 bytes += std::fs::metadata(self.path().join(&name))

@@ -189,6 +189,7 @@ impl Repository {
             self.store.delete(name)?;
             removed += 1;
         }
+        removed += self.store.remove_temporaries()?;
         if removed > 0 {
             tracing::info!(objects = removed, "removed what unfinished backups left");
         }

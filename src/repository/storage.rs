@@ -1,20 +1,28 @@
 //! The narrow storage interface the repository is built on (put, get, exists, list, delete of
 //! named objects), so that another backend (an S3-compatible object store) is a new file.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use super::{RepoError, Result};
 
 pub trait ObjectStore: Send + Sync {
     /// Stores `data` under `name`, atomically and durably.
     fn put(&self, name: &str, data: &[u8]) -> Result<()>;
-    /// Stores `data` under `name` atomically; durable only after the next `sync`.
+    /// Stores `data` for `name`; it is visible to this store at once (`exists`, `get`), and
+    /// under its name to everyone else only after the next `sync`, which makes it durable
+    /// first. So an object that others can see is never half-written, even after a crash.
     fn put_unsynced(&self, name: &str, data: &[u8]) -> Result<()>;
-    /// Makes everything stored so far durable.
+    /// Makes everything stored so far durable, and visible under its name.
     fn sync(&self) -> Result<()>;
+    /// Removes what writes that never reached their `sync` left behind (a killed process, a
+    /// crash). Only while nobody else writes to the store.
+    fn remove_temporaries(&self) -> Result<usize>;
     fn get(&self, name: &str) -> Result<Vec<u8>>;
     fn exists(&self, name: &str) -> Result<bool>;
     /// The names directly or indirectly under `prefix` (a folder, '/'-terminated or empty).
@@ -43,6 +51,43 @@ pub fn check_name(name: &str) -> Result<()> {
 /// Objects as files below a directory.
 pub struct LocalDir {
     root: PathBuf,
+    /// Written by `put_unsynced`, not yet synced: object name -> its temporary file.
+    pending: Mutex<HashMap<String, PathBuf>>,
+}
+
+/// Temporary files start with this; `list` never shows them.
+const TEMPORARY: &str = ".tmp-";
+
+/// Runs `f` on every item, on several threads: the kernel merges concurrent fsyncs into
+/// fewer journal commits. The first error is returned, after all items were tried.
+fn each_in_parallel<T: Sync>(items: &[T], f: impl Fn(&T) -> Result<()> + Sync) -> Result<()> {
+    let next = AtomicUsize::new(0);
+    let threads = items.len().clamp(1, 8);
+    let errors: Vec<RepoError> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut first = None;
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        if let Err(e) = f(item) {
+                            first.get_or_insert(e);
+                        }
+                    }
+                    first
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .filter_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    match errors.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RepoError + 'a {
@@ -56,6 +101,7 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 impl LocalDir {
     pub fn new(root: &Path) -> LocalDir {
         LocalDir {
+            pending: Mutex::new(HashMap::new()),
             root: root.to_path_buf(),
         }
     }
@@ -63,6 +109,11 @@ impl LocalDir {
     fn path(&self, name: &str) -> Result<PathBuf> {
         check_name(name)?;
         Ok(self.root.join(name))
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, PathBuf>> {
+        // The map is consistent after every statement: a panic elsewhere does not spoil it.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -80,7 +131,7 @@ impl LocalDir {
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = dir.join(format!(
-            ".tmp-{}-{seq}-{}",
+            "{TEMPORARY}{}-{seq}-{}",
             std::process::id(),
             path.file_name()
                 .map(|f| f.to_string_lossy())
@@ -102,15 +153,32 @@ impl LocalDir {
             let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
             // SAFETY: `fd` is the open descriptor of `f`, which lives past the call; the call
             // only starts writeback of the file's dirty pages and touches no memory of ours.
-            // Its result is advisory: `sync` below is what guarantees durability.
+            // Its result is advisory: `sync` is what guarantees durability.
             let _ = unsafe { libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+            drop(f);
+            // The name is given by `sync`, once the data is durable.
+            let mut pending = self.pending();
+            if pending.contains_key(name) {
+                // Another thread stored the same object meanwhile.
+                let _ = std::fs::remove_file(&tmp);
+            } else {
+                pending.insert(name.to_string(), tmp);
+            }
+            return Ok(());
         }
         drop(f);
         std::fs::rename(&tmp, &path).map_err(io("rename", &path))?;
-        if durable {
-            sync_dir(&dir)?;
-        }
+        sync_dir(&dir)?;
         Ok(())
+    }
+}
+
+impl Drop for LocalDir {
+    /// Objects never synced belong to a backup that failed: nothing refers to them.
+    fn drop(&mut self) {
+        for (_, tmp) in self.pending().drain() {
+            let _ = std::fs::remove_file(tmp);
+        }
     }
 }
 
@@ -124,17 +192,64 @@ impl ObjectStore for LocalDir {
     }
 
     fn sync(&self) -> Result<()> {
-        // One syncfs of the repository's filesystem instead of an fsync per object: data and
-        // directory entries of everything written so far become durable together.
-        let d = File::open(&self.root).map_err(io("open", &self.root))?;
-        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)).map_err(|e| RepoError::Io {
-            what: "syncfs",
-            path: self.root.clone(),
-            source: std::io::Error::from_raw_os_error(e as i32),
-        })
+        // Per file, not syncfs: other writers on the same filesystem (VM images, logs) are
+        // not this backup's to wait for. The data first, then the names, then the folders
+        // that hold the names, so that no name ever points at data that is not durable.
+        let batch: Vec<(String, PathBuf)> =
+            std::mem::take(&mut *self.pending()).into_iter().collect();
+        each_in_parallel(&batch, |(_, tmp)| {
+            File::open(tmp)
+                .and_then(|f| f.sync_data())
+                .map_err(io("sync", tmp))
+        })?;
+        let mut folders = std::collections::BTreeSet::new();
+        for (name, tmp) in &batch {
+            let path = self.path(name)?;
+            std::fs::rename(tmp, &path).map_err(io("rename", &path))?;
+            if let Some(dir) = path.parent() {
+                folders.insert(dir.to_path_buf());
+            }
+        }
+        let folders: Vec<PathBuf> = folders.into_iter().collect();
+        each_in_parallel(&folders, |dir| sync_dir(dir))
+    }
+
+    fn remove_temporaries(&self) -> Result<usize> {
+        let mut removed = 0;
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let rd = match std::fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io("list", &dir)(e)),
+            };
+            for e in rd {
+                let e = e.map_err(io("list", &dir))?;
+                let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
+                if is_dir {
+                    stack.push(e.path());
+                } else if let Some(rest) = e.file_name().to_string_lossy().strip_prefix(TEMPORARY) {
+                    // `.tmp-PID-...`: a process that is still alive may still sync it.
+                    let pid = rest.split('-').next().unwrap_or_default();
+                    if !pid.is_empty() && Path::new("/proc").join(pid).exists() {
+                        continue;
+                    }
+                    let p = e.path();
+                    match std::fs::remove_file(&p) {
+                        Ok(()) => removed += 1,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(io("delete", &p)(e)),
+                    }
+                }
+            }
+        }
+        Ok(removed)
     }
 
     fn get(&self, name: &str) -> Result<Vec<u8>> {
+        if let Some(tmp) = self.pending().get(name).cloned() {
+            return std::fs::read(&tmp).map_err(io("read", &tmp));
+        }
         let path = self.path(name)?;
         std::fs::read(&path).map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
@@ -150,7 +265,8 @@ impl ObjectStore for LocalDir {
     }
 
     fn exists(&self, name: &str) -> Result<bool> {
-        Ok(self.path(name)?.exists())
+        let path = self.path(name)?;
+        Ok(self.pending().contains_key(name) || path.exists())
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
@@ -171,7 +287,7 @@ impl ObjectStore for LocalDir {
                 let e = e.map_err(io("list", &dir))?;
                 let p = e.path();
                 let fname = e.file_name().to_string_lossy().into_owned();
-                if fname.starts_with(".tmp-") {
+                if fname.starts_with(TEMPORARY) {
                     continue;
                 }
                 if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
@@ -187,6 +303,9 @@ impl ObjectStore for LocalDir {
 
     fn delete(&self, name: &str) -> Result<()> {
         let path = self.path(name)?;
+        if let Some(tmp) = self.pending().remove(name) {
+            let _ = std::fs::remove_file(tmp);
+        }
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -215,6 +334,71 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         s.delete("a/b/c.json").unwrap();
         assert!(matches!(s.get("a/b/c.json"), Err(RepoError::NotFound(_))));
+    }
+
+    fn temporaries(root: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(d).unwrap().flatten() {
+                if e.file_type().unwrap().is_dir() {
+                    stack.push(e.path());
+                } else if e.file_name().to_string_lossy().starts_with(TEMPORARY) {
+                    out.push(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn unsynced_objects_are_named_only_once_durable() {
+        let d = tempfile::tempdir().unwrap();
+        let s = LocalDir::new(d.path());
+        s.put_unsynced("chunks/ab/x", b"data").unwrap();
+        s.put_unsynced("chunks/cd/y", b"more").unwrap();
+        // This store sees them (so it deduplicates against them) ...
+        assert!(s.exists("chunks/ab/x").unwrap());
+        assert_eq!(s.get("chunks/ab/x").unwrap(), b"data");
+        // ... nobody else does: no file has the name yet, and another store does not see it.
+        assert!(!d.path().join("chunks/ab/x").exists());
+        assert!(s.list("chunks/").unwrap().is_empty());
+        assert!(!LocalDir::new(d.path()).exists("chunks/ab/x").unwrap());
+        s.sync().unwrap();
+        assert_eq!(
+            std::fs::read(d.path().join("chunks/ab/x")).unwrap(),
+            b"data"
+        );
+        assert_eq!(s.list("chunks/").unwrap(), ["chunks/ab/x", "chunks/cd/y"]);
+        assert_eq!(LocalDir::new(d.path()).get("chunks/cd/y").unwrap(), b"more");
+        assert!(temporaries(d.path()).is_empty());
+        // The same object stored twice before a sync is one file.
+        s.put_unsynced("chunks/ef/z", b"z").unwrap();
+        s.put_unsynced("chunks/ef/z", b"z").unwrap();
+        assert_eq!(temporaries(d.path()).len(), 1);
+        s.sync().unwrap();
+        assert!(temporaries(d.path()).is_empty());
+    }
+
+    #[test]
+    fn writes_that_never_reach_their_sync_leave_nothing_behind() {
+        let d = tempfile::tempdir().unwrap();
+        // A store dropped before its sync (a failed backup): its objects are gone.
+        let s = LocalDir::new(d.path());
+        s.put_unsynced("chunks/ab/x", b"data").unwrap();
+        drop(s);
+        assert!(temporaries(d.path()).is_empty());
+        let s = LocalDir::new(d.path());
+        assert!(!s.exists("chunks/ab/x").unwrap());
+        // A killed writer's temporary (its process is gone) is removed; a live one's is not.
+        std::fs::create_dir_all(d.path().join("chunks/ab")).unwrap();
+        let dead = d.path().join("chunks/ab/.tmp-999999999-0-x");
+        std::fs::write(&dead, b"torn").unwrap();
+        s.put_unsynced("chunks/ab/y", b"live").unwrap();
+        assert_eq!(s.remove_temporaries().unwrap(), 1);
+        assert!(!dead.exists());
+        s.sync().unwrap();
+        assert_eq!(s.get("chunks/ab/y").unwrap(), b"live");
     }
 
     #[test]
