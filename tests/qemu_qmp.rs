@@ -25,6 +25,14 @@ fn disk(dir: &std::path::Path, target: &str, format: Format) -> PathBuf {
     p
 }
 
+/// `vmbackup --qemu-dir DIR backup TARGET --quiesce required`.
+fn backup_quiesced(place: &Place, dir: &str, target: &str) -> Run {
+    vmbackup(
+        place,
+        &["--qemu-dir", dir, "backup", target, "--quiesce", "required"],
+    )
+}
+
 #[test]
 fn freeze_snapshot_thaw_and_commit_back_through_qmp() {
     let place = Place::new();
@@ -169,17 +177,7 @@ fn vmbackup_backs_up_a_plain_qemu_vm_through_qmp() {
     let r = vmbackup(&place, &["--qemu-dir", &dir, "check", "qemu:no-such-vm"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
 
-    let r = vmbackup(
-        &place,
-        &[
-            "--qemu-dir",
-            &dir,
-            "backup",
-            &target,
-            "--quiesce",
-            "required",
-        ],
-    );
+    let r = backup_quiesced(&place, &dir, &target);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let b = &r.json["results"][0]["backup"];
     assert_eq!(b["consistency"], "application", "{b}");
@@ -280,17 +278,7 @@ fn a_plain_qemu_vm_left_frozen_on_an_overlay_is_put_back_by_recover_and_by_the_n
 
     // The next backup does the same first, then backs up quiesced what the guest wrote.
     let ov = leave("second", "h");
-    let r = vmbackup(
-        &place,
-        &[
-            "--qemu-dir",
-            &dir,
-            "backup",
-            &target,
-            "--quiesce",
-            "required",
-        ],
-    );
+    let r = backup_quiesced(&place, &dir, &target);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let b = &r.json["results"][0]["backup"];
     assert_eq!(b["consistency"], "application", "{b}");

@@ -111,6 +111,27 @@ impl LocalDir {
         Ok(self.root.join(name))
     }
 
+    /// Calls `visit(path, file name)` for every file below `base` (none when it is missing).
+    fn walk(&self, base: PathBuf, mut visit: impl FnMut(&Path, &str) -> Result<()>) -> Result<()> {
+        let mut stack = vec![base];
+        while let Some(dir) = stack.pop() {
+            let rd = match std::fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io("list", &dir)(e)),
+            };
+            for e in rd {
+                let e = e.map_err(io("list", &dir))?;
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    stack.push(e.path());
+                } else {
+                    visit(&e.path(), &e.file_name().to_string_lossy())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, PathBuf>> {
         // The map is consistent after every statement: a panic elsewhere does not spoil it.
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
@@ -216,33 +237,22 @@ impl ObjectStore for LocalDir {
 
     fn remove_temporaries(&self) -> Result<usize> {
         let mut removed = 0;
-        let mut stack = vec![self.root.clone()];
-        while let Some(dir) = stack.pop() {
-            let rd = match std::fs::read_dir(&dir) {
-                Ok(rd) => rd,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io("list", &dir)(e)),
+        self.walk(self.root.clone(), |path, file| {
+            let Some(rest) = file.strip_prefix(TEMPORARY) else {
+                return Ok(());
             };
-            for e in rd {
-                let e = e.map_err(io("list", &dir))?;
-                let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
-                if is_dir {
-                    stack.push(e.path());
-                } else if let Some(rest) = e.file_name().to_string_lossy().strip_prefix(TEMPORARY) {
-                    // `.tmp-PID-...`: a process that is still alive may still sync it.
-                    let pid = rest.split('-').next().unwrap_or_default();
-                    if !pid.is_empty() && Path::new("/proc").join(pid).exists() {
-                        continue;
-                    }
-                    let p = e.path();
-                    match std::fs::remove_file(&p) {
-                        Ok(()) => removed += 1,
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(io("delete", &p)(e)),
-                    }
-                }
+            // `.tmp-PID-...`: a process that is still alive may still sync it.
+            let pid = rest.split('-').next().unwrap_or_default();
+            if !pid.is_empty() && Path::new("/proc").join(pid).exists() {
+                return Ok(());
             }
-        }
+            match std::fs::remove_file(path) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("delete", path)(e)),
+            }
+            Ok(())
+        })?;
         Ok(removed)
     }
 
@@ -276,27 +286,14 @@ impl ObjectStore for LocalDir {
             self.path(prefix.trim_end_matches('/'))?
         };
         let mut out = Vec::new();
-        let mut stack = vec![base];
-        while let Some(dir) = stack.pop() {
-            let rd = match std::fs::read_dir(&dir) {
-                Ok(rd) => rd,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io("list", &dir)(e)),
-            };
-            for e in rd {
-                let e = e.map_err(io("list", &dir))?;
-                let p = e.path();
-                let fname = e.file_name().to_string_lossy().into_owned();
-                if fname.starts_with(TEMPORARY) {
-                    continue;
-                }
-                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                    stack.push(p);
-                } else if let Ok(rel) = p.strip_prefix(&self.root) {
+        self.walk(base, |path, file| {
+            if !file.starts_with(TEMPORARY) {
+                if let Ok(rel) = path.strip_prefix(&self.root) {
                     out.push(rel.to_string_lossy().into_owned());
                 }
             }
-        }
+            Ok(())
+        })?;
         out.sort();
         Ok(out)
     }
