@@ -550,8 +550,9 @@ struct QemuSubject {
     work: Vec<(String, Work)>,
 }
 
-/// Connects to the plain QEMU VM `name` of `qemu_dir`; bad input when it has no QMP socket.
-fn open_qemu(qemu_dir: &Path, name: &str) -> Result<crate::hypervisor::qmp::QemuVm> {
+/// Checks that `name` is a plain QEMU VM of `qemu_dir`: a valid name with a QMP socket
+/// there (bad input otherwise).
+pub fn check_qemu_name(qemu_dir: &Path, name: &str) -> Result<()> {
     names::check_component(name)?;
     let qmp_path = qemu_dir.join(format!("{name}.qmp"));
     if !qmp_path.exists() {
@@ -560,6 +561,12 @@ fn open_qemu(qemu_dir: &Path, name: &str) -> Result<crate::hypervisor::qmp::Qemu
             path: qmp_path,
         });
     }
+    Ok(())
+}
+
+/// Connects to the plain QEMU VM `name` of `qemu_dir`.
+fn open_qemu(qemu_dir: &Path, name: &str) -> Result<crate::hypervisor::qmp::QemuVm> {
+    check_qemu_name(qemu_dir, name)?;
     Ok(crate::hypervisor::qmp::QemuVm::open(qemu_dir, name)?)
 }
 

@@ -268,16 +268,7 @@ pub fn recover(
     // Names given are checked first: an unknown one is bad input and nothing is touched.
     for name in names {
         match name.strip_prefix("qemu:") {
-            Some(plain) => {
-                crate::names::check_component(plain)?;
-                let qmp = qemu_dir.join(format!("{plain}.qmp"));
-                if !qmp.exists() {
-                    return Err(Error::NoQemu {
-                        name: plain.to_string(),
-                        path: qmp,
-                    });
-                }
-            }
+            Some(plain) => backup::check_qemu_name(qemu_dir, plain)?,
             None => {
                 if lv.find_domain(name)?.is_none() {
                     return Err(Error::NoDomain(name.clone()));
