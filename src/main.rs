@@ -461,6 +461,7 @@ fn cmd_gc(cfg: &Config) -> anyhow::Result<Output> {
 
 fn cmd_recover(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
     let lv = Libvirt::open(&cfg.connect)?;
+    vmbackup::recover::check_names(&lv, &cfg.qemu_dir, domains)?;
     let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
     let r = vmbackup::recover::recover(
         &lv,

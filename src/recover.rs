@@ -254,6 +254,22 @@ fn fix_inactive_only(lv: &Libvirt, dom: &Dom, name: &str) -> Result<Vec<Recovere
     Ok(out)
 }
 
+/// Checks the VM names given to `recover`: an unknown one is bad input, before anything is
+/// touched.
+pub fn check_names(lv: &Libvirt, qemu_dir: &Path, names: &[String]) -> Result<()> {
+    for name in names {
+        match name.strip_prefix("qemu:") {
+            Some(plain) => backup::check_qemu_name(qemu_dir, plain)?,
+            None => {
+                if lv.find_domain(name)?.is_none() {
+                    return Err(Error::NoDomain(name.clone()));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `vmbackup recover`: every libvirt VM (or the VMs named, `qemu:NAME` for plain QEMU
 /// VMs in `qemu_dir`), then the repository.
 pub fn recover(
@@ -265,17 +281,7 @@ pub fn recover(
     opts: &Options,
 ) -> Result<Report> {
     let mut r = Report::default();
-    // Names given are checked first: an unknown one is bad input and nothing is touched.
-    for name in names {
-        match name.strip_prefix("qemu:") {
-            Some(plain) => backup::check_qemu_name(qemu_dir, plain)?,
-            None => {
-                if lv.find_domain(name)?.is_none() {
-                    return Err(Error::NoDomain(name.clone()));
-                }
-            }
-        }
-    }
+    check_names(lv, qemu_dir, names)?;
     let names = if names.is_empty() {
         lv.domain_names()?
     } else {

@@ -9,6 +9,16 @@ use serde_json::json;
 #[test]
 fn unknown_vm_invalid_name_and_unknown_backup_are_bad_input() {
     let place = Place::new();
+    // recover checks every name before it touches anything, the repository included.
+    for bad in [
+        &["vmbt-no-such-vm"][..],
+        &["qemu:../x"],
+        &["qemu:vmbt-no-such-vm"],
+    ] {
+        let r = vmbackup(&place, &[&["recover"][..], bad].concat());
+        assert_eq!(r.code, 2, "{bad:?}: {}", r.stderr);
+        assert!(!place.repo().exists(), "{bad:?} created the repository");
+    }
     let r = vmbackup(&place, &["backup", "vmbt-no-such-vm"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.json["results"][0]["error"]["error"]
