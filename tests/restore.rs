@@ -44,12 +44,7 @@ fn restore_brings_back_the_data_vcpus_memory_and_mac_and_leaves_the_vm_off() {
     let payload: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
     vm.write_file("/mnt/vdb/data", &payload).unwrap();
     let place = Place::new();
-    let b = vmbackup(&place, &["backup", vm.name(), "--quiesce", "required"]);
-    assert_eq!(b.code, 0, "{}", b.stderr);
-    let id = b.json["results"][0]["backup"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = backup_id(&place, &[vm.name(), "--quiesce", "required"]);
 
     // Change the data, and the vCPUs, memory and MAC of the definition.
     vm.write_file("/mnt/vdb/data", b"changed after the backup")
@@ -100,12 +95,7 @@ fn restore_is_refused_while_a_backup_of_the_vm_runs() {
         .define()
         .unwrap();
     let place = Place::new();
-    let b = vmbackup(&place, &["backup", vm.name()]);
-    assert_eq!(b.code, 0, "{}", b.stderr);
-    let id = b.json["results"][0]["backup"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = backup_id(&place, &[vm.name()]);
     let digest = disk_digest(&vm);
     // A backup of the VM holds this lock for its whole run.
     let held = vmbackup::backup::lock_vm(&place.state(), vm.name()).unwrap();
@@ -126,12 +116,7 @@ fn a_corrupt_chunk_makes_restore_refuse_and_leaves_the_disks_untouched() {
         .define()
         .unwrap();
     let place = Place::new();
-    let b = vmbackup(&place, &["backup", vm.name()]);
-    assert_eq!(b.code, 0, "{}", b.stderr);
-    let id = b.json["results"][0]["backup"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = backup_id(&place, &[vm.name()]);
     let chunks = vmbackup::repository::Repository::open(&place.repo())
         .unwrap()
         .store()
@@ -172,12 +157,7 @@ fn a_mac_used_by_another_vm_is_refused() {
         .define()
         .unwrap();
     let place = Place::new();
-    let b = vmbackup(&place, &["backup", vm.name()]);
-    assert_eq!(b.code, 0, "{}", b.stderr);
-    let id = b.json["results"][0]["backup"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = backup_id(&place, &[vm.name()]);
     let _other = TestVmBuilder::new("rs-mac-other")
         .mac(mac)
         .disk("vdb", Format::Qcow2, 64 * MIB)
@@ -219,12 +199,7 @@ fn restore_as_recreates_a_deleted_vm_that_boots_with_its_data() {
         .unwrap();
     let old_uuid = vm.dom().uuid().unwrap();
     let place = Place::new();
-    let b = vmbackup(&place, &["backup", vm.name(), "--quiesce", "required"]);
-    assert_eq!(b.code, 0, "{}", b.stderr);
-    let id = b.json["results"][0]["backup"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = backup_id(&place, &[vm.name(), "--quiesce", "required"]);
 
     // The VM goes away, disks and all.
     vm.dom().destroy().unwrap();
@@ -276,12 +251,7 @@ fn restore_as_beside_the_original_needs_new_macs() {
         .define()
         .unwrap();
     let place = Place::new();
-    let b = vmbackup(&place, &["backup", vm.name()]);
-    assert_eq!(b.code, 0, "{}", b.stderr);
-    let id = b.json["results"][0]["backup"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = backup_id(&place, &[vm.name()]);
     let new = format!("{}-copy", vm.name());
     let _cleanup = Undefine(new.clone());
     let r = vmbackup(&place, &["restore", &id, "--as", &new]);
@@ -314,12 +284,7 @@ fn restore_reserves_the_recorded_ip_on_a_dhcp_network_and_refuses_an_ip_in_use()
     ))
     .unwrap();
     let place = Place::new();
-    let b = vmbackup(&place, &["backup", vm.name(), "--quiesce", "required"]);
-    assert_eq!(b.code, 0, "{}", b.stderr);
-    let id = b.json["results"][0]["backup"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = backup_id(&place, &[vm.name(), "--quiesce", "required"]);
     let show = vmbackup(&place, &["show", &id]);
     assert_eq!(
         show.json["manifest"]["nics"][0]["ips"],

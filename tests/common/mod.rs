@@ -47,6 +47,16 @@ pub fn vmbackup(place: &Place, args: &[&str]) -> Run {
     vmbackup_at(&place.repo(), &place.state(), args)
 }
 
+/// Runs `vmbackup backup ARGS...`, which must succeed, and returns the id of its one backup.
+pub fn backup_id(place: &Place, args: &[&str]) -> String {
+    let b = vmbackup(place, &[&["backup"][..], args].concat());
+    assert_eq!(b.code, 0, "{}", b.stderr);
+    b.json["results"][0]["backup"]["id"]
+        .as_str()
+        .expect("a backup id")
+        .to_string()
+}
+
 pub fn vmbackup_at(repo: &Path, state: &Path, args: &[&str]) -> Run {
     let out = Command::new(env!("CARGO_BIN_EXE_vmbackup"))
         .arg("--json")
