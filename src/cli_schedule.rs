@@ -12,6 +12,8 @@ use vmbackup::Error;
 
 use crate::cli::{Kind, Quiesce, ScheduleCommand, ScheduleFields};
 use crate::{human_bytes, Output, Progress};
+use vmbackup::hypervisor::libvirt::LibvirtError;
+use vmbackup::vm_ref::VmRef;
 
 fn invalid(msg: impl Into<String>) -> Error {
     Error::Invalid(msg.into())
@@ -150,13 +152,17 @@ fn build(
             .map(|o| o.quiesce.clone())
             .unwrap_or_else(|| "preferred".into()),
     };
+    let vms = if f.vms.is_empty() {
+        old.as_ref().map(|o| o.vms.clone()).unwrap_or_default()
+    } else {
+        f.vms
+            .iter()
+            .map(|v| v.parse::<VmRef>().map_err(|e| invalid(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?
+    };
     let spec = Spec {
         name: name.to_string(),
-        vms: if f.vms.is_empty() {
-            old.as_ref().map(|o| o.vms.clone()).unwrap_or_default()
-        } else {
-            f.vms.clone()
-        },
+        vms,
         recurrence: recurrence(f, old.as_ref().map(|o| &o.recurrence))?,
         start_date: f
             .start
@@ -173,21 +179,17 @@ fn build(
     Ok((spec, auto))
 }
 
-/// Refuses VM names libvirt does not know (plain QEMU `qemu:NAME` are checked when they run).
+/// Refuses VM names libvirt does not know (plain QEMU VMs are checked when they run).
 fn check_vms_exist(cfg: &Config, spec: &Spec) -> Result<(), Error> {
-    let libvirt_vms: Vec<&String> = spec
-        .vms
-        .iter()
-        .filter(|v| !v.starts_with("qemu:"))
-        .collect();
+    let libvirt_vms: Vec<&VmRef> = spec.vms.iter().filter(|v| !v.is_qemu()).collect();
     if libvirt_vms.is_empty() {
         return Ok(());
     }
     match vmbackup::hypervisor::libvirt::Libvirt::open(&cfg.connect) {
         Ok(lv) => {
             for vm in libvirt_vms {
-                if lv.find_domain(vm)?.is_none() {
-                    return Err(Error::NoDomain(vm.clone()));
+                if lv.find_domain(vm.name())?.is_none() {
+                    return Err(LibvirtError::NoDomain(vm.to_string()).into());
                 }
             }
             Ok(())
@@ -229,7 +231,11 @@ fn spec_line(spec: &Spec, now: Timestamp) -> String {
             .flatten()
             .map(|t| t.strftime("%Y-%m-%dT%H:%MZ").to_string())
             .unwrap_or_else(|| "-".into()),
-        spec.vms.join(",")
+        spec.vms
+            .iter()
+            .map(VmRef::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
     )
 }
 

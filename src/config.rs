@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::backup;
 use crate::error::{Error, Result};
 use crate::preflight::{Limits, GIB};
+use crate::settings::BackupSettings;
 
 /// The config file's keys; every one optional.
 #[derive(Debug, Default, Deserialize)]
@@ -23,6 +23,7 @@ pub struct FileConfig {
     pub max_disk_gib: Option<u64>,
     pub max_total_gib: Option<u64>,
     pub freeze_timeout_secs: Option<u64>,
+    /// Longest a commit back may go on without progress.
     pub commit_timeout_secs: Option<u64>,
     pub threads: Option<usize>,
     pub qemu_dir: Option<PathBuf>,
@@ -43,7 +44,7 @@ impl FileConfig {
         let path = path.unwrap_or(Path::new(DEFAULT_CONFIG));
         match std::fs::read_to_string(path) {
             Ok(text) => toml::from_str(&text).map_err(|e| Error::Config {
-                path: path.to_path_buf(),
+                key: path.display().to_string(),
                 detail: e.to_string(),
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
@@ -62,7 +63,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Where plain QEMU VMs' sockets are (`NAME.qmp`, `NAME.qga`).
     pub qemu_dir: PathBuf,
-    pub backup: backup::Options,
+    pub backup: BackupSettings,
     /// VMs a one-hour slot may hold [default: 8].
     pub slot_capacity: usize,
     /// How late a missed occurrence may still run [default: 6 hours].
@@ -91,14 +92,27 @@ pub const DEFAULT_CATCH_UP_MINUTES: u64 = 360;
 
 impl Config {
     pub fn resolve(o: Overrides, f: FileConfig) -> Result<Config> {
-        let d = backup::Options::default();
+        let d = BackupSettings::default();
         let dl = Limits::default();
         let headroom = o.overlay_headroom.or(f.overlay_headroom);
         if let Some(h) = headroom {
             if !(0.0..=10.0).contains(&h) {
                 return Err(Error::Config {
-                    path: PathBuf::from("overlay_headroom"),
+                    key: "overlay_headroom".into(),
                     detail: format!("{h} is not a ratio between 0 and 10"),
+                });
+            }
+        }
+        let freeze_timeout = o.freeze_timeout_secs.or(f.freeze_timeout_secs);
+        let commit_timeout = f.commit_timeout_secs;
+        for (key, v) in [
+            ("freeze_timeout_secs", freeze_timeout),
+            ("commit_timeout_secs", commit_timeout),
+        ] {
+            if v == Some(0) {
+                return Err(Error::Config {
+                    key: key.into(),
+                    detail: "0 is not a timeout: give at least 1 second".into(),
                 });
             }
         }
@@ -132,18 +146,15 @@ impl Config {
                 .qemu_dir
                 .or(f.qemu_dir)
                 .unwrap_or_else(|| PathBuf::from("/run/vmbackup/qemu")),
-            backup: backup::Options {
+            backup: BackupSettings {
                 limits,
                 overlay_dir: o.overlay_dir.or(f.overlay_dir),
-                freeze_timeout: o
-                    .freeze_timeout_secs
-                    .or(f.freeze_timeout_secs)
+                freeze_timeout: freeze_timeout
                     .map(Duration::from_secs)
                     .unwrap_or(d.freeze_timeout),
-                commit_timeout: f
-                    .commit_timeout_secs
+                commit_stall_timeout: commit_timeout
                     .map(Duration::from_secs)
-                    .unwrap_or(d.commit_timeout),
+                    .unwrap_or(d.commit_stall_timeout),
                 threads: f.threads.unwrap_or(d.threads).max(1),
                 ..d
             },

@@ -1,7 +1,21 @@
-//! The library's typed errors. Messages are short; the cause (a libvirt error, an I/O error)
-//! travels as `source` so that the binary prints the whole chain exactly once.
+//! The crate-wide error: the aggregate of the modules' own errors, at the level of the
+//! operations (backup, restore, recover, schedules). It maps every error to an exit code of
+//! the command-line contract. Messages are short; the cause travels as `source` so that the
+//! binary prints the whole chain exactly once.
 
 use std::path::PathBuf;
+
+use crate::hypervisor::libvirt::LibvirtError;
+use crate::hypervisor::qmp::QmpError;
+use crate::hypervisor::xml_edit::XmlError;
+use crate::image::ImageError;
+use crate::locks::LockError;
+use crate::names::NameError;
+use crate::notify::NotifyError;
+use crate::repository::RepoError;
+use crate::schedule::ScheduleError;
+use crate::state::StateError;
+use crate::thaw_guard::ThawGuardError;
 
 /// Exit codes of the command-line contract (DESIGN.md).
 pub mod exit {
@@ -15,42 +29,12 @@ pub mod exit {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot connect to libvirt at {uri}")]
-    Connect {
-        uri: String,
-        #[source]
-        source: virt::error::Error,
-    },
-    #[error("no domain named {0:?}")]
-    NoDomain(String),
-    #[error("invalid name {name:?}: {why}")]
-    InvalidName { name: String, why: &'static str },
-    #[error("{op} failed for domain {domain}")]
-    Libvirt {
-        op: &'static str,
-        domain: String,
-        #[source]
-        source: virt::error::Error,
-    },
-    #[error("the guest agent of {domain} does not answer")]
-    AgentUnavailable {
-        domain: String,
-        #[source]
-        source: virt::error::Error,
-    },
-    #[error("guest agent command {command} of {domain} failed")]
-    Agent {
-        domain: String,
-        command: String,
-        #[source]
-        source: virt::error::Error,
-    },
-    #[error("unexpected guest agent reply to {command}: {detail}")]
-    AgentReply { command: String, detail: String },
-    #[error("timed out after {secs:.1}s waiting for {what}")]
-    Timeout { what: String, secs: f64 },
-    #[error("domain XML: {0}")]
-    Xml(String),
+    #[error(transparent)]
+    Libvirt(#[from] LibvirtError),
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
+    #[error(transparent)]
+    Xml(#[from] XmlError),
     #[error("{what}: {}", path.display())]
     Io {
         what: &'static str,
@@ -60,51 +44,66 @@ pub enum Error {
     },
     #[error("{program} failed: {detail}")]
     Command { program: String, detail: String },
-    #[error("config {}: {detail}", path.display())]
-    Config { path: PathBuf, detail: String },
+    #[error("timed out after {secs:.1}s waiting for {what}")]
+    Timeout { what: String, secs: f64 },
+    #[error("config {key}: {detail}")]
+    Config { key: String, detail: String },
     #[error("refused by pre-flight: {}", .0.refusals().join("; "))]
     Refused(Box<crate::preflight::Report>),
     #[error("busy: {0}")]
     Busy(String),
+    #[error(transparent)]
+    Lock(#[from] LockError),
     #[error("interrupted")]
     Interrupted,
     #[error("commit back: {0}")]
     CommitBack(String),
     #[error("repository")]
-    Repo(#[from] crate::repository::RepoError),
+    Repo(#[from] RepoError),
     #[error("disk image")]
-    Image(#[from] crate::image::ImageError),
+    Image(#[from] ImageError),
     #[error("no plain QEMU VM {name:?} (no QMP socket {})", path.display())]
     NoQemu { name: String, path: PathBuf },
     #[error("QEMU")]
-    Qmp(#[from] crate::hypervisor::qmp::QmpError),
+    Qmp(#[from] QmpError),
+    #[error("thaw guard")]
+    ThawGuard(#[from] ThawGuardError),
     #[error(transparent)]
-    State(#[from] crate::state::StateError),
+    State(#[from] StateError),
     #[error("{0}")]
     Invalid(String),
-    #[error("{0}")]
-    SlotFull(String),
+    #[error(transparent)]
+    Schedule(#[from] ScheduleError),
     #[error("report")]
-    Notify(#[from] crate::notify::NotifyError),
+    Notify(#[from] NotifyError),
 }
 
 impl Error {
     /// The exit code the command-line contract gives this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::NoDomain(_)
+            Error::Libvirt(LibvirtError::NoDomain(_))
             | Error::NoQemu { .. }
-            | Error::InvalidName { .. }
+            | Error::InvalidName(_)
             | Error::Config { .. }
             | Error::Invalid(_)
-            | Error::State(crate::state::StateError::NoSchedule(_))
-            | Error::State(crate::state::StateError::ScheduleExists(_)) => exit::BAD_INPUT,
-            Error::Repo(crate::repository::RepoError::NotFound(_))
-            | Error::Repo(crate::repository::RepoError::BadName(_)) => exit::BAD_INPUT,
-            Error::Refused(_) | Error::SlotFull(_) => exit::REFUSED,
-            Error::Busy(_) => exit::BUSY,
+            | Error::Schedule(ScheduleError::Invalid(_))
+            | Error::State(StateError::NoSchedule(_))
+            | Error::State(StateError::ScheduleExists(_)) => exit::BAD_INPUT,
+            Error::Repo(RepoError::NotFound(_)) | Error::Repo(RepoError::BadName(_)) => {
+                exit::BAD_INPUT
+            }
+            Error::Refused(_) | Error::Schedule(ScheduleError::SlotFull(_)) => exit::REFUSED,
+            Error::Busy(_)
+            | Error::Lock(LockError::Busy(_))
+            | Error::Image(ImageError::InUse { .. }) => exit::BUSY,
             _ => exit::FAILED,
         }
+    }
+
+    /// Whether this error says that something else holds the VM or the repository.
+    pub fn is_busy(&self) -> bool {
+        self.exit_code() == exit::BUSY
     }
 
     pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -4,11 +4,10 @@
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::error::{Error, Result};
-use crate::hypervisor::libvirt::Dom;
+use crate::hypervisor::libvirt::{Dom, LibvirtError as Error, Result};
+pub use crate::hypervisor::vm::GuestInterface;
 
 /// Answers when the agent is up and talking.
 pub fn ping(dom: &Dom, timeout: Duration) -> Result<()> {
@@ -111,15 +110,6 @@ pub fn exec(
     }
 }
 
-/// A network interface as the guest sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GuestInterface {
-    pub name: String,
-    pub mac: Option<String>,
-    /// Addresses with prefix, e.g. `192.0.2.10/24`.
-    pub ips: Vec<String>,
-}
-
 /// The guest's network interfaces and addresses (loopback left out).
 pub fn interfaces(dom: &Dom) -> Result<Vec<GuestInterface>> {
     interfaces_within(dom, AGENT_CALL)
@@ -128,39 +118,55 @@ pub fn interfaces(dom: &Dom) -> Result<Vec<GuestInterface>> {
 /// `interfaces`, waiting at most `timeout` for the agent.
 pub fn interfaces_within(dom: &Dom, timeout: Duration) -> Result<Vec<GuestInterface>> {
     let r = dom.agent_command(&json!({"execute": "guest-network-get-interfaces"}), timeout)?;
-    let list = r.as_array().ok_or_else(|| Error::AgentReply {
-        command: "guest-network-get-interfaces".into(),
-        detail: "not a list".into(),
-    })?;
-    let mut out = Vec::new();
-    for i in list {
-        let name = i.get("name").and_then(Value::as_str).unwrap_or_default();
-        if name == "lo" {
-            continue;
-        }
-        let ips = i
-            .get("ip-addresses")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|ip| {
-                        let addr = ip.get("ip-address")?.as_str()?;
-                        let prefix = ip.get("prefix")?.as_u64()?;
-                        Some(format!("{addr}/{prefix}"))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.push(GuestInterface {
-            name: name.to_string(),
-            mac: i
-                .get("hardware-address")
-                .and_then(Value::as_str)
-                .map(|m| m.to_ascii_lowercase()),
-            ips,
+    if !r.is_array() {
+        return Err(Error::AgentReply {
+            command: "guest-network-get-interfaces".into(),
+            detail: "not a list".into(),
         });
     }
-    Ok(out)
+    Ok(GuestInterface::from_agent_reply(&r))
+}
+
+/// The agent's `guest-fsfreeze-status`: `"thawed"` or `"frozen"`.
+pub fn freeze_status(dom: &Dom, timeout: Duration) -> Result<String> {
+    let r = dom.agent_command(&json!({"execute": "guest-fsfreeze-status"}), timeout)?;
+    r.as_str()
+        .map(str::to_string)
+        .ok_or_else(|| Error::AgentReply {
+            command: "guest-fsfreeze-status".into(),
+            detail: r.to_string(),
+        })
+}
+
+/// Makes sure the guest's filesystems are thawed: thaws, then asks the agent until it reports
+/// them thawed, for at most `deadline`. For after a freeze that failed or timed out: libvirt
+/// thaws only after a freeze it saw succeed, while the agent (one command at a time) may
+/// still complete the freeze later. Returns whether a thaw was needed.
+pub fn ensure_thawed(dom: &Dom, deadline: Duration) -> Result<bool> {
+    let start = Instant::now();
+    let call = Duration::from_secs(5).min(deadline.max(Duration::from_secs(1)));
+    let mut thawed_some = false;
+    let mut last_err = None;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match freeze_status(dom, call) {
+            Ok(s) if s == "thawed" => return Ok(thawed_some),
+            Ok(_) => match dom.fs_thaw(&[]) {
+                Ok(_) => thawed_some = true,
+                Err(e) => last_err = Some(e),
+            },
+            // Busy with a late freeze, or not synced after a timeout: ask again.
+            Err(e) => last_err = Some(e),
+        }
+        if start.elapsed() >= deadline {
+            return Err(last_err.unwrap_or(Error::Timeout {
+                what: "the guest to report its filesystems thawed".into(),
+                secs: deadline.as_secs_f64(),
+            }));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
 }
 
 /// Filesystems frozen through the agent. Thaws when dropped, on every path.

@@ -3,6 +3,7 @@
 //! file with positional reads (no conversion, zero regions never read).
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,6 +28,8 @@ pub enum ImageError {
     },
     #[error("{}: {why}", path.display())]
     Unsupported { path: PathBuf, why: String },
+    #[error("{} is in use: {why}", path.display())]
+    InUse { path: PathBuf, why: String },
 }
 
 type Result<T> = std::result::Result<T, ImageError>;
@@ -74,6 +77,68 @@ pub fn info(path: &Path) -> Result<ImageInfo> {
 
 /// `qemu-img commit -d`: writes an overlay's data into its backing image (the overlay is
 /// left as it is, for the caller to delete). The image must not be in use.
+/// Creates an empty qcow2 overlay at `overlay` on top of `image` (format `format`, `size`
+/// bytes). `-u`: the image is in use by QEMU, so its header is not opened for the size.
+pub fn create_overlay(overlay: &Path, image: &Path, format: &str, size: u64) -> Result<()> {
+    let (ov, img) = (overlay.to_string_lossy(), image.to_string_lossy());
+    qemu_img(&[
+        "create",
+        "-q",
+        "-u",
+        "-f",
+        "qcow2",
+        "-F",
+        format,
+        "-b",
+        &img,
+        &ov,
+        &size.to_string(),
+    ])
+    .map(|_| ())
+}
+
+/// Keeps QEMU from opening an image for writing while it is read: QEMU's own image locking
+/// refuses the write permission while another process holds a shared lock on byte 201
+/// ("write is not shared"). Released when dropped.
+pub struct NoWriters {
+    _file: File,
+}
+
+fn ofd_lock(kind: libc::c_int, byte: i64) -> libc::flock {
+    libc::flock {
+        l_type: kind as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: byte,
+        l_len: 1,
+        l_pid: 0,
+    }
+}
+
+/// Takes the lock of `NoWriters` on an image; `ImageError::InUse` when a process (a running
+/// QEMU) already has the image open for writing, which it shows by a lock on byte 101.
+pub fn forbid_writers(path: &Path) -> Result<NoWriters> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let file = File::open(path).map_err(|source| ImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let busy = |why: String| ImageError::InUse {
+        path: path.to_path_buf(),
+        why,
+    };
+    fcntl(
+        file.as_raw_fd(),
+        FcntlArg::F_OFD_SETLK(&ofd_lock(libc::F_RDLCK, 201)),
+    )
+    .map_err(|e| busy(e.to_string()))?;
+    let mut probe = ofd_lock(libc::F_WRLCK, 101);
+    fcntl(file.as_raw_fd(), FcntlArg::F_OFD_GETLK(&mut probe)).map_err(|e| busy(e.to_string()))?;
+    if probe.l_type != libc::F_UNLCK as libc::c_short {
+        return Err(busy("another process has it open for writing".into()));
+    }
+    Ok(NoWriters { _file: file })
+}
+
 pub fn commit(overlay: &Path) -> Result<()> {
     qemu_img(&["commit", "-q", "-d", &overlay.to_string_lossy()]).map(|_| ())
 }

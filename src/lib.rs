@@ -1,15 +1,26 @@
 //! vmbackup: live, application-consistent backups of libvirt/QEMU virtual machines.
 //!
-//! The binary (`src/main.rs`) is a thin layer over this library. See DESIGN.md for the
-//! command-line contract and README.md for how to run it.
+//! The binary (`src/main.rs`) is a thin layer over this library. Layers, each using only the
+//! ones above it (a test in `tests/layers.rs` fails on an import cycle):
+//! - domain, no I/O: `vm_ref`, `names`, `settings`, `preflight`, `schedule` (calendar, slots,
+//!   retention, report data), `interrupt`, `fault`;
+//! - storage: `repository` (crate `vmbackup-repo`), `state`, `image`, `locks`;
+//! - adapters: `hypervisor` (libvirt, QMP and their `VmHandle`s), `guest_agent`, `thaw_guard`;
+//! - operations: `backup` (the one pipeline), `restore`, `recover`, `journal`,
+//!   `schedule::run`; `error` is their aggregate error and maps errors to exit codes;
+//! - `notify` (job reports) and `config` (settings resolved from flags, environment, file).
 
 pub mod backup;
 pub mod config;
 pub mod digest;
 pub mod error;
+pub mod fault;
 pub mod guest_agent;
 pub mod hypervisor;
 pub mod image;
+pub mod interrupt;
+pub mod journal;
+pub mod locks;
 pub mod names;
 pub mod notify;
 pub mod preflight;
@@ -18,9 +29,11 @@ pub mod recover;
 pub mod repository;
 pub mod restore;
 pub mod schedule;
+pub mod settings;
 pub mod state;
 pub mod testqemu;
 pub mod testvm;
 pub mod thaw_guard;
+pub mod vm_ref;
 
 pub use error::{Error, Result};

@@ -7,19 +7,21 @@ mod cli_schedule;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
 use serde_json::{json, Value};
-use vmbackup::backup::{self, Quiesce};
+use vmbackup::backup;
 use vmbackup::config::{Config, FileConfig};
 use vmbackup::error::{chain, exit};
 use vmbackup::hypervisor::libvirt::Libvirt;
+use vmbackup::hypervisor::open::Hypervisors;
 use vmbackup::preflight::gib;
 use vmbackup::repository::Repository;
+use vmbackup::settings::Quiesce;
+use vmbackup::vm_ref::VmRef;
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
@@ -32,7 +34,7 @@ fn init_logging() {
         .init();
 }
 
-/// SIGINT and SIGTERM set `backup::INTERRUPTED`; the pipeline stops at its next safe point
+/// SIGINT and SIGTERM ask for a stop (`interrupt`); the pipeline stops at its next safe point
 /// (the guest is thawed and the overlays are committed back before the program exits).
 fn install_signal_thread() {
     use nix::sys::signal::{SigSet, Signal};
@@ -45,7 +47,7 @@ fn install_signal_thread() {
     std::thread::spawn(move || loop {
         if let Ok(sig) = set.wait() {
             tracing::warn!(signal = %sig, "interrupted: finishing safely (thaw, commit back)");
-            backup::INTERRUPTED.store(true, Ordering::SeqCst);
+            vmbackup::interrupt::request_stop();
         }
     });
 }
@@ -176,23 +178,20 @@ fn error_json(e: &vmbackup::Error) -> Value {
 }
 
 fn cmd_check(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
-    // Opened at the first libvirt VM: plain QEMU VMs (`qemu:NAME`) are checked through QMP.
-    let mut lv: Option<Libvirt> = None;
+    // libvirt is opened at the first libvirt VM: plain QEMU VMs are checked through QMP.
+    let hv = Hypervisors::new(&cfg.connect, &cfg.qemu_dir);
     let mut reports = Vec::new();
     let mut text = String::new();
     let mut code = exit::OK;
     for name in domains {
-        let report = match name.strip_prefix("qemu:") {
-            Some(plain) => backup::check_qemu(&cfg.qemu_dir, plain, &cfg.repo, &cfg.backup),
-            None => {
-                if lv.is_none() {
-                    lv = Some(Libvirt::open(&cfg.connect)?);
-                }
-                let lv = lv.as_ref().expect("opened above");
-                backup::survey(lv, name, &cfg.repo, &cfg.backup)
-                    .map(|subject| backup::preflight(&subject, &cfg.backup))
-            }
-        };
+        let report = name
+            .parse::<VmRef>()
+            .map_err(vmbackup::Error::from)
+            .and_then(|vm| {
+                hv.with_vm(&vm, |h| {
+                    backup::survey(h, &cfg.repo, &cfg.backup).map(|s| s.report)
+                })
+            });
         match report {
             Ok(r) => {
                 text.push_str(&format!(
@@ -231,8 +230,9 @@ fn cmd_check(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
 }
 
 fn cmd_backup(cfg: &Config, domains: &[String], quiesce: cli::Quiesce) -> anyhow::Result<Output> {
-    let lv = Libvirt::open(&cfg.connect)?;
+    let hv = Hypervisors::new(&cfg.connect, &cfg.qemu_dir);
     let repo = Repository::open(&cfg.repo)?;
+    let state = vmbackup::state::State::open(&cfg.state_dir)?;
     let mut opts = cfg.backup.clone();
     opts.quiesce = match quiesce {
         cli::Quiesce::Required => Quiesce::Required,
@@ -246,10 +246,14 @@ fn cmd_backup(cfg: &Config, domains: &[String], quiesce: cli::Quiesce) -> anyhow
     for name in domains {
         let show = |l: &str, d: u64, t: u64| progress.show(l, d, t);
         let job = JobRecord::start(cfg, "backup", Some(name));
-        let result = match name.strip_prefix("qemu:") {
-            Some(q) => backup::backup_qemu(&repo, &cfg.state_dir, &cfg.qemu_dir, q, &opts, &show),
-            None => backup::backup(&lv, &repo, &cfg.state_dir, name, &opts, &show),
-        };
+        let result = name
+            .parse::<VmRef>()
+            .map_err(vmbackup::Error::from)
+            .and_then(|vm| {
+                hv.with_vm(&vm, |h| {
+                    backup::backup(h, &repo, &cfg.state_dir, &state, &opts, &show)
+                })
+            });
         match &result {
             Ok(o) => job.finish("ok", Some(&o.id), None),
             Err(e) if e.exit_code() == exit::BAD_INPUT => job.forget(),
@@ -279,7 +283,7 @@ fn cmd_backup(cfg: &Config, domains: &[String], quiesce: cli::Quiesce) -> anyhow
                 results.push(json!({"vm": name, "ok": false, "error": error_json(&e)}));
             }
         }
-        if backup::INTERRUPTED.load(Ordering::SeqCst) {
+        if vmbackup::interrupt::requested() {
             break;
         }
     }
@@ -297,11 +301,15 @@ fn cmd_backup(cfg: &Config, domains: &[String], quiesce: cli::Quiesce) -> anyhow
 }
 
 fn cmd_list(cfg: &Config, domain: Option<&str>) -> anyhow::Result<Output> {
+    let vm = domain
+        .map(str::parse::<VmRef>)
+        .transpose()
+        .map_err(vmbackup::Error::from)?;
     let repo = Repository::open(&cfg.repo)?;
     let list: Vec<_> = repo
         .list()?
         .into_iter()
-        .filter(|m| domain.is_none_or(|d| m.vm_name == d))
+        .filter(|m| vm.as_ref().is_none_or(|v| v.is(&m.vm_name)))
         .collect();
     // Pins live in the state database; listing does not create one.
     let pinned = if cfg.state_dir.join("state.db").exists() {
@@ -460,15 +468,22 @@ fn cmd_gc(cfg: &Config) -> anyhow::Result<Output> {
 }
 
 fn cmd_recover(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
+    let vms = domains
+        .iter()
+        .map(|d| d.parse::<VmRef>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(vmbackup::Error::from)?;
     let lv = Libvirt::open(&cfg.connect)?;
-    vmbackup::recover::check_names(&lv, &cfg.qemu_dir, domains)?;
+    vmbackup::recover::check_names(&lv, &cfg.qemu_dir, &vms)?;
     let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    let state = vmbackup::state::State::open(&cfg.state_dir).map_err(vmbackup::Error::from)?;
     let r = vmbackup::recover::recover(
         &lv,
         &repo,
         &cfg.state_dir,
+        &state,
         &cfg.qemu_dir,
-        domains,
+        &vms,
         &cfg.backup,
     )?;
     let mut text = String::new();
@@ -480,6 +495,11 @@ fn cmd_recover(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
     }
     for t in &r.thawed {
         text.push_str(&format!("{t}: the guest was frozen: thawed\n"));
+    }
+    for o in &r.orphan_overlays {
+        text.push_str(&format!(
+            "removed {o}, an overlay an interrupted run made\n"
+        ));
     }
     for b in &r.busy {
         text.push_str(&format!(

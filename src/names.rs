@@ -1,13 +1,19 @@
 //! Names that become parts of paths or libvirt object names. Such a name must not be able to
 //! leave the folder it is put in, nor smuggle anything into a command line.
 
-use crate::error::{Error, Result};
+/// A name that cannot be used as a path component.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid name {name:?}: {why}")]
+pub struct NameError {
+    pub name: String,
+    pub why: &'static str,
+}
 
 /// Checks a VM (domain) name for use as a path component: 1 to 200 characters of letters,
 /// digits, `.`, `-`, `_` and `+`, not starting with `.` or `-`.
-pub fn check_component(name: &str) -> Result<&str> {
+pub fn check_component(name: &str) -> Result<&str, NameError> {
     let bad = |why| {
-        Err(Error::InvalidName {
+        Err(NameError {
             name: name.to_string(),
             why,
         })

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::schedule::run::JobReport;
+use crate::schedule::report::JobReport;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -311,7 +311,7 @@ fn run_command(argv: &[String], job: &JobReport) -> Result<(), NotifyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schedule::run::VmResult;
+    use crate::schedule::report::VmResult;
 
     fn job() -> JobReport {
         let r = |vm: &str, status: &str, id: Option<&str>, err: Option<&str>| VmResult {

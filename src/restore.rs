@@ -12,15 +12,16 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::backup::lock_vm;
 use crate::error::{Error, Result};
 use crate::hypervisor::libvirt::{Libvirt, PowerState};
 use crate::hypervisor::network::{self, Reservation};
 use crate::hypervisor::vm::VmSpec;
 use crate::hypervisor::xml_edit;
+use crate::locks::lock_vm;
 use crate::preflight::{Check, Report};
 use crate::repository::disk::{restore_disk, restore_disk_qcow2, DiskIndex};
 use crate::repository::Repository;
+use crate::vm_ref::VmRef;
 
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -48,12 +49,16 @@ pub struct Restored {
 
 /// The result of a call on domain `name`, or `None` when it failed because the domain went
 /// away meanwhile (another tool undefined it while the restore looked at every VM).
-fn unless_gone<T>(lv: &Libvirt, name: &str, r: Result<T>) -> Result<Option<T>> {
+fn unless_gone<T, E: Into<Error>>(
+    lv: &Libvirt,
+    name: &str,
+    r: std::result::Result<T, E>,
+) -> Result<Option<T>> {
     match r {
         Ok(v) => Ok(Some(v)),
         Err(e) => match lv.find_domain(name)? {
             None => Ok(None),
-            Some(_) => Err(e),
+            Some(_) => Err(e.into()),
         },
     }
 }
@@ -139,7 +144,8 @@ fn plan_reservations(
             continue;
         };
         for ip in recorded {
-            let plan = network::plan(&xml, mac, ip).map_err(|e| Error::Xml(e.to_string()))?;
+            let plan = network::plan(&xml, mac, ip)
+                .map_err(|e| Error::Xml(xml_edit::XmlError(e.to_string())))?;
             if let Reservation::Conflict { other_mac } = &plan {
                 conflicts.push(format!(
                     "{ip} is reserved on network {net} for {other_mac}, not for {mac}"
@@ -263,9 +269,18 @@ pub fn restore(
     let m = repo.load(id)?;
     let mut xml = repo.get_domain_xml(id)?;
     let saved = VmSpec::from_xml(&xml)?;
-    let name = opts.as_name.clone().unwrap_or_else(|| m.vm_name.clone());
-    crate::names::check_component(&name)?;
-    let _lock = lock_vm(state_dir, &name)?;
+    if m.vm_name.parse::<VmRef>().is_ok_and(|v| v.is_qemu()) {
+        return Err(Error::Invalid(format!(
+            "backup {id} is of plain QEMU VM {}: its disks can be restored, the VM cannot",
+            m.vm_name
+        )));
+    }
+    let vm = match &opts.as_name {
+        Some(n) => VmRef::libvirt(n)?,
+        None => m.vm_name.parse::<VmRef>()?,
+    };
+    let name = vm.name().to_string();
+    let _lock = lock_vm(state_dir, &vm)?;
     let dom = lv.find_domain(&name)?;
 
     // Where each disk goes: its recorded image, or with --as a new file beside it.
@@ -377,10 +392,7 @@ pub fn restore(
         let target = target.clone();
         let dir = target
             .parent()
-            .ok_or_else(|| Error::Command {
-                program: "restore".into(),
-                detail: format!("{} has no folder", d.source),
-            })?
+            .ok_or_else(|| Error::Invalid(format!("{} has no folder", d.source)))?
             .to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("create folder", &dir, e))?;
         let index = DiskIndex::decode(&repo.store().get(&d.index_object)?)?;

@@ -73,7 +73,27 @@ CREATE TABLE IF NOT EXISTS pins (
     backup_id TEXT PRIMARY KEY,
     pinned_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS runs (
+    backup_id TEXT PRIMARY KEY,
+    vm TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    overlays TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
 ";
+
+/// A backup run in flight, as its journal row says: the phase it entered last and the
+/// overlay files it made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunRow {
+    pub backup_id: String,
+    pub vm: String,
+    pub phase: String,
+    pub overlays: Vec<String>,
+    pub pid: i64,
+}
 
 /// One job of the history.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -154,6 +174,53 @@ impl State {
             path: self.path.clone(),
             source,
         }
+    }
+
+    // ---- the journal of backup runs in flight ----
+
+    /// Records that run `backup_id` enters `phase` (before it starts it).
+    pub fn run_enter(&self, run: &RunRow) -> Result<()> {
+        let overlays = serde_json::to_string(&run.overlays).unwrap_or_else(|_| "[]".into());
+        let now = now_ms();
+        self.conn
+            .execute(
+                "INSERT INTO runs (backup_id, vm, phase, overlays, pid, started_ms, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+                 ON CONFLICT (backup_id) DO UPDATE SET phase = ?3, overlays = ?4, updated_ms = ?6",
+                params![run.backup_id, run.vm, run.phase, overlays, run.pid, now],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    /// Forgets run `backup_id`: it finished, or what it left was put back.
+    pub fn run_end(&self, backup_id: &str) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM runs WHERE backup_id = ?1", params![backup_id])
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    /// The runs of VM `vm` (its text form) that never finished.
+    pub fn runs_of(&self, vm: &str) -> Result<Vec<RunRow>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT backup_id, vm, phase, overlays, pid FROM runs WHERE vm = ?1 ORDER BY started_ms")
+            .map_err(|e| self.sql(e))?;
+        let rows = st
+            .query_map(params![vm], |r| {
+                let overlays: String = r.get(3)?;
+                Ok(RunRow {
+                    backup_id: r.get(0)?,
+                    vm: r.get(1)?,
+                    phase: r.get(2)?,
+                    overlays: serde_json::from_str(&overlays).unwrap_or_default(),
+                    pid: r.get(4)?,
+                })
+            })
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.sql(e))
     }
 
     // ---- schedules ----

@@ -450,6 +450,7 @@ impl TestVm {
             None,
             Duration::from_secs(120),
         )
+        .map_err(Error::from)
     }
 
     /// Runs `sh -c script` in the guest; fails unless it exits 0. Returns its stdout.

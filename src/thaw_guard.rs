@@ -14,7 +14,21 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::error::{Error, Result};
+use crate::hypervisor::qmp::QmpError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ThawGuardError {
+    #[error("cannot start {program} thaw-guard")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot thaw the guest")]
+    Thaw(#[from] QmpError),
+}
+
+type Result<T> = std::result::Result<T, ThawGuardError>;
 
 const THAWED: &[u8] = b"thawed\n";
 
@@ -37,9 +51,9 @@ impl ThawGuard {
             .stderr(Stdio::inherit())
             .process_group(0)
             .spawn()
-            .map_err(|e| Error::Command {
-                program: format!("{} thaw-guard", program.display()),
-                detail: e.to_string(),
+            .map_err(|source| ThawGuardError::Spawn {
+                program: program.display().to_string(),
+                source,
             })?;
         tracing::debug!(pid = child.id(), "thaw guard started");
         Ok(ThawGuard { child: Some(child) })

@@ -423,7 +423,7 @@ fn a_shut_off_vm_is_backed_up_without_snapshot_and_cannot_start_on_a_disk_being_
     );
 
     // While vmbackup reads the image, QEMU cannot open it for writing: the VM does not start.
-    let held = vmbackup::backup::forbid_writers(&vm.disk_paths()[0]).unwrap();
+    let held = vmbackup::image::forbid_writers(&vm.disk_paths()[0]).unwrap();
     assert!(
         vm.dom().start().is_err(),
         "the VM started on a disk being read"
@@ -441,7 +441,7 @@ fn a_shut_off_vm_is_backed_up_without_snapshot_and_cannot_start_on_a_disk_being_
     }
     started.expect("the VM starts once the read is over");
     // And a running VM's image cannot be taken for a shut-off backup read.
-    assert!(vmbackup::backup::forbid_writers(&vm.disk_paths()[0]).is_err());
+    assert!(vmbackup::image::forbid_writers(&vm.disk_paths()[0]).is_err());
 }
 
 /// What a backup killed between its snapshot and its commit back leaves: the VM running on a

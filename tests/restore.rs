@@ -98,7 +98,7 @@ fn restore_is_refused_while_a_backup_of_the_vm_runs() {
     let id = backup_id(&place, &[vm.name()]);
     let digest = disk_digest(&vm);
     // A backup of the VM holds this lock for its whole run.
-    let held = vmbackup::backup::lock_vm(&place.state(), vm.name()).unwrap();
+    let held = vmbackup::locks::lock_vm(&place.state(), &vm.name().parse().unwrap()).unwrap();
     let r = vmbackup(&place, &["restore", &id]);
     assert_eq!(r.code, 4, "{}", r.stderr);
     // And a backup is refused while a restore (or backup) holds it.

@@ -10,7 +10,45 @@ use virt::domain::Domain;
 use virt::error::ErrorNumber;
 use virt::sys;
 
-use crate::error::{Error, Result};
+/// What a libvirt call or a guest-agent command through libvirt can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum LibvirtError {
+    #[error("cannot connect to libvirt at {uri}")]
+    Connect {
+        uri: String,
+        #[source]
+        source: virt::error::Error,
+    },
+    #[error("no domain named {0:?}")]
+    NoDomain(String),
+    #[error("{op} failed for domain {domain}")]
+    Libvirt {
+        op: &'static str,
+        domain: String,
+        #[source]
+        source: virt::error::Error,
+    },
+    #[error("the guest agent of {domain} does not answer")]
+    AgentUnavailable {
+        domain: String,
+        #[source]
+        source: virt::error::Error,
+    },
+    #[error("guest agent command {command} of {domain} failed")]
+    Agent {
+        domain: String,
+        command: String,
+        #[source]
+        source: virt::error::Error,
+    },
+    #[error("unexpected guest agent reply to {command}: {detail}")]
+    AgentReply { command: String, detail: String },
+    #[error("timed out after {secs:.1}s waiting for {what}")]
+    Timeout { what: String, secs: f64 },
+}
+
+use LibvirtError as Error;
+pub type Result<T, E = LibvirtError> = std::result::Result<T, E>;
 
 /// An open connection to libvirt.
 pub struct Libvirt {
@@ -212,6 +250,22 @@ impl Libvirt {
     }
 }
 
+/// A block job on a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockJob {
+    /// An active commit (the only kind vmbackup starts).
+    pub active_commit: bool,
+    /// Progress: `cur` of `end`; ready to pivot when they are equal.
+    pub cur: u64,
+    pub end: u64,
+}
+
+impl BlockJob {
+    pub fn ready(&self) -> bool {
+        self.end > 0 && self.cur == self.end
+    }
+}
+
 /// A libvirt domain.
 pub struct Dom {
     dom: Domain,
@@ -393,9 +447,14 @@ impl Dom {
             .map_err(self.err("block commit"))
     }
 
-    /// The block job on `disk`: `None` when there is none, else `(cur, end)`.
-    pub fn block_job(&self, disk: &str) -> Result<Option<(u64, u64)>> {
-        raw::block_job_info(&self.dom, disk).map_err(self.err("block job info"))
+    /// The block job on `disk`, if there is one.
+    pub fn block_job(&self, disk: &str) -> Result<Option<BlockJob>> {
+        let job = raw::block_job_info(&self.dom, disk).map_err(self.err("block job info"))?;
+        Ok(job.map(|(kind, cur, end)| BlockJob {
+            active_commit: kind == sys::VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT as i32,
+            cur,
+            end,
+        }))
     }
 
     /// Pivots a ready active commit (or copy) of `disk`. `Ok(false)` when the job is not
@@ -493,7 +552,7 @@ mod raw {
         Ok(())
     }
 
-    pub fn block_job_info(dom: &Domain, disk: &str) -> Result<Option<(u64, u64)>, Error> {
+    pub fn block_job_info(dom: &Domain, disk: &str) -> Result<Option<(i32, u64, u64)>, Error> {
         let disk = CString::new(disk)?;
         let mut info = sys::virDomainBlockJobInfo {
             type_: 0,
@@ -509,7 +568,7 @@ mod raw {
         match rc {
             r if r < 0 => Err(Error::last_error()),
             0 => Ok(None),
-            _ => Ok(Some((info.cur, info.end))),
+            _ => Ok(Some((info.type_, info.cur, info.end))),
         }
     }
 

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::vm::GuestInterface;
+
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
     #[error("cannot connect to {}", path.display())]
@@ -354,30 +356,9 @@ impl QemuVm {
     }
 
     /// The guest's interfaces and addresses (loopback left out).
-    pub fn guest_interfaces(&self) -> Result<Vec<crate::guest_agent::GuestInterface>> {
+    pub fn guest_interfaces(&self) -> Result<Vec<GuestInterface>> {
         let v = self.qga(GuestInterfaces(json!({})), CALL)?;
-        let mut out = Vec::new();
-        for i in v.as_array().into_iter().flatten() {
-            let name = i["name"].as_str().unwrap_or_default().to_string();
-            if name == "lo" {
-                continue;
-            }
-            let ips = i["ip-addresses"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|a| {
-                    Some(format!(
-                        "{}/{}",
-                        a["ip-address"].as_str()?,
-                        a["prefix"].as_u64()?
-                    ))
-                })
-                .collect();
-            let mac = i["hardware-address"].as_str().map(str::to_ascii_lowercase);
-            out.push(crate::guest_agent::GuestInterface { name, mac, ips });
-        }
-        Ok(out)
+        Ok(GuestInterface::from_agent_reply(&v))
     }
 
     /// Runs `sh -c script` in the guest; returns its exit code and stdout.
@@ -466,9 +447,9 @@ impl QemuVm {
 
     /// Commits the active layer of `device` back into its backing image `original`: starts an
     /// active block commit, waits until it is ready, completes it, waits until the job is gone,
-    /// and checks that the device runs on `original` again. On timeout the job is cancelled
-    /// and the VM stays, safely, on its overlay.
-    pub fn commit_back(&self, device: &str, original: &Path, timeout: Duration) -> Result<()> {
+    /// and checks that the device runs on `original` again. When the job makes no progress
+    /// for `stall` it is cancelled and the VM stays, safely, on its overlay.
+    pub fn commit_back(&self, device: &str, original: &Path, stall: Duration) -> Result<()> {
         let top = self
             .disks()?
             .into_iter()
@@ -479,15 +460,23 @@ impl QemuVm {
             })?;
         let job = format!("vmbackup-commit-{device}");
         self.qmp(BlockCommit(json!({"job-id": job, "device": top.node_name})))?;
-        let start = Instant::now();
+        crate::fault::stop_point("commit-started");
         let mut completed = false;
+        let mut progress = Value::Null;
+        let mut progressed_at = Instant::now();
         loop {
             match self.block_job(&job)? {
                 Some(j) if !completed && j["ready"].as_bool() == Some(true) => {
                     self.qmp(BlockJobComplete(json!({ "device": job })))?;
                     completed = true;
                 }
-                Some(_) => {}
+                Some(j) => {
+                    let now = json!([j["offset"], j["len"]]);
+                    if now != progress {
+                        progress = now;
+                        progressed_at = Instant::now();
+                    }
+                }
                 None if completed => break,
                 None => {
                     return Err(QmpError::Commit {
@@ -499,13 +488,13 @@ impl QemuVm {
                     })
                 }
             }
-            if start.elapsed() > timeout {
+            if progressed_at.elapsed() > stall {
                 let _ = self.qmp(BlockJobCancel(json!({ "device": job })));
                 return Err(QmpError::Commit {
                     device: device.into(),
                     detail: format!(
-                        "not done after {}s; the VM stays on {}",
-                        timeout.as_secs(),
+                        "no progress for {}s; the VM stays on {}",
+                        stall.as_secs(),
                         top.file
                     ),
                 });

@@ -4,7 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use super::xml_edit::XmlError;
+
+type Result<T> = std::result::Result<T, XmlError>;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
@@ -54,7 +56,7 @@ fn scaled(value: &str, unit: Option<&str>) -> Result<u64> {
     let n: u64 = value
         .trim()
         .parse()
-        .map_err(|_| Error::Xml(format!("bad number {value:?}")))?;
+        .map_err(|_| XmlError(format!("bad number {value:?}")))?;
     let mult: u64 = match unit.unwrap_or("KiB") {
         "b" | "bytes" => 1,
         "KB" => 1000,
@@ -65,28 +67,28 @@ fn scaled(value: &str, unit: Option<&str>) -> Result<u64> {
         "G" | "GiB" => 1 << 30,
         "TB" => 1_000_000_000_000,
         "T" | "TiB" => 1 << 40,
-        other => return Err(Error::Xml(format!("unknown memory unit {other:?}"))),
+        other => return Err(XmlError(format!("unknown memory unit {other:?}"))),
     };
     n.checked_mul(mult)
-        .ok_or_else(|| Error::Xml(format!("memory size {value} {mult} overflows")))
+        .ok_or_else(|| XmlError(format!("memory size {value} {mult} overflows")))
 }
 
 impl VmSpec {
     pub fn from_xml(xml: &str) -> Result<VmSpec> {
-        let doc = roxmltree::Document::parse(xml).map_err(|e| Error::Xml(e.to_string()))?;
+        let doc = roxmltree::Document::parse(xml).map_err(|e| XmlError(e.to_string()))?;
         let dom = doc.root_element();
         if !dom.has_tag_name("domain") {
-            return Err(Error::Xml("root element is not <domain>".into()));
+            return Err(XmlError("root element is not <domain>".into()));
         }
         let text = |name: &str| child(dom, name).and_then(|n| n.text()).map(str::trim);
         let name = text("name")
-            .ok_or_else(|| Error::Xml("no <name>".into()))?
+            .ok_or_else(|| XmlError("no <name>".into()))?
             .to_string();
         let uuid = text("uuid").unwrap_or_default().to_string();
         let vcpus = match text("vcpu") {
             Some(v) => v
                 .parse()
-                .map_err(|_| Error::Xml(format!("bad <vcpu> {v:?}")))?,
+                .map_err(|_| XmlError(format!("bad <vcpu> {v:?}")))?,
             None => 1,
         };
         let memory_bytes = match child(dom, "memory") {
@@ -127,7 +129,7 @@ impl VmSpec {
 fn parse_disk(dev: roxmltree::Node) -> Result<DiskSpec> {
     let target = child(dev, "target")
         .and_then(|t| t.attribute("dev"))
-        .ok_or_else(|| Error::Xml("a <disk> has no <target dev>".into()))?
+        .ok_or_else(|| XmlError("a <disk> has no <target dev>".into()))?
         .to_string();
     let source = child(dev, "source").and_then(|s| {
         s.attribute("file")
@@ -168,6 +170,54 @@ fn parse_nic(dev: roxmltree::Node) -> NicSpec {
             .map(str::to_string),
         kind: dev.attribute("type").unwrap_or("").to_string(),
         source,
+    }
+}
+
+/// A network interface as the guest sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestInterface {
+    pub name: String,
+    pub mac: Option<String>,
+    /// Addresses with prefix, e.g. `192.0.2.10/24`.
+    pub ips: Vec<String>,
+}
+
+impl GuestInterface {
+    /// The interfaces of a `guest-network-get-interfaces` reply (loopback left out).
+    pub fn from_agent_reply(reply: &serde_json::Value) -> Vec<GuestInterface> {
+        let mut out = Vec::new();
+        for i in reply.as_array().into_iter().flatten() {
+            let name = i["name"].as_str().unwrap_or_default();
+            if name == "lo" {
+                continue;
+            }
+            let ips = i["ip-addresses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| {
+                    Some(format!(
+                        "{}/{}",
+                        a["ip-address"].as_str()?,
+                        a["prefix"].as_u64()?
+                    ))
+                })
+                .collect();
+            out.push(GuestInterface {
+                name: name.to_string(),
+                mac: i["hardware-address"].as_str().map(str::to_ascii_lowercase),
+                ips,
+            });
+        }
+        out
+    }
+
+    /// The addresses recorded for the vNIC with `mac` (link-local ones left out).
+    pub fn ips_of(ifs: &[GuestInterface], mac: Option<&str>) -> Vec<String> {
+        ifs.iter()
+            .filter(|g| mac.is_some() && g.mac.as_deref() == mac)
+            .flat_map(|g| g.ips.iter().filter(|ip| !ip.starts_with("fe80:")).cloned())
+            .collect()
     }
 }
 

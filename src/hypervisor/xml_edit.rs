@@ -1,7 +1,12 @@
 //! Targeted edits of domain XML: the bytes of the one attribute that changes are replaced and
 //! everything else stays byte-identical (unknown elements, comments, formatting).
 
-use crate::error::{Error, Result};
+/// A domain XML that cannot be read or edited.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("domain XML: {0}")]
+pub struct XmlError(pub String);
+
+type Result<T> = std::result::Result<T, XmlError>;
 
 /// Escapes text for an XML attribute value (either quote style) or element content.
 pub fn escape_attr(v: &str) -> String {
@@ -14,7 +19,7 @@ pub fn escape_attr(v: &str) -> String {
 
 /// The `<source file=...>` of the file disk with `<target dev=target>`.
 pub fn disk_source(xml: &str, target: &str) -> Result<Option<String>> {
-    let doc = roxmltree::Document::parse(xml).map_err(|e| Error::Xml(e.to_string()))?;
+    let doc = roxmltree::Document::parse(xml).map_err(|e| XmlError(e.to_string()))?;
     Ok(find_disk(&doc, target)
         .and_then(|d| d.children().find(|c| c.has_tag_name("source")))
         .and_then(|s| s.attribute("file"))
@@ -35,17 +40,17 @@ fn find_disk<'a, 'i>(
 
 /// Returns `xml` with the `<source file=...>` of disk `target` set to `path`.
 pub fn set_disk_source(xml: &str, target: &str, path: &str) -> Result<String> {
-    let doc = roxmltree::Document::parse(xml).map_err(|e| Error::Xml(e.to_string()))?;
-    let disk = find_disk(&doc, target)
-        .ok_or_else(|| Error::Xml(format!("no disk with target {target}")))?;
+    let doc = roxmltree::Document::parse(xml).map_err(|e| XmlError(e.to_string()))?;
+    let disk =
+        find_disk(&doc, target).ok_or_else(|| XmlError(format!("no disk with target {target}")))?;
     let source = disk
         .children()
         .find(|c| c.has_tag_name("source"))
-        .ok_or_else(|| Error::Xml(format!("disk {target} has no <source>")))?;
+        .ok_or_else(|| XmlError(format!("disk {target} has no <source>")))?;
     let attr = source
         .attributes()
         .find(|a| a.name() == "file")
-        .ok_or_else(|| Error::Xml(format!("disk {target} has no source file")))?;
+        .ok_or_else(|| XmlError(format!("disk {target} has no source file")))?;
     let range = attr.range_value();
     let mut out = String::with_capacity(xml.len() + path.len());
     out.push_str(&xml[..range.start]);
@@ -56,16 +61,16 @@ pub fn set_disk_source(xml: &str, target: &str, path: &str) -> Result<String> {
 
 /// Returns `xml` with the text of the domain's `<name>` set to `name`.
 pub fn set_name(xml: &str, name: &str) -> Result<String> {
-    let doc = roxmltree::Document::parse(xml).map_err(|e| Error::Xml(e.to_string()))?;
+    let doc = roxmltree::Document::parse(xml).map_err(|e| XmlError(e.to_string()))?;
     let node = doc
         .root_element()
         .children()
         .find(|c| c.has_tag_name("name"))
-        .ok_or_else(|| Error::Xml("no <name>".into()))?;
+        .ok_or_else(|| XmlError("no <name>".into()))?;
     let text = node
         .first_child()
         .filter(|t| t.is_text())
-        .ok_or_else(|| Error::Xml("empty <name>".into()))?;
+        .ok_or_else(|| XmlError("empty <name>".into()))?;
     let r = text.range();
     Ok(format!(
         "{}{}{}",
@@ -78,7 +83,7 @@ pub fn set_name(xml: &str, name: &str) -> Result<String> {
 /// Returns `xml` without the elements that `pick` selects (for example the domain's `<uuid>`,
 /// or the `<mac>` of every `<interface>`), each removed with its indentation.
 pub fn remove_elements(xml: &str, pick: impl Fn(roxmltree::Node) -> bool) -> Result<String> {
-    let doc = roxmltree::Document::parse(xml).map_err(|e| Error::Xml(e.to_string()))?;
+    let doc = roxmltree::Document::parse(xml).map_err(|e| XmlError(e.to_string()))?;
     let mut ranges: Vec<std::ops::Range<usize>> = doc
         .descendants()
         .filter(|n| n.is_element() && pick(*n))

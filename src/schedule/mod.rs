@@ -2,6 +2,7 @@
 //! time zone), what to keep; slot capacity; and `run-due`, which the external timer calls.
 
 pub mod calendar;
+pub mod report;
 pub mod retention;
 pub mod run;
 pub mod slots;
@@ -12,13 +13,26 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 pub use calendar::{Occurrence, Recurrence};
+
+use crate::settings::Quiesce;
+use crate::vm_ref::VmRef;
+
+/// Why a schedule cannot be placed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ScheduleError {
+    /// Its slot has no room (a refusal).
+    #[error("{0}")]
+    SlotFull(String),
+    #[error("{0}")]
+    Invalid(String),
+}
 pub use retention::Retention;
 
 /// One schedule as stored (JSON in the state database).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Spec {
     pub name: String,
-    pub vms: Vec<String>,
+    pub vms: Vec<VmRef>,
     pub recurrence: Recurrence,
     /// First local date the schedule may run (`YYYY-MM-DD`).
     pub start_date: String,
@@ -39,10 +53,6 @@ impl Spec {
         if self.vms.is_empty() {
             return Err("a schedule needs at least one VM (--vm)".into());
         }
-        for vm in &self.vms {
-            let plain = vm.strip_prefix("qemu:").unwrap_or(vm);
-            crate::names::check_component(plain).map_err(|e| e.to_string())?;
-        }
         let mut seen = std::collections::HashSet::new();
         if let Some(d) = self.vms.iter().find(|v| !seen.insert(*v)) {
             return Err(format!("VM {d:?} is named twice"));
@@ -53,7 +63,7 @@ impl Spec {
             return Err(format!("slot hour {} is not between 0 and 23", self.hour));
         }
         self.zone()?;
-        if !matches!(self.quiesce.as_str(), "required" | "preferred" | "off") {
+        if Quiesce::parse(&self.quiesce).is_none() {
             return Err(format!("bad quiesce {:?}", self.quiesce));
         }
         if let Some(Retention::Count { keep: 0 }) = self.retention {
@@ -94,7 +104,7 @@ impl Spec {
         self.vms
             .iter()
             .filter_map(|vm| {
-                self.occurrences(vm, now, to)
+                self.occurrences(&vm.to_string(), now, to)
                     .into_iter()
                     .find(|o| o.at > now)
                     .map(|o| o.at)
@@ -109,7 +119,7 @@ impl Spec {
     pub(crate) fn example(name: &str) -> Spec {
         Spec {
             name: name.into(),
-            vms: vec!["a".into()],
+            vms: vec!["a".parse().unwrap()],
             recurrence: Recurrence::Daily,
             start_date: "2027-01-01".into(),
             hour: 2,
@@ -134,7 +144,7 @@ pub fn place(
     auto: bool,
     capacity: usize,
     now: Timestamp,
-) -> crate::Result<()> {
+) -> Result<(), ScheduleError> {
     let loads = slots::loads(others, Some(&spec.name), now);
     if auto {
         spec.hour = slots::least_loaded(spec, &loads, now);
@@ -143,7 +153,7 @@ pub fn place(
         return Ok(());
     }
     if spec.vms.len() > capacity {
-        return Err(crate::Error::SlotFull(format!(
+        return Err(ScheduleError::SlotFull(format!(
             "schedule {} has {} VMs, more than a slot holds ({capacity}); split it",
             spec.name,
             spec.vms.len()
@@ -152,7 +162,7 @@ pub fn place(
     let Some(o) = slots::overflow(spec, &loads, capacity, now) else {
         return Ok(());
     };
-    let tz = spec.zone().map_err(crate::Error::Invalid)?;
+    let tz = spec.zone().map_err(ScheduleError::Invalid)?;
     let when = o.hour_start.to_zoned(tz);
     let near = slots::nearest_with_room(spec, &loads, capacity, now, 3);
     let near = if near.is_empty() {
@@ -166,7 +176,7 @@ pub fn place(
                 .join(", ")
         )
     };
-    Err(crate::Error::SlotFull(format!(
+    Err(ScheduleError::SlotFull(format!(
         "slot {} is full: on {} it already holds {} of {capacity} VMs and this schedule adds {}; {near}",
         spec.slot_label(),
         when.date(),

@@ -16,53 +16,20 @@ use std::time::Duration;
 use jiff::Timestamp;
 use serde::Serialize;
 
+use super::report::{JobReport, VmResult};
 use super::retention::{self, Kept};
 use super::Spec;
-use crate::backup::{self, Quiesce};
+use crate::backup;
 use crate::config::Config;
-use crate::error::{chain, Error, Result};
-use crate::hypervisor::libvirt::Libvirt;
+use crate::error::{chain, Result};
+use crate::hypervisor::open::Hypervisors;
 use crate::repository::Repository;
+use crate::settings::Quiesce;
 use crate::state::{fmt_ms, NewJob, State};
+use crate::vm_ref::VmRef;
 
 /// Oldest occurrence `run-due` looks at (missed ones older than this are not recorded).
 pub const LOOKBACK_DAYS: i64 = 35;
-
-/// The outcome of one VM's occurrence.
-#[derive(Debug, Clone, Serialize)]
-pub struct VmResult {
-    pub vm: String,
-    /// When the occurrence was due (UTC).
-    pub due: String,
-    /// `ok`, `failed`, `skipped`, `missed` (or `due` in a dry run).
-    pub status: String,
-    pub backup_id: Option<String>,
-    pub consistency: Option<String>,
-    pub freeze_ms: Option<u64>,
-    pub stored_bytes: Option<u64>,
-    pub started: Option<String>,
-    pub ended: Option<String>,
-    pub error: Option<String>,
-    /// Backups removed by retention after this one succeeded.
-    pub pruned: Vec<String>,
-    pub prune_errors: Vec<String>,
-}
-
-/// One schedule's part of a run: the job a report is sent for.
-#[derive(Debug, Clone, Serialize)]
-pub struct JobReport {
-    pub schedule: String,
-    pub recurrence: String,
-    pub slot: String,
-    pub run_at: String,
-    pub results: Vec<VmResult>,
-}
-
-impl JobReport {
-    pub fn count(&self, status: &str) -> usize {
-        self.results.iter().filter(|r| r.status == status).count()
-    }
-}
 
 /// What one `run-due` did.
 #[derive(Debug, Clone, Serialize)]
@@ -92,8 +59,8 @@ pub struct Options {
 
 /// What one schedule has to do now, per VM.
 struct Plan {
-    missed: Vec<(String, i64, String)>,
-    run: Vec<(String, i64)>,
+    missed: Vec<(VmRef, i64, String)>,
+    run: Vec<(VmRef, i64)>,
 }
 
 fn plan(state: &State, spec: &Spec, created_ms: i64, o: &Options) -> Result<Plan> {
@@ -107,9 +74,9 @@ fn plan(state: &State, spec: &Spec, created_ms: i64, o: &Options) -> Result<Plan
     };
     for vm in &spec.vms {
         let mut pending = Vec::new();
-        for occ in spec.occurrences(vm, from, o.now) {
+        for occ in spec.occurrences(&vm.to_string(), from, o.now) {
             let due = occ.at.as_millisecond();
-            if !state.is_claimed(&spec.name, vm, due)? {
+            if !state.is_claimed(&spec.name, &vm.to_string(), due)? {
                 pending.push(due);
             }
         }
@@ -140,7 +107,7 @@ fn plan(state: &State, spec: &Spec, created_ms: i64, o: &Options) -> Result<Plan
     Ok(p)
 }
 
-fn empty_result(vm: &str, due: i64, status: &str) -> VmResult {
+fn empty_result(vm: &VmRef, due: i64, status: &str) -> VmResult {
     VmResult {
         vm: vm.to_string(),
         due: fmt_ms(due),
@@ -158,11 +125,7 @@ fn empty_result(vm: &str, due: i64, status: &str) -> VmResult {
 }
 
 fn quiesce_of(spec: &Spec) -> Quiesce {
-    match spec.quiesce.as_str() {
-        "required" => Quiesce::Required,
-        "off" => Quiesce::Off,
-        _ => Quiesce::Preferred,
-    }
+    Quiesce::parse(&spec.quiesce).unwrap_or(Quiesce::Preferred)
 }
 
 /// Runs every due occurrence. `progress` as for a backup.
@@ -180,7 +143,7 @@ pub fn run_due(
     };
     // Connected on first need: a minute with nothing due touches neither libvirt nor the
     // repository.
-    let mut lv: Option<Libvirt> = None;
+    let hv = Hypervisors::new(&cfg.connect, &cfg.qemu_dir);
     let mut repo: Option<Repository> = None;
     for (spec, created_ms) in state.schedules()? {
         if !spec.enabled {
@@ -202,11 +165,12 @@ pub fn run_due(
                 job.results.push(empty_result(vm, *due, "missed"));
                 continue;
             }
-            if state.claim(&spec.name, vm, *due)? {
+            let vm_text = vm.to_string();
+            if state.claim(&spec.name, &vm_text, *due)? {
                 tracing::warn!(schedule = %spec.name, vm = %vm, due = %fmt_ms(*due), "missed: {why}");
                 let j = NewJob {
                     kind: "backup",
-                    vm: Some(vm),
+                    vm: Some(&vm_text),
                     schedule: Some(&spec.name),
                     due_ms: Some(*due),
                 };
@@ -227,38 +191,19 @@ pub fn run_due(
                 repo = Some(Repository::open(&cfg.repo)?);
             }
             let repo = repo.as_ref().expect("opened above");
-            if !state.claim(&spec.name, vm, *due)? {
+            if !state.claim(&spec.name, &vm.to_string(), *due)? {
                 continue; // another run-due has it
             }
-            if lv.is_none() && !vm.starts_with("qemu:") {
-                match Libvirt::open(&cfg.connect) {
-                    Ok(l) => lv = Some(l),
-                    Err(e) => {
-                        let j = NewJob {
-                            kind: "backup",
-                            vm: Some(vm),
-                            schedule: Some(&spec.name),
-                            due_ms: Some(*due),
-                        };
-                        let msg = chain(&e);
-                        state.record_job(&j, "failed", &msg)?;
-                        let mut r = empty_result(vm, *due, "failed");
-                        r.error = Some(msg);
-                        job.results.push(r);
-                        continue;
-                    }
-                }
-            }
-            let r = run_one(cfg, &state, lv.as_ref(), repo, &spec, vm, *due, o, progress)?;
+            let r = run_one(cfg, &state, &hv, repo, &spec, vm, *due, o, progress)?;
             job.results.push(r);
-            if backup::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+            if crate::interrupt::requested() {
                 break;
             }
         }
         if !job.results.is_empty() {
             out.jobs.push(job);
         }
-        if backup::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        if crate::interrupt::requested() {
             break;
         }
     }
@@ -278,17 +223,18 @@ pub fn run_due(
 fn run_one(
     cfg: &Config,
     state: &State,
-    lv: Option<&Libvirt>,
+    hv: &Hypervisors,
     repo: &Repository,
     spec: &Spec,
-    vm: &str,
+    vm: &VmRef,
     due: i64,
     o: &Options,
     progress: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> Result<VmResult> {
+    let vm_text = vm.to_string();
     let j = NewJob {
         kind: "backup",
-        vm: Some(vm),
+        vm: Some(&vm_text),
         schedule: Some(&spec.name),
         due_ms: Some(due),
     };
@@ -298,14 +244,10 @@ fn run_one(
     opts.schedule = Some(spec.name.clone());
     opts.scheduled_for = Some(fmt_ms(due));
     let started = Timestamp::now();
-    tracing::info!(schedule = %spec.name, vm, due = %fmt_ms(due), "scheduled backup");
-    let result = match (vm.strip_prefix("qemu:"), lv) {
-        (Some(q), _) => {
-            backup::backup_qemu(repo, &cfg.state_dir, &cfg.qemu_dir, q, &opts, progress)
-        }
-        (None, Some(lv)) => backup::backup(lv, repo, &cfg.state_dir, vm, &opts, progress),
-        (None, None) => unreachable!("libvirt is connected before a libvirt VM runs"),
-    };
+    tracing::info!(schedule = %spec.name, vm = %vm, due = %fmt_ms(due), "scheduled backup");
+    let result = hv.with_vm(vm, |h| {
+        backup::backup(h, repo, &cfg.state_dir, state, &opts, progress)
+    });
     let mut r = empty_result(vm, due, "ok");
     r.started = Some(started.to_string());
     match result {
@@ -322,9 +264,9 @@ fn run_one(
                 r.prune_errors = p.errors;
             }
         }
-        Err(Error::Busy(why)) => {
-            let msg = format!("skipped: the previous job is still running ({why})");
-            tracing::warn!(schedule = %spec.name, vm, "{msg}");
+        Err(e) if e.is_busy() => {
+            let msg = format!("skipped: the previous job is still running ({})", chain(&e));
+            tracing::warn!(schedule = %spec.name, vm = %vm, "{msg}");
             state.finish_job(job_id, "skipped", None, Some(&msg), None)?;
             r.status = "skipped".into();
             r.error = Some(msg);
@@ -332,7 +274,7 @@ fn run_one(
         }
         Err(e) => {
             let msg = chain(&e);
-            tracing::error!(schedule = %spec.name, vm, "scheduled backup failed: {msg}");
+            tracing::error!(schedule = %spec.name, vm = %vm, "scheduled backup failed: {msg}");
             state.finish_job(job_id, "failed", None, Some(&msg), None)?;
             r.status = "failed".into();
             r.error = Some(msg);
@@ -355,16 +297,15 @@ pub fn prune(
     state: &State,
     repo: &Repository,
     schedule: &str,
-    vm: &str,
+    vm: &VmRef,
     rule: retention::Retention,
     now: Timestamp,
 ) -> Result<Pruned> {
     let pinned = state.pinned()?;
-    let plain = vm.strip_prefix("qemu:").unwrap_or(vm);
     let kept: Vec<Kept> = repo
         .list()?
         .into_iter()
-        .filter(|m| m.schedule.as_deref() == Some(schedule) && m.vm_name == plain)
+        .filter(|m| m.schedule.as_deref() == Some(schedule) && vm.is(&m.vm_name))
         .filter_map(|m| {
             let when = m.scheduled_for.as_deref().unwrap_or(&m.started_at);
             let time = when.parse::<Timestamp>().ok()?;
@@ -380,21 +321,22 @@ pub fn prune(
     if doomed.is_empty() {
         return Ok(out);
     }
+    let vm_text = vm.to_string();
     let job = state.start_job(&NewJob {
         kind: "prune",
-        vm: Some(vm),
+        vm: Some(&vm_text),
         schedule: Some(schedule),
         due_ms: None,
     })?;
     for id in doomed {
         match repo.delete(&id) {
             Ok(()) => {
-                tracing::info!(schedule, vm, id = %id, "retention: deleted");
+                tracing::info!(schedule, vm = %vm, id = %id, "retention: deleted");
                 out.deleted.push(id);
             }
             Err(e) => {
                 let msg = format!("{id}: {}", chain(&e));
-                tracing::error!(schedule, vm, "retention: cannot delete {msg}");
+                tracing::error!(schedule, vm = %vm, "retention: cannot delete {msg}");
                 out.errors.push(msg);
             }
         }
@@ -476,7 +418,7 @@ mod tests {
         assert_eq!(p.missed.len(), 5);
         // Claimed occurrences are not planned again.
         for (vm, due, _) in &p.missed {
-            assert!(state.claim("nightly", vm, *due).unwrap());
+            assert!(state.claim("nightly", &vm.to_string(), *due).unwrap());
         }
         let p = plan(&state, &spec(), created, &opts("2027-01-05T12:00:00Z", 6)).unwrap();
         assert!(p.run.is_empty() && p.missed.is_empty());

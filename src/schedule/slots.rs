@@ -29,7 +29,7 @@ fn slot_hours(spec: &Spec, from: Timestamp) -> Vec<i64> {
     // Occurrences are filtered by their start, which is within an hour after the slot's.
     let from = Timestamp::from_second(from.as_second() - 3600).unwrap_or(from);
     let mut hours: Vec<i64> = spec
-        .occurrences(vm, from, horizon(from))
+        .occurrences(&vm.to_string(), from, horizon(from))
         .into_iter()
         .map(|o| o.slot_start.as_second().div_euclid(3600))
         .collect();
@@ -118,7 +118,7 @@ mod tests {
     fn spec(name: &str, vms: &[&str], hour: u8, rec: Recurrence) -> Spec {
         Spec {
             name: name.into(),
-            vms: vms.iter().map(|s| s.to_string()).collect(),
+            vms: vms.iter().map(|s| s.parse().unwrap()).collect(),
             recurrence: rec,
             start_date: "2027-01-01".into(),
             hour,

@@ -1,0 +1,503 @@
+//! A libvirt domain as a `VmHandle`.
+//!
+//! The snapshot is one atomic, disk-only, external snapshot of every disk, with libvirt's
+//! quiesce flag when the guest is to be frozen: libvirtd freezes the guest's filesystems
+//! through the agent, snapshots and thaws inside that one call (and thaws even if this process
+//! dies meanwhile), with the agent response timeout as the freeze deadline. libvirt thaws only
+//! after a freeze it saw succeed, so after a quiesced snapshot that failed the pipeline asks
+//! `ensure_thawed`. The commit back is an active block commit and pivot per disk; a block job
+//! an interrupted run left on the disk is taken over (an active commit) or aborted and redone
+//! (anything else), and the wait ends when the job makes no progress for the stall timeout.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::libvirt::{Dom, Libvirt, PowerState};
+use super::vm::{GuestInterface, VmSpec};
+use super::xml_edit;
+use super::{
+    backing_of, is_overlay, Description, DiskShape, Freeze, Overlay, Recovered, Recovery, VmHandle,
+    VmShape,
+};
+use crate::error::{Error, Result};
+use crate::guest_agent;
+use crate::image;
+use crate::preflight::{self, DiskFacts};
+use crate::settings::BackupSettings;
+use crate::vm_ref::VmRef;
+
+/// A libvirt domain, looked up by name.
+pub struct LibvirtVm<'a> {
+    lv: &'a Libvirt,
+    dom: Dom,
+    vm: VmRef,
+}
+
+impl<'a> LibvirtVm<'a> {
+    /// Looks domain `name` up; an unknown one is `LibvirtError::NoDomain` (bad input).
+    pub fn open(lv: &'a Libvirt, vm: &VmRef) -> Result<LibvirtVm<'a>> {
+        let dom = lv.domain(vm.name())?;
+        Ok(LibvirtVm {
+            lv,
+            dom,
+            vm: vm.clone(),
+        })
+    }
+
+    pub fn dom(&self) -> &Dom {
+        &self.dom
+    }
+
+    fn running(&self) -> Result<bool> {
+        Ok(self.dom.state()? != PowerState::ShutOff)
+    }
+
+    /// The definition that names the images in use now.
+    fn current_spec(&self) -> Result<VmSpec> {
+        let xml = if self.running()? {
+            self.dom.live_xml()?
+        } else {
+            self.dom.inactive_xml()?
+        };
+        Ok(VmSpec::from_xml(&xml)?)
+    }
+}
+
+/// A disk of a definition that runs on one of vmbackup's overlays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct OnOverlay {
+    target: String,
+    overlay: String,
+    /// The image below it, when the definition names it.
+    backing: Option<String>,
+}
+
+/// The disks of a definition that run on vmbackup's overlays.
+fn overlays_in(vm: &str, xml: &str) -> Result<Vec<OnOverlay>> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| xml_edit::XmlError(e.to_string()))?;
+    let mut out = Vec::new();
+    for disk in doc.descendants().filter(|n| n.has_tag_name("disk")) {
+        let target = disk
+            .children()
+            .find(|c| c.has_tag_name("target"))
+            .and_then(|t| t.attribute("dev"));
+        let source = disk
+            .children()
+            .find(|c| c.has_tag_name("source"))
+            .and_then(|s| s.attribute("file"));
+        let (Some(target), Some(source)) = (target, source) else {
+            continue;
+        };
+        if !is_overlay(vm, source) {
+            continue;
+        }
+        let backing = disk
+            .children()
+            .find(|c| c.has_tag_name("backingStore"))
+            .and_then(|b| b.children().find(|c| c.has_tag_name("source")))
+            .and_then(|s| s.attribute("file"))
+            .map(str::to_string);
+        out.push(OnOverlay {
+            target: target.to_string(),
+            overlay: source.to_string(),
+            backing,
+        });
+    }
+    Ok(out)
+}
+
+impl LibvirtVm<'_> {
+    /// A running VM whose live disks are its images but whose persistent definition still
+    /// names an overlay (a run died after the pivot): the definition is pointed back.
+    fn fix_inactive_only(&self) -> Result<Vec<Recovered>> {
+        let name = self.vm.name();
+        let inactive = self.dom.inactive_xml()?;
+        let stale = overlays_in(name, &inactive)?;
+        if stale.is_empty() || !self.dom.is_active()? {
+            return Ok(Vec::new());
+        }
+        let live = self.dom.live_xml()?;
+        let mut fixed = inactive.clone();
+        let mut out = Vec::new();
+        for s in stale {
+            let Some(image) = xml_edit::disk_source(&live, &s.target)? else {
+                continue;
+            };
+            if is_overlay(name, &image) {
+                continue;
+            }
+            fixed = xml_edit::set_disk_source(&fixed, &s.target, &image)?;
+            if Path::new(&s.overlay).exists() {
+                let _ = std::fs::remove_file(&s.overlay);
+            }
+            out.push(Recovered {
+                vm: self.vm.to_string(),
+                disk: s.target,
+                overlay: s.overlay,
+                image,
+            });
+        }
+        if !out.is_empty() {
+            self.lv.define(&fixed)?;
+        }
+        Ok(out)
+    }
+
+    /// Points the persistent definition's disks at their images again where libvirt left it
+    /// naming the overlays.
+    fn fix_persistent(&self, overlays: &[Overlay]) -> Result<()> {
+        let mut inactive = self.dom.inactive_xml()?;
+        let mut changed = false;
+        for o in overlays {
+            let image = o.image.to_string_lossy();
+            if xml_edit::disk_source(&inactive, &o.target)?.as_deref() != Some(&*image) {
+                inactive = xml_edit::set_disk_source(&inactive, &o.target, &image)?;
+                changed = true;
+            }
+        }
+        if changed {
+            tracing::info!(vm = %self.vm, "restoring the persistent definition's disk paths");
+            self.lv.define(&inactive)?;
+        }
+        Ok(())
+    }
+
+    /// Commits `o` back: takes over an active commit a killed run left, aborts and redoes
+    /// any other job, starts one otherwise; pivots once it is ready. Gives up (aborting the
+    /// job: the VM stays, safely, on its overlay) only after `stall` without progress.
+    fn commit_one(&self, o: &Overlay, stall: Duration) -> Result<()> {
+        let dom = &self.dom;
+        let target = o.target.as_str();
+        let start = Instant::now();
+        match dom.block_job(target)? {
+            Some(job) if job.active_commit => {
+                tracing::warn!(vm = %self.vm, disk = target, "taking over the commit an interrupted run left")
+            }
+            Some(_) => {
+                tracing::warn!(vm = %self.vm, disk = target, "aborting another block job on the disk before the commit");
+                dom.block_job_abort(target)?;
+                wait_job_gone(dom, target, stall)?;
+                dom.block_commit_active(target)?;
+            }
+            None => dom.block_commit_active(target)?,
+        }
+        crate::fault::stop_point("commit-started");
+        let mut pause = Duration::from_millis(20);
+        let mut pivoted = false;
+        let mut progress = (0, 0);
+        let mut progressed_at = Instant::now();
+        loop {
+            match dom.block_job(target)? {
+                Some(job) if !pivoted && job.ready() => {
+                    pivoted = dom.block_job_pivot(target)?;
+                }
+                Some(job) => {
+                    if (job.cur, job.end) != progress {
+                        progress = (job.cur, job.end);
+                        progressed_at = Instant::now();
+                    }
+                }
+                None if pivoted => break,
+                None => {
+                    // The job ended without our pivot: only fine if the disk is on its image.
+                    let live = dom.live_xml()?;
+                    if xml_edit::disk_source(&live, target)?.as_deref()
+                        == Some(&*o.image.to_string_lossy())
+                    {
+                        break;
+                    }
+                    return Err(Error::CommitBack(format!(
+                        "the commit of {} disk {target} ended without a pivot; the VM runs on {}",
+                        self.vm,
+                        o.overlay.display()
+                    )));
+                }
+            }
+            if progressed_at.elapsed() > stall {
+                let _ = dom.block_job_abort(target);
+                return Err(Error::CommitBack(format!(
+                    "the commit of {} disk {target} made no progress for {}s; the VM stays on {} until the next run",
+                    self.vm,
+                    stall.as_secs(),
+                    o.overlay.display()
+                )));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+        tracing::info!(vm = %self.vm, disk = target, ms = start.elapsed().as_millis() as u64, "committed back");
+        Ok(())
+    }
+}
+
+/// Waits until `target` has no block job, at most `timeout`.
+fn wait_job_gone(dom: &Dom, target: &str, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    while dom.block_job(target)?.is_some() {
+        if start.elapsed() > timeout {
+            return Err(Error::CommitBack(format!(
+                "the block job on {} disk {target} did not end",
+                dom.name()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The snapshot of `overlays` (no metadata is kept, so its name does not matter); every other
+/// disk of `spec` is left out explicitly.
+fn snapshot_xml(spec: &VmSpec, overlays: &[Overlay]) -> String {
+    let esc = xml_edit::escape_attr;
+    let mut x = String::from("<domainsnapshot><name>vmbackup</name><disks>");
+    for d in &spec.disks {
+        match overlays.iter().find(|o| o.target == d.target) {
+            Some(o) => x.push_str(&format!(
+                "<disk name='{}' snapshot='external'><driver type='qcow2'/><source file='{}'/></disk>",
+                esc(&d.target),
+                esc(&o.overlay.to_string_lossy())
+            )),
+            None => x.push_str(&format!("<disk name='{}' snapshot='no'/>", esc(&d.target))),
+        }
+    }
+    x.push_str("</disks></domainsnapshot>");
+    x
+}
+
+impl VmHandle for LibvirtVm<'_> {
+    fn vm(&self) -> &VmRef {
+        &self.vm
+    }
+
+    fn recover(&self, s: &BackupSettings) -> Result<Recovery> {
+        let name = self.vm.name();
+        let running = self.running()?;
+        let mut r = Recovery::default();
+        if running && self.current_spec()?.agent_channel {
+            // A guest left frozen by a freeze that completed after libvirt gave up on it.
+            match guest_agent::freeze_status(&self.dom, Duration::from_secs(5)) {
+                Ok(st) if st == "frozen" => {
+                    tracing::warn!(vm = %self.vm, "the guest was left frozen: thawing it");
+                    guest_agent::ensure_thawed(&self.dom, s.thaw_deadline())?;
+                    r.thawed = true;
+                    r.agent = Some(true);
+                }
+                Ok(_) => r.agent = Some(true),
+                Err(_) => r.agent = Some(false),
+            }
+        }
+        let xml = if running {
+            self.dom.live_xml()?
+        } else {
+            self.dom.inactive_xml()?
+        };
+        let found = overlays_in(name, &xml)?;
+        if found.is_empty() {
+            // The run may have died after the commit but before the definition was fixed.
+            r.disks = self.fix_inactive_only()?;
+            return Ok(r);
+        }
+        let mut overlays = Vec::new();
+        for f in found {
+            let image = match f.backing {
+                Some(b) => b,
+                None => backing_of(&f.overlay)?,
+            };
+            tracing::warn!(vm = %self.vm, disk = %f.target, overlay = %f.overlay, "an interrupted backup left the disk on its overlay: committing it back");
+            overlays.push(Overlay {
+                target: f.target,
+                image: image.into(),
+                format: String::new(),
+                overlay: f.overlay.into(),
+                node: None,
+            });
+        }
+        if running {
+            self.commit_back(&overlays, s)?;
+        } else {
+            let mut inactive = self.dom.inactive_xml()?;
+            for o in &overlays {
+                image::commit(&o.overlay)?;
+                inactive =
+                    xml_edit::set_disk_source(&inactive, &o.target, &o.image.to_string_lossy())?;
+            }
+            self.lv.define(&inactive)?;
+        }
+        for o in &overlays {
+            std::fs::remove_file(&o.overlay)
+                .map_err(|e| Error::io("remove overlay", &o.overlay, e))?;
+            r.disks.push(Recovered {
+                vm: self.vm.to_string(),
+                disk: o.target.clone(),
+                overlay: o.overlay.to_string_lossy().into_owned(),
+                image: o.image.to_string_lossy().into_owned(),
+            });
+        }
+        Ok(r)
+    }
+
+    fn describe(&self) -> Result<VmShape> {
+        let running = self.running()?;
+        let spec = self.current_spec()?;
+        let mut disks = Vec::new();
+        for d in &spec.disks {
+            let mut facts = DiskFacts {
+                target: d.target.clone(),
+                device: d.device.clone(),
+                kind: d.kind.clone(),
+                source: d.source.clone(),
+                readonly: d.readonly,
+                shareable: d.shareable,
+                virtual_size: 0,
+                allocated_size: 0,
+            };
+            if let (Ok(None), Some(src)) = (preflight::disk_rule(&facts), &d.source) {
+                let info = image::info(Path::new(src))?;
+                facts.virtual_size = info.virtual_size;
+                facts.allocated_size = info.actual_size;
+            }
+            disks.push(DiskShape {
+                facts,
+                format: d.format.clone().unwrap_or_else(|| "raw".into()),
+                node: None,
+            });
+        }
+        Ok(VmShape {
+            uuid: spec.uuid,
+            vcpus: spec.vcpus,
+            memory_bytes: spec.memory_bytes,
+            running,
+            agent: spec.agent_channel,
+            disks,
+            nics: spec.nics,
+        })
+    }
+
+    fn description(&self) -> Result<Description> {
+        Ok(Description {
+            file: "domain.xml",
+            bytes: self.dom.inactive_xml()?.into_bytes(),
+        })
+    }
+
+    fn guest_interfaces(&self) -> Vec<GuestInterface> {
+        guest_agent::interfaces(&self.dom).unwrap_or_default()
+    }
+
+    fn freeze(&self, s: &BackupSettings) -> Result<Freeze> {
+        // Bounds every agent call libvirt makes for the freeze and the thaw.
+        self.dom.set_agent_timeout(s.freeze_timeout)?;
+        Ok(Freeze::InSnapshot)
+    }
+
+    fn snapshot(&self, overlays: &[Overlay], quiesce: bool, _s: &BackupSettings) -> Result<()> {
+        let spec = VmSpec::from_xml(&self.dom.live_xml()?)?;
+        Ok(self
+            .dom
+            .snapshot_disk_only(&snapshot_xml(&spec, overlays), quiesce)?)
+    }
+
+    fn thaw(&self, _s: &BackupSettings) -> Result<()> {
+        // libvirtd thaws inside the snapshot call.
+        Ok(())
+    }
+
+    fn ensure_thawed(&self, s: &BackupSettings) -> Result<bool> {
+        Ok(guest_agent::ensure_thawed(&self.dom, s.thaw_deadline())?)
+    }
+
+    fn running_on(&self, overlays: &[Overlay]) -> Result<Vec<Overlay>> {
+        let live = self.dom.live_xml()?;
+        let mut out = Vec::new();
+        for o in overlays {
+            if xml_edit::disk_source(&live, &o.target)?.as_deref()
+                == Some(&*o.overlay.to_string_lossy())
+            {
+                out.push(o.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    fn commit_back(&self, overlays: &[Overlay], s: &BackupSettings) -> Result<()> {
+        let mut first_err = None;
+        for o in overlays {
+            if let Err(e) = self.commit_one(o, s.commit_stall_timeout) {
+                tracing::error!(vm = %self.vm, disk = %o.target, error = %crate::error::chain(&e), "commit back failed");
+                first_err.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        // libvirt may leave the persistent definition pointing at the overlays.
+        self.fix_persistent(overlays)?;
+        let live = self.dom.live_xml()?;
+        let inactive = self.dom.inactive_xml()?;
+        for o in overlays {
+            let image = o.image.to_string_lossy();
+            for (which, xml) in [("live", &live), ("inactive", &inactive)] {
+                let src = xml_edit::disk_source(xml, &o.target)?;
+                if src.as_deref() != Some(&*image) {
+                    return Err(Error::CommitBack(format!(
+                        "after the commit, the {which} definition of {} disk {} points at {:?}, not {image}",
+                        self.vm, o.target, src
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn is_shut_off(&self) -> Result<bool> {
+        Ok(!self.running()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlays_are_found_by_name_with_their_backing_image() {
+        let xml = "<domain><name>web</name><devices>\
+            <disk type='file' device='disk'><source file='/v/web.vdb.vmbackup-web-1-ab.qcow2'/>\
+            <backingStore type='file'><format type='qcow2'/><source file='/v/web-vdb.qcow2'/>\
+            <backingStore/></backingStore><target dev='vdb'/></disk>\
+            <disk type='file' device='disk'><source file='/v/web-vdc.raw'/><target dev='vdc'/></disk>\
+            <disk type='file' device='disk'><source file='/v/other.vdd.vmbackup-x.qcow2'/><target dev='vdd'/></disk>\
+            </devices></domain>";
+        let found = overlays_in("web", xml).unwrap();
+        assert_eq!(
+            found,
+            vec![OnOverlay {
+                target: "vdb".to_string(),
+                overlay: "/v/web.vdb.vmbackup-web-1-ab.qcow2".to_string(),
+                backing: Some("/v/web-vdb.qcow2".to_string())
+            }]
+        );
+        assert!(!is_overlay("web", "/v/web.qcow2"));
+        assert!(!is_overlay("we", "/v/web.vdb.vmbackup-1.qcow2"));
+    }
+
+    #[test]
+    fn the_snapshot_names_every_disk() {
+        let spec = VmSpec::from_xml(
+            "<domain><name>w</name><devices>\
+             <disk type='file' device='disk'><source file='/a'/><target dev='vda'/></disk>\
+             <disk type='file' device='cdrom'><target dev='sda'/></disk></devices></domain>",
+        )
+        .unwrap();
+        let ov = Overlay {
+            target: "vda".into(),
+            image: "/a".into(),
+            format: "raw".into(),
+            overlay: "/o'x".into(),
+            node: None,
+        };
+        let x = snapshot_xml(&spec, &[ov]);
+        assert!(x.contains("<disk name='vda' snapshot='external'>"), "{x}");
+        assert!(x.contains("/o&apos;x"), "{x}");
+        assert!(x.contains("<disk name='sda' snapshot='no'/>"), "{x}");
+    }
+}

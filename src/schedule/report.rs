@@ -1,0 +1,39 @@
+//! What a scheduled run reports, per schedule and VM: the data job reports are made of.
+
+use serde::Serialize;
+
+/// The outcome of one VM's occurrence.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmResult {
+    pub vm: String,
+    /// When the occurrence was due (UTC).
+    pub due: String,
+    /// `ok`, `failed`, `skipped`, `missed` (or `due` in a dry run).
+    pub status: String,
+    pub backup_id: Option<String>,
+    pub consistency: Option<String>,
+    pub freeze_ms: Option<u64>,
+    pub stored_bytes: Option<u64>,
+    pub started: Option<String>,
+    pub ended: Option<String>,
+    pub error: Option<String>,
+    /// Backups removed by retention after this one succeeded.
+    pub pruned: Vec<String>,
+    pub prune_errors: Vec<String>,
+}
+
+/// One schedule's part of a run: the job a report is sent for.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobReport {
+    pub schedule: String,
+    pub recurrence: String,
+    pub slot: String,
+    pub run_at: String,
+    pub results: Vec<VmResult>,
+}
+
+impl JobReport {
+    pub fn count(&self, status: &str) -> usize {
+        self.results.iter().filter(|r| r.status == status).count()
+    }
+}
