@@ -647,3 +647,309 @@ fn publish(
     repo.publish(&manifest)?;
     Ok(manifest)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The pipeline over a fake VM: phases in order, the guest thawed and the VM back on its
+    //! images on every error path, nothing published unless every disk was copied.
+
+    use std::cell::RefCell;
+
+    use super::*;
+    use crate::hypervisor::vm::NicSpec;
+    use crate::hypervisor::{Description, DiskShape, Recovery};
+    use crate::journal::Run as JournalRun;
+    use crate::preflight::DiskFacts;
+    use crate::vm_ref::VmRef;
+
+    const MIB: u64 = 1 << 20;
+
+    #[derive(Default)]
+    struct FakeState {
+        frozen: bool,
+        on_overlays: bool,
+        calls: Vec<&'static str>,
+    }
+
+    /// A running VM with one raw disk and an agent; `fail` names the call that fails.
+    struct FakeVm {
+        vm: VmRef,
+        image: PathBuf,
+        fail: Option<&'static str>,
+        st: RefCell<FakeState>,
+    }
+
+    impl FakeVm {
+        fn new(dir: &Path, fail: Option<&'static str>) -> FakeVm {
+            let image = dir.join("fake-vda.raw");
+            let mut data = vec![0u8; 8 * MIB as usize];
+            for (i, b) in data.iter_mut().enumerate().take(5 * MIB as usize) {
+                *b = (i % 251) as u8;
+            }
+            std::fs::write(&image, &data).unwrap();
+            FakeVm {
+                vm: VmRef::libvirt("fake").unwrap(),
+                image,
+                fail,
+                st: RefCell::new(FakeState::default()),
+            }
+        }
+
+        fn call(&self, name: &'static str) -> Result<()> {
+            self.st.borrow_mut().calls.push(name);
+            if self.fail == Some(name) {
+                return Err(Error::Invalid(format!("fake {name} failure")));
+            }
+            Ok(())
+        }
+    }
+
+    impl VmHandle for FakeVm {
+        fn vm(&self) -> &VmRef {
+            &self.vm
+        }
+        fn recover(&self, _s: &BackupSettings) -> Result<Recovery> {
+            Ok(Recovery::default())
+        }
+        fn describe(&self) -> Result<VmShape> {
+            let image = if self.fail == Some("copy") {
+                self.image.with_extension("missing")
+            } else {
+                self.image.clone()
+            };
+            Ok(VmShape {
+                uuid: "00000000-0000-0000-0000-00000000fa6e".into(),
+                vcpus: 2,
+                memory_bytes: 64 * MIB,
+                running: true,
+                agent: true,
+                disks: vec![DiskShape {
+                    facts: DiskFacts {
+                        target: "vda".into(),
+                        device: "disk".into(),
+                        kind: "file".into(),
+                        source: Some(image.to_string_lossy().into_owned()),
+                        readonly: false,
+                        shareable: false,
+                        virtual_size: 8 * MIB,
+                        allocated_size: 8 * MIB,
+                    },
+                    format: "raw".into(),
+                    node: None,
+                }],
+                nics: vec![NicSpec {
+                    mac: Some("52:54:00:00:00:01".into()),
+                    model: None,
+                    kind: "user".into(),
+                    source: None,
+                }],
+            })
+        }
+        fn description(&self) -> Result<Description> {
+            self.call("publish")?;
+            Ok(Description {
+                file: "domain.xml",
+                bytes: b"<domain/>".to_vec(),
+            })
+        }
+        fn guest_interfaces(&self) -> Vec<GuestInterface> {
+            Vec::new()
+        }
+        fn freeze(&self, _s: &BackupSettings) -> Result<Freeze> {
+            // A failed freeze may still complete in the guest.
+            self.st.borrow_mut().frozen = true;
+            self.call("freeze")?;
+            Ok(Freeze::Now(Instant::now()))
+        }
+        fn snapshot(&self, overlays: &[Overlay], _q: bool, _s: &BackupSettings) -> Result<()> {
+            assert!(
+                overlays.iter().all(|o| o.overlay.exists()),
+                "overlay files first"
+            );
+            self.call("snapshot")?;
+            self.st.borrow_mut().on_overlays = true;
+            Ok(())
+        }
+        fn thaw(&self, _s: &BackupSettings) -> Result<()> {
+            self.call("thaw")?;
+            self.st.borrow_mut().frozen = false;
+            Ok(())
+        }
+        fn ensure_thawed(&self, _s: &BackupSettings) -> Result<bool> {
+            self.st.borrow_mut().calls.push("ensure_thawed");
+            let was = std::mem::replace(&mut self.st.borrow_mut().frozen, false);
+            Ok(was)
+        }
+        fn running_on(&self, overlays: &[Overlay]) -> Result<Vec<Overlay>> {
+            Ok(if self.st.borrow().on_overlays {
+                overlays.to_vec()
+            } else {
+                Vec::new()
+            })
+        }
+        fn commit_back(&self, _overlays: &[Overlay], _s: &BackupSettings) -> Result<()> {
+            self.call("commit")?;
+            self.st.borrow_mut().on_overlays = false;
+            Ok(())
+        }
+        fn is_shut_off(&self) -> Result<bool> {
+            Ok(false)
+        }
+    }
+
+    #[derive(Default)]
+    struct Recorder {
+        phases: RefCell<Vec<Phase>>,
+        ended: RefCell<Vec<String>>,
+    }
+
+    impl Journal for Recorder {
+        fn enter(&self, _id: &str, _vm: &VmRef, phase: Phase, _o: &[PathBuf]) -> Result<()> {
+            self.phases.borrow_mut().push(phase);
+            Ok(())
+        }
+        fn end(&self, id: &str) -> Result<()> {
+            self.ended.borrow_mut().push(id.to_string());
+            Ok(())
+        }
+        fn unfinished(&self, _vm: &VmRef) -> Result<Vec<JournalRun>> {
+            Ok(Vec::new())
+        }
+    }
+
+    struct Setup {
+        dir: tempfile::TempDir,
+        repo: Repository,
+        journal: Recorder,
+    }
+
+    fn setup() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open(&dir.path().join("repo")).unwrap();
+        Setup {
+            dir,
+            repo,
+            journal: Recorder::default(),
+        }
+    }
+
+    fn settings(quiesce: Quiesce) -> BackupSettings {
+        BackupSettings {
+            quiesce,
+            chunk_size: MIB,
+            threads: 2,
+            ..Default::default()
+        }
+    }
+
+    fn run(t: &Setup, vm: &FakeVm, q: Quiesce) -> Result<Outcome> {
+        let state = t.dir.path().join("state");
+        backup(vm, &t.repo, &state, &t.journal, &settings(q), &|_, _, _| {})
+    }
+
+    fn overlay_files(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".vmbackup-"))
+            .collect()
+    }
+
+    #[test]
+    fn the_phases_run_in_order_and_the_backup_holds_the_disk() {
+        let t = setup();
+        let vm = FakeVm::new(t.dir.path(), None);
+        let o = run(&t, &vm, Quiesce::Preferred).unwrap();
+        use Phase::*;
+        assert_eq!(
+            *t.journal.phases.borrow(),
+            [Preflight, Preflight, Freeze, Snapshot, Thaw, Copy, Publish, Commit, Cleanup]
+        );
+        assert_eq!(*t.journal.ended.borrow(), [o.id.clone()]);
+        assert_eq!(o.consistency, "application");
+        let st = vm.st.borrow();
+        assert!(!st.frozen && !st.on_overlays);
+        assert!(overlay_files(t.dir.path()).is_empty());
+        let m = t.repo.load(&o.id).unwrap();
+        assert_eq!(m.vm_name, "fake");
+        let index = crate::repository::disk::DiskIndex::decode(
+            &t.repo.store().get(&m.disks[0].index_object).unwrap(),
+        )
+        .unwrap();
+        let out = t.dir.path().join("restored.raw");
+        crate::repository::disk::restore_disk(&t.repo, &index, &out, 2, &|_, _| {}).unwrap();
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            std::fs::read(&vm.image).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_failure_in_any_phase_thaws_puts_the_vm_back_and_publishes_nothing() {
+        for (fail, q) in [
+            ("freeze", Quiesce::Required),
+            ("snapshot", Quiesce::Preferred),
+            ("thaw", Quiesce::Required),
+            ("copy", Quiesce::Preferred),
+            ("publish", Quiesce::Preferred),
+        ] {
+            let t = setup();
+            let vm = FakeVm::new(t.dir.path(), Some(fail));
+            let r = run(&t, &vm, q);
+            assert!(r.is_err(), "{fail}: the backup succeeded");
+            let st = vm.st.borrow();
+            assert!(
+                !st.frozen,
+                "{fail}: the guest was left frozen ({:?})",
+                st.calls
+            );
+            assert!(!st.on_overlays, "{fail}: the VM was left on its overlays");
+            assert!(
+                t.repo.list().unwrap().is_empty(),
+                "{fail}: a backup was published"
+            );
+            assert!(
+                overlay_files(t.dir.path()).is_empty(),
+                "{fail}: overlays left: {:?}",
+                overlay_files(t.dir.path())
+            );
+            assert_eq!(
+                t.journal.ended.borrow().len(),
+                1,
+                "{fail}: the run is still open"
+            );
+        }
+    }
+
+    #[test]
+    fn a_failed_freeze_with_quiesce_preferred_thaws_and_goes_on_crash_consistent() {
+        let t = setup();
+        let vm = FakeVm::new(t.dir.path(), Some("freeze"));
+        let o = run(&t, &vm, Quiesce::Preferred).unwrap();
+        assert_eq!(o.consistency, "crash");
+        assert!(o.consistency_reason.unwrap().contains("freeze failed"));
+        let st = vm.st.borrow();
+        assert!(!st.frozen);
+        assert!(st.calls.contains(&"ensure_thawed"));
+    }
+
+    #[test]
+    fn a_failed_commit_keeps_the_backup_and_the_run_open_for_recover() {
+        let t = setup();
+        let vm = FakeVm::new(t.dir.path(), Some("commit"));
+        let r = run(&t, &vm, Quiesce::Preferred);
+        assert!(matches!(r, Err(Error::CommitBack(_))), "{r:?}");
+        assert!(!vm.st.borrow().frozen);
+        assert_eq!(t.repo.list().unwrap().len(), 1, "the copied backup is kept");
+        assert!(
+            t.journal.ended.borrow().is_empty(),
+            "recover finishes the run"
+        );
+        assert_eq!(
+            overlay_files(t.dir.path()).len(),
+            1,
+            "the VM runs on its overlay"
+        );
+    }
+}

@@ -115,7 +115,8 @@ fn parse_path(s: &str, mut base: Vec<String>) -> (Vec<Vec<String>>, usize) {
             }
             return (out, i);
         }
-        if s[i..].starts_with("::") && s[i + 2..].starts_with(|c: char| c.is_alphabetic() || c == '_')
+        if s[i..].starts_with("::")
+            && s[i + 2..].starts_with(|c: char| c.is_alphabetic() || c == '_')
         {
             i += 2;
             continue;
