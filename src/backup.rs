@@ -138,7 +138,7 @@ pub fn survey(vm: &dyn VmHandle, repo_dir: &Path, s: &BackupSettings) -> Result<
             ok: false,
             found: 0,
             limit: 1,
-            message: "--quiesce required, but the VM has no guest agent that answers".into(),
+            message: format!("--quiesce required, but {}", shape.no_agent),
         });
     }
     Ok(Survey { shape, report })
@@ -476,7 +476,7 @@ fn snapshot(
             None
         }
         _ if !shape.agent => {
-            c.reason = Some("the VM has no guest agent that answers".into());
+            c.reason = Some(shape.no_agent.into());
             None
         }
         _ => {
@@ -723,6 +723,7 @@ mod tests {
                 memory_bytes: 64 * MIB,
                 running: true,
                 agent: true,
+                no_agent: "",
                 disks: vec![DiskShape {
                     facts: DiskFacts {
                         target: "vda".into(),

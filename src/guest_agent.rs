@@ -127,6 +127,22 @@ pub fn interfaces_within(dom: &Dom, timeout: Duration) -> Result<Vec<GuestInterf
     Ok(GuestInterface::from_agent_reply(&r))
 }
 
+/// Whether an agent in the guest has its channel open (libvirt's `state='connected'` on the
+/// agent channel of the live definition; unknown counts as connected).
+pub fn agent_connected(dom: &Dom) -> Result<bool> {
+    let xml = dom.live_xml()?;
+    let doc = roxmltree::Document::parse(&xml).map_err(|e| Error::AgentReply {
+        command: "live XML".into(),
+        detail: e.to_string(),
+    })?;
+    Ok(doc
+        .descendants()
+        .filter(|n| n.has_tag_name("target"))
+        .find(|t| t.attribute("name") == Some("org.qemu.guest_agent.0"))
+        .and_then(|t| t.attribute("state"))
+        != Some("disconnected"))
+}
+
 /// The agent's `guest-fsfreeze-status`: `"thawed"` or `"frozen"`.
 pub fn freeze_status(dom: &Dom, timeout: Duration) -> Result<String> {
     let r = dom.agent_command(&json!({"execute": "guest-fsfreeze-status"}), timeout)?;
@@ -143,6 +159,10 @@ pub fn freeze_status(dom: &Dom, timeout: Duration) -> Result<String> {
 /// thaws only after a freeze it saw succeed, while the agent (one command at a time) may
 /// still complete the freeze later. Returns whether a thaw was needed.
 pub fn ensure_thawed(dom: &Dom, deadline: Duration) -> Result<bool> {
+    if !agent_connected(dom)? {
+        // No agent runs in the guest: nothing there can have frozen it.
+        return Ok(false);
+    }
     let start = Instant::now();
     let call = Duration::from_secs(5).min(deadline.max(Duration::from_secs(1)));
     let mut thawed_some = false;

@@ -587,3 +587,130 @@ fn bad_schedules_are_refused_with_exit_code_2_and_change_nothing() {
         "no repository was created"
     );
 }
+
+/// A libvirt VM and a plain QEMU VM of the same name in one schedule: each is its own VM.
+/// Retention prunes the plain QEMU VM's scheduled backups by the schedule's rule, and prunes
+/// each VM's backups only after a successful backup of that VM: while the libvirt VM's
+/// backups are skipped (busy), its older backups stay, whatever the plain QEMU VM does.
+#[test]
+fn a_schedule_with_a_libvirt_and_a_plain_qemu_vm_of_one_name_prunes_each_after_its_own_backup() {
+    let lv = TestVmBuilder::new("ret-lv")
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .start()
+        .expect("libvirt guest boots");
+    let place = Place::new();
+    let vdb = place.dir.path().join("q-vdb.qcow2");
+    vmbackup::testvm::make_disk(
+        &vdb,
+        &vmbackup::testvm::DiskSpec {
+            target: "vdb".into(),
+            format: Format::Qcow2,
+            size: 64 * MIB,
+            ext4: true,
+            fill_from: None,
+        },
+    )
+    .unwrap();
+    let q = vmbackup::testqemu::TestQemu::start(
+        "ret-q",
+        &[(vdb.clone(), "qcow2")],
+        Duration::from_secs(180),
+    )
+    .expect("plain QEMU guest boots");
+    // The plain QEMU VM answers to the libvirt VM's name in its own socket folder.
+    let name = lv.name().to_string();
+    let qdir = place.dir.path().join("qemu");
+    std::fs::create_dir_all(&qdir).unwrap();
+    for ext in ["qmp", "qga"] {
+        std::os::unix::fs::symlink(
+            q.dir().join(format!("{}.{ext}", q.name())),
+            qdir.join(format!("{name}.{ext}")),
+        )
+        .unwrap();
+    }
+    let qemu_vm = vmbackup::vm_ref::VmRef::qemu(&name).unwrap().to_string();
+    let qd = qdir.to_string_lossy().into_owned();
+    let add = vmbackup(
+        &place,
+        &[
+            "schedule",
+            "add",
+            "mixed",
+            "--vm",
+            &name,
+            "--vm",
+            &qemu_vm,
+            "--type",
+            "daily",
+            "--slot",
+            "2",
+            "--tz",
+            "UTC",
+            "--start",
+            "2027-01-04",
+            "--keep-days",
+            "2",
+        ],
+    );
+    assert_eq!(add.code, 0, "{}", add.stderr);
+
+    let backups_of = |vm: &str| -> Vec<String> {
+        let r = vmbackup(&place, &["list", vm]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        r.json["backups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["scheduled_for"].as_str().unwrap()[..10].to_string())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    };
+    let mut held = None;
+    for day in 4..=8 {
+        // From the third day on, the libvirt VM is busy: its backups are skipped.
+        if day == 6 {
+            held = Some(vmbackup::locks::lock_vm(&place.state(), &name.parse().unwrap()).unwrap());
+        }
+        let now = ts(&format!("2027-01-{day:02}T03:00:00Z"));
+        let (code, v, stderr) = finish(spawn_run_due(&place, now, &["--qemu-dir", &qd]));
+        let statuses: BTreeMap<String, String> = v["jobs"][0]["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["vm"].as_str().unwrap().to_string(),
+                    r["status"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let lv_status = if day >= 6 { "skipped" } else { "ok" };
+        assert_eq!(
+            statuses.get(&name).map(String::as_str),
+            Some(lv_status),
+            "day {day}: {v}\n{stderr}"
+        );
+        assert_eq!(
+            statuses.get(&qemu_vm).map(String::as_str),
+            Some("ok"),
+            "day {day}: {v}\n{stderr}"
+        );
+        assert!(code == 0 || code == 5, "day {day}: exit {code}\n{stderr}");
+    }
+    drop(held);
+    // The plain QEMU VM's own rule ran after each of its backups: nothing older than two
+    // days (before the 6th, 03:00) is left (before, its backups were never pruned).
+    assert_eq!(
+        backups_of(&qemu_vm),
+        ["2027-01-07", "2027-01-08"],
+        "plain QEMU VM's backups"
+    );
+    // The libvirt VM has had no successful backup since the 5th: nothing of it was pruned,
+    // although the plain QEMU VM of the same name was pruned every day.
+    assert_eq!(
+        backups_of(&name),
+        ["2027-01-04", "2027-01-05"],
+        "libvirt VM's backups"
+    );
+}

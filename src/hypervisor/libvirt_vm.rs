@@ -368,6 +368,7 @@ impl VmHandle for LibvirtVm<'_> {
             memory_bytes: spec.memory_bytes,
             running,
             agent: spec.agent_channel,
+            no_agent: "the VM has no guest agent channel",
             disks,
             nics: spec.nics,
         })

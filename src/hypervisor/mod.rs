@@ -37,6 +37,8 @@ pub struct VmShape {
     /// The guest agent can be asked to freeze (libvirt: an agent channel is defined; plain
     /// QEMU: the agent answered).
     pub agent: bool,
+    /// Why there is no agent to freeze with, when `agent` is false.
+    pub no_agent: &'static str,
     pub disks: Vec<DiskShape>,
     pub nics: Vec<NicSpec>,
 }

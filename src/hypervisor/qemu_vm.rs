@@ -153,6 +153,7 @@ impl VmHandle for QemuVmHandle {
             // The QEMU process is there: its disks are in use, whether the guest runs or not.
             running: true,
             agent: self.agent_answers(),
+            no_agent: "the guest agent does not answer",
             disks,
             nics: guest
                 .iter()

@@ -30,7 +30,8 @@ pub trait ObjectStore: Send + Sync {
     fn delete(&self, name: &str) -> Result<()>;
 }
 
-/// Object names are relative '/'-separated paths of `[A-Za-z0-9._+-]` components.
+/// Object names are relative '/'-separated paths of `[A-Za-z0-9._+@-]` components (`@` sets
+/// the backup ids of plain QEMU VMs apart: `web@qemu-...`).
 pub fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && !name.starts_with('/')
@@ -38,8 +39,9 @@ pub fn check_name(name: &str) -> Result<()> {
             !c.is_empty()
                 && c != "."
                 && c != ".."
-                && c.chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-' | '+'))
+                && c.chars().all(|ch| {
+                    ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-' | '+' | '@')
+                })
         });
     if ok {
         Ok(())
