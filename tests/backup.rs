@@ -559,3 +559,105 @@ fn recover_commits_the_overlay_of_a_vm_shut_off_since_offline() {
         b"written before the power cut"
     );
 }
+
+/// Starts `vmbackup --json ... ARGS` that stops itself (SIGSTOP) at fault point `point`, and
+/// waits until it has. Returns the stopped process.
+fn spawn_stopped_at(place: &Place, point: &str, args: &[&str]) -> std::process::Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_vmbackup"))
+        .arg("--json")
+        .arg("--repo")
+        .arg(place.repo())
+        .arg("--state-dir")
+        .arg(place.state())
+        .args(args)
+        .env_remove("VMBACKUP_CONFIG")
+        .env("VMBACKUP_LOG", "info")
+        .env("VMBACKUP_FAULT_STOP", point)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run vmbackup");
+    let stat = format!("/proc/{}/stat", child.id());
+    let start = Instant::now();
+    loop {
+        let s = std::fs::read_to_string(&stat).unwrap_or_default();
+        // "pid (comm) STATE ...": T is stopped.
+        if s.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('T'))
+        {
+            return child;
+        }
+        assert!(
+            !s.is_empty() && start.elapsed() < Duration::from_secs(120),
+            "vmbackup never reached {point} (gone, or not within 120 s)"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGKILL in the middle of the commit back leaves an active block commit job on the disk
+/// and the VM on its overlay. `recover` takes the job over and finishes it (libvirt refuses a
+/// second commit while one is active), and the next backup works.
+#[test]
+fn a_backup_killed_during_its_commit_is_finished_by_recover_and_the_next_backup_works() {
+    let vm = TestVmBuilder::new("bk-killcommit")
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .start()
+        .expect("guest boots");
+    let image = vm_paths(&vm);
+    let place = Place::new();
+    vm.write_file("/mnt/vdb/before", b"before the backup")
+        .unwrap();
+    vm.sh("sync").unwrap();
+
+    let mut child = spawn_stopped_at(
+        &place,
+        "commit-started",
+        &["backup", vm.name(), "--quiesce", "required"],
+    );
+    let job = vm.dom().block_job("vdb").unwrap();
+    assert!(
+        job.is_some_and(|j| j.active_commit),
+        "an active commit runs: {job:?}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_ne!(
+        disk_sources(&vm.dom().live_xml().unwrap()),
+        image,
+        "on its overlay"
+    );
+    vm.write_file("/mnt/vdb/after-kill", b"written after the kill")
+        .unwrap();
+
+    let r = vmbackup(&place, &["recover", vm.name()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json["recover"]["disks"][0]["disk"], "vdb", "{}", r.json);
+    assert_eq!(disk_sources(&vm.dom().live_xml().unwrap()), image);
+    assert_eq!(disk_sources(&vm.dom().inactive_xml().unwrap()), image);
+    assert!(vm.dom().block_job("vdb").unwrap().is_none(), "no job left");
+    assert!(
+        files_in(vm.dir()).iter().all(|f| !f.contains(".vmbackup-")),
+        "{:?}",
+        files_in(vm.dir())
+    );
+    assert_eq!(
+        vm.read_file("/mnt/vdb/after-kill").unwrap(),
+        b"written after the kill"
+    );
+    // The killed run had published its backup before the commit: it restores.
+    let list = vmbackup(&place, &["list", vm.name()]);
+    let killed = list.json["backups"][0]["id"]
+        .as_str()
+        .expect("the killed run's backup");
+    let out = place.dir.path().join("killed-vdb.raw");
+    restore_disk_of(&place.repo(), killed, "vdb", &out);
+    assert_eq!(read_from_ext4(&out, "/before"), b"before the backup");
+
+    let b = vmbackup(&place, &["backup", vm.name(), "--quiesce", "required"]);
+    assert_eq!(b.code, 0, "{}", b.stderr);
+    assert_eq!(disk_sources(&vm.dom().live_xml().unwrap()), image);
+    let r = vmbackup(&place, &["recover", vm.name()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.json["recover"]["disks"].as_array().unwrap().is_empty());
+}

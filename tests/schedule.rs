@@ -674,9 +674,9 @@ fn a_schedule_with_a_libvirt_and_a_plain_qemu_vm_of_one_name_prunes_each_after_i
         }
         let now = ts(&format!("2027-01-{day:02}T03:00:00Z"));
         let (code, v, stderr) = finish(spawn_run_due(&place, now, &["--qemu-dir", &qd]));
-        let statuses: BTreeMap<String, String> = v["jobs"][0]["results"]
+        let statuses: BTreeMap<String, String> = v["run"]["jobs"][0]["results"]
             .as_array()
-            .unwrap()
+            .unwrap_or_else(|| panic!("day {day}: exit {code}: {v}\n{stderr}"))
             .iter()
             .map(|r| {
                 (
