@@ -497,6 +497,7 @@ fn snapshot(
         }
     };
     run.enter(Phase::Snapshot)?;
+    crate::fault::stop_point("snapshot");
     let t = Instant::now();
     let in_snapshot = matches!(freeze, Some(Freeze::InSnapshot));
     let mut snap = vm.snapshot(overlays, in_snapshot, s);

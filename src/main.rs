@@ -487,6 +487,12 @@ fn cmd_recover(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
         &cfg.backup,
     )?;
     let mut text = String::new();
+    for i in &r.interrupted {
+        text.push_str(&format!(
+            "{}: backup {} was interrupted in its {} phase\n",
+            i.vm, i.backup_id, i.phase
+        ));
+    }
     for d in &r.disks {
         text.push_str(&format!(
             "{} {}: committed {} back into {}\n",

@@ -26,9 +26,19 @@ use crate::repository::Repository;
 use crate::settings::BackupSettings;
 use crate::vm_ref::VmRef;
 
+/// A backup run that never ended, and the phase it had entered (from the journal).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Interrupted {
+    pub vm: String,
+    pub backup_id: String,
+    pub phase: String,
+}
+
 /// What `recover` did.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Report {
+    /// Runs that were killed, with the phase they were in.
+    pub interrupted: Vec<Interrupted>,
     pub disks: Vec<Recovered>,
     /// VMs left alone because an operation holds them.
     pub busy: Vec<String>,
@@ -44,6 +54,7 @@ pub struct Report {
 /// What `recover_locked` did for one VM.
 #[derive(Debug, Default)]
 pub struct VmRecovery {
+    pub interrupted: Vec<Interrupted>,
     pub disks: Vec<Recovered>,
     pub thawed: bool,
     pub orphan_overlays: Vec<String>,
@@ -59,6 +70,7 @@ pub fn recover_locked(
     let runs = journal.unfinished(vm.vm())?;
     let Recovery { disks, thawed, .. } = vm.recover(s)?;
     let mut out = VmRecovery {
+        interrupted: Vec::new(),
         disks,
         thawed,
         orphan_overlays: Vec::new(),
@@ -66,6 +78,11 @@ pub fn recover_locked(
     // The VM is on its images now: what the runs made and it does not use is left over.
     for run in runs {
         tracing::info!(vm = %vm.vm(), id = %run.backup_id, phase = %run.phase, "an interrupted run is finished");
+        out.interrupted.push(Interrupted {
+            vm: vm.vm().to_string(),
+            backup_id: run.backup_id.clone(),
+            phase: run.phase.clone(),
+        });
         for o in &run.overlays {
             match std::fs::remove_file(o) {
                 Ok(()) => out.orphan_overlays.push(o.to_string_lossy().into_owned()),
@@ -138,6 +155,7 @@ pub fn recover(
                 if d.thawed {
                     r.thawed.push(vm.to_string());
                 }
+                r.interrupted.extend(d.interrupted);
                 r.disks.extend(d.disks);
                 r.orphan_overlays.extend(d.orphan_overlays);
             }

@@ -633,6 +633,11 @@ fn a_backup_killed_during_its_commit_is_finished_by_recover_and_the_next_backup_
     let r = vmbackup(&place, &["recover", vm.name()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(r.json["recover"]["disks"][0]["disk"], "vdb", "{}", r.json);
+    assert_eq!(
+        r.json["recover"]["interrupted"][0]["phase"], "commit",
+        "the journal knows where the run stopped: {}",
+        r.json
+    );
     assert_eq!(disk_sources(&vm.dom().live_xml().unwrap()), image);
     assert_eq!(disk_sources(&vm.dom().inactive_xml().unwrap()), image);
     assert!(vm.dom().block_job("vdb").unwrap().is_none(), "no job left");
@@ -660,4 +665,58 @@ fn a_backup_killed_during_its_commit_is_finished_by_recover_and_the_next_backup_
     let r = vmbackup(&place, &["recover", vm.name()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.json["recover"]["disks"].as_array().unwrap().is_empty());
+}
+
+/// SIGKILL after the overlay files were made but before the snapshot: the VM never ran on
+/// them. The journal names them: `recover` deletes them and reports the run's phase.
+#[test]
+fn overlays_of_a_run_killed_before_its_snapshot_are_removed_by_recover() {
+    let vm = TestVmBuilder::new("bk-killsnap")
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .start()
+        .expect("guest boots");
+    let image = vm_paths(&vm);
+    let place = Place::new();
+    let mut child = spawn_stopped_at(
+        &place,
+        "snapshot",
+        &["backup", vm.name(), "--quiesce", "required"],
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let made: Vec<String> = files_in(vm.dir())
+        .into_iter()
+        .filter(|f| f.contains(".vmbackup-"))
+        .collect();
+    assert_eq!(made.len(), 1, "the run made its overlay: {made:?}");
+    assert_eq!(disk_sources(&vm.dom().live_xml().unwrap()), image);
+
+    let r = vmbackup(&place, &["recover", vm.name()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let rec = &r.json["recover"];
+    assert_eq!(rec["interrupted"][0]["phase"], "snapshot", "{rec}");
+    assert!(
+        rec["orphan_overlays"][0]
+            .as_str()
+            .unwrap()
+            .ends_with(&made[0]),
+        "{rec}"
+    );
+    assert!(rec["disks"].as_array().unwrap().is_empty(), "{rec}");
+    assert!(
+        files_in(vm.dir()).iter().all(|f| !f.contains(".vmbackup-")),
+        "{:?}",
+        files_in(vm.dir())
+    );
+    // The guest was never frozen by the killed run (libvirt freezes inside the snapshot).
+    assert_eq!(
+        vm.sh("echo ok > /mnt/vdb/f && sync && cat /mnt/vdb/f")
+            .unwrap(),
+        "ok\n"
+    );
+    let r = vmbackup(&place, &["recover", vm.name()]);
+    assert!(r.json["recover"]["interrupted"]
+        .as_array()
+        .unwrap()
+        .is_empty());
 }
