@@ -5,7 +5,6 @@
 
 pub mod backup;
 pub mod config;
-pub mod digest;
 pub mod error;
 pub mod guest_agent;
 pub mod hypervisor;
@@ -13,9 +12,7 @@ pub mod image;
 pub mod names;
 pub mod notify;
 pub mod preflight;
-pub mod qcow2;
 pub mod recover;
-pub mod repository;
 pub mod restore;
 pub mod schedule;
 pub mod state;
@@ -24,3 +21,6 @@ pub mod testvm;
 pub mod thaw_guard;
 
 pub use error::{Error, Result};
+// The repository format lives in its own crate (`crates/repo`); these keep its old paths.
+pub use vmbackup_repo as repository;
+pub use vmbackup_repo::{digest, qcow2};

@@ -2,9 +2,11 @@
 //! per backed-up disk, one manifest per backup, written last. See FORMAT.md beside this file.
 
 pub mod chunk;
+pub mod digest;
 pub mod disk;
 pub mod maintain;
 pub mod manifest;
+pub mod qcow2;
 pub mod source;
 pub mod storage;
 

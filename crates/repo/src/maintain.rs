@@ -162,9 +162,9 @@ pub fn is_repository(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repository::disk::backup_disk;
-    use crate::repository::manifest::{DiskEntry, Manifest};
-    use crate::repository::source::memory::MemorySource;
+    use crate::disk::backup_disk;
+    use crate::manifest::{DiskEntry, Manifest};
+    use crate::source::memory::MemorySource;
 
     /// An 8 MiB disk: 2 MiB of `pattern`, then zeros.
     fn disk(pattern: u8) -> MemorySource {

@@ -288,7 +288,7 @@ pub fn verify_disk(repo: &Repository, index: &DiskIndex) -> Result<Vec<String>> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repository::source::memory::MemorySource;
+    use crate::source::memory::MemorySource;
     use std::process::Command;
 
     fn run(args: &[&str]) {
