@@ -184,14 +184,9 @@ pub fn map(path: &Path, format: &str) -> Result<Vec<Extent>> {
     })
 }
 
-/// What `ImageReader::read_chunk` found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChunkKind {
-    /// The map says the whole chunk reads as zeros; nothing was read.
-    Zero,
-    /// The buffer holds the chunk.
-    Data,
-}
+/// What `ImageReader::read_chunk` found: `Zero` when the map says the whole chunk reads as
+/// zeros (nothing was read).
+pub use crate::repository::source::ChunkKind;
 
 /// Reads the guest-visible content of a qcow2 or raw image whose data lies in the file itself
 /// (no backing file, no compressed or encrypted clusters). `Sync`: threads may read
@@ -283,6 +278,19 @@ impl ImageReader {
     }
 }
 
+/// What a backup reads a disk through.
+impl crate::repository::source::ChunkSource for ImageReader {
+    type Error = ImageError;
+
+    fn virtual_size(&self) -> u64 {
+        ImageReader::virtual_size(self)
+    }
+
+    fn read_chunk(&self, index: u64, chunk_size: u64, buf: &mut Vec<u8>) -> Result<ChunkKind> {
+        ImageReader::read_chunk(self, index, chunk_size, buf)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,6 +349,34 @@ mod tests {
             let i = info(&img).unwrap();
             assert_eq!((i.format.as_str(), i.virtual_size), (fmt, 5243392));
         }
+    }
+
+    #[test]
+    fn a_backup_through_the_reader_restores_what_qemu_img_convert_reads() {
+        use crate::repository::disk::{backup_disk, restore_disk};
+        let d = tempfile::tempdir().unwrap();
+        let repo = crate::repository::Repository::open(&d.path().join("repo")).unwrap();
+        let img = d.path().join("a.qcow2");
+        let p = img.to_str().unwrap();
+        run(&["qemu-img", "create", "-q", "-f", "qcow2", p, "20M"]);
+        run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 3M", p]);
+        run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x00 8M 1M", p]);
+        run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x33 17M 100k", p]);
+        let reader = ImageReader::open(&img, "qcow2").unwrap();
+        let b = backup_disk(&repo, &reader, 1 << 20, 2, &|_, _| {}).unwrap();
+        assert_eq!((b.data_chunks, b.zero_chunks), (4, 16));
+        let out = d.path().join("out.raw");
+        restore_disk(&repo, &b.index, &out, 2, &|_, _| {}).unwrap();
+        let expect = d.path().join("expect.raw");
+        run(&[
+            "qemu-img",
+            "convert",
+            "-O",
+            "raw",
+            p,
+            expect.to_str().unwrap(),
+        ]);
+        assert!(std::fs::read(&out).unwrap() == std::fs::read(&expect).unwrap());
     }
 
     #[test]

@@ -12,7 +12,6 @@
 
 pub mod backup;
 pub mod config;
-pub mod digest;
 pub mod error;
 pub mod fault;
 pub mod guest_agent;
@@ -24,9 +23,7 @@ pub mod locks;
 pub mod names;
 pub mod notify;
 pub mod preflight;
-pub mod qcow2;
 pub mod recover;
-pub mod repository;
 pub mod restore;
 pub mod schedule;
 pub mod settings;
@@ -37,3 +34,6 @@ pub mod thaw_guard;
 pub mod vm_ref;
 
 pub use error::{Error, Result};
+// The repository format lives in its own crate (`crates/repo`); these keep its old paths.
+pub use vmbackup_repo as repository;
+pub use vmbackup_repo::{digest, qcow2};

@@ -2,9 +2,12 @@
 //! per backed-up disk, one manifest per backup, written last. See FORMAT.md beside this file.
 
 pub mod chunk;
+pub mod digest;
 pub mod disk;
 pub mod maintain;
 pub mod manifest;
+pub mod qcow2;
+pub mod source;
 pub mod storage;
 
 use std::path::{Path, PathBuf};
@@ -37,8 +40,8 @@ pub enum RepoError {
     },
     #[error("{} is a repository of format {found}, this program reads format {}", path.display(), FORMAT)]
     Format { path: PathBuf, found: u32 },
-    #[error(transparent)]
-    Image(#[from] crate::image::ImageError),
+    #[error("source disk")]
+    Source(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 pub type Result<T, E = RepoError> = std::result::Result<T, E>;

@@ -1,4 +1,4 @@
-//! Digests used across the crate.
+//! Digests used across vmbackup.
 
 use sha2::{Digest, Sha256};
 

@@ -162,31 +162,22 @@ pub fn is_repository(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::ImageReader;
-    use crate::repository::disk::backup_disk;
-    use crate::repository::manifest::{DiskEntry, Manifest};
-    use std::process::Command;
+    use crate::disk::backup_disk;
+    use crate::manifest::{DiskEntry, Manifest};
+    use crate::source::memory::MemorySource;
 
-    fn image(dir: &Path, name: &str, pattern: &str) -> std::path::PathBuf {
-        let p = dir.join(name);
-        let s = p.to_str().unwrap();
-        assert!(Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", s, "8M"])
-            .status()
-            .unwrap()
-            .success());
-        let w = format!("write -P {pattern} 0 2M");
-        assert!(Command::new("qemu-io")
-            .args(["-f", "qcow2", "-c", &w, s])
-            .status()
-            .unwrap()
-            .success());
-        p
+    /// An 8 MiB disk: 2 MiB of `pattern`, then zeros.
+    fn disk(pattern: u8) -> MemorySource {
+        let mut data = vec![0u8; 8 << 20];
+        data[..2 << 20].fill(pattern);
+        MemorySource {
+            data,
+            zero: std::iter::once(2 << 20..8 << 20).collect(),
+        }
     }
 
-    fn back_up(repo: &Repository, id: &str, img: &Path) {
-        let reader = ImageReader::open(img, "qcow2").unwrap();
-        let b = backup_disk(repo, &reader, 1 << 20, 2, &|_, _| {}).unwrap();
+    fn back_up(repo: &Repository, id: &str, src: &MemorySource) {
+        let b = backup_disk(repo, src, 1 << 20, 2, &|_, _| {}).unwrap();
         let index_object = repo.put_index(id, "vda", &b.index).unwrap();
         repo.publish(&Manifest {
             format_version: 1,
@@ -202,10 +193,10 @@ mod tests {
             memory_bytes: 1,
             disks: vec![DiskEntry {
                 target: "vda".into(),
-                format: "qcow2".into(),
+                format: "raw".into(),
                 virtual_size: 8 << 20,
                 allocated_size: 0,
-                source: img.to_string_lossy().into_owned(),
+                source: "memory".into(),
                 chunk_size: 1 << 20,
                 index_object,
                 logical_bytes: b.logical_bytes,
@@ -225,8 +216,8 @@ mod tests {
     fn verify_names_the_damaged_backup_delete_and_gc_free_only_unreferenced_chunks() {
         let d = tempfile::tempdir().unwrap();
         let repo = Repository::open(&d.path().join("repo")).unwrap();
-        let a = image(d.path(), "a.qcow2", "0x11");
-        let b = image(d.path(), "b.qcow2", "0x22");
+        let a = disk(0x11);
+        let b = disk(0x22);
         back_up(&repo, "a1", &a);
         back_up(&repo, "b1", &b);
         assert!(repo.verify("a1").unwrap().ok);

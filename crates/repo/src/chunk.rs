@@ -126,7 +126,7 @@ impl<'a> ChunkStore<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repository::storage::LocalDir;
+    use crate::storage::LocalDir;
 
     fn noise(n: usize) -> Vec<u8> {
         let mut x: u64 = 88172645463325252;

@@ -30,8 +30,8 @@ pub trait ObjectStore: Send + Sync {
     fn delete(&self, name: &str) -> Result<()>;
 }
 
-/// Object names are relative '/'-separated paths of `[A-Za-z0-9._+@-]` components (`@` sets
-/// the backup ids of plain QEMU VMs apart: `web@qemu-...`).
+/// Object names are relative '/'-separated paths of `[A-Za-z0-9._+@-]` components (`@`: the
+/// backup ids of plain QEMU VMs, `<name>@qemu-...`).
 pub fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && !name.starts_with('/')
@@ -410,9 +410,13 @@ mod tests {
             "a//b",
             "a/./b",
             "a b",
+            "a/b:c",
+            "a\\b",
         ] {
             assert!(check_name(n).is_err(), "{n:?}");
         }
         assert!(check_name("backups/vm-1/manifest.json").is_ok());
+        assert!(check_name("backups/web@qemu-20261130T050000Z-ab12/manifest.json").is_ok());
+        assert!(check_name("web@qemu-20261130T050000Z-ab12").is_ok());
     }
 }

@@ -11,8 +11,8 @@ use std::sync::Mutex;
 use sha2::{Digest as _, Sha256};
 
 use super::chunk::{self, ChunkStore, Digest};
+use super::source::{ChunkKind, ChunkSource};
 use super::{RepoError, Repository, Result};
-use crate::image::{ChunkKind, ImageReader};
 
 const MAGIC: &[u8; 4] = b"VMBI";
 const VERSION: u32 = 1;
@@ -122,16 +122,16 @@ pub struct DiskBackup {
     pub reused_chunks: u64,
 }
 
-/// Stores a disk as chunks with `threads` workers, each holding one chunk buffer at a time.
-/// Every chunk is durable when this returns.
-pub fn backup_disk(
+/// Stores the disk `source` reads as chunks with `threads` workers, each holding one chunk
+/// buffer at a time. Every chunk is durable when this returns.
+pub fn backup_disk<S: ChunkSource + ?Sized>(
     repo: &Repository,
-    reader: &ImageReader,
+    source: &S,
     chunk_size: u64,
     threads: usize,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<DiskBackup> {
-    let total = reader.virtual_size();
+    let total = source.virtual_size();
     let count = total.div_ceil(chunk_size) as usize;
     let done = AtomicU64::new(0);
     let slots: Mutex<Vec<Option<Digest>>> = Mutex::new(vec![None; count]);
@@ -149,7 +149,9 @@ pub fn backup_disk(
     for_each_parallel(count, threads, |i| {
         BUF.with_borrow_mut(|buf| {
             let i = i as u64;
-            let kind = reader.read_chunk(i, chunk_size, buf)?;
+            let kind = source
+                .read_chunk(i, chunk_size, buf)
+                .map_err(|e| RepoError::Source(Box::new(e)))?;
             if kind == ChunkKind::Zero || buf.iter().all(|&b| b == 0) {
                 zeros.fetch_add(1, Ordering::Relaxed);
             } else {
@@ -286,6 +288,7 @@ pub fn verify_disk(repo: &Repository, index: &DiskIndex) -> Result<Vec<String>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::memory::MemorySource;
     use std::process::Command;
 
     fn run(args: &[&str]) {
@@ -313,42 +316,45 @@ mod tests {
         assert!(DiskIndex::decode(&bad).is_err());
     }
 
+    /// 20 MiB and 4 KiB: 3 MiB of 0x5a, a MiB the map calls data that holds zeros, 100 KiB of
+    /// 0x33 in chunk 17, 0x7f filling the short last chunk; the rest is known to be zeros.
+    fn disk() -> MemorySource {
+        const M: usize = 1 << 20;
+        let mut data = vec![0u8; 20 * M + 4096];
+        data[..3 * M].fill(0x5a);
+        data[17 * M..17 * M + 100 * 1024].fill(0x33);
+        data[20 * M..].fill(0x7f);
+        let m = M as u64;
+        MemorySource {
+            data,
+            zero: vec![3 * m..8 * m, 9 * m..17 * m, 18 * m..20 * m],
+        }
+    }
+
     #[test]
     fn backup_dedups_skips_zeros_and_restores_exactly() {
         let d = tempfile::tempdir().unwrap();
         let repo = Repository::open(&d.path().join("repo")).unwrap();
-        let img = d.path().join("a.qcow2");
-        let p = img.to_str().unwrap();
-        run(&["qemu-img", "create", "-q", "-f", "qcow2", p, "20M"]);
-        run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 3M", p]);
-        run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x00 8M 1M", p]);
-        run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x33 17M 100k", p]);
-        let reader = ImageReader::open(&img, "qcow2").unwrap();
-        let b = backup_disk(&repo, &reader, 1 << 20, 2, &|_, _| {}).unwrap();
-        assert_eq!(b.index.chunks.len(), 20);
-        assert_eq!(b.data_chunks, 4, "3 MiB of 0x5a + one partly written chunk");
+        let src = disk();
+        let b = backup_disk(&repo, &src, 1 << 20, 2, &|_, _| {}).unwrap();
+        assert_eq!(b.index.chunks.len(), 21);
+        assert_eq!(b.index.virtual_size, src.data.len() as u64);
+        assert_eq!(b.data_chunks, 5, "3 MiB of 0x5a, chunk 17, the last chunk");
+        assert_eq!(b.logical_bytes, (4 << 20) + 4096);
         assert_eq!(
             repo.store().list("chunks/").unwrap().len(),
-            2,
+            3,
             "the 3 identical 0x5a chunks are stored once"
         );
-        assert_eq!(b.zero_chunks, 16);
-        let again = backup_disk(&repo, &reader, 1 << 20, 2, &|_, _| {}).unwrap();
+        assert_eq!(b.zero_chunks, 16, "including the MiB of data that is zeros");
+        assert_eq!(b.index.chunks[8], None);
+        let again = backup_disk(&repo, &src, 1 << 20, 2, &|_, _| {}).unwrap();
         assert_eq!(again.stored_bytes_new, 0);
         assert_eq!(again.index, b.index);
 
         let out = d.path().join("out.raw");
         restore_disk(&repo, &b.index, &out, 2, &|_, _| {}).unwrap();
-        let expect = d.path().join("expect.raw");
-        run(&[
-            "qemu-img",
-            "convert",
-            "-O",
-            "raw",
-            p,
-            expect.to_str().unwrap(),
-        ]);
-        assert!(std::fs::read(&out).unwrap() == std::fs::read(&expect).unwrap());
+        assert!(std::fs::read(&out).unwrap() == src.data);
         let outq = d.path().join("out.qcow2");
         restore_disk_qcow2(&repo, &b.index, &outq, 2, &|_, _| {}).unwrap();
         run(&["qemu-img", "check", "-q", outq.to_str().unwrap()]);
@@ -359,7 +365,7 @@ mod tests {
             "-F",
             "raw",
             outq.to_str().unwrap(),
-            expect.to_str().unwrap(),
+            out.to_str().unwrap(),
         ]);
         assert!(verify_disk(&repo, &b.index).unwrap().is_empty());
 
@@ -376,5 +382,28 @@ mod tests {
             restore_disk(&repo, &b.index, &out2, 2, &|_, _| {}),
             Err(RepoError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn a_source_that_fails_fails_the_backup() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = Repository::open(d.path()).unwrap();
+        struct Broken;
+        impl ChunkSource for Broken {
+            type Error = std::io::Error;
+            fn virtual_size(&self) -> u64 {
+                4 << 20
+            }
+            fn read_chunk(&self, i: u64, _: u64, _: &mut Vec<u8>) -> std::io::Result<ChunkKind> {
+                match i {
+                    2 => Err(std::io::Error::other("bad sector")),
+                    _ => Ok(ChunkKind::Zero),
+                }
+            }
+        }
+        let e = backup_disk(&repo, &Broken, 1 << 20, 2, &|_, _| {}).unwrap_err();
+        assert!(matches!(e, RepoError::Source(_)), "{e:?}");
+        let cause = std::error::Error::source(&e).map(|c| c.to_string());
+        assert_eq!(cause.as_deref(), Some("bad sector"));
     }
 }
