@@ -868,7 +868,7 @@ mod tests {
             *t.journal.phases.borrow(),
             [Preflight, Preflight, Freeze, Snapshot, Thaw, Copy, Publish, Commit, Cleanup]
         );
-        assert_eq!(*t.journal.ended.borrow(), [o.id.clone()]);
+        assert_eq!(*t.journal.ended.borrow(), std::slice::from_ref(&o.id));
         assert_eq!(o.consistency, "application");
         let st = vm.st.borrow();
         assert!(!st.frozen && !st.on_overlays);

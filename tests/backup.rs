@@ -561,9 +561,10 @@ fn recover_commits_the_overlay_of_a_vm_shut_off_since_offline() {
 }
 
 /// Starts `vmbackup --json ... ARGS` that stops itself (SIGSTOP) at fault point `point`, and
-/// waits until it has. Returns the stopped process.
+/// waits until it has. Returns the stopped process, for the caller to kill and wait for.
+#[allow(clippy::zombie_processes)]
 fn spawn_stopped_at(place: &Place, point: &str, args: &[&str]) -> std::process::Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_vmbackup"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmbackup"))
         .arg("--json")
         .arg("--repo")
         .arg(place.repo())
@@ -587,10 +588,11 @@ fn spawn_stopped_at(place: &Place, point: &str, args: &[&str]) -> std::process::
         {
             return child;
         }
-        assert!(
-            !s.is_empty() && start.elapsed() < Duration::from_secs(120),
-            "vmbackup never reached {point} (gone, or not within 120 s)"
-        );
+        if s.is_empty() || start.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let status = child.wait();
+            panic!("vmbackup never reached {point} within 120 s ({status:?})");
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
