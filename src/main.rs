@@ -512,6 +512,9 @@ fn cmd_recover(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
             "{b}: busy (a backup or restore runs), left alone\n"
         ));
     }
+    for u in &r.unreachable {
+        text.push_str(&format!("{u}: no QEMU answers on its socket, skipped\n"));
+    }
     for e in &r.errors {
         text.push_str(&format!("error: {e}\n"));
     }

@@ -19,6 +19,7 @@ use crate::error::{chain, Error, Result};
 use crate::hypervisor::libvirt::Libvirt;
 use crate::hypervisor::libvirt_vm::LibvirtVm;
 use crate::hypervisor::qemu_vm::{self, QemuVmHandle};
+use crate::hypervisor::qmp::QmpError;
 use crate::hypervisor::{Recovered, Recovery, VmHandle};
 use crate::journal::Journal;
 use crate::locks::{lock_vm, LockError};
@@ -42,6 +43,8 @@ pub struct Report {
     pub disks: Vec<Recovered>,
     /// VMs left alone because an operation holds them.
     pub busy: Vec<String>,
+    /// Plain QEMU VMs whose socket was found but whose QEMU does not answer.
+    pub unreachable: Vec<String>,
     /// VMs whose guest was found frozen, and thawed.
     pub thawed: Vec<String>,
     /// Overlay files of interrupted runs that the VM never ran on, deleted.
@@ -122,7 +125,8 @@ pub fn recover(
 ) -> Result<Report> {
     let mut r = Report::default();
     check_names(lv, qemu_dir, vms)?;
-    let vms = if vms.is_empty() {
+    let scanned = vms.is_empty();
+    let vms = if scanned {
         let mut all: Vec<VmRef> = lv
             .domain_names()?
             .iter()
@@ -146,9 +150,16 @@ pub fn recover(
             VmRef::Libvirt(_) => {
                 LibvirtVm::open(lv, &vm).and_then(|h| recover_locked(&h, journal, s))
             }
-            VmRef::Qemu(_) => {
-                QemuVmHandle::open(qemu_dir, &vm).and_then(|h| recover_locked(&h, journal, s))
-            }
+            VmRef::Qemu(_) => match QemuVmHandle::open(qemu_dir, &vm) {
+                // A socket found by the scan whose QEMU is gone (a stale file): nothing runs
+                // there to put back.
+                Err(Error::Qmp(QmpError::Connect { .. })) if scanned => {
+                    tracing::info!(vm = %vm, "no QEMU answers on its socket: skipped");
+                    r.unreachable.push(vm.to_string());
+                    continue;
+                }
+                h => h.and_then(|h| recover_locked(&h, journal, s)),
+            },
         };
         match done {
             Ok(d) => {
