@@ -82,21 +82,18 @@ impl Error {
     /// The exit code the command-line contract gives this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Libvirt(LibvirtError::NoDomain(_))
-            | Error::NoQemu { .. }
+            Error::Libvirt(e) => libvirt_code(e),
+            Error::Schedule(e) => schedule_code(e),
+            Error::State(e) => state_code(e),
+            Error::Repo(e) => repo_code(e),
+            Error::Image(e) => image_code(e),
+            Error::Lock(e) => lock_code(e),
+            Error::NoQemu { .. }
             | Error::InvalidName(_)
             | Error::Config { .. }
-            | Error::Invalid(_)
-            | Error::Schedule(ScheduleError::Invalid(_))
-            | Error::State(StateError::NoSchedule(_))
-            | Error::State(StateError::ScheduleExists(_)) => exit::BAD_INPUT,
-            Error::Repo(RepoError::NotFound(_)) | Error::Repo(RepoError::BadName(_)) => {
-                exit::BAD_INPUT
-            }
-            Error::Refused(_) | Error::Schedule(ScheduleError::SlotFull(_)) => exit::REFUSED,
-            Error::Busy(_)
-            | Error::Lock(LockError::Busy(_))
-            | Error::Image(ImageError::InUse { .. }) => exit::BUSY,
+            | Error::Invalid(_) => exit::BAD_INPUT,
+            Error::Refused(_) => exit::REFUSED,
+            Error::Busy(_) => exit::BUSY,
             _ => exit::FAILED,
         }
     }
@@ -115,6 +112,79 @@ impl Error {
     }
 }
 
+fn libvirt_code(e: &LibvirtError) -> i32 {
+    match e {
+        LibvirtError::NoDomain(_) => exit::BAD_INPUT,
+        _ => exit::FAILED,
+    }
+}
+
+fn schedule_code(e: &ScheduleError) -> i32 {
+    match e {
+        ScheduleError::Invalid(_) => exit::BAD_INPUT,
+        ScheduleError::SlotFull(_) => exit::REFUSED,
+    }
+}
+
+fn state_code(e: &StateError) -> i32 {
+    match e {
+        StateError::NoSchedule(_) | StateError::ScheduleExists(_) => exit::BAD_INPUT,
+        _ => exit::FAILED,
+    }
+}
+
+fn repo_code(e: &RepoError) -> i32 {
+    match e {
+        RepoError::NotFound(_) | RepoError::BadName(_) => exit::BAD_INPUT,
+        _ => exit::FAILED,
+    }
+}
+
+fn image_code(e: &ImageError) -> i32 {
+    match e {
+        ImageError::InUse { .. } => exit::BUSY,
+        _ => exit::FAILED,
+    }
+}
+
+fn lock_code(e: &LockError) -> i32 {
+    match e {
+        LockError::Busy(_) => exit::BUSY,
+        LockError::Io { .. } => exit::FAILED,
+    }
+}
+
+/// The exit code of the first error in a chain that the library knows, whichever module's
+/// error it is (callers may pass a module's error on without wrapping it in `Error`);
+/// `FAILED` when none is.
+pub fn exit_code_in<'a>(
+    chain: impl IntoIterator<Item = &'a (dyn std::error::Error + 'static)>,
+) -> i32 {
+    for e in chain {
+        let code = if let Some(e) = e.downcast_ref::<Error>() {
+            e.exit_code()
+        } else if let Some(e) = e.downcast_ref::<LibvirtError>() {
+            libvirt_code(e)
+        } else if let Some(e) = e.downcast_ref::<ScheduleError>() {
+            schedule_code(e)
+        } else if let Some(e) = e.downcast_ref::<StateError>() {
+            state_code(e)
+        } else if let Some(e) = e.downcast_ref::<RepoError>() {
+            repo_code(e)
+        } else if let Some(e) = e.downcast_ref::<ImageError>() {
+            image_code(e)
+        } else if let Some(e) = e.downcast_ref::<LockError>() {
+            lock_code(e)
+        } else if e.is::<NameError>() {
+            exit::BAD_INPUT
+        } else {
+            continue;
+        };
+        return code;
+    }
+    exit::FAILED
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// An error and its causes on one line, `a: b: c`.
@@ -127,4 +197,34 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         src = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_errors_keep_their_exit_codes_unwrapped_or_wrapped() {
+        let slot = ScheduleError::SlotFull("full".into());
+        let chain: [&(dyn std::error::Error + 'static); 1] = [&slot];
+        assert_eq!(exit_code_in(chain), exit::REFUSED);
+        let wrapped = Error::from(ScheduleError::SlotFull("full".into()));
+        assert_eq!(wrapped.exit_code(), exit::REFUSED);
+        let busy = LockError::Busy("web".into());
+        let io = std::io::Error::other("x");
+        let chain: [&(dyn std::error::Error + 'static); 2] = [&io, &busy];
+        assert_eq!(
+            exit_code_in(chain),
+            exit::BUSY,
+            "the first known error counts"
+        );
+        assert_eq!(
+            Error::from(LibvirtError::NoDomain("x".into())).exit_code(),
+            exit::BAD_INPUT
+        );
+        assert_eq!(
+            exit_code_in([&io as &(dyn std::error::Error + 'static)]),
+            exit::FAILED
+        );
+    }
 }

@@ -163,10 +163,7 @@ impl JobRecord {
 }
 
 fn exit_code_of(e: &anyhow::Error) -> i32 {
-    e.chain()
-        .find_map(|c| c.downcast_ref::<vmbackup::Error>())
-        .map(vmbackup::Error::exit_code)
-        .unwrap_or(exit::FAILED)
+    vmbackup::error::exit_code_in(e.chain())
 }
 
 fn error_json(e: &vmbackup::Error) -> Value {
