@@ -20,7 +20,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use vmbackup::testvm::{DiskSpec, Format, TestVmBuilder};
+use vmbackup_testkit::libvirt_vm::{DiskSpec, Format, TestVmBuilder};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -122,7 +122,7 @@ fn write_floor(base: &Path, bytes: u64) -> Result<Measured> {
 /// The guest's own cost of a freeze: the agent freezes and at once thaws all filesystems
 /// (through libvirt, nothing in between), after the guest has been idle for a second as it
 /// is before a backup. No backup tool can freeze for less.
-fn guest_freeze_floor(vm: &vmbackup::testvm::TestVm) -> Result<f64> {
+fn guest_freeze_floor(vm: &vmbackup_testkit::libvirt_vm::TestVm) -> Result<f64> {
     std::thread::sleep(Duration::from_secs(1));
     let start = Instant::now();
     let frozen = vmbackup::guest_agent::freeze(vm.dom(), Duration::from_secs(10))?;
@@ -167,7 +167,7 @@ fn make_fill(dir: &Path) -> Result<()> {
 /// `vmbackup restore` of the benchmark VM against `virtnbdrestore` of a full backup of the
 /// same VM, alternating; the VM is shut off, as both tools require.
 fn bench_restore(
-    vm: &vmbackup::testvm::TestVm,
+    vm: &vmbackup_testkit::libvirt_vm::TestVm,
     base: &Path,
     vmbackup: &str,
     rounds: usize,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use vmbackup::guest_agent;
 use vmbackup::hypervisor::vm::VmSpec;
-use vmbackup::testvm::{Format, TestVmBuilder};
+use vmbackup_testkit::libvirt_vm::{Format, TestVmBuilder};
 
 fn main() -> anyhow::Result<()> {
     const MIB: u64 = 1 << 20;

@@ -19,8 +19,6 @@ pub mod repository;
 pub mod restore;
 pub mod schedule;
 pub mod state;
-pub mod testqemu;
-pub mod testvm;
 pub mod thaw_guard;
 
 pub use error::{Error, Result};

@@ -13,7 +13,7 @@ use jiff::Timestamp;
 use serde_json::Value;
 use vmbackup::repository::Repository;
 use vmbackup::schedule::calendar::vm_offset_secs;
-use vmbackup::testvm::{Format, TestVmBuilder};
+use vmbackup_testkit::libvirt_vm::{Format, TestVmBuilder};
 
 fn ts(s: &str) -> Timestamp {
     s.parse().unwrap()

@@ -87,7 +87,7 @@ pub fn filled_disk(
     target: &str,
     size: u64,
     data_mib: u64,
-) -> (tempfile::TempDir, vmbackup::testvm::DiskSpec) {
+) -> (tempfile::TempDir, vmbackup_testkit::libvirt_vm::DiskSpec) {
     let fill = tempfile::tempdir_in("/var/tmp").expect("temporary folder");
     let mut x: u64 = 0x9E3779B97F4A7C15 ^ data_mib;
     let data: Vec<u8> = (0..data_mib * MIB)
@@ -99,9 +99,9 @@ pub fn filled_disk(
         })
         .collect();
     std::fs::write(fill.path().join("data"), data).expect("write fill data");
-    let spec = vmbackup::testvm::DiskSpec {
+    let spec = vmbackup_testkit::libvirt_vm::DiskSpec {
         target: target.into(),
-        format: vmbackup::testvm::Format::Qcow2,
+        format: vmbackup_testkit::libvirt_vm::Format::Qcow2,
         size,
         ext4: true,
         fill_from: Some(fill.path().to_path_buf()),
