@@ -5,8 +5,10 @@
 //!   cleanup of what dead test processes left, and the `vmb-writer` record checker;
 //! - `qemu_vm`: throwaway plain QEMU VMs for the QMP tests;
 //! - `guest`: the test guest of `vm-images/build`;
+//! - `cli`: running the `vmbackup` binary with `--json`, throwaway repositories;
 //! - `error`: the kit's own error type (`KitError`).
 
+pub mod cli;
 pub mod error;
 pub mod guest;
 pub mod libvirt_vm;
