@@ -11,7 +11,8 @@
 //! (the guest's own cost of a freeze); and `sync` after virtnbdbackup, which never fsyncs.
 //!
 //! Environment: BENCH_ROUNDS (default 3), BENCH_DIR (default /var/tmp/vmbackup-bench),
-//! BENCH_VMBACKUP (path of the vmbackup binary; default target/release/vmbackup).
+//! BENCH_VMBACKUP (path of the vmbackup binary; default the one beside this example's folder,
+//! target/release/vmbackup).
 
 use std::io::Write as _;
 use std::os::unix::process::ExitStatusExt;
@@ -293,8 +294,18 @@ fn main() -> Result<()> {
     let base = PathBuf::from(
         std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp/vmbackup-bench".into()),
     );
-    let vmbackup = std::env::var("BENCH_VMBACKUP")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/vmbackup").into());
+    let vmbackup = match std::env::var("BENCH_VMBACKUP") {
+        Ok(b) => b,
+        // target/release/examples/bench -> target/release/vmbackup, wherever the target
+        // folder is (CARGO_TARGET_DIR).
+        Err(_) => std::env::current_exe()?
+            .parent()
+            .and_then(Path::parent)
+            .context("cannot tell where the vmbackup binary is")?
+            .join("vmbackup")
+            .to_string_lossy()
+            .into_owned(),
+    };
     fresh(&base)?;
     let fill = base.join("fill");
     eprintln!("bench: making 1 GiB random + 512 MiB text");
