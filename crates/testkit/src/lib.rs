@@ -4,7 +4,7 @@
 //! - `libvirt_vm`: throwaway libvirt VMs (`TestVmBuilder`, `TestVm`, `TestNetwork`), the
 //!   cleanup of what dead test processes left, and the `vmb-writer` record checker;
 //! - `qemu_vm`: throwaway plain QEMU VMs for the QMP tests;
-//! - `guest`: the test guest of `vm-images/build`;
+//! - `guest`: the test guest of `vm-images/build`, staged where QEMU can read it;
 //! - `cli`: running the `vmbackup` binary with `--json`, throwaway repositories;
 //! - `error`: the kit's own error type (`KitError`).
 

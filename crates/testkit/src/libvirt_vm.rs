@@ -7,7 +7,12 @@
 //! console and the libvirt log are printed first. Leftovers of earlier processes are removed
 //! when the first VM of a process is made.
 //!
-//! Environment: `VMBACKUP_GUEST_DIR` (see `crate::guest`),
+//! The guest boots from the copy of its kernel and initramfs that `crate::guest` stages
+//! where QEMU (user `libvirt-qemu`) can read it, whatever folder the checkout is in; the VM's
+//! disks and console log are in its own folder under `test_root()`, which must be traversable
+//! by QEMU's user too (checked).
+//!
+//! Environment: `VMBACKUP_GUEST_DIR` and `VMBACKUP_GUEST_STAGE_DIR` (see `crate::guest`),
 //! `VMBACKUP_TEST_URI` (default `qemu:///system`), `VMBACKUP_TEST_KVM=1` to use KVM instead of
 //! TCG, `VMBACKUP_TEST_DIR` (default `/var/tmp/vmbackup-tests`), `VMBACKUP_TEST_KEEP=1` to
 //! leave a failed VM behind.
@@ -205,8 +210,8 @@ impl TestVmBuilder {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("{PREFIX}{}-{n}-{}", std::process::id(), self.hint);
         let dir = test_root().join(&name);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| KitError::io("create test VM folder", &dir, e))?;
+        guest::make_public_dir(&dir)?;
+        guest::check_traversable(&dir)?;
         let mut vm = TestVm {
             lv,
             dom: None,
@@ -220,7 +225,7 @@ impl TestVmBuilder {
             make_disk(&path, d)?;
             vm.disks.push(path);
         }
-        let xml = vm.domain_xml(&guest::guest_image()?);
+        let xml = vm.domain_xml(&guest::staged_guest()?);
         vm.dom = Some(
             vm.lv
                 .define(&xml)

@@ -1,8 +1,9 @@
 //! Throwaway plain QEMU VMs (not managed by libvirt) for the tests of the QMP path: the test
 //! guest of `vm-images/build`, its QMP and guest-agent sockets named as `hypervisor::qmp`
 //! expects (`NAME.qmp`, `NAME.qga` in the VM's folder), plus `harness.qmp`, the harness's
-//! own monitor. Dropping it stops QEMU and removes the folder, whatever happened; during a
-//! panic the console is printed first.
+//! own monitor. It boots the same staged copy of the guest as `crate::libvirt_vm`. Dropping
+//! it stops QEMU and removes the folder, whatever happened; during a panic the console is
+//! printed first.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -36,14 +37,14 @@ impl TestQemu {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("{PREFIX}{}-q{n}-{hint}", std::process::id());
         let dir = test_root().join(&name);
-        std::fs::create_dir_all(&dir).map_err(|e| KitError::io("create", &dir, e))?;
+        guest::make_public_dir(&dir)?;
         let mut t = TestQemu {
             name: name.clone(),
             dir: dir.clone(),
             child: None,
             vm: None,
         };
-        let image = guest::guest_image()?;
+        let image = guest::staged_guest()?;
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args([
             "-accel",
