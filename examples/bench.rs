@@ -11,7 +11,8 @@
 //! (the guest's own cost of a freeze); and `sync` after virtnbdbackup, which never fsyncs.
 //!
 //! Environment: BENCH_ROUNDS (default 3), BENCH_DIR (default /var/tmp/vmbackup-bench),
-//! BENCH_VMBACKUP (path of the vmbackup binary; default target/release/vmbackup).
+//! BENCH_VMBACKUP (path of the vmbackup binary; default the one beside this example's folder,
+//! target/release/vmbackup).
 
 use std::io::Write as _;
 use std::os::unix::process::ExitStatusExt;
@@ -20,7 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use vmbackup::testvm::{DiskSpec, Format, TestVmBuilder};
+use vmbackup_testkit::libvirt_vm::{DiskSpec, Format, TestVmBuilder};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -122,7 +123,7 @@ fn write_floor(base: &Path, bytes: u64) -> Result<Measured> {
 /// The guest's own cost of a freeze: the agent freezes and at once thaws all filesystems
 /// (through libvirt, nothing in between), after the guest has been idle for a second as it
 /// is before a backup. No backup tool can freeze for less.
-fn guest_freeze_floor(vm: &vmbackup::testvm::TestVm) -> Result<f64> {
+fn guest_freeze_floor(vm: &vmbackup_testkit::libvirt_vm::TestVm) -> Result<f64> {
     std::thread::sleep(Duration::from_secs(1));
     let start = Instant::now();
     let frozen = vmbackup::guest_agent::freeze(vm.dom(), Duration::from_secs(10))?;
@@ -167,7 +168,7 @@ fn make_fill(dir: &Path) -> Result<()> {
 /// `vmbackup restore` of the benchmark VM against `virtnbdrestore` of a full backup of the
 /// same VM, alternating; the VM is shut off, as both tools require.
 fn bench_restore(
-    vm: &vmbackup::testvm::TestVm,
+    vm: &vmbackup_testkit::libvirt_vm::TestVm,
     base: &Path,
     vmbackup: &str,
     rounds: usize,
@@ -293,8 +294,18 @@ fn main() -> Result<()> {
     let base = PathBuf::from(
         std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp/vmbackup-bench".into()),
     );
-    let vmbackup = std::env::var("BENCH_VMBACKUP")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/vmbackup").into());
+    let vmbackup = match std::env::var("BENCH_VMBACKUP") {
+        Ok(b) => b,
+        // target/release/examples/bench -> target/release/vmbackup, wherever the target
+        // folder is (CARGO_TARGET_DIR).
+        Err(_) => std::env::current_exe()?
+            .parent()
+            .and_then(Path::parent)
+            .context("cannot tell where the vmbackup binary is")?
+            .join("vmbackup")
+            .to_string_lossy()
+            .into_owned(),
+    };
     fresh(&base)?;
     let fill = base.join("fill");
     eprintln!("bench: making 1 GiB random + 512 MiB text");

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use vmbackup::guest_agent;
 use vmbackup::hypervisor::vm::VmSpec;
-use vmbackup::testvm::{Format, TestVmBuilder};
+use vmbackup_testkit::libvirt_vm::{Format, TestVmBuilder};
 
 fn main() -> anyhow::Result<()> {
     const MIB: u64 = 1 << 20;
@@ -83,8 +83,16 @@ fn main() -> anyhow::Result<()> {
         .tempdir_in("/var/tmp")?;
     let repo = work.path().join("repo");
     let state = work.path().join("state");
-    let bin = std::env::var("VMBACKUP_BIN")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/debug/vmbackup").into());
+    // VMBACKUP_BIN, else the binary cargo built beside this example: target/debug/vmbackup
+    // for target/debug/examples/demo, wherever the target folder is (CARGO_TARGET_DIR).
+    let bin = match std::env::var_os("VMBACKUP_BIN") {
+        Some(b) => std::path::PathBuf::from(b),
+        None => std::env::current_exe()?
+            .parent()
+            .and_then(std::path::Path::parent)
+            .ok_or_else(|| anyhow::anyhow!("cannot tell where the vmbackup binary is"))?
+            .join("vmbackup"),
+    };
     let cli = |args: &[&str]| -> anyhow::Result<()> {
         println!("   $ vmbackup {}", args.join(" "));
         let st = std::process::Command::new(&bin)

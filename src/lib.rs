@@ -28,8 +28,6 @@ pub mod restore;
 pub mod schedule;
 pub mod settings;
 pub mod state;
-pub mod testqemu;
-pub mod testvm;
 pub mod thaw_guard;
 pub mod vm_ref;
 

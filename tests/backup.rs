@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use vmbackup::hypervisor::vm::VmSpec;
 use vmbackup::repository::disk::{restore_disk, DiskIndex};
 use vmbackup::repository::Repository;
-use vmbackup::testvm::{self, Format, TestVm, TestVmBuilder};
+use vmbackup_testkit::libvirt_vm::{self, Format, TestVm, TestVmBuilder};
 
 fn disk_sources(xml: &str) -> Vec<String> {
     VmSpec::from_xml(xml)
@@ -144,7 +144,7 @@ fn live_quiesced_backup_holds_a_prefix_of_the_records_and_leaves_the_vm_as_it_wa
     let out = place.dir.path().join("vdb.raw");
     restore_disk_of(&place.repo(), &id, "vdb", &out);
     let held = read_from_ext4(&out, "/records");
-    let check = testvm::check_records(&held);
+    let check = libvirt_vm::check_records(&held);
     assert!(
         check.bad.is_empty(),
         "torn or bad records in the backup: {:?}",

@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use vmbackup::guest_agent;
 use vmbackup::hypervisor::libvirt::Libvirt;
 use vmbackup::hypervisor::vm::VmSpec;
-use vmbackup::testvm::{self, Format, TestVmBuilder};
+use vmbackup_testkit::libvirt_vm::{self, Format, TestVmBuilder};
 
 const MIB: u64 = 1 << 20;
 
 fn domain_exists(name: &str) -> bool {
-    let lv = Libvirt::open(&testvm::test_uri()).expect("libvirt answers");
+    let lv = Libvirt::open(&libvirt_vm::test_uri()).expect("libvirt answers");
     lv.find_domain(name).expect("lookup works").is_some()
 }
 
@@ -164,10 +164,10 @@ fn guest_that_never_comes_up_fails_in_bounded_time_with_its_console() {
         text.contains("Kernel panic"),
         "the error does not show the console: {text}"
     );
-    let lv = Libvirt::open(&testvm::test_uri()).unwrap();
-    let me = format!("{}{}-", testvm::PREFIX, std::process::id());
+    let lv = Libvirt::open(&libvirt_vm::test_uri()).unwrap();
+    let me = format!("{}{}-", libvirt_vm::PREFIX, std::process::id());
     assert!(
-        !testvm::test_domains(&lv)
+        !libvirt_vm::test_domains(&lv)
             .unwrap()
             .iter()
             .any(|n| n.starts_with(&me) && n.ends_with("no-boot")),
@@ -184,13 +184,13 @@ fn record_checker_accepts_a_prefix_and_rejects_torn_or_altered_records() {
     };
     let p = "0123456789abcdef0123456789abcdef";
     let good = format!("{}{}", rec(0, p), rec(1, p));
-    assert_eq!(testvm::check_records(good.as_bytes()).valid, 2);
-    assert!(testvm::check_records(good.as_bytes()).bad.is_empty());
+    assert_eq!(libvirt_vm::check_records(good.as_bytes()).valid, 2);
+    assert!(libvirt_vm::check_records(good.as_bytes()).bad.is_empty());
     let torn = format!("{}{}", good, &rec(2, p)[..20]);
-    let c = testvm::check_records(torn.as_bytes());
+    let c = libvirt_vm::check_records(torn.as_bytes());
     assert_eq!((c.valid, c.bad.len()), (2, 1));
     let altered = good.replace("0000000001 0", "0000000001 1");
-    assert_eq!(testvm::check_records(altered.as_bytes()).valid, 1);
+    assert_eq!(libvirt_vm::check_records(altered.as_bytes()).valid, 1);
     let gap = format!("{}{}", rec(0, p), rec(2, p));
-    assert_eq!(testvm::check_records(gap.as_bytes()).bad.len(), 1);
+    assert_eq!(libvirt_vm::check_records(gap.as_bytes()).bad.len(), 1);
 }

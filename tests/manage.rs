@@ -10,7 +10,7 @@ use serde_json::json;
 use vmbackup::repository::chunk::object_name;
 use vmbackup::repository::disk::DiskIndex;
 use vmbackup::repository::Repository;
-use vmbackup::testvm::TestVmBuilder;
+use vmbackup_testkit::libvirt_vm::TestVmBuilder;
 
 fn chunk_names(repo: &Repository, id: &str) -> HashSet<String> {
     let m = repo.load(id).unwrap();

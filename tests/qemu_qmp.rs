@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
-use vmbackup::testqemu::TestQemu;
-use vmbackup::testvm::{make_disk, DiskSpec, Format};
+use vmbackup_testkit::libvirt_vm::{make_disk, DiskSpec, Format};
+use vmbackup_testkit::qemu_vm::TestQemu;
 
 fn disk(dir: &std::path::Path, target: &str, format: Format) -> PathBuf {
     let p = dir.join(format!("{target}.{}", format.as_str()));

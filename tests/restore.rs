@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use vmbackup::hypervisor::vm::VmSpec;
-use vmbackup::testvm::{Format, TestNetwork, TestVm, TestVmBuilder};
+use vmbackup_testkit::libvirt_vm::{Format, TestNetwork, TestVm, TestVmBuilder};
 
 fn virsh(args: &[&str]) {
     let out = Command::new("virsh")

@@ -13,7 +13,7 @@ use jiff::Timestamp;
 use serde_json::Value;
 use vmbackup::repository::Repository;
 use vmbackup::schedule::calendar::vm_offset_secs;
-use vmbackup::testvm::{Format, TestVmBuilder};
+use vmbackup_testkit::libvirt_vm::{Format, TestVmBuilder};
 
 fn ts(s: &str) -> Timestamp {
     s.parse().unwrap()
@@ -600,9 +600,9 @@ fn a_schedule_with_a_libvirt_and_a_plain_qemu_vm_of_one_name_prunes_each_after_i
         .expect("libvirt guest boots");
     let place = Place::new();
     let vdb = place.dir.path().join("q-vdb.qcow2");
-    vmbackup::testvm::make_disk(
+    vmbackup_testkit::libvirt_vm::make_disk(
         &vdb,
-        &vmbackup::testvm::DiskSpec {
+        &vmbackup_testkit::libvirt_vm::DiskSpec {
             target: "vdb".into(),
             format: Format::Qcow2,
             size: 64 * MIB,
@@ -611,7 +611,7 @@ fn a_schedule_with_a_libvirt_and_a_plain_qemu_vm_of_one_name_prunes_each_after_i
         },
     )
     .unwrap();
-    let q = vmbackup::testqemu::TestQemu::start(
+    let q = vmbackup_testkit::qemu_vm::TestQemu::start(
         "ret-q",
         &[(vdb.clone(), "qcow2")],
         Duration::from_secs(180),

@@ -1,45 +1,20 @@
-//! What the integration tests share: running the `vmbackup` binary as a caller would, and
-//! throwaway repositories.
+//! What the integration tests share: the test kit's `vmbackup` runner bound to this package's
+//! binary (`CARGO_BIN_EXE_vmbackup` exists only in integration tests), and disk helpers.
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use serde_json::Value;
+pub use vmbackup_testkit::cli::{Place, Run};
+use vmbackup_testkit::libvirt_vm::{DiskSpec, Format};
 
 pub const MIB: u64 = 1 << 20;
 pub const GIB: u64 = 1 << 30;
 
-/// A repository and state directory of one test, removed when dropped.
-pub struct Place {
-    pub dir: tempfile::TempDir,
-}
-
-impl Place {
-    pub fn new() -> Place {
-        std::fs::create_dir_all("/var/tmp/vmbackup-tests").unwrap();
-        Place {
-            dir: tempfile::Builder::new()
-                .prefix("vmbt-repo-")
-                .tempdir_in("/var/tmp")
-                .expect("temporary folder"),
-        }
-    }
-    pub fn repo(&self) -> PathBuf {
-        self.dir.path().join("repo")
-    }
-    pub fn state(&self) -> PathBuf {
-        self.dir.path().join("state")
-    }
-}
-
-/// The result of one run of the binary.
-#[derive(Debug)]
-pub struct Run {
-    pub code: i32,
-    pub json: Value,
-    pub stderr: String,
+/// The `vmbackup` binary of this package.
+pub fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_vmbackup"))
 }
 
 /// Runs `vmbackup --json --repo R --state-dir S ARGS...` and parses its one JSON document.
@@ -58,36 +33,12 @@ pub fn backup_id(place: &Place, args: &[&str]) -> String {
 }
 
 pub fn vmbackup_at(repo: &Path, state: &Path, args: &[&str]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_vmbackup"))
-        .arg("--json")
-        .arg("--repo")
-        .arg(repo)
-        .arg("--state-dir")
-        .arg(state)
-        .args(args)
-        .env_remove("VMBACKUP_CONFIG")
-        .env("VMBACKUP_LOG", "info")
-        .output()
-        .expect("run vmbackup");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let json: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!("stdout is not one JSON document ({e}): {stdout:?}\nstderr: {stderr}")
-    });
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        json,
-        stderr,
-    }
+    vmbackup_testkit::cli::run_json(binary(), repo, state, args)
 }
 
 /// A qcow2 data disk whose ext4 filesystem holds `data_mib` MiB of incompressible bytes in
 /// `/data`. Keep the returned folder alive until the VM is defined.
-pub fn filled_disk(
-    target: &str,
-    size: u64,
-    data_mib: u64,
-) -> (tempfile::TempDir, vmbackup::testvm::DiskSpec) {
+pub fn filled_disk(target: &str, size: u64, data_mib: u64) -> (tempfile::TempDir, DiskSpec) {
     let fill = tempfile::tempdir_in("/var/tmp").expect("temporary folder");
     let mut x: u64 = 0x9E3779B97F4A7C15 ^ data_mib;
     let data: Vec<u8> = (0..data_mib * MIB)
@@ -99,9 +50,9 @@ pub fn filled_disk(
         })
         .collect();
     std::fs::write(fill.path().join("data"), data).expect("write fill data");
-    let spec = vmbackup::testvm::DiskSpec {
+    let spec = DiskSpec {
         target: target.into(),
-        format: vmbackup::testvm::Format::Qcow2,
+        format: Format::Qcow2,
         size,
         ext4: true,
         fill_from: Some(fill.path().to_path_buf()),

@@ -7,10 +7,15 @@
 //! console and the libvirt log are printed first. Leftovers of earlier processes are removed
 //! when the first VM of a process is made.
 //!
-//! Environment: `VMBACKUP_GUEST_DIR` (the folder holding `vmlinuz` and `initramfs.img`;
-//! default `vm-images/out` of this source tree), `VMBACKUP_TEST_URI` (default
-//! `qemu:///system`), `VMBACKUP_TEST_KVM=1` to use KVM instead of TCG, `VMBACKUP_TEST_DIR`
-//! (default `/var/tmp/vmbackup-tests`), `VMBACKUP_TEST_KEEP=1` to leave a failed VM behind.
+//! The guest boots from the copy of its kernel and initramfs that `crate::guest` stages
+//! where QEMU (user `libvirt-qemu`) can read it, whatever folder the checkout is in; the VM's
+//! disks and console log are in its own folder under `test_root()`, which must be traversable
+//! by QEMU's user too (checked).
+//!
+//! Environment: `VMBACKUP_GUEST_DIR` and `VMBACKUP_GUEST_STAGE_DIR` (see `crate::guest`),
+//! `VMBACKUP_TEST_URI` (default `qemu:///system`), `VMBACKUP_TEST_KVM=1` to use KVM instead of
+//! TCG, `VMBACKUP_TEST_DIR` (default `/var/tmp/vmbackup-tests`), `VMBACKUP_TEST_KEEP=1` to
+//! leave a failed VM behind.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -19,10 +24,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, Result};
-use crate::guest_agent::{self, ExecOutput};
-use crate::hypervisor::libvirt::{Dom, Libvirt};
-use crate::hypervisor::xml_edit::escape_attr;
+use vmbackup::guest_agent::{self, ExecOutput};
+use vmbackup::hypervisor::libvirt::{Dom, Libvirt};
+use vmbackup::hypervisor::xml_edit::escape_attr;
+
+use crate::error::{Context as _, KitError, Result};
+use crate::guest;
 
 /// Every test domain's name starts with this.
 pub const PREFIX: &str = "vmbt-";
@@ -37,23 +44,17 @@ pub fn test_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/tmp/vmbackup-tests"))
 }
 
-fn guest_dir() -> PathBuf {
-    std::env::var_os("VMBACKUP_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-images/out"))
-}
-
 /// Runs a host program (never through a shell) and fails with its stderr when it fails.
 pub fn run(program: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(program)
         .args(args)
         .output()
-        .map_err(|e| Error::Command {
+        .map_err(|e| KitError::Command {
             program: program.to_string(),
             detail: e.to_string(),
         })?;
     if !out.status.success() {
-        return Err(Error::Command {
+        return Err(KitError::Command {
             program: format!("{program} {}", args.join(" ")),
             detail: format!(
                 "{}: {}",
@@ -110,6 +111,19 @@ pub struct TestVmBuilder {
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 static CLEAN_LEFTOVERS: Once = Once::new();
+
+/// Connects to the test hypervisor; the first time in a process, also removes what earlier
+/// test processes left behind.
+fn open_test_libvirt() -> Result<Libvirt> {
+    let uri = test_uri();
+    let lv = Libvirt::open(&uri).ctx(format_args!("connect to libvirt at {uri}"))?;
+    CLEAN_LEFTOVERS.call_once(|| {
+        if let Err(e) = clean_leftovers(&lv) {
+            eprintln!("testvm: cleaning leftovers failed: {e}");
+        }
+    });
+    Ok(lv)
+}
 
 impl TestVmBuilder {
     /// `hint` becomes part of the domain name (letters, digits and `-`).
@@ -192,16 +206,12 @@ impl TestVmBuilder {
 
     /// Makes the disks and defines the domain without starting it.
     pub fn define(self) -> Result<TestVm> {
-        let lv = Libvirt::open(&test_uri())?;
-        CLEAN_LEFTOVERS.call_once(|| {
-            if let Err(e) = clean_leftovers(&lv) {
-                eprintln!("testvm: cleaning leftovers failed: {e}");
-            }
-        });
+        let lv = open_test_libvirt()?;
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("{PREFIX}{}-{n}-{}", std::process::id(), self.hint);
         let dir = test_root().join(&name);
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create test VM folder", &dir, e))?;
+        guest::make_public_dir(&dir)?;
+        guest::check_traversable(&dir)?;
         let mut vm = TestVm {
             lv,
             dom: None,
@@ -215,8 +225,12 @@ impl TestVmBuilder {
             make_disk(&path, d)?;
             vm.disks.push(path);
         }
-        let xml = vm.domain_xml()?;
-        vm.dom = Some(vm.lv.define(&xml)?);
+        let xml = vm.domain_xml(&guest::staged_guest()?);
+        vm.dom = Some(
+            vm.lv
+                .define(&xml)
+                .ctx(format_args!("define test domain {name}"))?,
+        );
         Ok(vm)
     }
 
@@ -226,7 +240,9 @@ impl TestVmBuilder {
         let timeout = self.boot_timeout;
         let agent = self.agent;
         let vm = self.define()?;
-        vm.dom().start()?;
+        vm.dom()
+            .start()
+            .ctx(format_args!("start test domain {}", vm.name))?;
         if agent {
             vm.wait_agent(timeout)?;
         }
@@ -236,10 +252,9 @@ impl TestVmBuilder {
 
 /// Makes a disk image at `path`.
 pub fn make_disk(path: &Path, d: &DiskSpec) -> Result<()> {
-    let p = path.to_str().ok_or_else(|| Error::Command {
-        program: "make_disk".into(),
-        detail: "path is not UTF-8".into(),
-    })?;
+    let p = path
+        .to_str()
+        .ok_or_else(|| KitError::Setup(format!("disk path {} is not UTF-8", path.display())))?;
     if !d.ext4 {
         run(
             "qemu-img",
@@ -259,9 +274,9 @@ pub fn make_disk(path: &Path, d: &DiskSpec) -> Result<()> {
         Format::Qcow2 => path.with_extension("raw-tmp"),
     };
     let raw_s = raw.to_str().unwrap_or(p).to_string();
-    let f = std::fs::File::create(&raw).map_err(|e| Error::io("create disk", &raw, e))?;
+    let f = std::fs::File::create(&raw).map_err(|e| KitError::io("create disk", &raw, e))?;
     f.set_len(d.size)
-        .map_err(|e| Error::io("size disk", &raw, e))?;
+        .map_err(|e| KitError::io("size disk", &raw, e))?;
     drop(f);
     let mut args = vec![
         "-q",
@@ -280,7 +295,7 @@ pub fn make_disk(path: &Path, d: &DiskSpec) -> Result<()> {
     run("mkfs.ext4", &args)?;
     if d.format == Format::Qcow2 {
         run("qemu-img", &["convert", "-q", "-O", "qcow2", &raw_s, p])?;
-        std::fs::remove_file(&raw).map_err(|e| Error::io("remove", &raw, e))?;
+        std::fs::remove_file(&raw).map_err(|e| KitError::io("remove", &raw, e))?;
     }
     Ok(())
 }
@@ -316,25 +331,7 @@ impl TestVm {
         self.dir.join("console.log")
     }
 
-    fn domain_xml(&self) -> Result<String> {
-        let env = std::fs::read_to_string(guest_dir().join("guest.env")).map_err(|e| {
-            Error::io(
-                "read the test guest (build it with vm-images/build)",
-                guest_dir().join("guest.env"),
-                e,
-            )
-        })?;
-        let get = |key: &str| {
-            env.lines()
-                .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
-                .map(str::to_string)
-                .ok_or_else(|| Error::Command {
-                    program: "testvm".into(),
-                    detail: format!("guest.env has no {key}"),
-                })
-        };
-        let kernel = get("KERNEL")?;
-        let initrd = get("INITRD")?;
+    fn domain_xml(&self, image: &guest::GuestImage) -> String {
         let kvm = std::env::var("VMBACKUP_TEST_KVM").is_ok_and(|v| v == "1");
         let s = &self.spec;
         let mut x = String::new();
@@ -350,8 +347,8 @@ impl TestVm {
             name = escape_attr(&self.name),
             mem = s.memory_mib,
             vcpus = s.vcpus,
-            kernel = escape_attr(&kernel),
-            initrd = escape_attr(&initrd),
+            kernel = escape_attr(&image.kernel.to_string_lossy()),
+            initrd = escape_attr(&image.initrd.to_string_lossy()),
             extra = escape_attr(&s.cmdline_extra),
         );
         for (d, path) in s.disks.iter().zip(&self.disks) {
@@ -392,7 +389,7 @@ impl TestVm {
             );
         }
         x.push_str("    <memballoon model='none'/>\n  </devices>\n</domain>\n");
-        Ok(x)
+        x
     }
 
     /// Waits until the guest agent answers; on timeout (or when the domain stopped) the error
@@ -411,7 +408,7 @@ impl TestVm {
                 } else {
                     format!("the guest agent of {}", self.name)
                 };
-                return Err(Error::Timeout {
+                return Err(KitError::Timeout {
                     what: format!("{what}\n{}", self.diagnostics()),
                     secs: start.elapsed().as_secs_f64(),
                 });
@@ -450,14 +447,14 @@ impl TestVm {
             None,
             Duration::from_secs(120),
         )
-        .map_err(Error::from)
+        .ctx(format_args!("run in {}: {script}", self.name))
     }
 
     /// Runs `sh -c script` in the guest; fails unless it exits 0. Returns its stdout.
     pub fn sh(&self, script: &str) -> Result<String> {
         let out = self.exec_sh(script)?;
         if out.exit_code != 0 {
-            return Err(Error::Command {
+            return Err(KitError::Command {
                 program: format!("guest: {script}"),
                 detail: format!("exit code {}: {}", out.exit_code, out.stderr_text().trim()),
             });
@@ -473,9 +470,10 @@ impl TestVm {
             &["-c", "cat > \"$0\" && sync \"$0\"", path],
             Some(data),
             Duration::from_secs(120),
-        )?;
+        )
+        .ctx(format_args!("write {path} in {}", self.name))?;
         if out.exit_code != 0 {
-            return Err(Error::Command {
+            return Err(KitError::Command {
                 program: format!("guest: write {path}"),
                 detail: out.stderr_text(),
             });
@@ -491,9 +489,10 @@ impl TestVm {
             &[path],
             None,
             Duration::from_secs(120),
-        )?;
+        )
+        .ctx(format_args!("read {path} in {}", self.name))?;
         if out.exit_code != 0 {
-            return Err(Error::Command {
+            return Err(KitError::Command {
                 program: format!("guest: cat {path}"),
                 detail: out.stderr_text(),
             });
@@ -509,9 +508,9 @@ impl TestVm {
             Duration::from_secs(5),
         );
         let start = Instant::now();
-        while self.dom().is_active()? {
+        while self.dom().is_active().ctx("query the test domain")? {
             if start.elapsed() >= timeout {
-                self.dom().destroy()?;
+                self.dom().destroy().ctx("destroy the test domain")?;
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -580,19 +579,21 @@ pub fn clean_leftovers(lv: &Libvirt) -> Result<()> {
         Some(pid) => pid != me && !process_alive(pid),
         None => name.starts_with(PREFIX),
     };
-    for name in lv.domain_names()? {
+    for name in lv.domain_names().ctx("list domains")? {
         if name.starts_with(PREFIX) && stale(&name) {
-            if let Some(dom) = lv.find_domain(&name)? {
+            if let Some(dom) = lv.find_domain(&name).ctx("look up a domain")? {
                 eprintln!("testvm: removing leftover domain {name}");
                 let _ = dom.destroy();
-                dom.undefine()?;
+                dom.undefine()
+                    .ctx(format_args!("undefine leftover domain {name}"))?;
             }
         }
     }
-    for name in lv.network_names()? {
+    for name in lv.network_names().ctx("list networks")? {
         if name.starts_with(PREFIX) && stale(&name) {
             eprintln!("testvm: removing leftover network {name}");
-            lv.remove_network(&name)?;
+            lv.remove_network(&name)
+                .ctx(format_args!("remove leftover network {name}"))?;
         }
     }
     if let Ok(entries) = std::fs::read_dir(test_root()) {
@@ -610,7 +611,8 @@ pub fn clean_leftovers(lv: &Libvirt) -> Result<()> {
 /// The test domains that exist now (for checks that nothing was left behind).
 pub fn test_domains(lv: &Libvirt) -> Result<Vec<String>> {
     Ok(lv
-        .domain_names()?
+        .domain_names()
+        .ctx("list domains")?
         .into_iter()
         .filter(|n| n.starts_with(PREFIX))
         .collect())
@@ -641,7 +643,7 @@ pub fn check_records(data: &[u8]) -> RecordCheck {
             && parts[0].len() == 10
             && parts[0].parse::<u64>().ok() == Some(valid)
             && parts[1].len() == 32
-            && crate::digest::sha256_hex(format!("{} {}", parts[0], parts[1]).as_bytes())[..16]
+            && vmbackup::digest::sha256_hex(format!("{} {}", parts[0], parts[1]).as_bytes())[..16]
                 == *parts[2];
         if ok && bad.is_empty() {
             valid += 1;
@@ -664,12 +666,7 @@ impl TestNetwork {
     /// Creates and starts the network; `octet` picks its /24 (it must be unique among the
     /// tests running at once).
     pub fn create(hint: &str, octet: u8) -> Result<TestNetwork> {
-        let lv = Libvirt::open(&test_uri())?;
-        CLEAN_LEFTOVERS.call_once(|| {
-            if let Err(e) = clean_leftovers(&lv) {
-                eprintln!("testvm: cleaning leftovers failed: {e}");
-            }
-        });
+        let lv = open_test_libvirt()?;
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
         let name = format!("{PREFIX}{pid}-{n}-{hint}");
@@ -683,8 +680,10 @@ impl TestNetwork {
             escape_attr(&name),
             escape_attr(&bridge)
         );
-        lv.remove_network(&name)?;
-        lv.define_network(&xml)?;
+        lv.remove_network(&name)
+            .ctx(format_args!("remove network {name}"))?;
+        lv.define_network(&xml)
+            .ctx(format_args!("define network {name}"))?;
         Ok(TestNetwork { name, lv, octet })
     }
 
@@ -701,7 +700,8 @@ impl TestNetwork {
     pub fn xml(&self) -> Result<String> {
         Ok(self
             .lv
-            .network_xml(&self.name)?
+            .network_xml(&self.name)
+            .ctx(format_args!("read network {}", self.name))?
             .map(|(x, _)| x)
             .unwrap_or_default())
     }

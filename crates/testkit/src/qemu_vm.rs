@@ -1,8 +1,9 @@
 //! Throwaway plain QEMU VMs (not managed by libvirt) for the tests of the QMP path: the test
 //! guest of `vm-images/build`, its QMP and guest-agent sockets named as `hypervisor::qmp`
 //! expects (`NAME.qmp`, `NAME.qga` in the VM's folder), plus `harness.qmp`, the harness's
-//! own monitor. Dropping it stops QEMU and removes the
-//! folder, whatever happened; during a panic the console is printed first.
+//! own monitor. It boots the same staged copy of the guest as `crate::libvirt_vm`. Dropping
+//! it stops QEMU and removes the folder, whatever happened; during a panic the console is
+//! printed first.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -10,9 +11,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, Result};
-use crate::hypervisor::qmp::QemuVm;
-use crate::testvm::test_root;
+use vmbackup::hypervisor::qmp::QemuVm;
+
+use crate::error::{KitError, Result};
+use crate::guest;
+use crate::libvirt_vm::{test_root, PREFIX};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -21,29 +24,6 @@ pub struct TestQemu {
     dir: PathBuf,
     child: Option<Child>,
     vm: Option<QemuVm>,
-}
-
-fn guest_files() -> Result<(String, String)> {
-    let dir = std::env::var_os("VMBACKUP_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-images/out"));
-    let env = std::fs::read_to_string(dir.join("guest.env")).map_err(|e| {
-        Error::io(
-            "read the test guest (vm-images/build)",
-            dir.join("guest.env"),
-            e,
-        )
-    })?;
-    let get = |k: &str| {
-        env.lines()
-            .find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix('=')))
-            .map(str::to_string)
-            .ok_or_else(|| Error::Command {
-                program: "testqemu".into(),
-                detail: format!("guest.env has no {k}"),
-            })
-    };
-    Ok((get("KERNEL")?, get("INITRD")?))
 }
 
 impl TestQemu {
@@ -55,20 +35,16 @@ impl TestQemu {
         boot_timeout: Duration,
     ) -> Result<TestQemu> {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let name = format!(
-            "{}{}-q{n}-{hint}",
-            crate::testvm::PREFIX,
-            std::process::id()
-        );
+        let name = format!("{PREFIX}{}-q{n}-{hint}", std::process::id());
         let dir = test_root().join(&name);
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        guest::make_public_dir(&dir)?;
         let mut t = TestQemu {
             name: name.clone(),
             dir: dir.clone(),
             child: None,
             vm: None,
         };
-        let (kernel, initrd) = guest_files()?;
+        let image = guest::staged_guest()?;
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args([
             "-accel",
@@ -81,7 +57,10 @@ impl TestQemu {
             "-display",
             "none",
         ])
-        .args(["-machine", "pc", "-kernel", &kernel, "-initrd", &initrd])
+        .args(["-machine", "pc", "-kernel"])
+        .arg(&image.kernel)
+        .arg("-initrd")
+        .arg(&image.initrd)
         .args(["-append", "console=ttyS0 quiet panic=-1"])
         .arg("-serial")
         .arg(format!("file:{}", dir.join("console.log").display()))
@@ -132,10 +111,10 @@ impl TestQemu {
             .stdout(Stdio::null())
             .stderr(
                 std::fs::File::create(dir.join("qemu.log"))
-                    .map_err(|e| Error::io("log", &dir, e))?,
+                    .map_err(|e| KitError::io("create the QEMU log in", &dir, e))?,
             )
             .process_group(0);
-        t.child = Some(cmd.spawn().map_err(|e| Error::Command {
+        t.child = Some(cmd.spawn().map_err(|e| KitError::Command {
             program: "qemu-system-x86_64".into(),
             detail: e.to_string(),
         })?);
@@ -160,7 +139,7 @@ impl TestQemu {
                 .and_then(|c| c.try_wait().ok().flatten())
                 .is_some();
             if exited || start.elapsed() > boot_timeout {
-                return Err(Error::Timeout {
+                return Err(KitError::Timeout {
                     what: format!("the guest agent of {name}\n{}", t.diagnostics()),
                     secs: start.elapsed().as_secs_f64(),
                 });

@@ -1,0 +1,17 @@
+//! vmbackup-testkit: what vmbackup's integration tests, demo and benchmarks share, kept out
+//! of the shipped library (the root package uses it only as a dev-dependency).
+//!
+//! - `libvirt_vm`: throwaway libvirt VMs (`TestVmBuilder`, `TestVm`, `TestNetwork`), the
+//!   cleanup of what dead test processes left, and the `vmb-writer` record checker;
+//! - `qemu_vm`: throwaway plain QEMU VMs for the QMP tests;
+//! - `guest`: the test guest of `vm-images/build`, staged where QEMU can read it;
+//! - `cli`: running the `vmbackup` binary with `--json`, throwaway repositories;
+//! - `error`: the kit's own error type (`KitError`).
+
+pub mod cli;
+pub mod error;
+pub mod guest;
+pub mod libvirt_vm;
+pub mod qemu_vm;
+
+pub use error::{KitError, Result};
