@@ -42,10 +42,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("{program} failed: {detail}")]
-    Command { program: String, detail: String },
-    #[error("timed out after {secs:.1}s waiting for {what}")]
-    Timeout { what: String, secs: f64 },
     #[error("config {key}: {detail}")]
     Config { key: String, detail: String },
     #[error("refused by pre-flight: {}", .0.refusals().join("; "))]
