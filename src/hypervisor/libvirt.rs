@@ -62,6 +62,22 @@ impl Libvirt {
         }
     }
 
+    /// The domain with UUID `uuid`, or `None` when there is none.
+    pub fn find_domain_by_uuid(&self, uuid: &str) -> Result<Option<Dom>> {
+        let err = |source| Error::Libvirt {
+            op: "lookup by UUID",
+            domain: uuid.to_string(),
+            source,
+        };
+        let dom = match self.conn.lookup_domain_by_uuid_string(uuid) {
+            Ok(d) => d,
+            Err(e) if e.code().is(ErrorNumber::NoDomain) => return Ok(None),
+            Err(e) => return Err(err(e)),
+        };
+        let name = dom.name().map_err(err)?;
+        Ok(Some(Dom { dom, name }))
+    }
+
     /// Defines (or redefines) a persistent domain from XML.
     pub fn define(&self, xml: &str) -> Result<Dom> {
         let dom = self
