@@ -354,7 +354,7 @@ pub fn backup(
     let dom = lv.domain(name)?;
     let _lock = lock_vm(state_dir, name)?;
     // A run killed between its snapshot and its commit left the VM on overlays: finish it.
-    let recovered = crate::recover::recover_vm(lv, &dom, opts)?;
+    let recovered = crate::recover::recover_vm(lv, &dom, opts)?.disks;
     if !recovered.is_empty() {
         tracing::warn!(
             vm = name,
@@ -427,13 +427,25 @@ pub fn backup(
                     freeze_ms = Some(t.elapsed().as_millis() as u64);
                     consistency = "application".into();
                 }
-                Err(e @ Error::AgentUnavailable { .. }) if opts.quiesce == Quiesce::Preferred => {
-                    tracing::warn!(vm = name, error = %e, "cannot freeze; the backup is crash-consistent");
-                    reason = Some(format!("freeze failed: {}", chain(&e)));
+                Err(e) => {
+                    // libvirt thaws only after a freeze it saw succeed; one it gave up on may
+                    // still be completed by the agent: make sure the guest is thawed first.
+                    tracing::warn!(vm = name, error = %chain(&e), "the quiesced snapshot failed");
+                    let deadline = guest_agent::thaw_deadline(opts.freeze_timeout);
+                    let was_frozen = guest_agent::ensure_thawed(dom, deadline)?;
+                    if opts.quiesce != Quiesce::Preferred {
+                        return Err(e);
+                    }
+                    tracing::warn!(vm = name, "cannot freeze; the backup is crash-consistent");
+                    let thawed = if was_frozen {
+                        "; the guest froze late and was thawed"
+                    } else {
+                        ""
+                    };
+                    reason = Some(format!("freeze failed: {}{thawed}", chain(&e)));
                     check_interrupted()?;
                     dom.snapshot_disk_only(&snap, false)?;
                 }
-                Err(e) => return Err(e),
             }
         } else {
             dom.snapshot_disk_only(&snap, false)?;

@@ -220,3 +220,86 @@ impl Drop for Frozen<'_> {
         }
     }
 }
+
+/// How long `ensure_thawed` keeps trying after a freeze whose deadline was `freeze_timeout`
+/// failed: at least a minute, and six freeze deadlines.
+pub fn thaw_deadline(freeze_timeout: Duration) -> Duration {
+    freeze_timeout
+        .saturating_mul(6)
+        .max(Duration::from_secs(60))
+}
+
+/// The guest agent's freeze status: `thawed` or `frozen`.
+pub fn freeze_status(dom: &Dom, timeout: Duration) -> Result<String> {
+    let r = dom.agent_command(&json!({"execute": "guest-fsfreeze-status"}), timeout)?;
+    r.as_str()
+        .map(str::to_string)
+        .ok_or_else(|| Error::AgentReply {
+            command: "guest-fsfreeze-status".into(),
+            detail: format!("not a string: {r}"),
+        })
+}
+
+/// Longest wait for one agent call of `ensure_thawed`.
+const THAW_CALL: Duration = Duration::from_secs(5);
+
+/// Makes sure the guest's filesystems are not left frozen after a freeze that failed or timed
+/// out. libvirt thaws only after a freeze it saw succeed, but the guest agent may still finish
+/// one that libvirt gave up on, and the guest then stays frozen. So: ask the agent for the
+/// freeze status, thaw while it says `frozen`, until it says `thawed`. The agent is
+/// single-threaded and answers nothing while it is still busy with the freeze, so a call that
+/// times out (or any other failed call) only means: ask again after a short pause. Returns
+/// whether the guest was found frozen (and was thawed). A domain that no longer runs, or whose
+/// agent channel no agent holds open (no agent can be holding a freeze then), has nothing to
+/// thaw. Fails when the guest is not seen thawed within `deadline`.
+pub fn ensure_thawed(dom: &Dom, deadline: Duration) -> Result<bool> {
+    let start = Instant::now();
+    let mut was_frozen = false;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        if !dom.is_active()? {
+            return Ok(was_frozen);
+        }
+        if dom.agent_connected()? == Some(false) {
+            tracing::debug!(
+                domain = dom.name(),
+                "no guest agent connected: nothing to thaw"
+            );
+            return Ok(was_frozen);
+        }
+        let call = deadline
+            .saturating_sub(start.elapsed())
+            .clamp(Duration::from_secs(1), THAW_CALL);
+        let last = match freeze_status(dom, call) {
+            Ok(s) if s == "thawed" => return Ok(was_frozen),
+            Ok(s) => {
+                tracing::warn!(domain = dom.name(), status = %s, "the guest's filesystems are frozen: thawing");
+                was_frozen = true;
+                match dom.agent_command(&json!({"execute": "guest-fsfreeze-thaw"}), call) {
+                    Ok(n) => {
+                        tracing::info!(domain = dom.name(), filesystems = %n, "guest filesystems thawed");
+                        None
+                    }
+                    Err(e) => Some(e),
+                }
+            }
+            Err(e) => Some(e),
+        };
+        let elapsed = start.elapsed();
+        if elapsed >= deadline {
+            let why = last.map_or_else(
+                || "it still says frozen".to_string(),
+                |e| crate::error::chain(&e),
+            );
+            return Err(Error::Timeout {
+                what: format!(
+                    "the guest agent of {} to report the guest thawed (it may still be frozen; last: {why})",
+                    dom.name()
+                ),
+                secs: elapsed.as_secs_f64(),
+            });
+        }
+        std::thread::sleep(pause.min(deadline - elapsed));
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}

@@ -5,9 +5,11 @@
 //! committed offline (`qemu-img commit`). Objects of backups that were never published are
 //! removed when no backup is writing.
 //!
-//! A plain QEMU VM (`qemu:NAME`) is handled through QMP the same way, and since vmbackup
-//! freezes such a guest itself (no libvirtd to thaw it if vmbackup is killed), a guest the
-//! agent reports frozen is thawed first.
+//! A running libvirt guest the agent reports frozen is thawed first (libvirt thaws only after a
+//! freeze it saw succeed, so a freeze it gave up on can leave the guest frozen). A plain QEMU
+//! VM (`qemu:NAME`) is handled through QMP the same way, and since vmbackup freezes such a
+//! guest itself (no libvirtd to thaw it if vmbackup is killed), a guest the agent reports
+//! frozen is thawed first there too.
 //!
 //! `vmbackup recover` does it for every libvirt VM and the plain QEMU VMs named; every
 //! `backup` does it first for its own VM. Overlays are recognised by their name,
@@ -19,6 +21,7 @@ use serde::Serialize;
 
 use crate::backup::{self, Options};
 use crate::error::{chain, Error, Result};
+use crate::guest_agent;
 use crate::hypervisor::libvirt::{Dom, Libvirt, PowerState};
 use crate::hypervisor::qmp::QemuVm;
 use crate::hypervisor::xml_edit;
@@ -39,7 +42,7 @@ pub struct Report {
     pub disks: Vec<Recovered>,
     /// VMs left alone because an operation holds them.
     pub busy: Vec<String>,
-    /// Plain QEMU VMs whose guest was found frozen, and thawed.
+    /// VMs whose guest was found frozen, and thawed.
     pub thawed: Vec<String>,
     pub errors: Vec<String>,
     /// Objects of unpublished backups removed from the repository.
@@ -95,9 +98,41 @@ fn backing_of(overlay: &str) -> Result<String> {
         })
 }
 
-/// Puts VM `dom` back onto its original images if an interrupted backup left it on overlays.
-/// The caller holds the VM's lock.
-pub fn recover_vm(lv: &Libvirt, dom: &Dom, opts: &Options) -> Result<Vec<Recovered>> {
+/// What `recover_vm` found and did.
+#[derive(Debug, Default)]
+pub struct VmRecovery {
+    pub disks: Vec<Recovered>,
+    /// The guest was frozen, and has been thawed.
+    pub thawed: bool,
+}
+
+/// A running libvirt guest with an agent channel that the agent reports frozen (a freeze that
+/// libvirt gave up on and the agent completed later, a libvirtd restart mid-snapshot) is
+/// thawed; `true` when it was. An agent that does not answer within `AGENT_PROBE` is left
+/// alone, as for plain QEMU VMs (a guest without a running agent must not hold up every
+/// backup); a freeze it completes later is thawed by the next `recover`, or by the next
+/// backup once its own quiesced snapshot fails.
+pub fn thaw_vm(dom: &Dom, xml: &str, opts: &Options) -> Result<bool> {
+    if !crate::hypervisor::vm::VmSpec::from_xml(xml)?.agent_channel {
+        return Ok(false);
+    }
+    match guest_agent::freeze_status(dom, AGENT_PROBE) {
+        Ok(s) if s == "frozen" => {
+            tracing::warn!(vm = dom.name(), "the guest was left frozen: thawing it");
+            guest_agent::ensure_thawed(dom, guest_agent::thaw_deadline(opts.freeze_timeout))
+        }
+        Ok(_) => Ok(false),
+        Err(e) => {
+            tracing::debug!(vm = dom.name(), error = %chain(&e), "no freeze status from the agent");
+            Ok(false)
+        }
+    }
+}
+
+/// Puts VM `dom` back into the state a finished backup leaves: a guest left frozen is thawed,
+/// and a VM an interrupted backup left on overlays is put back onto its original images. The
+/// caller holds the VM's lock.
+pub fn recover_vm(lv: &Libvirt, dom: &Dom, opts: &Options) -> Result<VmRecovery> {
     let name = dom.name().to_string();
     let running = dom.state()? != PowerState::ShutOff;
     let xml = if running {
@@ -105,10 +140,14 @@ pub fn recover_vm(lv: &Libvirt, dom: &Dom, opts: &Options) -> Result<Vec<Recover
     } else {
         dom.inactive_xml()?
     };
+    let thawed = running && thaw_vm(dom, &xml, opts)?;
     let found = overlays_in(&name, &xml)?;
     if found.is_empty() {
         // The run may have died after the commit but before the definition was fixed.
-        return fix_inactive_only(lv, dom, &name);
+        return Ok(VmRecovery {
+            disks: fix_inactive_only(lv, dom, &name)?,
+            thawed,
+        });
     }
     let mut work = Vec::new();
     for (target, overlay, backing) in found {
@@ -132,15 +171,18 @@ pub fn recover_vm(lv: &Libvirt, dom: &Dom, opts: &Options) -> Result<Vec<Recover
             std::fs::remove_file(overlay).map_err(|e| Error::io("remove overlay", overlay, e))?;
         }
     }
-    Ok(work
-        .into_iter()
-        .map(|(disk, overlay, image)| Recovered {
-            vm: name.clone(),
-            disk,
-            overlay,
-            image,
-        })
-        .collect())
+    Ok(VmRecovery {
+        disks: work
+            .into_iter()
+            .map(|(disk, overlay, image)| Recovered {
+                vm: name.clone(),
+                disk,
+                overlay,
+                image,
+            })
+            .collect(),
+        thawed,
+    })
 }
 
 /// What `recover_qemu` found and did.
@@ -309,7 +351,12 @@ pub fn recover(
             Err(e) => return Err(e),
         };
         match recover_vm(lv, &dom, opts) {
-            Ok(d) => r.disks.extend(d),
+            Ok(d) => {
+                if d.thawed {
+                    r.thawed.push(name.clone());
+                }
+                r.disks.extend(d.disks);
+            }
             Err(e) => {
                 tracing::error!(vm = %name, "recover failed: {}", chain(&e));
                 r.errors.push(format!("{name}: {}", chain(&e)));
