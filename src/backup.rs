@@ -485,12 +485,12 @@ fn snapshot(
                 Ok(f) => Some(f),
                 Err(e) => {
                     // A freeze that timed out may still complete in the guest.
-                    thaw_for_sure(vm, s)?;
+                    let late = thaw_for_sure(vm, s)?;
                     if s.quiesce == Quiesce::Required {
                         return Err(e);
                     }
                     tracing::warn!(vm = %vm.vm(), error = %chain(&e), "cannot freeze; the backup is crash-consistent");
-                    c.reason = Some(format!("freeze failed: {}", chain(&e)));
+                    c.reason = Some(freeze_failed(&e, late));
                     None
                 }
             }
@@ -504,12 +504,12 @@ fn snapshot(
     if in_snapshot {
         if let Err(e) = &snap {
             // libvirt thaws only after a freeze it saw succeed.
-            thaw_for_sure(vm, s)?;
+            let late = thaw_for_sure(vm, s)?;
             if s.quiesce == Quiesce::Required {
                 return Err(snap.unwrap_err());
             }
             tracing::warn!(vm = %vm.vm(), error = %chain(e), "cannot take a quiesced snapshot; the backup is crash-consistent");
-            c.reason = Some(format!("freeze failed: {}", chain(e)));
+            c.reason = Some(freeze_failed(e, late));
             check_interrupted()?;
             snap = vm.snapshot(overlays, false, s);
         } else {
@@ -543,18 +543,30 @@ fn snapshot(
 }
 
 /// Asks the agent until the guest is thawed; an agent that never says so fails the run.
-fn thaw_for_sure(vm: &dyn VmHandle, s: &BackupSettings) -> Result<()> {
+/// Returns whether the guest had frozen late (and was thawed).
+fn thaw_for_sure(vm: &dyn VmHandle, s: &BackupSettings) -> Result<bool> {
     match vm.ensure_thawed(s) {
-        Ok(true) => {
-            tracing::warn!(vm = %vm.vm(), "the guest was frozen after a failed freeze: thawed it");
-            Ok(())
+        Ok(late) => {
+            if late {
+                tracing::warn!(vm = %vm.vm(), "the guest froze after the freeze had failed: thawed it");
+            }
+            Ok(late)
         }
-        Ok(false) => Ok(()),
         Err(e) => {
             tracing::error!(vm = %vm.vm(), "the guest may still be frozen: {}", chain(&e));
             Err(e)
         }
     }
+}
+
+/// The recorded reason of a crash-consistent backup whose freeze failed.
+fn freeze_failed(e: &Error, froze_late: bool) -> String {
+    let late = if froze_late {
+        "; the guest froze late and was thawed"
+    } else {
+        ""
+    };
+    format!("freeze failed: {}{late}", chain(e))
 }
 
 type Copied = (Vec<DiskEntry>, u64, u64);

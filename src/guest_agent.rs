@@ -127,68 +127,6 @@ pub fn interfaces_within(dom: &Dom, timeout: Duration) -> Result<Vec<GuestInterf
     Ok(GuestInterface::from_agent_reply(&r))
 }
 
-/// Whether an agent in the guest has its channel open (libvirt's `state='connected'` on the
-/// agent channel of the live definition; unknown counts as connected).
-pub fn agent_connected(dom: &Dom) -> Result<bool> {
-    let xml = dom.live_xml()?;
-    let doc = roxmltree::Document::parse(&xml).map_err(|e| Error::AgentReply {
-        command: "live XML".into(),
-        detail: e.to_string(),
-    })?;
-    Ok(doc
-        .descendants()
-        .filter(|n| n.has_tag_name("target"))
-        .find(|t| t.attribute("name") == Some("org.qemu.guest_agent.0"))
-        .and_then(|t| t.attribute("state"))
-        != Some("disconnected"))
-}
-
-/// The agent's `guest-fsfreeze-status`: `"thawed"` or `"frozen"`.
-pub fn freeze_status(dom: &Dom, timeout: Duration) -> Result<String> {
-    let r = dom.agent_command(&json!({"execute": "guest-fsfreeze-status"}), timeout)?;
-    r.as_str()
-        .map(str::to_string)
-        .ok_or_else(|| Error::AgentReply {
-            command: "guest-fsfreeze-status".into(),
-            detail: r.to_string(),
-        })
-}
-
-/// Makes sure the guest's filesystems are thawed: thaws, then asks the agent until it reports
-/// them thawed, for at most `deadline`. For after a freeze that failed or timed out: libvirt
-/// thaws only after a freeze it saw succeed, while the agent (one command at a time) may
-/// still complete the freeze later. Returns whether a thaw was needed.
-pub fn ensure_thawed(dom: &Dom, deadline: Duration) -> Result<bool> {
-    if !agent_connected(dom)? {
-        // No agent runs in the guest: nothing there can have frozen it.
-        return Ok(false);
-    }
-    let start = Instant::now();
-    let call = Duration::from_secs(5).min(deadline.max(Duration::from_secs(1)));
-    let mut thawed_some = false;
-    let mut last_err = None;
-    let mut pause = Duration::from_millis(100);
-    loop {
-        match freeze_status(dom, call) {
-            Ok(s) if s == "thawed" => return Ok(thawed_some),
-            Ok(_) => match dom.fs_thaw(&[]) {
-                Ok(_) => thawed_some = true,
-                Err(e) => last_err = Some(e),
-            },
-            // Busy with a late freeze, or not synced after a timeout: ask again.
-            Err(e) => last_err = Some(e),
-        }
-        if start.elapsed() >= deadline {
-            return Err(last_err.unwrap_or(Error::Timeout {
-                what: "the guest to report its filesystems thawed".into(),
-                secs: deadline.as_secs_f64(),
-            }));
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_secs(1));
-    }
-}
-
 /// Filesystems frozen through the agent. Thaws when dropped, on every path.
 pub struct Frozen<'a> {
     dom: &'a Dom,
@@ -244,5 +182,80 @@ impl Drop for Frozen<'_> {
         } else {
             tracing::debug!(domain = self.dom.name(), "guest filesystems thawed");
         }
+    }
+}
+
+/// The guest agent's freeze status: `thawed` or `frozen`.
+pub fn freeze_status(dom: &Dom, timeout: Duration) -> Result<String> {
+    let r = dom.agent_command(&json!({"execute": "guest-fsfreeze-status"}), timeout)?;
+    r.as_str()
+        .map(str::to_string)
+        .ok_or_else(|| Error::AgentReply {
+            command: "guest-fsfreeze-status".into(),
+            detail: format!("not a string: {r}"),
+        })
+}
+
+/// Longest wait for one agent call of `ensure_thawed`.
+const THAW_CALL: Duration = Duration::from_secs(5);
+
+/// Makes sure the guest's filesystems are not left frozen after a freeze that failed or timed
+/// out. libvirt thaws only after a freeze it saw succeed, but the guest agent may still finish
+/// one that libvirt gave up on, and the guest then stays frozen. So: ask the agent for the
+/// freeze status, thaw while it says `frozen`, until it says `thawed`. The agent is
+/// single-threaded and answers nothing while it is still busy with the freeze, so a call that
+/// times out (or any other failed call) only means: ask again after a short pause. Returns
+/// whether the guest was found frozen (and was thawed). A domain that no longer runs, or whose
+/// agent channel no agent holds open (no agent can be holding a freeze then), has nothing to
+/// thaw. Fails when the guest is not seen thawed within `deadline`.
+pub fn ensure_thawed(dom: &Dom, deadline: Duration) -> Result<bool> {
+    let start = Instant::now();
+    let mut was_frozen = false;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        if !dom.is_active()? {
+            return Ok(was_frozen);
+        }
+        if dom.agent_connected()? == Some(false) {
+            tracing::debug!(
+                domain = dom.name(),
+                "no guest agent connected: nothing to thaw"
+            );
+            return Ok(was_frozen);
+        }
+        let call = deadline
+            .saturating_sub(start.elapsed())
+            .clamp(Duration::from_secs(1), THAW_CALL);
+        let last = match freeze_status(dom, call) {
+            Ok(s) if s == "thawed" => return Ok(was_frozen),
+            Ok(s) => {
+                tracing::warn!(domain = dom.name(), status = %s, "the guest's filesystems are frozen: thawing");
+                was_frozen = true;
+                match dom.agent_command(&json!({"execute": "guest-fsfreeze-thaw"}), call) {
+                    Ok(n) => {
+                        tracing::info!(domain = dom.name(), filesystems = %n, "guest filesystems thawed");
+                        None
+                    }
+                    Err(e) => Some(e),
+                }
+            }
+            Err(e) => Some(e),
+        };
+        let elapsed = start.elapsed();
+        if elapsed >= deadline {
+            let why = last.map_or_else(
+                || "it still says frozen".to_string(),
+                |e| crate::error::chain(&e),
+            );
+            return Err(Error::Timeout {
+                what: format!(
+                    "the guest agent of {} to report the guest thawed (it may still be frozen; last: {why})",
+                    dom.name()
+                ),
+                secs: elapsed.as_secs_f64(),
+            });
+        }
+        std::thread::sleep(pause.min(deadline - elapsed));
+        pause = (pause * 2).min(Duration::from_secs(1));
     }
 }

@@ -2,10 +2,13 @@
 //! backup's saved domain XML (so vCPUs, memory, disks and vNICs with their MACs are the
 //! originals), with every disk written back from the repository.
 //!
-//! Order, so that a refused or failed restore changes nothing: checks first (the VM is off,
-//! or `--power-off` was given; no other VM uses one of the backup's MACs); then every disk is
-//! written into a temporary file beside its image, each chunk checked against its digest;
-//! only when all disks are written are the images replaced (rename) and the domain redefined.
+//! Order, so that a refused or failed restore changes nothing: checks first (a VM of that name
+//! is the backup's VM, same UUID; the VM is off, or `--power-off` was given; no other VM uses
+//! one of the backup's MACs); then every disk is written into a temporary file beside its
+//! image, each chunk checked against its digest; only when all disks are written is the domain
+//! redefined, and only once libvirt has accepted the definition are the images replaced
+//! (rename), the old ones kept until all new ones are in place, so that a failed rename puts
+//! back the images and the definition.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -13,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::hypervisor::libvirt::{Libvirt, PowerState};
+use crate::hypervisor::libvirt::{Dom, Libvirt, PowerState};
 use crate::hypervisor::network::{self, Reservation};
 use crate::hypervisor::vm::VmSpec;
 use crate::hypervisor::xml_edit;
@@ -230,6 +233,133 @@ fn refuse(vm: &str, name: &str, message: String) -> Error {
     }))
 }
 
+/// Restoring onto the original VM `name` (no `--as`): the domain of that name, if any, must be
+/// the backup's VM (UUID `uuid`), or its disks, which may well have the same paths, would be
+/// replaced; and the backup's VM must not exist under another name.
+fn check_same_vm(lv: &Libvirt, name: &str, dom: Option<&Dom>, uuid: &str) -> Result<()> {
+    if uuid.is_empty() {
+        return Ok(());
+    }
+    match dom {
+        Some(d) => {
+            let found = d.uuid()?;
+            if !found.eq_ignore_ascii_case(uuid) {
+                return Err(refuse(
+                    name,
+                    "other-vm",
+                    format!(
+                        "the VM named {name} has UUID {found}, the backup is of UUID {uuid}: \
+                         another VM, whose disks the restore would replace (restore with \
+                         --as NEW_NAME, or remove or rename that VM first)"
+                    ),
+                ));
+            }
+        }
+        None => {
+            if let Some(d) = lv.find_domain_by_uuid(uuid)? {
+                return Err(refuse(
+                    name,
+                    "renamed",
+                    format!(
+                        "the backup's VM (UUID {uuid}) is now named {}: rename it back to \
+                         {name}, or restore with --as NEW_NAME",
+                        d.name()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Restored images moved over the images they replace, each replaced image kept beside it
+/// (`.FILE.vmbackup-old-PID`, a hard link, else a rename) until `finish`. Dropped before that,
+/// it puts the replaced images back and removes the new ones where there was none.
+struct Placed {
+    /// `(image, the replaced image kept aside)`, in the order they were placed.
+    done: Vec<(PathBuf, Option<PathBuf>)>,
+    finished: bool,
+}
+
+fn sync_folder(file: &Path) -> Result<()> {
+    match file.parent() {
+        Some(dir) => std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io("sync folder", dir, e)),
+        None => Ok(()),
+    }
+}
+
+/// Moves every `(restored, image)` into place; on an error, what was moved is put back.
+fn place_disks(moves: &[(PathBuf, PathBuf)]) -> Result<Placed> {
+    let mut placed = Placed {
+        done: Vec::new(),
+        finished: false,
+    };
+    for (from, to) in moves {
+        let kept = match std::fs::symlink_metadata(to) {
+            Ok(_) => {
+                let file = to.file_name().unwrap_or_default().to_string_lossy();
+                let aside =
+                    to.with_file_name(format!(".{file}.vmbackup-old-{}", std::process::id()));
+                let _ = std::fs::remove_file(&aside);
+                if std::fs::hard_link(to, &aside).is_err() {
+                    std::fs::rename(to, &aside)
+                        .map_err(|e| Error::io("keep the replaced disk", to, e))?;
+                }
+                Some(aside)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::io("look at disk", to, e)),
+        };
+        placed.done.push((to.clone(), kept));
+        std::fs::rename(from, to).map_err(|e| Error::io("replace disk", to, e))?;
+        sync_folder(to)?;
+    }
+    Ok(placed)
+}
+
+impl Placed {
+    /// Every image is in place: the replaced ones go.
+    fn finish(mut self) {
+        self.finished = true;
+        for (_, kept) in &self.done {
+            if let Some(k) = kept {
+                if let Err(e) = std::fs::remove_file(k) {
+                    tracing::warn!(file = %k.display(), error = %e, "cannot remove the replaced disk");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Placed {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        for (image, kept) in self.done.iter().rev() {
+            let r = match kept {
+                // When the image is still the kept file itself (its own rename failed), the
+                // rename does nothing and the second name is removed.
+                Some(k) => std::fs::rename(k, image).map(|_| {
+                    let _ = std::fs::remove_file(k);
+                }),
+                None => match std::fs::remove_file(image) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    r => r,
+                },
+            };
+            match r.map_err(|e| Error::io("put back the replaced disk", image, e)) {
+                Ok(()) => {
+                    let _ = sync_folder(image);
+                }
+                Err(e) => tracing::error!("{}", crate::error::chain(&e)),
+            }
+        }
+    }
+}
+
 /// The MACs of the backup that another defined VM uses: `(mac, other VM)`.
 fn mac_conflicts(lv: &Libvirt, own_uuid: &str, macs: &[String]) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
@@ -282,6 +412,14 @@ pub fn restore(
     let name = vm.name().to_string();
     let _lock = lock_vm(state_dir, &vm)?;
     let dom = lv.find_domain(&name)?;
+    if opts.as_name.is_none() {
+        let uuid = if m.vm_uuid.is_empty() {
+            &saved.uuid
+        } else {
+            &m.vm_uuid
+        };
+        check_same_vm(lv, &name, dom.as_ref(), uuid)?;
+    }
 
     // Where each disk goes: its recorded image, or with --as a new file beside it.
     let mut targets: Vec<PathBuf> = m.disks.iter().map(|d| PathBuf::from(&d.source)).collect();
@@ -449,15 +587,26 @@ pub fn restore(
             power_off(d, opts.shutdown_timeout)?;
         }
     }
-    for (from, to) in &moves {
-        std::fs::rename(from, to).map_err(|e| Error::io("replace disk", to, e))?;
-        if let Some(dir) = to.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| Error::io("sync folder", dir, e))?;
+    // The definition before any image: when libvirt refuses it, no disk has changed. When an
+    // image cannot be put in place, the replaced images and the definition are put back.
+    let previous = match &dom {
+        Some(d) => Some(d.inactive_xml()?),
+        None => None,
+    };
+    let defined = lv.define(&xml)?;
+    match place_disks(&moves) {
+        Ok(placed) => placed.finish(),
+        Err(e) => {
+            let undo = match &previous {
+                Some(x) => lv.define(x).map(|_| ()),
+                None => defined.undefine(),
+            };
+            if let Err(u) = undo {
+                tracing::error!(vm = %name, "cannot put the definition back: {}", crate::error::chain(&u));
+            }
+            return Err(e);
         }
     }
-    lv.define(&xml)?;
     let (reserved, warnings) = reserve(lv, &reservations);
     tracing::info!(vm = %name, id, "restored; the VM is left powered off");
     Ok(Restored {
@@ -486,4 +635,66 @@ fn power_off(d: &crate::hypervisor::libvirt::Dom, timeout: Duration) -> Result<(
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_failed_placement_puts_the_replaced_images_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("a.qcow2"), b"old a").unwrap();
+        std::fs::write(d.join(".a.new"), b"new a").unwrap();
+        std::fs::write(d.join(".b.new"), b"new b").unwrap();
+        std::fs::write(d.join("c.qcow2"), b"old c").unwrap();
+        let moves = vec![
+            (d.join(".a.new"), d.join("a.qcow2")),
+            // A new image where there was none.
+            (d.join(".b.new"), d.join("b.qcow2")),
+            // Fails: the restored file is missing.
+            (d.join(".c.new"), d.join("c.qcow2")),
+        ];
+        assert!(place_disks(&moves).is_err());
+        assert_eq!(std::fs::read(d.join("a.qcow2")).unwrap(), b"old a");
+        assert_eq!(std::fs::read(d.join("c.qcow2")).unwrap(), b"old c");
+        assert_eq!(names(d), ["a.qcow2", "c.qcow2"]);
+    }
+
+    #[test]
+    fn a_finished_placement_leaves_only_the_new_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("a.qcow2"), b"old a").unwrap();
+        std::fs::write(d.join(".a.new"), b"new a").unwrap();
+        std::fs::write(d.join(".b.new"), b"new b").unwrap();
+        let moves = vec![
+            (d.join(".a.new"), d.join("a.qcow2")),
+            (d.join(".b.new"), d.join("b.qcow2")),
+        ];
+        let placed = place_disks(&moves).unwrap();
+        // Until finished, the replaced image is kept beside the new one.
+        assert_eq!(
+            names(d),
+            [
+                format!(".a.qcow2.vmbackup-old-{}", std::process::id()),
+                "a.qcow2".into(),
+                "b.qcow2".into()
+            ]
+        );
+        placed.finish();
+        assert_eq!(names(d), ["a.qcow2", "b.qcow2"]);
+        assert_eq!(std::fs::read(d.join("a.qcow2")).unwrap(), b"new a");
+        assert_eq!(std::fs::read(d.join("b.qcow2")).unwrap(), b"new b");
+    }
 }

@@ -722,3 +722,118 @@ fn overlays_of_a_run_killed_before_its_snapshot_are_removed_by_recover() {
         .unwrap()
         .is_empty());
 }
+
+/// What the guest agent says of the freeze (`thawed` or `frozen`) once it answers: while a
+/// freeze is still in the guest's fsfreeze hook, the agent answers nothing.
+fn freeze_status(vm: &TestVm, within: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        match vm.dom().agent_command(
+            &json!({"execute": "guest-fsfreeze-status"}),
+            Duration::from_secs(2),
+        ) {
+            Ok(v) => return v.as_str().unwrap_or_default().to_string(),
+            Err(e) => assert!(
+                start.elapsed() < within,
+                "the guest agent did not answer: {}",
+                vmbackup::error::chain(&e)
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// A write into the guest's data filesystem that must finish within 10 s (it hangs on a
+/// frozen filesystem).
+fn assert_guest_writes(vm: &TestVm) {
+    let out = vm
+        .exec_sh("timeout 10 sh -c 'echo x > /mnt/vdb/after-freeze && sync' && echo written")
+        .unwrap();
+    assert_eq!(
+        out.stdout_text().trim(),
+        "written",
+        "a write into the guest did not complete: {}",
+        out.stderr_text()
+    );
+}
+
+#[test]
+fn a_freeze_that_outlasts_its_deadline_is_thawed_and_preferred_goes_on_crash_consistent() {
+    let vm = TestVmBuilder::new("bk-slowfreeze")
+        .cmdline("vmbackup.freezehook")
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .start()
+        .expect("guest boots");
+    // The guest's fsfreeze hook holds the next freeze for 6 s, well past the 1 s deadline:
+    // libvirt gives up on it, and the agent freezes the filesystems later all the same.
+    vm.sh("echo 6 > /run/vmb-freeze-delay").unwrap();
+    let place = Place::new();
+    let started = Instant::now();
+    let r = vmbackup(
+        &place,
+        &[
+            "--freeze-timeout",
+            "1",
+            "backup",
+            vm.name(),
+            "--quiesce",
+            "preferred",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let b = &r.json["results"][0]["backup"];
+    assert_eq!(b["consistency"], "crash", "{b}");
+    assert!(b["freeze_ms"].is_null(), "{b}");
+    let reason = b["consistency_reason"].as_str().unwrap_or_default();
+    eprintln!("backup took {:?}: {reason}", started.elapsed());
+    assert!(reason.contains("freeze"), "{reason}");
+    assert_eq!(disk_sources(&vm.dom().live_xml().unwrap()), vm_paths(&vm));
+
+    // By now the held freeze has reached the guest's filesystems, if it was going to.
+    let settle = Duration::from_secs(8);
+    if let Some(rest) = settle.checked_sub(started.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    assert_eq!(
+        freeze_status(&vm, Duration::from_secs(60)),
+        "thawed",
+        "the guest was left frozen after the backup (reason recorded: {reason})"
+    );
+    assert!(
+        reason.contains("thawed"),
+        "the reason says the guest was thawed: {reason}"
+    );
+    vm.sh("rm -f /run/vmb-freeze-delay").unwrap();
+    assert_guest_writes(&vm);
+}
+
+#[test]
+fn recover_thaws_a_libvirt_guest_left_frozen() {
+    let vm = TestVmBuilder::new("bk-frozen")
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .start()
+        .expect("guest boots");
+    vm.dom()
+        .agent_command(
+            &json!({"execute": "guest-fsfreeze-freeze"}),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    assert_eq!(freeze_status(&vm, Duration::from_secs(30)), "frozen");
+    let place = Place::new();
+    let r = vmbackup(&place, &["recover", vm.name()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        freeze_status(&vm, Duration::from_secs(30)),
+        "thawed",
+        "recover left the guest frozen: {}",
+        r.json
+    );
+    assert_eq!(
+        r.json["recover"]["thawed"],
+        json!([vm.name()]),
+        "{}",
+        r.json
+    );
+    assert_guest_writes(&vm);
+}

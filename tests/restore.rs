@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use vmbackup::hypervisor::vm::VmSpec;
-use vmbackup_testkit::libvirt_vm::{Format, TestNetwork, TestVm, TestVmBuilder};
+use vmbackup_testkit::libvirt_vm::{DiskSpec, Format, TestNetwork, TestVm, TestVmBuilder};
 
 fn virsh(args: &[&str]) {
     let out = Command::new("virsh")
@@ -349,4 +349,67 @@ fn restore_reserves_the_recorded_ip_on_a_dhcp_network_and_refuses_an_ip_in_use()
         .count();
     assert_eq!(restored_ok, 2, "{kinds:?}");
     assert!(kinds.contains(&("backup".into(), "ok".into())));
+}
+
+#[test]
+fn restore_onto_a_name_now_held_by_another_vm_is_refused_and_changes_nothing() {
+    let vm = TestVmBuilder::new("rs-uuid")
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .define()
+        .unwrap();
+    let place = Place::new();
+    let id = backup_id(&place, &[vm.name()]);
+    let old_uuid = vm.dom().uuid().unwrap();
+    let mac = spec(&vm).nics[0].mac.clone().unwrap();
+
+    // The VM goes, its disk file stays; another VM (another UUID) takes its name and the same
+    // disk path, as tools that name disks after their VM do, and has data of its own there.
+    let xml = vm.dom().inactive_xml().unwrap();
+    vm.dom().undefine().unwrap();
+    let disk = vm.disk_paths()[0].clone();
+    std::fs::remove_file(&disk).unwrap();
+    let fill = tempfile::tempdir_in("/var/tmp").unwrap();
+    std::fs::write(fill.path().join("marker"), b"the other VM's data").unwrap();
+    vmbackup_testkit::libvirt_vm::make_disk(
+        &disk,
+        &DiskSpec {
+            target: "vdb".into(),
+            format: Format::Qcow2,
+            size: 64 * MIB,
+            ext4: true,
+            fill_from: Some(fill.path().to_path_buf()),
+        },
+    )
+    .unwrap();
+    // libvirt gives the other VM a UUID and a MAC of its own.
+    let other_xml = xml
+        .replace(&format!("<uuid>{old_uuid}</uuid>"), "")
+        .replace(&format!("<mac address='{mac}'/>"), "");
+    assert!(!other_xml.contains(&old_uuid) && !other_xml.contains(&mac));
+    let lv = vm.libvirt();
+    let other = lv.define(&other_xml).unwrap();
+    let other_uuid = other.uuid().unwrap();
+    assert_ne!(other_uuid, old_uuid);
+    let other_definition = other.inactive_xml().unwrap();
+    let digest = vmbackup::digest::sha256_hex(&std::fs::read(&disk).unwrap());
+    let files = files_in(vm.dir());
+
+    let r = vmbackup(&place, &["restore", &id]);
+    assert_eq!(
+        vmbackup::digest::sha256_hex(&std::fs::read(&disk).unwrap()),
+        digest,
+        "the other VM's disk was replaced (restore: exit {}, {})",
+        r.code,
+        r.json
+    );
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    let err = r.json["error"].as_str().unwrap();
+    assert!(
+        err.contains(&old_uuid) && err.contains(&other_uuid),
+        "the refusal names both UUIDs: {err}"
+    );
+    let now = lv.domain(vm.name()).unwrap();
+    assert_eq!(now.uuid().unwrap(), other_uuid);
+    assert_eq!(now.inactive_xml().unwrap(), other_definition);
+    assert_eq!(files_in(vm.dir()), files, "temporary files were left");
 }

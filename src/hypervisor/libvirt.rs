@@ -45,6 +45,8 @@ pub enum LibvirtError {
     AgentReply { command: String, detail: String },
     #[error("timed out after {secs:.1}s waiting for {what}")]
     Timeout { what: String, secs: f64 },
+    #[error(transparent)]
+    Xml(#[from] super::xml_edit::XmlError),
 }
 
 use LibvirtError as Error;
@@ -98,6 +100,22 @@ impl Libvirt {
             Err(Error::NoDomain(_)) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// The domain with UUID `uuid`, or `None` when there is none.
+    pub fn find_domain_by_uuid(&self, uuid: &str) -> Result<Option<Dom>> {
+        let err = |source| Error::Libvirt {
+            op: "lookup by UUID",
+            domain: uuid.to_string(),
+            source,
+        };
+        let dom = match self.conn.lookup_domain_by_uuid_string(uuid) {
+            Ok(d) => d,
+            Err(e) if e.code().is(ErrorNumber::NoDomain) => return Ok(None),
+            Err(e) => return Err(err(e)),
+        };
+        let name = dom.name().map_err(err)?;
+        Ok(Some(Dom { dom, name }))
     }
 
     /// Defines (or redefines) a persistent domain from XML.
@@ -413,6 +431,13 @@ impl Dom {
             .map_err(|source| self.agent_error("fsfreeze", source))
     }
 
+    /// Whether a guest agent holds the domain's agent channel open, as libvirt last saw it
+    /// (the `state` of the channel in the live XML); `None` when the domain has no agent
+    /// channel or libvirt does not say.
+    pub fn agent_connected(&self) -> Result<Option<bool>> {
+        agent_channel_state(&self.live_xml()?)
+    }
+
     /// Thaws the guest's filesystems; returns how many were thawed.
     pub fn fs_thaw(&self, mountpoints: &[&str]) -> Result<u32> {
         raw::fs_thaw(&self.dom, mountpoints).map_err(|source| self.agent_error("fsthaw", source))
@@ -471,6 +496,25 @@ impl Dom {
     pub fn block_job_abort(&self, disk: &str) -> Result<()> {
         raw::block_job_abort(&self.dom, disk, 0).map_err(self.err("abort block job"))
     }
+}
+
+/// The `state` of the guest agent channel in a live domain XML: `connected` is `true`,
+/// `disconnected` is `false`.
+fn agent_channel_state(xml: &str) -> Result<Option<bool>> {
+    let doc = roxmltree::Document::parse(xml)
+        .map_err(|e| Error::Xml(super::xml_edit::XmlError(e.to_string())))?;
+    Ok(doc
+        .descendants()
+        .filter(|n| {
+            n.has_tag_name("target")
+                && n.attribute("name") == Some("org.qemu.guest_agent.0")
+                && n.parent().is_some_and(|p| p.has_tag_name("channel"))
+        })
+        .find_map(|t| match t.attribute("state") {
+            Some("connected") => Some(true),
+            Some("disconnected") => Some(false),
+            _ => None,
+        }))
 }
 
 /// The libvirt calls the `virt` crate does not wrap.
@@ -581,5 +625,32 @@ mod raw {
             return Err(Error::last_error());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_channel_state_is_read_from_the_live_xml() {
+        let xml = |state: &str| {
+            format!(
+                "<domain><devices><channel type='unix'><target type='virtio' \
+                 name='org.qemu.guest_agent.0'{state}/></channel><channel type='spicevmc'>\
+                 <target type='virtio' name='com.redhat.spice.0' state='connected'/></channel>\
+                 </devices></domain>"
+            )
+        };
+        assert_eq!(
+            agent_channel_state(&xml(" state='connected'")).unwrap(),
+            Some(true)
+        );
+        assert_eq!(
+            agent_channel_state(&xml(" state='disconnected'")).unwrap(),
+            Some(false)
+        );
+        assert_eq!(agent_channel_state(&xml("")).unwrap(), None);
+        assert_eq!(agent_channel_state("<domain/>").unwrap(), None);
     }
 }
