@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use crate::error::{chain, Error, Result};
 use crate::hypervisor::vm::GuestInterface;
-use crate::hypervisor::{Freeze, Overlay, VmHandle, VmShape};
+use crate::hypervisor::{Description, Freeze, Overlay, VmHandle, VmShape};
 use crate::image::{self, ImageReader};
 use crate::journal::{Journal, Phase};
 use crate::locks::lock_vm;
@@ -331,6 +331,9 @@ fn run_phases(
     } else {
         Vec::new()
     };
+    // The definition to restore from, read before the snapshot: afterwards libvirt's
+    // persistent definition names the overlays until the commit back.
+    let description = vm.description()?;
     // Guest addresses, while the agent still answers.
     let guest_ifs = if shape.running && shape.agent {
         vm.guest_interfaces()
@@ -391,6 +394,7 @@ fn run_phases(
                 vm,
                 &run.id,
                 &shape,
+                &description,
                 &guest_ifs,
                 c,
                 &consistency,
@@ -613,13 +617,13 @@ fn publish(
     vm: &dyn VmHandle,
     id: &str,
     shape: &VmShape,
+    description: &Description,
     guest_ifs: &[GuestInterface],
     (disks, logical, stored): Copied,
     c: &Consistency,
     s: &BackupSettings,
     started_at: String,
 ) -> Result<Manifest> {
-    let description = vm.description()?;
     let object = format!("backups/{id}/{}", description.file);
     repo.store().put(&object, &description.bytes)?;
     let manifest = Manifest {
@@ -760,10 +764,21 @@ mod tests {
             })
         }
         fn description(&self) -> Result<Description> {
-            self.call("publish")?;
+            // Like libvirt's persistent definition, it names the overlays after the snapshot.
+            let on = self.st.borrow().on_overlays;
             Ok(Description {
-                file: "domain.xml",
-                bytes: b"<domain/>".to_vec(),
+                // An object name the repository refuses: storing it fails in the publish phase.
+                file: if self.fail == Some("publish") {
+                    "bad name"
+                } else {
+                    "domain.xml"
+                },
+                bytes: if on {
+                    &b"<domain>on overlays</domain>"[..]
+                } else {
+                    b"<domain/>"
+                }
+                .to_vec(),
             })
         }
         fn guest_interfaces(&self) -> Vec<GuestInterface> {
@@ -887,6 +902,11 @@ mod tests {
         assert!(overlay_files(t.dir.path()).is_empty());
         let m = t.repo.load(&o.id).unwrap();
         assert_eq!(m.vm_name, "fake");
+        assert_eq!(
+            t.repo.store().get(&m.domain_xml_object).unwrap(),
+            b"<domain/>",
+            "the definition is the one from before the snapshot"
+        );
         let index = crate::repository::disk::DiskIndex::decode(
             &t.repo.store().get(&m.disks[0].index_object).unwrap(),
         )

@@ -219,4 +219,20 @@ mod tests {
         };
         assert!(Config::resolve(o, FileConfig::default()).is_err());
     }
+
+    #[test]
+    fn zero_timeouts_are_refused_as_bad_input() {
+        let o = Overrides {
+            freeze_timeout_secs: Some(0),
+            ..Overrides::default()
+        };
+        let e = Config::resolve(o, FileConfig::default()).unwrap_err();
+        assert_eq!(e.exit_code(), crate::error::exit::BAD_INPUT, "{e}");
+        let f: FileConfig = toml::from_str("commit_timeout_secs = 0").unwrap();
+        let e = Config::resolve(Overrides::default(), f).unwrap_err();
+        assert!(e.to_string().contains("commit_timeout_secs"), "{e}");
+        let f: FileConfig = toml::from_str("commit_timeout_secs = 5").unwrap();
+        let c = Config::resolve(Overrides::default(), f).unwrap();
+        assert_eq!(c.backup.commit_stall_timeout, Duration::from_secs(5));
+    }
 }
