@@ -1,7 +1,7 @@
 //! Plain QEMU VMs that libvirt does not manage, through their QMP monitor and guest-agent
 //! sockets, with the `qapi` crate.
 //!
-//! Naming: a plain QEMU VM called NAME is given on the command line as `qemu:NAME`; its
+//! Naming: a plain QEMU VM called NAME (`VmRef::Qemu`, see `vm_ref` for its text form); its
 //! sockets are `NAME.qmp` (QMP, e.g. `-qmp unix:DIR/NAME.qmp,server=on,wait=off`) and
 //! `NAME.qga` (the guest agent's chardev, e.g. `-chardev socket,path=DIR/NAME.qga,
 //! server=on,wait=off,id=qga0 -device virtio-serial -device virtserialport,chardev=qga0,
