@@ -154,7 +154,12 @@ impl Repository {
                 .strip_prefix("backups/")
                 .and_then(|r| r.strip_suffix("/manifest.json"))
             {
-                out.push(self.load(id)?);
+                match self.load(id) {
+                    Ok(m) => out.push(m),
+                    // Deleted (by a delete or a prune of another process) since the listing.
+                    Err(RepoError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         out.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.id.cmp(&b.id)));
