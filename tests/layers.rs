@@ -49,6 +49,10 @@ fn paths_in(text: &str, here: &[String]) -> Vec<Vec<String>> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < bytes.len() {
+        if !text.is_char_boundary(i) {
+            i += 1;
+            continue;
+        }
         let rest = &text[i..];
         let start = if rest.starts_with("crate::") {
             Some(Vec::new())
@@ -264,7 +268,7 @@ fn the_cycle_finder_sees_a_cycle_through_a_use_group() {
     let src = dir.path();
     std::fs::create_dir_all(src.join("h")).unwrap();
     std::fs::write(src.join("lib.rs"), "pub mod a; pub mod h;").unwrap();
-    std::fs::write(src.join("a.rs"), "use crate::h::{x::Y, z};").unwrap();
+    std::fs::write(src.join("a.rs"), "// é → ü\nuse crate::h::{x::Y, z};").unwrap();
     std::fs::write(src.join("h/mod.rs"), "pub mod x;").unwrap();
     std::fs::write(src.join("h/x.rs"), "fn f() { super::super::a::g() }").unwrap();
     let c = find_cycle(&graph(src, &[])).expect("a -> h::x -> a");
