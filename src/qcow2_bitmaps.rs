@@ -401,7 +401,10 @@ fn open(path: &Path) -> Result<Image, BitmapError> {
     }
     let autoclear = be64(&head, 88);
     let header_length = u64::from(be32(&head, 100));
-    if header_length < V3_HEADER_LEN || header_length % 8 != 0 || header_length > cluster_size {
+    if header_length < V3_HEADER_LEN
+        || !header_length.is_multiple_of(8)
+        || header_length > cluster_size
+    {
         return Err(BitmapError::Malformed("bad header length"));
     }
 
@@ -480,7 +483,7 @@ fn open(path: &Path) -> Result<Image, BitmapError> {
             "bitmaps extension reserved field set",
         ));
     }
-    if dir_offset % cluster_size != 0 || dir_offset == 0 {
+    if !dir_offset.is_multiple_of(cluster_size) || dir_offset == 0 {
         return Err(BitmapError::Malformed("bad bitmap directory offset"));
     }
     // Each entry takes at least 32 bytes (24 fixed, a name, padding to 8).
@@ -562,7 +565,8 @@ fn read_bitmap(img: &Image, info: &BitmapInfo) -> Result<DirtyMap, BitmapError> 
             "bitmap table size does not match the disk size",
         ));
     }
-    if info.table_offset % cluster_size != 0 || (nclusters != 0 && info.table_offset == 0) {
+    if !info.table_offset.is_multiple_of(cluster_size) || (nclusters != 0 && info.table_offset == 0)
+    {
         return Err(BitmapError::Malformed("bad bitmap table offset"));
     }
     let table = reader.read_vec(info.table_offset, nclusters * 8)?;
@@ -592,10 +596,10 @@ fn read_bitmap(img: &Image, info: &BitmapInfo) -> Result<DirtyMap, BitmapError> 
         }
         if entry & TABLE_ALL_ONES != 0 {
             return Err(BitmapError::Malformed(
-                "bitmap table entry reserved bits set",
+                "bitmap table entry has both an offset and bit 0",
             ));
         }
-        if offset % cluster_size != 0 {
+        if !offset.is_multiple_of(cluster_size) {
             return Err(BitmapError::Malformed("bitmap data not cluster-aligned"));
         }
         if !seen.insert(offset) {
