@@ -645,3 +645,523 @@ fn scan_bits(map: &mut DirtyMap, data: &[u8], first_bit: u64) {
         map.push_bits(start, first_bit + data.len() as u64 * 8);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    const K: u64 = 1 << 10;
+    const M: u64 = 1 << 20;
+
+    fn run(args: &[&str]) {
+        let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn s(p: &Path) -> &str {
+        p.to_str().unwrap()
+    }
+
+    /// A new qcow2 image `name` in `dir` of `size` bytes (`opts`: `-o` options or none).
+    fn create(dir: &Path, name: &str, size: u64, opts: &str) -> PathBuf {
+        let img = dir.join(name);
+        let size = size.to_string();
+        let mut args = vec!["qemu-img", "create", "-q", "-f", "qcow2"];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend([s(&img), size.as_str()]);
+        run(&args);
+        img
+    }
+
+    /// `qemu-img bitmap --add` (plus `extra`, e.g. `--granularity N`).
+    fn add_bitmap(img: &Path, name: &str, extra: &[&str]) {
+        let mut args = vec!["qemu-img", "bitmap", "--add"];
+        args.extend(extra);
+        args.extend([s(img), name]);
+        run(&args);
+    }
+
+    /// Writes through `qemu-io`: it opens the image read-write, loads its enabled bitmaps,
+    /// records the writes in them and stores them back on exit.
+    fn qemu_io(img: &Path, cmds: &[&str]) {
+        let mut args = vec!["qemu-io", "-f", "qcow2"];
+        for c in cmds {
+            args.extend(["-c", c]);
+        }
+        args.push(s(img));
+        run(&args);
+    }
+
+    /// QEMU's own view of a bitmap: `nbdinfo --map=qemu:dirty-bitmap:NAME` of a `qemu-nbd`
+    /// that exports it (started by nbdinfo through socket activation). `None` (and a note)
+    /// when nbdinfo is not installed (Debian package libnbd-bin).
+    fn qemu_dirty(img: &Path, bitmap: &str) -> Option<Vec<(u64, u64)>> {
+        let map = format!("--map=qemu:dirty-bitmap:{bitmap}");
+        let export = format!("--bitmap={bitmap}");
+        let out = match Command::new("nbdinfo")
+            .args(["--json", &map, "--", "[", "qemu-nbd", "-r", &export])
+            .args(["-f", "qcow2", s(img), "]"])
+            .output()
+        {
+            Ok(out) => out,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                eprintln!("nbdinfo is not installed: not comparing with QEMU's view");
+                return None;
+            }
+            Err(e) => panic!("nbdinfo: {e}"),
+        };
+        assert!(
+            out.status.success(),
+            "nbdinfo: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let extents: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let mut dirty: Vec<(u64, u64)> = Vec::new();
+        for e in extents {
+            let (off, len) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            if e["type"].as_u64().unwrap() & 1 == 0 {
+                continue;
+            }
+            match dirty.last_mut() {
+                Some(last) if last.0 + last.1 == off => last.1 += len,
+                _ => dirty.push((off, len)),
+            }
+        }
+        Some(dirty)
+    }
+
+    fn patch(img: &Path, offset: u64, bytes: &[u8]) {
+        let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+        f.write_all_at(bytes, offset).unwrap();
+    }
+
+    fn copy(img: &Path, name: &str) -> PathBuf {
+        let to = img.with_file_name(name);
+        std::fs::copy(img, &to).unwrap();
+        to
+    }
+
+    #[test]
+    fn reads_the_writes_qemu_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        // 64 MiB + 512: the last granule is cut short by the end of the disk.
+        let size = 64 * M + 512;
+        let img = create(dir.path(), "x.qcow2", size, "");
+        add_bitmap(&img, "b0", &[]);
+        add_bitmap(&img, "b1", &["--granularity", "1048576"]);
+        add_bitmap(&img, "frozen", &[]);
+        run(&["qemu-img", "bitmap", "--disable", s(&img), "frozen"]);
+        qemu_io(
+            &img,
+            &[
+                "write -P 0xab 1M 3M",
+                "write 192k 64k",
+                "write 40M 64k",
+                "write 52429800 512", // 50 MiB + 1000: inside one granule
+                "write 67108864 512", // the last 512 bytes
+            ],
+        );
+
+        let listed = list(&img).unwrap();
+        assert_eq!(listed.format, ImageFormat::Qcow2 { version: 3 });
+        assert_eq!(listed.virtual_size, Some(size));
+        assert!(listed.consistent);
+        let names: Vec<&str> = listed.bitmaps.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, ["b0", "b1", "frozen"]);
+        let b1 = listed.get("b1").unwrap();
+        assert_eq!(b1.granularity, M);
+        assert!(b1.auto && !b1.in_use && !b1.extra_data_compatible);
+        assert_eq!(
+            (b1.bitmap_type, b1.reserved_flags, b1.extra_data_size),
+            (1, 0, 0)
+        );
+        // qemu-img's default granularity for 64 KiB clusters.
+        assert_eq!(listed.get("b0").unwrap().granularity, 64 * K);
+        let frozen = listed.get("frozen").unwrap();
+        assert!(!frozen.auto && !frozen.in_use);
+        assert!(listed.get("b2").is_none());
+
+        let b0 = dirty_ranges(&img, "b0").unwrap();
+        let want_b0 = [
+            (192 * K, 64 * K),
+            (M, 3 * M),
+            (40 * M, 64 * K),
+            (50 * M, 64 * K),
+            (64 * M, 512),
+        ];
+        assert_eq!(b0.ranges(), want_b0);
+        assert_eq!((b0.granularity, b0.virtual_size), (64 * K, size));
+        assert_eq!(b0.dirty_bytes(), 3 * M + 3 * 64 * K + 512);
+        let b1 = dirty_ranges(&img, "b1").unwrap();
+        let want_b1 = [(0, 4 * M), (40 * M, M), (50 * M, M), (64 * M, 512)];
+        assert_eq!(b1.ranges(), want_b1);
+        // A disabled bitmap records nothing.
+        assert!(dirty_ranges(&img, "frozen").unwrap().is_empty());
+        assert!(matches!(
+            dirty_ranges(&img, "b2"),
+            Err(BitmapError::NotFound(n)) if n == "b2"
+        ));
+
+        for (name, want) in [("b0", &want_b0[..]), ("b1", &want_b1[..]), ("frozen", &[])] {
+            if let Some(qemu) = qemu_dirty(&img, name) {
+                assert_eq!(qemu, want, "bitmap {name}");
+            }
+        }
+    }
+
+    #[test]
+    fn chunks_touched_by_writes_across_a_boundary() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = create(dir.path(), "x.qcow2", 64 * M, "");
+        add_bitmap(&img, "b0", &["--granularity", "65536"]);
+        // 64 KiB on each side of 4 MiB, and 4 KiB inside chunk 3.
+        qemu_io(&img, &["write 4032k 128k", "write 12292k 4k"]);
+        let map = dirty_ranges(&img, "b0").unwrap();
+        assert_eq!(map.ranges(), [(4 * M - 64 * K, 128 * K), (12 * M, 64 * K)]);
+        if let Some(qemu) = qemu_dirty(&img, "b0") {
+            assert_eq!(qemu, map.ranges());
+        }
+        assert_eq!(map.chunks_touched(4 * M), [0, 1, 3]);
+        assert_eq!(map.chunks_touched(64 * M), [0]);
+        assert_eq!(map.dirty_bytes(), 192 * K);
+    }
+
+    #[test]
+    fn chunks_touched_and_dirty_bytes() {
+        let map = DirtyMap {
+            granularity: 1,
+            virtual_size: 64 * M,
+            ranges: vec![(0, 1), (4 * M - 1, 2), (8 * M, 4 * M), (20 * M, 1)],
+        };
+        assert_eq!(map.chunks_touched(4 * M), [0, 1, 2, 5]);
+        assert_eq!(map.chunks_touched(M), [0, 3, 4, 8, 9, 10, 11, 20]);
+        assert!(map.chunks_touched(0).is_empty());
+        assert_eq!(map.dirty_bytes(), 4 * M + 4);
+    }
+
+    #[test]
+    fn small_clusters_and_a_table_entry_of_all_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        // 512-byte clusters and 4 KiB granules: 16384 bits, 2048 bytes, 4 table entries,
+        // each covering 512 * 8 * 4 KiB = 16 MiB of the disk.
+        let img = create(dir.path(), "x.qcow2", 64 * M, "cluster_size=512");
+        add_bitmap(&img, "b0", &["--granularity", "4096"]);
+        qemu_io(&img, &["write 1M 8k", "write 192k 4k"]);
+        let info = list(&img).unwrap().get("b0").unwrap().clone();
+        assert_eq!(info.table_size, 4);
+        let want = [(192 * K, 4 * K), (M, 8 * K)];
+        assert_eq!(dirty_ranges(&img, "b0").unwrap().ranges(), want);
+
+        // QEMU writes clusters of zeros as entry 0 and never writes 1 ("all ones", offset 0
+        // with bit 0 set); set it by hand in the third entry: guest bytes 32-48 MiB.
+        let table = info.table_offset;
+        let mut entry = [0u8; 8];
+        File::open(&img)
+            .unwrap()
+            .read_exact_at(&mut entry, table + 16)
+            .unwrap();
+        assert_eq!(u64::from_be_bytes(entry), 0);
+        patch(&img, table + 16, &1u64.to_be_bytes());
+        let want = [(192 * K, 4 * K), (M, 8 * K), (32 * M, 16 * M)];
+        assert_eq!(dirty_ranges(&img, "b0").unwrap().ranges(), want);
+        if let Some(qemu) = qemu_dirty(&img, "b0") {
+            assert_eq!(qemu, want);
+        }
+
+        // Reserved bits, and bit 0 together with an offset, are refused.
+        let mut first = [0u8; 8];
+        File::open(&img)
+            .unwrap()
+            .read_exact_at(&mut first, table)
+            .unwrap();
+        let first = u64::from_be_bytes(first);
+        assert_ne!(first, 0);
+        for bad in [3u64, 1 << 56, first | 1] {
+            let copy = copy(&img, "bad.qcow2");
+            let at = if bad == first | 1 { table } else { table + 16 };
+            patch(&copy, at, &bad.to_be_bytes());
+            assert!(matches!(
+                dirty_ranges(&copy, "b0"),
+                Err(BitmapError::Malformed(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn a_bitmap_left_in_use_by_a_killed_qemu_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = create(dir.path(), "x.qcow2", 64 * M, "");
+        add_bitmap(&img, "b0", &[]);
+        qemu_io(&img, &["write 1M 64k"]);
+        assert!(!list(&img).unwrap().get("b0").unwrap().in_use);
+
+        // qemu-io opens the image read-write and loads the bitmap, which marks it in use on
+        // disk; killed, it never stores it back.
+        let mut child = Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-c",
+                "write 8M 64k",
+                "-c",
+                "sleep 60000",
+                s(&img),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen_in_use = false;
+        while Instant::now() < deadline {
+            // The file may be caught mid-update: errors are fine here.
+            if let Ok(b) = list(&img) {
+                if b.get("b0").is_some_and(|b| b.in_use) {
+                    seen_in_use = true;
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Open in a running QEMU: refused too.
+        let while_open = dirty_ranges(&img, "b0");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(seen_in_use, "qemu-io never marked the bitmap in use");
+        assert!(matches!(while_open, Err(BitmapError::InUse(_))));
+
+        let b = list(&img).unwrap();
+        let b0 = b.get("b0").unwrap();
+        assert!(b0.in_use && b0.auto);
+        assert!(matches!(b0.check_usable(), Err(BitmapError::InUse(_))));
+        assert!(matches!(
+            dirty_ranges(&img, "b0"),
+            Err(BitmapError::InUse(n)) if n == "b0"
+        ));
+    }
+
+    #[test]
+    fn raw_and_plain_images_have_no_bitmaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("x.raw");
+        run(&["qemu-img", "create", "-q", "-f", "raw", s(&raw), "1M"]);
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        let short = dir.path().join("short");
+        std::fs::write(&short, b"QF").unwrap();
+        for file in [&raw, &empty, &short] {
+            let b = list(file).unwrap();
+            assert_eq!(b.format, ImageFormat::NotQcow2);
+            assert_eq!(b.virtual_size, None);
+            assert!(b.consistent && b.bitmaps.is_empty());
+            assert!(matches!(
+                dirty_ranges(file, "b0"),
+                Err(BitmapError::NotFound(_))
+            ));
+        }
+
+        let v2 = create(dir.path(), "v2.qcow2", 8 * M, "compat=0.10");
+        let b = list(&v2).unwrap();
+        assert_eq!(b.format, ImageFormat::Qcow2 { version: 2 });
+        assert_eq!(b.virtual_size, Some(8 * M));
+        assert!(b.consistent && b.bitmaps.is_empty());
+
+        let v3 = create(dir.path(), "v3.qcow2", 8 * M, "");
+        let b = list(&v3).unwrap();
+        assert_eq!(b.format, ImageFormat::Qcow2 { version: 3 });
+        assert!(b.consistent && b.bitmaps.is_empty());
+        // The "bitmaps consistent" autoclear bit without the extension is an error.
+        patch(&v3, 95, &[1]);
+        assert!(matches!(list(&v3), Err(BitmapError::Malformed(_))));
+
+        let missing = dir.path().join("missing");
+        assert!(matches!(list(&missing), Err(BitmapError::Io { .. })));
+    }
+
+    #[test]
+    fn an_inconsistent_extension_is_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = create(dir.path(), "x.qcow2", 64 * M, "");
+        add_bitmap(&img, "b0", &[]);
+        qemu_io(&img, &["write 1M 64k"]);
+        // What a program that knows no bitmaps leaves: autoclear bit 0 cleared.
+        patch(&img, 95, &[0]);
+        let b = list(&img).unwrap();
+        assert_eq!(b.format, ImageFormat::Qcow2 { version: 3 });
+        assert!(!b.consistent && b.bitmaps.is_empty());
+        assert!(matches!(
+            dirty_ranges(&img, "b0"),
+            Err(BitmapError::Inconsistent)
+        ));
+    }
+
+    /// An image with two bitmaps and some writes; the offsets of its directory entry for
+    /// `b0`, of b0's bitmap table and of its first data cluster.
+    fn sample(dir: &Path) -> (PathBuf, u64, u64, u64) {
+        let img = create(dir, "x.qcow2", 64 * M, "");
+        add_bitmap(&img, "b0", &[]);
+        add_bitmap(&img, "b1", &["--granularity", "4096"]);
+        qemu_io(&img, &["write 1M 64k", "write 33M 3M"]);
+        let info = list(&img).unwrap().get("b0").unwrap().clone();
+        let bytes = std::fs::read(&img).unwrap();
+        // The directory entry starts with the table offset and size.
+        let mut key = info.table_offset.to_be_bytes().to_vec();
+        key.extend(info.table_size.to_be_bytes());
+        let entry = bytes.windows(12).position(|w| w == key).unwrap() as u64;
+        let t = info.table_offset as usize;
+        let data = u64::from_be_bytes(bytes[t..t + 8].try_into().unwrap());
+        assert_ne!(data, 0);
+        (img, entry, info.table_offset, data)
+    }
+
+    #[test]
+    fn truncated_images_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let (img, entry, table, data) = sample(dir.path());
+        assert_eq!(
+            dirty_ranges(&img, "b0").unwrap().dirty_bytes(),
+            3 * M + 64 * K
+        );
+        let full = std::fs::read(&img).unwrap();
+        let cut = dir.path().join("cut.qcow2");
+        for len in [
+            4,
+            7,
+            8,
+            50,
+            72,
+            100,
+            104,
+            111,
+            112,
+            200,
+            4096,
+            entry + 10,
+            table + 4,
+            data + 100,
+        ] {
+            std::fs::write(&cut, &full[..len as usize]).unwrap();
+            let _ = list(&cut);
+            assert!(
+                matches!(dirty_ranges(&cut, "b0"), Err(BitmapError::Malformed(_))),
+                "cut at {len}"
+            );
+        }
+    }
+
+    #[test]
+    fn hostile_fields_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let (img, entry, _, _) = sample(dir.path());
+        let be32 = |v: u32| v.to_be_bytes().to_vec();
+        let be64 = |v: u64| v.to_be_bytes().to_vec();
+        let cases: Vec<(u64, Vec<u8>)> = vec![
+            (4, be32(4)),                   // version
+            (4, be32(1)),                   // qcow (version 1)
+            (20, be32(40)),                 // cluster_bits
+            (20, be32(8)),                  // cluster_bits
+            (24, be64(u64::MAX)),           // virtual size
+            (72, be64(1 << 5)),             // unknown incompatible feature
+            (72, be64(1 << 1)),             // corrupt
+            (100, be32(0xffff_fff8)),       // header_length
+            (100, be32(100)),               // header_length
+            (entry, be64(!0xffff)),         // table offset far beyond the file
+            (entry, be64(0x1234)),          // table offset not aligned
+            (entry + 8, be32(u32::MAX)),    // table size
+            (entry + 16, vec![2]),          // type
+            (entry + 15, vec![0x0a]),       // flags: a reserved bit
+            (entry + 17, vec![64]),         // granularity bits
+            (entry + 17, vec![6]),          // 64-byte granules: the table is too short
+            (entry + 18, vec![0xff, 0xff]), // name size
+            (entry + 18, vec![0, 0]),       // name size
+            (entry + 20, be32(u32::MAX)),   // extra data size
+            (entry + 20, be32(8)),          // extra data, not compatible
+        ];
+        for (i, (at, bytes)) in cases.iter().enumerate() {
+            let bad = copy(&img, "bad.qcow2");
+            patch(&bad, *at, bytes);
+            let r = dirty_ranges(&bad, "b0");
+            assert!(r.is_err(), "case {i}: {r:?}");
+            eprintln!("case {i}: {}", r.unwrap_err());
+        }
+
+        // A table of 2^31 entries (16 GiB) that the virtual size would justify: refused by
+        // the file's length before anything is allocated.
+        let bad = copy(&img, "bad.qcow2");
+        // With 4 KiB granules, an entry covers 64 KiB * 8 * 4 KiB = 2 GiB of the disk.
+        patch(&bad, entry + 17, &[12]);
+        patch(&bad, 24, &be64((1u64 << 31) * (2 << 30)));
+        patch(&bad, entry + 8, &be32(1 << 31));
+        assert!(matches!(
+            dirty_ranges(&bad, "b0"),
+            Err(BitmapError::Malformed(_))
+        ));
+
+        // Random bytes after the magic, and random bytes at all.
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let garbage = dir.path().join("garbage");
+        for round in 0..200 {
+            let mut bytes: Vec<u8> = (0..8192).map(|_| next() as u8).collect();
+            if round % 2 == 0 {
+                bytes[..4].copy_from_slice(MAGIC);
+                bytes[4..8].copy_from_slice(&[0, 0, 0, 3]);
+                bytes[20..24].copy_from_slice(&[0, 0, 0, 12]);
+                bytes[100..104].copy_from_slice(&[0, 0, 0, 104]);
+            }
+            std::fs::write(&garbage, &bytes).unwrap();
+            let _ = list(&garbage);
+            let _ = dirty_ranges(&garbage, "b0");
+        }
+    }
+
+    #[test]
+    fn flipped_bytes_do_not_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let (img, entry, table, data) = sample(dir.path());
+        let full = std::fs::read(&img).unwrap();
+        let header_ext = 1024u64;
+        let regions = [(0, header_ext), (entry, 64), (table, 16), (data, 1024)];
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        for _ in 0..3000 {
+            let mut touched = Vec::new();
+            for _ in 0..(1 + next() % 4) {
+                let (start, len) = regions[(next() % regions.len() as u64) as usize];
+                let at = start + next() % len;
+                f.write_all_at(&[next() as u8], at).unwrap();
+                touched.push(at);
+            }
+            let _ = list(&img);
+            let _ = dirty_ranges(&img, "b0");
+            let _ = dirty_ranges(&img, "b1");
+            for at in touched {
+                f.write_all_at(&full[at as usize..at as usize + 1], at)
+                    .unwrap();
+            }
+        }
+        assert_eq!(
+            dirty_ranges(&img, "b0").unwrap().dirty_bytes(),
+            3 * M + 64 * K
+        );
+    }
+}
