@@ -2,7 +2,7 @@
 //! backups: which guest ranges were written since a bitmap was added.
 //!
 //! Written from QEMU's public qcow2 specification (`docs/interop/qcow2.txt`: "Header",
-//! "Header extensions" → "Bitmaps extension", and "Bitmaps"). All numbers in the metadata
+//! "Header extensions" -> "Bitmaps extension", and "Bitmaps"). All numbers in the metadata
 //! are big-endian. Only version 3 images can hold bitmaps. The file is only read, never
 //! locked or written; a bitmap that QEMU holds open (or held when it died) has its `in_use`
 //! flag set on disk and is refused.
