@@ -23,6 +23,7 @@ pub mod locks;
 pub mod names;
 pub mod notify;
 pub mod preflight;
+pub mod qcow2_bitmaps;
 pub mod recover;
 pub mod restore;
 pub mod schedule;
