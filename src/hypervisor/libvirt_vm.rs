@@ -275,15 +275,14 @@ impl VmHandle for LibvirtVm<'_> {
         let mut r = Recovery::default();
         if running && self.current_spec()?.agent_channel {
             // A guest left frozen by a freeze that completed after libvirt gave up on it.
-            match guest_agent::freeze_status(&self.dom, Duration::from_secs(5)) {
-                Ok(st) if st == "frozen" => {
+            // An agent that does not answer is left alone: it is not holding a freeze that
+            // ensure_thawed could undo within its deadline either.
+            if let Ok(st) = guest_agent::freeze_status(&self.dom, Duration::from_secs(5)) {
+                if st == "frozen" {
                     tracing::warn!(vm = %self.vm, "the guest was left frozen: thawing it");
                     guest_agent::ensure_thawed(&self.dom, s.thaw_deadline())?;
                     r.thawed = true;
-                    r.agent = Some(true);
                 }
-                Ok(_) => r.agent = Some(true),
-                Err(_) => r.agent = Some(false),
             }
         }
         let xml = if running {

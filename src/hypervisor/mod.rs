@@ -98,8 +98,6 @@ pub struct Recovery {
     pub disks: Vec<Recovered>,
     /// The guest was found frozen, and has been thawed.
     pub thawed: bool,
-    /// The guest agent answered (plain QEMU: probed here).
-    pub agent: Option<bool>,
 }
 
 /// A VM the pipelines can back up: one implementation per hypervisor interface, and fakes in

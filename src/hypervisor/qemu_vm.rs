@@ -85,7 +85,6 @@ impl VmHandle for QemuVmHandle {
         let mut r = Recovery::default();
         if let Ok(status) = self.q.freeze_status(AGENT_PROBE) {
             self.agent.set(Some(true));
-            r.agent = Some(true);
             if status == "frozen" {
                 tracing::warn!(vm = %self.vm, "the guest was left frozen (an interrupted backup?): thawing it");
                 self.ensure_thawed(s)?;
@@ -93,7 +92,6 @@ impl VmHandle for QemuVmHandle {
             }
         } else {
             self.agent.set(Some(false));
-            r.agent = Some(false);
         }
         // Newest overlay first: a run killed on a VM already left on an overlay adds another.
         for _ in 0..16 {
