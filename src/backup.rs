@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::changes;
 use crate::error::{chain, Error, Result};
 use crate::hypervisor::vm::GuestInterface;
 use crate::hypervisor::{Description, Freeze, Overlay, VmHandle, VmShape};
@@ -31,10 +32,13 @@ use crate::image::{self, ImageReader};
 use crate::journal::{Journal, Phase};
 use crate::locks::lock_vm;
 use crate::preflight::{self, Facts, Report, Space};
-use crate::repository::disk::backup_disk;
-use crate::repository::manifest::{new_backup_id, DiskEntry, Manifest, NicEntry};
+use crate::repository::disk::{backup_disk, DiskIndex};
+use crate::repository::manifest::{
+    new_backup_id, DiskEntry, DiskRead, FileState, Manifest, NicEntry,
+};
 use crate::repository::Repository;
 use crate::settings::{BackupSettings, Quiesce};
+use crate::vm_ref::VmRef;
 
 fn check_interrupted() -> Result<()> {
     if crate::interrupt::requested() {
@@ -156,6 +160,27 @@ pub struct Outcome {
     pub stored_bytes: u64,
     pub duration_ms: u64,
     pub skipped_disks: Vec<preflight::SkippedDisk>,
+    /// How each disk was read.
+    pub disks: Vec<DiskOutcome>,
+}
+
+/// How one disk of a backup was read.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskOutcome {
+    pub target: String,
+    #[serde(flatten)]
+    pub read: Option<DiskRead>,
+}
+
+impl Outcome {
+    /// Bytes read from the disks' images.
+    pub fn bytes_read(&self) -> u64 {
+        self.disks
+            .iter()
+            .filter_map(|d| d.read.as_ref())
+            .map(|r| r.bytes_read)
+            .sum()
+    }
 }
 
 fn now_utc() -> String {
@@ -177,6 +202,7 @@ struct Work {
 /// The journal of one run: every phase is recorded before it starts.
 struct Run<'a> {
     journal: &'a dyn Journal,
+    state_dir: &'a Path,
     id: String,
     vm: &'a dyn VmHandle,
     overlays: Vec<PathBuf>,
@@ -265,6 +291,7 @@ pub fn backup(
     );
     let mut run = Run {
         journal,
+        state_dir,
         id: id.clone(),
         vm,
         overlays: Vec::new(),
@@ -385,7 +412,16 @@ fn run_phases(
     };
 
     run.enter(Phase::Copy)?;
-    let copied = copy_disks(repo, &run.id, &vm_ref.to_string(), &work, s, progress);
+    let copied = copy_disks(
+        repo,
+        &run.id,
+        vm_ref,
+        run.state_dir,
+        &work,
+        !shape.running,
+        s,
+        progress,
+    );
     let published = match copied {
         Ok(c) => {
             run.enter(Phase::Publish)?;
@@ -417,6 +453,7 @@ fn run_phases(
     let manifest = match (published, committed) {
         (Ok(m), Ok(())) => m,
         (Ok(m), Err(e)) => {
+            forget_full_read_requests(run.state_dir, vm_ref, &m);
             tracing::error!(vm = %vm_ref, id = %m.id, "the backup is stored, but the VM stays on its overlays until the next run: {}", chain(&e));
             return Err(Error::CommitBack(format!(
                 "backup {} is stored, but {}",
@@ -435,6 +472,7 @@ fn run_phases(
         }
     };
     tracing::info!(vm = %vm_ref, id = %manifest.id, consistency = %manifest.consistency, "backup published");
+    forget_full_read_requests(run.state_dir, vm_ref, &manifest);
     Ok(Outcome {
         id: manifest.id,
         vm: manifest.vm_name,
@@ -445,7 +483,24 @@ fn run_phases(
         stored_bytes: manifest.stored_bytes,
         duration_ms: started.elapsed().as_millis() as u64,
         skipped_disks: report.skipped_disks,
+        disks: manifest
+            .disks
+            .iter()
+            .map(|d| DiskOutcome {
+                target: d.target.clone(),
+                read: d.read.clone(),
+            })
+            .collect(),
     })
+}
+
+/// A published backup read these disks whole: earlier requests to do so are met.
+fn forget_full_read_requests(state_dir: &Path, vm: &VmRef, m: &Manifest) {
+    for d in &m.disks {
+        if d.read.as_ref().is_some_and(|r| r.mode == "full") {
+            let _ = std::fs::remove_file(full_read_marker(state_dir, vm, &d.target));
+        }
+    }
 }
 
 fn remove_overlays(overlays: &[Overlay]) {
@@ -575,26 +630,117 @@ fn freeze_failed(e: &Error, froze_late: bool) -> String {
 
 type Copied = (Vec<DiskEntry>, u64, u64);
 
+/// Where an earlier run leaves a request to read a disk whole (a spot check of unchanged
+/// chunks failed): `STATE_DIR/full-read/<vm stem>.<target>`, holding the reason.
+fn full_read_marker(state_dir: &Path, vm: &VmRef, target: &str) -> PathBuf {
+    state_dir
+        .join("full-read")
+        .join(format!("{}.{target}", vm.stem()))
+}
+
+/// Copies every disk into backup `id`: a disk proven unchanged since an earlier backup is
+/// spot-checked and takes that backup's index; every other disk is read whole.
+#[allow(clippy::too_many_arguments)]
 fn copy_disks(
     repo: &Repository,
     id: &str,
-    vm: &str,
+    vm: &VmRef,
+    state_dir: &Path,
     work: &[Work],
+    shut_off: bool,
     s: &BackupSettings,
     progress: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> Result<Copied> {
+    let mut previous: Vec<Manifest> = repo
+        .list()?
+        .into_iter()
+        .filter(|m| vm.is(&m.vm_name))
+        .collect();
+    previous.reverse();
     let mut entries = Vec::new();
     let (mut logical, mut stored) = (0, 0);
     for w in work {
         check_interrupted()?;
         let reader = ImageReader::open(Path::new(&w.image), &w.format)?;
         let label = format!("{vm} {}", w.target);
-        let b = backup_disk(repo, &reader, s.chunk_size, s.threads, &|done, total| {
-            progress(&label, done, total)
-        })?;
-        let index_object = repo.put_index(id, &w.target, &b.index)?;
-        logical += b.logical_bytes;
-        stored += b.stored_bytes_new;
+        let file = if shut_off {
+            Some(
+                FileState::of(Path::new(&w.image))
+                    .map_err(|e| Error::io("read image state", &w.image, e))?,
+            )
+        } else {
+            None
+        };
+        let marker = full_read_marker(state_dir, vm, &w.target);
+        let forced = std::fs::read_to_string(&marker).ok();
+        let now = changes::DiskNow {
+            target: &w.target,
+            image: &w.image,
+            virtual_size: w.virtual_size,
+            chunk_size: s.chunk_size,
+            file,
+        };
+        let rules = changes::Rules {
+            full: s.full,
+            full_every: s.full_every,
+            forced: forced.as_deref(),
+            now: jiff::Timestamp::now(),
+        };
+        let (index, read, disk_logical, disk_stored) = match changes::plan(&previous, &now, rules) {
+            changes::Plan::Unchanged {
+                based_on,
+                index_object,
+                logical_bytes,
+                full_at,
+            } => {
+                let index = DiskIndex::decode(&repo.store().get(&index_object)?)?;
+                let picks = changes::pick(&index, changes::SPOT_CHECKS);
+                let (bytes_read, mismatch) = changes::spot_check(&reader, &index, &picks)?;
+                if let Some(m) = mismatch {
+                    let why = format!(
+                        "chunk {} of {} differs from backup {based_on}, which recorded the image unchanged",
+                        m.chunk, w.target
+                    );
+                    if let Some(dir) = marker.parent() {
+                        let _ = std::fs::create_dir_all(dir);
+                    }
+                    let _ = std::fs::write(&marker, &why);
+                    tracing::error!(vm = %vm, disk = %w.target, "{why}: the next backup reads everything");
+                    return Err(Error::Invalid(format!(
+                        "{why}; the next backup of {vm} reads the disk whole"
+                    )));
+                }
+                tracing::info!(vm = %vm, disk = %w.target, based_on = %based_on, "unchanged since the last backup: not read");
+                progress(&label, w.virtual_size, w.virtual_size);
+                let read = DiskRead {
+                    mode: "incremental".into(),
+                    based_on: Some(based_on),
+                    full_reason: None,
+                    bytes_read,
+                    full_at,
+                    file,
+                };
+                (index, read, logical_bytes, 0)
+            }
+            changes::Plan::Full { reason } => {
+                tracing::info!(vm = %vm, disk = %w.target, reason = %reason, "reading the whole disk");
+                let b = backup_disk(repo, &reader, s.chunk_size, s.threads, &|done, total| {
+                    progress(&label, done, total)
+                })?;
+                let read = DiskRead {
+                    mode: "full".into(),
+                    based_on: None,
+                    full_reason: Some(reason),
+                    bytes_read: b.logical_bytes,
+                    full_at: now_utc(),
+                    file,
+                };
+                (b.index, read, b.logical_bytes, b.stored_bytes_new)
+            }
+        };
+        let index_object = repo.put_index(id, &w.target, &index)?;
+        logical += disk_logical;
+        stored += disk_stored;
         entries.push(DiskEntry {
             target: w.target.clone(),
             format: w.format.clone(),
@@ -603,8 +749,9 @@ fn copy_disks(
             source: w.image.clone(),
             chunk_size: s.chunk_size,
             index_object,
-            logical_bytes: b.logical_bytes,
-            stored_bytes: b.stored_bytes_new,
+            logical_bytes: disk_logical,
+            stored_bytes: disk_stored,
+            read: Some(read),
         });
     }
     Ok((entries, logical, stored))

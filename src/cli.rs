@@ -104,6 +104,9 @@ pub enum Command {
         /// Freeze the guest's filesystems through the guest agent
         #[arg(long, value_enum, default_value = "preferred")]
         quiesce: Quiesce,
+        /// Read every disk whole, even one an earlier backup proves unchanged
+        #[arg(long)]
+        full: bool,
     },
     /// List backup images
     List { domain: Option<String> },

@@ -25,6 +25,8 @@ pub struct FileConfig {
     pub freeze_timeout_secs: Option<u64>,
     /// Longest a commit back may go on without progress.
     pub commit_timeout_secs: Option<u64>,
+    /// A disk is read whole at least every this many days.
+    pub full_every_days: Option<u64>,
     pub threads: Option<usize>,
     pub qemu_dir: Option<PathBuf>,
     /// VMs a one-hour slot may hold.
@@ -108,11 +110,12 @@ impl Config {
         for (key, v) in [
             ("freeze_timeout_secs", freeze_timeout),
             ("commit_timeout_secs", commit_timeout),
+            ("full_every_days", f.full_every_days),
         ] {
             if v == Some(0) {
                 return Err(Error::Config {
                     key: key.into(),
-                    detail: "0 is not a timeout: give at least 1 second".into(),
+                    detail: "0 is not allowed: give at least 1".into(),
                 });
             }
         }
@@ -156,6 +159,10 @@ impl Config {
                     .map(Duration::from_secs)
                     .unwrap_or(d.commit_stall_timeout),
                 threads: f.threads.unwrap_or(d.threads).max(1),
+                full_every: f
+                    .full_every_days
+                    .map(|n| Duration::from_secs(n.saturating_mul(86_400)))
+                    .unwrap_or(d.full_every),
                 ..d
             },
             slot_capacity: o

@@ -11,6 +11,7 @@
 //! - `notify` (job reports) and `config` (settings resolved from flags, environment, file).
 
 pub mod backup;
+pub mod changes;
 pub mod config;
 pub mod error;
 pub mod fault;

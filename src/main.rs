@@ -226,7 +226,12 @@ fn cmd_check(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
     })
 }
 
-fn cmd_backup(cfg: &Config, domains: &[String], quiesce: cli::Quiesce) -> anyhow::Result<Output> {
+fn cmd_backup(
+    cfg: &Config,
+    domains: &[String],
+    quiesce: cli::Quiesce,
+    full: bool,
+) -> anyhow::Result<Output> {
     let hv = Hypervisors::new(&cfg.connect, &cfg.qemu_dir);
     let repo = Repository::open(&cfg.repo)?;
     let state = vmbackup::state::State::open(&cfg.state_dir)?;
@@ -236,6 +241,7 @@ fn cmd_backup(cfg: &Config, domains: &[String], quiesce: cli::Quiesce) -> anyhow
         cli::Quiesce::Preferred => Quiesce::Preferred,
         cli::Quiesce::Off => Quiesce::Off,
     };
+    opts.full = full;
     let progress = Progress::new();
     let mut results = Vec::new();
     let mut text = String::new();
@@ -267,7 +273,7 @@ fn cmd_backup(cfg: &Config, domains: &[String], quiesce: cli::Quiesce) -> anyhow
                     o.freeze_ms
                         .map(|m| format!(", frozen {m} ms"))
                         .unwrap_or_default(),
-                    human_bytes(o.logical_bytes),
+                    human_bytes(o.bytes_read()),
                     human_bytes(o.stored_bytes),
                     o.duration_ms as f64 / 1000.0
                 ));
@@ -559,7 +565,11 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
     cfg.backup.thaw_guard = std::env::current_exe().ok();
     match &cli.command {
         C::Check { domains } => cmd_check(&cfg, domains),
-        C::Backup { domains, quiesce } => cmd_backup(&cfg, domains, *quiesce),
+        C::Backup {
+            domains,
+            quiesce,
+            full,
+        } => cmd_backup(&cfg, domains, *quiesce, *full),
         C::List { domain } => cmd_list(&cfg, domain.as_deref()),
         C::Show { id } => cmd_show(&cfg, id).with_context(|| format!("show {id}")),
         C::Restore {

@@ -57,6 +57,10 @@ pub struct BackupSettings {
     pub schedule: Option<String>,
     /// The schedule occurrence it is made for (RFC 3339, UTC).
     pub scheduled_for: Option<String>,
+    /// `--full`: read every disk whole, whatever an earlier backup recorded.
+    pub full: bool,
+    /// A disk is read whole at least this often, whatever an earlier backup recorded.
+    pub full_every: Duration,
     /// The `vmbackup` binary, started as a thaw guard (`thaw_guard`) while a plain QEMU
     /// guest is frozen; `None`: no guard.
     pub thaw_guard: Option<PathBuf>,
@@ -76,6 +80,8 @@ impl Default for BackupSettings {
                 .unwrap_or(2),
             schedule: None,
             scheduled_for: None,
+            full: false,
+            full_every: Duration::from_secs(30 * 86_400),
             thaw_guard: None,
         }
     }

@@ -837,3 +837,108 @@ fn recover_thaws_a_libvirt_guest_left_frozen() {
     );
     assert_guest_writes(&vm);
 }
+
+/// `qemu-img convert` of `image` to raw: the guest-visible bytes, to compare a restore with.
+fn guest_bytes(image: &Path, format: &str, out: &Path) -> Vec<u8> {
+    let st = Command::new("qemu-img")
+        .args(["convert", "-f", format, "-O", "raw"])
+        .arg(image)
+        .arg(out)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::read(out).unwrap()
+}
+
+/// The read record of disk `target` in a `backup --json` result.
+fn disk_read(run: &Run, target: &str) -> Value {
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    run.json["results"][0]["backup"]["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["target"] == target)
+        .cloned()
+        .unwrap_or_else(|| panic!("no disk {target}: {}", run.json))
+}
+
+/// A shut-off VM's image that has not changed since the last backup is not read again (a
+/// spot check of a few chunks aside), and the backup is still a complete restore point. A
+/// changed image, `--full`, or the first backup read everything, and say why.
+#[test]
+fn an_unchanged_shut_off_disk_is_not_read_again_and_every_doubt_reads_it_whole() {
+    let (_fill, spec) = filled_disk("vdb", 256 * MIB, 24);
+    let vm = TestVmBuilder::new("bk-unchanged")
+        .disk_spec(spec)
+        .start()
+        .expect("guest boots");
+    vm.write_file("/mnt/vdb/f", b"before").unwrap();
+    vm.shutdown(Duration::from_secs(120)).unwrap();
+    let image = vm.disk_paths()[0].clone();
+    let place = Place::new();
+    let id_of = |r: &Run| {
+        r.json["results"][0]["backup"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+
+    let first = vmbackup(&place, &["backup", vm.name()]);
+    let d = disk_read(&first, "vdb");
+    assert_eq!(d["mode"], "full", "{d}");
+    assert!(
+        d["full_reason"].as_str().unwrap().contains("first backup"),
+        "{d}"
+    );
+    assert!(d["bytes_read"].as_u64().unwrap() >= 24 * MIB, "{d}");
+
+    let second = vmbackup(&place, &["backup", vm.name()]);
+    let d = disk_read(&second, "vdb");
+    assert_eq!(d["mode"], "incremental", "{d}");
+    assert_eq!(d["based_on"], id_of(&first).as_str(), "{d}");
+    assert!(
+        d["bytes_read"].as_u64().unwrap() <= 3 * 4 * MIB,
+        "only the spot checks are read: {d}"
+    );
+    // A complete restore point: the index stands for the whole disk.
+    let want = guest_bytes(&image, "qcow2", &place.dir.path().join("want.raw"));
+    let out = place.dir.path().join("second.raw");
+    restore_disk_of(&place.repo(), &id_of(&second), "vdb", &out);
+    assert!(std::fs::read(&out).unwrap() == want, "the restore differs");
+    let shown = vmbackup(&place, &["show", &id_of(&second)]);
+    assert_eq!(
+        shown.json["manifest"]["disks"][0]["read"]["mode"], "incremental",
+        "{}",
+        shown.json
+    );
+
+    let full = vmbackup(&place, &["backup", vm.name(), "--full"]);
+    let d = disk_read(&full, "vdb");
+    assert_eq!(
+        (d["mode"].as_str(), d["full_reason"].as_str()),
+        (Some("full"), Some("--full"))
+    );
+
+    // The image changes (written offline): read whole again, and the restore has the change.
+    let st = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5a 200M 64k"])
+        .arg(&image)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let changed = vmbackup(&place, &["backup", vm.name()]);
+    let d = disk_read(&changed, "vdb");
+    assert_eq!(d["mode"], "full", "{d}");
+    assert!(
+        d["full_reason"].as_str().unwrap().contains("image changed"),
+        "{d}"
+    );
+    let want = guest_bytes(&image, "qcow2", &place.dir.path().join("want2.raw"));
+    let out = place.dir.path().join("changed.raw");
+    restore_disk_of(&place.repo(), &id_of(&changed), "vdb", &out);
+    assert!(
+        std::fs::read(&out).unwrap() == want,
+        "the restore misses the change"
+    );
+    assert_eq!(read_from_ext4(&out, "/f"), b"before");
+}

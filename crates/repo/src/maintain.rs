@@ -201,6 +201,7 @@ mod tests {
                 index_object,
                 logical_bytes: b.logical_bytes,
                 stored_bytes: b.stored_bytes_new,
+                read: None,
             }],
             nics: vec![],
             domain_xml_object: String::new(),

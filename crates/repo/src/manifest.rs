@@ -45,6 +45,57 @@ pub struct DiskEntry {
     pub index_object: String,
     pub logical_bytes: u64,
     pub stored_bytes: u64,
+    /// How the disk was read (absent in backups made before this was recorded: full reads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read: Option<DiskRead>,
+}
+
+/// How a disk was read for a backup: all of it, or only what changed since an earlier backup
+/// (the rest of its index taken from that backup's). Either way the index is complete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRead {
+    /// `full` or `incremental`.
+    pub mode: String,
+    /// The backup whose index an incremental read started from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub based_on: Option<String>,
+    /// Why everything was read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_reason: Option<String>,
+    /// Bytes read from the image (data and zero regions alike are counted only when read).
+    pub bytes_read: u64,
+    /// When the last full read of this disk's chain was made (RFC 3339, UTC).
+    pub full_at: String,
+    /// The image file as it was read, when the VM was shut off: an unchanged file needs no
+    /// read next time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileState>,
+}
+
+/// What tells an image file unchanged: its identity, size and both change times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileState {
+    pub dev: u64,
+    pub inode: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+impl FileState {
+    /// The state of the file at `path` now.
+    pub fn of(path: &std::path::Path) -> std::io::Result<FileState> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+        Ok(FileState {
+            dev: m.dev(),
+            inode: m.ino(),
+            size: m.size(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
