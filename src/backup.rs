@@ -651,11 +651,23 @@ fn copy_disks(
     s: &BackupSettings,
     progress: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> Result<Copied> {
-    let mut previous: Vec<Manifest> = repo
-        .list()?
-        .into_iter()
-        .filter(|m| vm.is(&m.vm_name))
-        .collect();
+    // A repository whose earlier backups cannot all be read is no reason to fail this one:
+    // every disk is then read whole, and the log and manifest say why.
+    let (mut previous, unlisted) = match repo.list() {
+        Ok(all) => (
+            all.into_iter()
+                .filter(|m| vm.is(&m.vm_name))
+                .collect::<Vec<Manifest>>(),
+            None,
+        ),
+        Err(e) => {
+            tracing::warn!(vm = %vm, error = %chain(&e), "cannot read the earlier backups");
+            (
+                Vec::new(),
+                Some(format!("cannot read the earlier backups: {}", chain(&e))),
+            )
+        }
+    };
     previous.reverse();
     let mut entries = Vec::new();
     let (mut logical, mut stored) = (0, 0);
@@ -672,7 +684,7 @@ fn copy_disks(
             None
         };
         let marker = full_read_marker(state_dir, vm, &w.target);
-        let forced = std::fs::read_to_string(&marker).ok();
+        let forced = std::fs::read_to_string(&marker).ok().or(unlisted.clone());
         let now = changes::DiskNow {
             target: &w.target,
             image: &w.image,
