@@ -21,6 +21,7 @@ pub mod interrupt;
 pub mod journal;
 pub mod locks;
 pub mod names;
+pub mod nbd;
 pub mod notify;
 pub mod preflight;
 pub mod recover;
