@@ -30,6 +30,9 @@ mod read;
 mod status;
 mod wire;
 
+#[cfg(test)]
+mod fake_tests;
+
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
