@@ -32,6 +32,8 @@ mod wire;
 
 #[cfg(test)]
 mod fake_tests;
+#[cfg(test)]
+mod tests;
 
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
