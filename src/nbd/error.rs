@@ -3,8 +3,6 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::wire::{errno_name, ErrorChunk};
-
 #[derive(Debug, thiserror::Error)]
 pub enum NbdError {
     #[error("cannot connect to NBD server {target}")]
@@ -84,5 +82,27 @@ impl NbdError {
             message: chunk.message,
             at: chunk.offset,
         }
+    }
+}
+
+/// The payload of an error chunk.
+pub(super) struct ErrorChunk {
+    pub(super) code: u32,
+    pub(super) message: String,
+    pub(super) offset: Option<u64>,
+}
+
+/// The NBD name of a server error value.
+pub(super) fn errno_name(code: u32) -> &'static str {
+    match code {
+        1 => "EPERM",
+        5 => "EIO",
+        12 => "ENOMEM",
+        22 => "EINVAL",
+        28 => "ENOSPC",
+        75 => "EOVERFLOW",
+        95 => "ENOTSUP",
+        108 => "ESHUTDOWN",
+        _ => "unknown error",
     }
 }

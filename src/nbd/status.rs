@@ -1,6 +1,7 @@
 //! `NBD_CMD_BLOCK_STATUS`: one request after another until the asked range is covered
 //! (a server may answer less), every chunk checked, the answers clipped to the range.
 
+use super::error::ErrorChunk;
 use super::wire::*;
 use super::{Client, Extent, NbdError, Result, MAX_ERROR_CHUNKS, MAX_STATUS_REQUEST};
 

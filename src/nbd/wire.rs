@@ -7,7 +7,7 @@ use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use super::NbdError;
+use super::error::{ErrorChunk, NbdError};
 
 pub(super) const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 pub(super) const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
@@ -58,21 +58,6 @@ const MAX_OPTION_REPLY: u32 = 64 * 1024;
 pub(super) const MAX_ERROR_CHUNK: u32 = 16 * 1024;
 /// The longest block status chunk accepted: the specification's 2^20 descriptors.
 pub(super) const MAX_STATUS_CHUNK: u32 = 4 + 8 * (1 << 20);
-
-/// The NBD name of a server error value.
-pub(super) fn errno_name(code: u32) -> &'static str {
-    match code {
-        1 => "EPERM",
-        5 => "EIO",
-        12 => "ENOMEM",
-        22 => "EINVAL",
-        28 => "ENOSPC",
-        75 => "EOVERFLOW",
-        95 => "ENOTSUP",
-        108 => "ESHUTDOWN",
-        _ => "unknown error",
-    }
-}
 
 /// The name of an option reply error.
 pub(super) fn rep_err_name(kind: u32) -> &'static str {
@@ -373,15 +358,10 @@ pub(super) enum ReplyHeader {
     Chunk { done: bool, kind: u16, length: u32 },
 }
 
-pub(super) struct ErrorChunk {
-    pub(super) code: u32,
-    pub(super) message: String,
-    pub(super) offset: Option<u64>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nbd::error::errno_name;
 
     #[test]
     fn server_strings_are_made_displayable() {
