@@ -22,6 +22,7 @@ pub mod interrupt;
 pub mod journal;
 pub mod locks;
 pub mod names;
+pub mod nbd;
 pub mod notify;
 pub mod preflight;
 pub mod qcow2_bitmaps;
