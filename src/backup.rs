@@ -301,8 +301,8 @@ pub fn backup(
     if let Err(e) = &result {
         tracing::debug!(vm = %vm_ref, id = %id, error = %chain(e), "backup failed");
     }
-    // The VM is on its images again (or a recorded commit failure left it on overlays the
-    // next run finishes): the run is over either way unless the commit failed.
+    // Unless the commit back failed (the VM stays on overlays the journal names, for recover
+    // or the next run), the VM is on its images again and the run is over.
     if !matches!(result, Err(Error::CommitBack(_))) {
         if let Err(e) = journal.end(&id) {
             tracing::warn!(vm = %vm_ref, id = %id, error = %chain(&e), "cannot close the run's journal entry");
