@@ -703,7 +703,7 @@ mod tests {
     /// QEMU's own view of a bitmap: `nbdinfo --map=qemu:dirty-bitmap:NAME` of a `qemu-nbd`
     /// that exports it (started by nbdinfo through socket activation). nbdinfo (Debian package
     /// libnbd-bin, installed by scripts/setup-host) is required: a missing tool fails the test.
-    fn qemu_dirty(img: &Path, bitmap: &str) -> Option<Vec<(u64, u64)>> {
+    fn qemu_dirty(img: &Path, bitmap: &str) -> Vec<(u64, u64)> {
         let map = format!("--map=qemu:dirty-bitmap:{bitmap}");
         let export = format!("--bitmap={bitmap}");
         let out = match Command::new("nbdinfo")
@@ -731,7 +731,7 @@ mod tests {
                 _ => dirty.push((off, len)),
             }
         }
-        Some(dirty)
+        dirty
     }
 
     fn patch(img: &Path, offset: u64, bytes: &[u8]) {
@@ -807,7 +807,8 @@ mod tests {
         ));
 
         for (name, want) in [("b0", &want_b0[..]), ("b1", &want_b1[..]), ("frozen", &[])] {
-            if let Some(qemu) = qemu_dirty(&img, name) {
+            {
+                let qemu = qemu_dirty(&img, name);
                 assert_eq!(qemu, want, "bitmap {name}");
             }
         }
@@ -822,7 +823,8 @@ mod tests {
         qemu_io(&img, &["write 4032k 128k", "write 12292k 4k"]);
         let map = dirty_ranges(&img, "b0").unwrap();
         assert_eq!(map.ranges(), [(4 * M - 64 * K, 128 * K), (12 * M, 64 * K)]);
-        if let Some(qemu) = qemu_dirty(&img, "b0") {
+        {
+            let qemu = qemu_dirty(&img, "b0");
             assert_eq!(qemu, map.ranges());
         }
         assert_eq!(map.chunks_touched(4 * M), [0, 1, 3]);
@@ -868,7 +870,8 @@ mod tests {
         patch(&img, table + 16, &1u64.to_be_bytes());
         let want = [(192 * K, 4 * K), (M, 8 * K), (32 * M, 16 * M)];
         assert_eq!(dirty_ranges(&img, "b0").unwrap().ranges(), want);
-        if let Some(qemu) = qemu_dirty(&img, "b0") {
+        {
+            let qemu = qemu_dirty(&img, "b0");
             assert_eq!(qemu, want);
         }
 
