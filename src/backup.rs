@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::changes;
+use crate::changes::{self, full_read_marker};
 use crate::error::{chain, Error, Result};
 use crate::hypervisor::vm::GuestInterface;
 use crate::hypervisor::{Description, Freeze, Overlay, VmHandle, VmShape};
@@ -559,7 +559,7 @@ fn snapshot(
     crate::fault::stop_point("snapshot");
     let t = Instant::now();
     let in_snapshot = matches!(freeze, Some(Freeze::InSnapshot));
-    let mut snap = vm.snapshot(overlays, in_snapshot, s);
+    let mut snap = vm.snapshot(overlays, in_snapshot, None, s);
     if in_snapshot {
         if let Err(e) = &snap {
             // libvirt thaws only after a freeze it saw succeed.
@@ -570,7 +570,7 @@ fn snapshot(
             tracing::warn!(vm = %vm.vm(), error = %chain(e), "cannot take a quiesced snapshot; the backup is crash-consistent");
             c.reason = Some(freeze_failed(e, late));
             check_interrupted()?;
-            snap = vm.snapshot(overlays, false, s);
+            snap = vm.snapshot(overlays, false, None, s);
         } else {
             // Freeze, snapshot and thaw happened inside this one call: its duration bounds
             // how long the guest was frozen.
@@ -629,14 +629,6 @@ fn freeze_failed(e: &Error, froze_late: bool) -> String {
 }
 
 type Copied = (Vec<DiskEntry>, u64, u64);
-
-/// Where an earlier run leaves a request to read a disk whole (a spot check of unchanged
-/// chunks failed): `STATE_DIR/full-read/<vm stem>.<target>`, holding the reason.
-fn full_read_marker(state_dir: &Path, vm: &VmRef, target: &str) -> PathBuf {
-    state_dir
-        .join("full-read")
-        .join(format!("{}.{target}", vm.stem()))
-}
 
 /// Copies every disk into backup `id`: a disk proven unchanged since an earlier backup is
 /// spot-checked and takes that backup's index; every other disk is read whole.
@@ -731,6 +723,7 @@ fn copy_disks(
                     bytes_read,
                     full_at,
                     file,
+                    bitmap: None,
                 };
                 (index, read, logical_bytes, 0)
             }
@@ -746,6 +739,7 @@ fn copy_disks(
                     bytes_read: b.logical_bytes,
                     full_at: now_utc(),
                     file,
+                    bitmap: None,
                 };
                 (b.index, read, b.logical_bytes, b.stored_bytes_new)
             }
@@ -833,7 +827,7 @@ mod tests {
 
     use super::*;
     use crate::hypervisor::vm::NicSpec;
-    use crate::hypervisor::{Description, DiskShape, Recovery};
+    use crate::hypervisor::{Description, DiskShape, Recovery, Tracked};
     use crate::journal::Run as JournalRun;
     use crate::preflight::DiskFacts;
     use crate::vm_ref::VmRef;
@@ -949,14 +943,20 @@ mod tests {
             self.call("freeze")?;
             Ok(Freeze::Now(Instant::now()))
         }
-        fn snapshot(&self, overlays: &[Overlay], _q: bool, _s: &BackupSettings) -> Result<()> {
+        fn snapshot(
+            &self,
+            overlays: &[Overlay],
+            _q: bool,
+            _bitmap: Option<&str>,
+            _s: &BackupSettings,
+        ) -> Result<Tracked> {
             assert!(
                 overlays.iter().all(|o| o.overlay.exists()),
                 "overlay files first"
             );
             self.call("snapshot")?;
             self.st.borrow_mut().on_overlays = true;
-            Ok(())
+            Ok(Tracked::default())
         }
         fn thaw(&self, _s: &BackupSettings) -> Result<()> {
             self.call("thaw")?;
@@ -982,6 +982,9 @@ mod tests {
         }
         fn is_shut_off(&self) -> Result<bool> {
             Ok(false)
+        }
+        fn drop_bitmaps(&self, _drop: &dyn Fn(&str) -> bool) -> Result<Vec<String>> {
+            Ok(Vec::new())
         }
     }
 

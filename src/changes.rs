@@ -10,6 +10,7 @@
 //! disk's source, size or chunk size changed, no recorded file state, a changed file, or a
 //! failed check in an earlier run.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -18,6 +19,29 @@ use crate::image::{ChunkKind, ImageError, ImageReader};
 use crate::repository::chunk;
 use crate::repository::disk::DiskIndex;
 use crate::repository::manifest::{FileState, Manifest};
+use crate::vm_ref::VmRef;
+
+/// Where a request to read a disk whole next time is left (a spot check of unchanged chunks
+/// failed, the disk was restored): `STATE_DIR/full-read/<vm stem>.<target>`, holding the reason.
+pub fn full_read_marker(state_dir: &Path, vm: &VmRef, target: &str) -> PathBuf {
+    state_dir
+        .join("full-read")
+        .join(format!("{}.{target}", vm.stem()))
+}
+
+/// Asks the next backup of `vm` to read disk `target` whole, because of `why`.
+pub fn request_full_read(
+    state_dir: &Path,
+    vm: &VmRef,
+    target: &str,
+    why: &str,
+) -> std::io::Result<()> {
+    let marker = full_read_marker(state_dir, vm, target);
+    if let Some(dir) = marker.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&marker, why)
+}
 
 /// How many unchanged chunks are read again and compared with their recorded digests.
 pub const SPOT_CHECKS: usize = 3;
@@ -225,6 +249,7 @@ mod tests {
                     bytes_read: 5,
                     full_at: full_at.into(),
                     file: state,
+                    bitmap: None,
                 }),
             }],
             nics: vec![],

@@ -16,8 +16,8 @@ use super::libvirt::{Dom, Libvirt, PowerState};
 use super::vm::{GuestInterface, VmSpec};
 use super::xml_edit;
 use super::{
-    backing_of, is_overlay, Description, DiskShape, Freeze, Overlay, Recovered, Recovery, VmHandle,
-    VmShape,
+    backing_of, is_overlay, Description, DiskShape, Freeze, Overlay, Recovered, Recovery, Tracked,
+    VmHandle, VmShape,
 };
 use crate::error::{Error, Result};
 use crate::guest_agent;
@@ -390,11 +390,17 @@ impl VmHandle for LibvirtVm<'_> {
         Ok(Freeze::InSnapshot)
     }
 
-    fn snapshot(&self, overlays: &[Overlay], quiesce: bool, _s: &BackupSettings) -> Result<()> {
+    fn snapshot(
+        &self,
+        overlays: &[Overlay],
+        quiesce: bool,
+        _bitmap: Option<&str>,
+        _s: &BackupSettings,
+    ) -> Result<Tracked> {
         let spec = VmSpec::from_xml(&self.dom.live_xml()?)?;
-        Ok(self
-            .dom
-            .snapshot_disk_only(&snapshot_xml(&spec, overlays), quiesce)?)
+        self.dom
+            .snapshot_disk_only(&snapshot_xml(&spec, overlays), quiesce)?;
+        Ok(Tracked::default())
     }
 
     fn thaw(&self, _s: &BackupSettings) -> Result<()> {
@@ -451,6 +457,10 @@ impl VmHandle for LibvirtVm<'_> {
 
     fn is_shut_off(&self) -> Result<bool> {
         Ok(!self.running()?)
+    }
+
+    fn drop_bitmaps(&self, _drop: &dyn Fn(&str) -> bool) -> Result<Vec<String>> {
+        Ok(Vec::new())
     }
 }
 

@@ -65,6 +65,26 @@ pub struct Overlay {
     pub node: Option<String>,
 }
 
+/// What vmbackup names its dirty bitmaps (libvirt: checkpoints): this prefix and the id of the
+/// backup whose snapshot started them. Bitmaps without it are never touched.
+pub const BITMAP_PREFIX: &str = "vmbackup-";
+
+/// The dirty bitmap (libvirt: checkpoint) that backup `id` starts at its snapshot instant.
+pub fn bitmap_name(id: &str) -> String {
+    format!("{BITMAP_PREFIX}{id}")
+}
+
+/// The changed-block tracking `VmHandle::snapshot` started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tracked {
+    /// The disks (targets) on which the bitmap records every write since the snapshot instant
+    /// (writes shortly before it may be recorded too).
+    pub targets: Vec<String>,
+    /// Why the bitmap could not be started, when it was asked for and failed (the snapshot was
+    /// taken all the same).
+    pub failed: Option<String>,
+}
+
 /// What `VmHandle::freeze` did.
 #[derive(Debug, Clone, Copy)]
 pub enum Freeze {
@@ -124,7 +144,18 @@ pub trait VmHandle {
     /// One snapshot of every disk in `overlays` at one instant; the overlay files exist,
     /// empty. `quiesce`: freeze inside the snapshot (after `Freeze::InSnapshot`). The VM runs
     /// on the overlays afterwards.
-    fn snapshot(&self, overlays: &[Overlay], quiesce: bool, s: &BackupSettings) -> Result<()>;
+    ///
+    /// `bitmap`: also start a persistent dirty bitmap of that name on every qcow2 disk of
+    /// `overlays`, in the image the VM leaves (plain QEMU: in the same transaction; libvirt: a
+    /// checkpoint created just before the snapshot). A bitmap that cannot be started is no
+    /// reason to fail: the snapshot is taken without it and `Tracked::failed` says why.
+    fn snapshot(
+        &self,
+        overlays: &[Overlay],
+        quiesce: bool,
+        bitmap: Option<&str>,
+        s: &BackupSettings,
+    ) -> Result<Tracked>;
 
     /// Thaws after `Freeze::Now`.
     fn thaw(&self, s: &BackupSettings) -> Result<()>;
@@ -143,6 +174,11 @@ pub trait VmHandle {
 
     /// Whether the VM is (still) shut off.
     fn is_shut_off(&self) -> Result<bool>;
+
+    /// Removes, from the disks of the running VM (on its own images), every dirty bitmap
+    /// (libvirt: checkpoint) whose name starts with `BITMAP_PREFIX` and for which `drop` says
+    /// yes; never any other. Returns the names removed.
+    fn drop_bitmaps(&self, drop: &dyn Fn(&str) -> bool) -> Result<Vec<String>>;
 }
 
 /// Whether `path` is one of vmbackup's overlays for VM `vm` (its bare name):

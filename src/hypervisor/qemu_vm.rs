@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use super::qmp::QemuVm;
 use super::vm::{GuestInterface, NicSpec};
 use super::{
-    backing_of, is_overlay, Description, DiskShape, Freeze, Overlay, Recovered, Recovery, VmHandle,
-    VmShape,
+    backing_of, is_overlay, Description, DiskShape, Freeze, Overlay, Recovered, Recovery, Tracked,
+    VmHandle, VmShape,
 };
 use crate::error::{Error, Result};
 use crate::image;
@@ -193,12 +193,19 @@ impl VmHandle for QemuVmHandle {
         Ok(Freeze::Now(since))
     }
 
-    fn snapshot(&self, overlays: &[Overlay], _quiesce: bool, _s: &BackupSettings) -> Result<()> {
+    fn snapshot(
+        &self,
+        overlays: &[Overlay],
+        _quiesce: bool,
+        _bitmap: Option<&str>,
+        _s: &BackupSettings,
+    ) -> Result<Tracked> {
         let pairs: Vec<(String, PathBuf)> = overlays
             .iter()
             .map(|o| (o.node.clone().unwrap_or_default(), o.overlay.clone()))
             .collect();
-        Ok(self.q.snapshot(&pairs)?)
+        self.q.snapshot(&pairs)?;
+        Ok(Tracked::default())
     }
 
     fn thaw(&self, s: &BackupSettings) -> Result<()> {
@@ -274,5 +281,9 @@ impl VmHandle for QemuVmHandle {
 
     fn is_shut_off(&self) -> Result<bool> {
         Ok(false)
+    }
+
+    fn drop_bitmaps(&self, _drop: &dyn Fn(&str) -> bool) -> Result<Vec<String>> {
+        Ok(Vec::new())
     }
 }

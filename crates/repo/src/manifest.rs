@@ -70,6 +70,10 @@ pub struct DiskRead {
     /// read next time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<FileState>,
+    /// The persistent dirty bitmap in the disk's image that records every write since this
+    /// backup's read: the next backup may read only the regions it marks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bitmap: Option<String>,
 }
 
 /// What tells an image file unchanged: its identity, size and both change times.
