@@ -412,6 +412,7 @@ fn run_phases(
     };
 
     run.enter(Phase::Copy)?;
+    crate::fault::stop_point("copy");
     let copied = copy_disks(
         repo,
         &run.id,
