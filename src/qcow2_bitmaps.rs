@@ -102,6 +102,9 @@ pub struct Bitmaps {
     /// clear (some program that does not know bitmaps wrote to the image): then `bitmaps` is
     /// empty, but not because there are none; none of them may be trusted. `true` otherwise.
     pub consistent: bool,
+    /// Internal snapshots in the image (header field `nb_snapshots`): a revert to one of them
+    /// changes the disk without any write a bitmap would see.
+    pub snapshots: u32,
     pub bitmaps: Vec<BitmapInfo>,
 }
 
@@ -347,6 +350,7 @@ fn open(path: &Path) -> Result<Image, BitmapError> {
                 format: ImageFormat::NotQcow2,
                 virtual_size: None,
                 consistent: true,
+                snapshots: 0,
                 bitmaps: Vec::new(),
             },
         });
@@ -382,6 +386,7 @@ fn open(path: &Path) -> Result<Image, BitmapError> {
         format: ImageFormat::Qcow2 { version },
         virtual_size: Some(virtual_size),
         consistent: true,
+        snapshots: be32(&head, 60),
         bitmaps: Vec::new(),
     };
     if version == 2 {
