@@ -142,6 +142,24 @@ pub struct BitmapInfo {
 }
 
 impl BitmapInfo {
+    /// A directory entry as the tests of other modules need one (nothing behind it to read).
+    #[cfg(test)]
+    pub fn for_test(name: &str, in_use: bool, auto: bool) -> BitmapInfo {
+        BitmapInfo {
+            name: name.into(),
+            granularity: 65536,
+            in_use,
+            auto,
+            extra_data_compatible: false,
+            reserved_flags: 0,
+            bitmap_type: TYPE_DIRTY_TRACKING,
+            extra_data_size: 0,
+            raw_name: name.as_bytes().to_vec(),
+            table_offset: 0,
+            table_size: 0,
+        }
+    }
+
     /// Whether `dirty_ranges` may read this bitmap: a dirty tracking bitmap, not in use,
     /// with no flag or extra data this reader does not know.
     pub fn check_usable(&self) -> Result<(), BitmapError> {
