@@ -9,6 +9,7 @@
 //!   instant (`vmbackup-<id>`), read from the image file after this backup's snapshot made it
 //!   read-only (or with the VM shut off): only the chunks it marks are read, the rest of the
 //!   index is the previous backup's.
+//!
 //! Either way a few unchanged chunks, chosen at random, are read again and compared with their
 //! recorded digests. Whenever there is any doubt, everything is read, and the reason is
 //! recorded: the first backup, `--full`, the chain's last full read older than `full_every`, the
