@@ -169,6 +169,8 @@ pub struct Outcome {
 #[derive(Debug, Clone, Serialize)]
 pub struct DiskOutcome {
     pub target: String,
+    /// Bytes this disk added to the repository.
+    pub stored_bytes: u64,
     #[serde(flatten)]
     pub read: Option<DiskRead>,
 }
@@ -511,6 +513,7 @@ fn run_phases(
             .iter()
             .map(|d| DiskOutcome {
                 target: d.target.clone(),
+                stored_bytes: d.stored_bytes,
                 read: d.read.clone(),
             })
             .collect(),
