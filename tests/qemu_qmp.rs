@@ -84,7 +84,7 @@ fn freeze_snapshot_thaw_and_commit_back_through_qmp() {
             )
         })
         .collect();
-    q.snapshot(&overlays).unwrap();
+    q.snapshot(&overlays, &[]).unwrap();
     q.thaw(Duration::from_secs(10)).unwrap();
     assert_eq!(q.freeze_status(Duration::from_secs(10)).unwrap(), "thawed");
     let now: Vec<String> = q.disks().unwrap().into_iter().map(|d| d.file).collect();
@@ -246,7 +246,7 @@ fn a_plain_qemu_vm_left_frozen_on_an_overlay_is_put_back_by_recover_and_by_the_n
             t.name(),
             t.name()
         ));
-        q.snapshot(&[(node, ov.clone())]).unwrap();
+        q.snapshot(&[(node, ov.clone())], &[]).unwrap();
         sh(&format!(
             "echo {tag} > /mnt/vdb/{file} && sync /mnt/vdb/{file}"
         ));

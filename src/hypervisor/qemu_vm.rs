@@ -204,7 +204,7 @@ impl VmHandle for QemuVmHandle {
             .iter()
             .map(|o| (o.node.clone().unwrap_or_default(), o.overlay.clone()))
             .collect();
-        self.q.snapshot(&pairs)?;
+        self.q.snapshot(&pairs, &[])?;
         Ok(Tracked::default())
     }
 
