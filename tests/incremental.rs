@@ -57,6 +57,31 @@ impl Guest<'_> {
     }
 }
 
+impl Guest<'_> {
+    /// vmbackup's dirty bitmaps on the VM's disks: libvirt checkpoints named `vmbackup-*`, or
+    /// the plain QEMU's persistent, recording bitmaps of that name (others are reported by
+    /// their flags, to fail the comparison visibly).
+    fn tracking_bitmaps(&self) -> Vec<String> {
+        let mut names: Vec<String> = match self {
+            Guest::Libvirt(vm) => vm.dom().checkpoints().expect("list checkpoints"),
+            Guest::Qemu(q) => q
+                .bitmaps()
+                .expect("list bitmaps")
+                .into_iter()
+                .map(|b| {
+                    if b.persistent && b.recording && !b.inconsistent {
+                        b.name
+                    } else {
+                        format!("{b:?}")
+                    }
+                })
+                .collect(),
+        };
+        names.retain(|n| n.contains("vmbackup-"));
+        names
+    }
+}
+
 /// What a guest write puts into a region of the disk.
 #[derive(Debug, Clone, Copy)]
 enum Fill {
@@ -511,6 +536,12 @@ fn run_rounds(place: &Place, disk: &GuestDisk, target: &Target, rounds: &[Round]
             &mut full_at,
         );
 
+        // Only the newest backup's bitmap is kept, and it records.
+        assert_eq!(
+            disk.guest.tracking_bitmaps(),
+            [format!("vmbackup-{id}")],
+            "{what}: the VM's vmbackup bitmaps"
+        );
         // The backup holds the disk exactly as the guest read it before the backup.
         assert_restores_to(place, &id, &oracle, &what);
         let t3 = Instant::now();
