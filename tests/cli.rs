@@ -53,3 +53,39 @@ fn an_empty_repository_lists_nothing() {
     assert_eq!(r.code, 0);
     assert_eq!(r.json, json!({"ok": true, "backups": []}));
 }
+
+/// `--full` takes no value, and `full_every_days` must be a whole number of days, at least 1:
+/// anything else is bad input (exit 2) that touches neither the repository nor any VM.
+#[test]
+fn nonsense_full_read_settings_are_bad_input() {
+    let place = Place::new();
+    for args in [
+        &["backup", "vmbt-no-such-vm", "--full=yes"][..],
+        &["backup", "--full", "--full", "vmbt-no-such-vm"],
+    ] {
+        let r = vmbackup(&place, args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert_eq!(r.json["ok"], json!(false), "{args:?}");
+    }
+    for bad in [
+        "full_every_days = 0",
+        "full_every_days = -3",
+        "full_every_days = \"weekly\"",
+        "full_every_days = 1.5",
+    ] {
+        let config = place.dir.path().join("config.toml");
+        std::fs::write(&config, bad).unwrap();
+        let r = vmbackup(
+            &place,
+            &[
+                "--config",
+                config.to_str().unwrap(),
+                "backup",
+                "vmbt-no-such-vm",
+            ],
+        );
+        assert_eq!(r.code, 2, "{bad}: {}", r.stderr);
+        assert!(r.stderr.contains("full_every_days"), "{bad}: {}", r.stderr);
+    }
+    assert!(!place.repo().join("backups").exists());
+}
