@@ -705,8 +705,8 @@ fn plain_qemu_incremental_backups_over_rounds_restore_what_the_guest_saw() {
             &[rnd(28 * MIB, BLOCK), zeros(0, BLOCK)],
         ),
         round_during(
-            "writes during the commit",
-            &[rnd(60 * MIB, BLOCK)],
+            "a discard; writes during the commit",
+            &[rnd(60 * MIB, BLOCK), trim(40 * MIB, 4 * BLOCK)],
             "commit-started",
             &[rnd(12 * MIB - BLOCK, 2 * BLOCK)],
         ),

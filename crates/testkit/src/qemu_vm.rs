@@ -95,12 +95,12 @@ impl TestQemu {
             let serial = format!("vd{}", (b'b' + i as u8) as char);
             cmd.arg("-blockdev").arg(
                 serde_json::json!({"driver": "file", "filename": path.to_string_lossy(),
-                    "node-name": format!("file-{serial}")})
+                    "node-name": format!("file-{serial}"), "discard": "unmap"})
                 .to_string(),
             );
             cmd.arg("-blockdev").arg(
                 serde_json::json!({"driver": fmt, "file": format!("file-{serial}"),
-                    "node-name": format!("fmt-{serial}")})
+                    "node-name": format!("fmt-{serial}"), "discard": "unmap"})
                 .to_string(),
             );
             cmd.arg("-device").arg(format!(
