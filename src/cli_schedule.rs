@@ -348,6 +348,12 @@ pub fn cmd_run_due(cfg: &Config, now: Option<&str>, dry_run: bool) -> anyhow::Re
     };
     let r = run::run_due(cfg, &o, &|l, d, t| progress.show(l, d, t))?;
     let mut text = String::new();
+    for line in &r.recovered {
+        text.push_str(&format!("finished first: {line}\n"));
+    }
+    for e in &r.recover_errors {
+        text.push_str(&format!("cannot finish an interrupted backup: {e}\n"));
+    }
     for j in &r.jobs {
         text.push_str(&format!("schedule {}:\n", j.schedule));
         for v in &j.results {

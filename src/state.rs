@@ -202,6 +202,19 @@ impl State {
     }
 
     /// The runs of VM `vm` (its text form) that never finished.
+    /// The VMs (as text) that have runs on record which never ended.
+    pub fn vms_with_runs(&self) -> Result<Vec<String>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT DISTINCT vm FROM runs ORDER BY vm")
+            .map_err(|e| self.sql(e))?;
+        let rows = st
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.sql(e))
+    }
+
     pub fn runs_of(&self, vm: &str) -> Result<Vec<RunRow>> {
         let mut st = self
             .conn

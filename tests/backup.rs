@@ -669,6 +669,65 @@ fn a_backup_killed_during_its_commit_is_finished_by_recover_and_the_next_backup_
     assert!(r.json["recover"]["disks"].as_array().unwrap().is_empty());
 }
 
+/// SIGKILL after the snapshot, before the copy: the VM runs on its overlay. The next
+/// `run-due` (minutely, from the timer), with nothing due, finishes the run before anything
+/// else: the VM is back on its images, the overlay gone, the guest's writes kept, and the next
+/// backup reads only what changed since the last good one.
+#[test]
+fn run_due_finishes_a_backup_killed_after_its_snapshot() {
+    let vm = TestVmBuilder::new("bk-killcopy")
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .start()
+        .expect("guest boots");
+    let image = vm_paths(&vm);
+    let place = Place::new();
+    let first = backup_id(&place, &[vm.name()]);
+    let mut child = spawn_stopped_at(&place, "copy", &["backup", vm.name()]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_ne!(
+        disk_sources(&vm.dom().live_xml().unwrap()),
+        image,
+        "on its overlay"
+    );
+    vm.write_file("/mnt/vdb/on-overlay", b"written on the overlay")
+        .unwrap();
+    vm.sh("sync").unwrap();
+
+    let r = vmbackup(&place, &["run-due"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let rec = r.json["run"]["recovered"].as_array().unwrap();
+    assert_eq!(rec.len(), 1, "{}", r.json);
+    assert!(rec[0].as_str().unwrap().contains("copy phase"), "{rec:?}");
+    assert_eq!(disk_sources(&vm.dom().live_xml().unwrap()), image);
+    assert_eq!(disk_sources(&vm.dom().inactive_xml().unwrap()), image);
+    assert!(
+        files_in(vm.dir()).iter().all(|f| !f.contains(".vmbackup-")),
+        "{:?}",
+        files_in(vm.dir())
+    );
+    // Nothing left to finish: the next run-due says so by saying nothing.
+    let r = vmbackup(&place, &["run-due"]);
+    assert_eq!(
+        r.json["run"]["recovered"],
+        serde_json::json!([]),
+        "{}",
+        r.json
+    );
+
+    let b = vmbackup(&place, &["backup", vm.name()]);
+    let d = &b.json["results"][0]["backup"]["disks"][0];
+    assert_eq!(d["mode"], "incremental", "{d}");
+    assert_eq!(d["based_on"], first.as_str(), "{d}");
+    let id = b.json["results"][0]["backup"]["id"].as_str().unwrap();
+    let out = place.dir.path().join("after.raw");
+    restore_disk_of(&place.repo(), id, "vdb", &out);
+    assert_eq!(
+        read_from_ext4(&out, "/on-overlay"),
+        b"written on the overlay"
+    );
+}
+
 /// SIGKILL after the overlay files were made but before the snapshot: the VM never ran on
 /// them. The journal names them: `recover` deletes them and reports the run's phase.
 #[test]

@@ -36,6 +36,11 @@ pub const LOOKBACK_DAYS: i64 = 35;
 pub struct RunDue {
     pub now: String,
     pub dry_run: bool,
+    /// Runs of earlier backups that were interrupted (killed, the host went down) and that
+    /// this `run-due` finished first: `<vm>: backup <id>, interrupted in its <phase> phase`.
+    pub recovered: Vec<String>,
+    /// Interrupted runs it could not finish (they are tried again next time).
+    pub recover_errors: Vec<String>,
     pub jobs: Vec<JobReport>,
     pub report_errors: Vec<String>,
 }
@@ -128,6 +133,53 @@ fn quiesce_of(spec: &Spec) -> Quiesce {
     Quiesce::parse(&spec.quiesce).unwrap_or(Quiesce::Preferred)
 }
 
+/// Finishes the runs the journal records as never ended (a backup killed, or the host down,
+/// part-way), so that no VM is left on an overlay or frozen until its next occurrence, which
+/// may be weeks away. A VM whose run is still alive (its lock is held) is left alone. The
+/// journal query is all it costs when nothing was interrupted.
+fn finish_interrupted(
+    cfg: &Config,
+    state: &State,
+    hv: &Hypervisors,
+    out: &mut RunDue,
+) -> Result<()> {
+    for text in state.vms_with_runs()? {
+        let vm = match text.parse::<VmRef>() {
+            Ok(v) => v,
+            Err(e) => {
+                out.recover_errors.push(format!("{text}: {e}"));
+                continue;
+            }
+        };
+        let _lock = match crate::locks::lock_vm(&cfg.state_dir, &vm) {
+            Ok(l) => l,
+            Err(crate::locks::LockError::Busy(_)) => continue,
+            Err(e) => {
+                out.recover_errors.push(format!("{vm}: {e}"));
+                continue;
+            }
+        };
+        match hv.with_vm(&vm, |h| {
+            crate::recover::recover_locked(h, state, &cfg.backup)
+        }) {
+            Ok(r) => {
+                for i in r.interrupted {
+                    tracing::warn!(vm = %vm, id = %i.backup_id, phase = %i.phase, "finished an interrupted backup");
+                    out.recovered.push(format!(
+                        "{vm}: backup {}, interrupted in its {} phase",
+                        i.backup_id, i.phase
+                    ));
+                }
+            }
+            Err(e) => {
+                tracing::error!(vm = %vm, "cannot finish an interrupted backup: {}", chain(&e));
+                out.recover_errors.push(format!("{vm}: {}", chain(&e)));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs every due occurrence. `progress` as for a backup.
 pub fn run_due(
     cfg: &Config,
@@ -138,12 +190,17 @@ pub fn run_due(
     let mut out = RunDue {
         now: o.now.to_string(),
         dry_run: o.dry_run,
+        recovered: Vec::new(),
+        recover_errors: Vec::new(),
         jobs: Vec::new(),
         report_errors: Vec::new(),
     };
     // Connected on first need: a minute with nothing due touches neither libvirt nor the
     // repository.
     let hv = Hypervisors::new(&cfg.connect, &cfg.qemu_dir);
+    if !o.dry_run {
+        finish_interrupted(cfg, &state, &hv, &mut out)?;
+    }
     let mut repo: Option<Repository> = None;
     for (spec, created_ms) in state.schedules()? {
         if !spec.enabled {
