@@ -51,5 +51,5 @@ fn an_empty_repository_lists_nothing() {
     let place = Place::new();
     let r = vmbackup(&place, &["list"]);
     assert_eq!(r.code, 0);
-    assert_eq!(r.json, json!({"ok": true, "backups": []}));
+    assert_eq!(r.json, json!({"ok": true, "backups": [], "unreadable": []}));
 }
