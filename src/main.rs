@@ -309,8 +309,9 @@ fn cmd_list(cfg: &Config, domain: Option<&str>) -> anyhow::Result<Output> {
         .transpose()
         .map_err(vmbackup::Error::from)?;
     let repo = Repository::open(&cfg.repo)?;
-    let list: Vec<_> = repo
-        .list()?
+    let scan = repo.scan()?;
+    let list: Vec<_> = scan
+        .backups
         .into_iter()
         .filter(|m| vm.as_ref().is_none_or(|v| v.is(&m.vm_name)))
         .collect();
@@ -353,8 +354,14 @@ fn cmd_list(cfg: &Config, domain: Option<&str>) -> anyhow::Result<Output> {
             "pinned": pinned.contains(&m.id),
         }));
     }
+    // Backups whose manifest cannot be read: listed apart (whatever VM they were of).
+    let mut unreadable = Vec::new();
+    for (id, why) in &scan.unreadable {
+        text.push_str(&format!("{id:<40} UNREADABLE: {why}\n"));
+        unreadable.push(json!({"id": id, "error": why}));
+    }
     Ok(Output {
-        json: json!({"ok": true, "backups": rows}),
+        json: json!({"ok": true, "backups": rows, "unreadable": unreadable}),
         text,
         code: exit::OK,
     })
@@ -423,10 +430,12 @@ fn cmd_delete(cfg: &Config, id: &str) -> anyhow::Result<Output> {
 fn cmd_verify(cfg: &Config, ids: &[String]) -> anyhow::Result<Output> {
     let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
     let ids: Vec<String> = if ids.is_empty() {
-        repo.list()
-            .map_err(vmbackup::Error::from)?
+        let scan = repo.scan().map_err(vmbackup::Error::from)?;
+        let unreadable = scan.unreadable.into_iter().map(|(id, _)| id);
+        scan.backups
             .into_iter()
             .map(|m| m.id)
+            .chain(unreadable)
             .collect()
     } else {
         ids.to_vec()

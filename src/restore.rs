@@ -400,6 +400,8 @@ pub fn restore(
 ) -> Result<Restored> {
     let started = Instant::now();
     let m = repo.load(id)?;
+    // A backup with a missing domain XML or index is refused before anything changes.
+    repo.check_complete(&m)?;
     let mut xml = repo.get_domain_xml(id)?;
     let saved = VmSpec::from_xml(&xml)?;
     if m.vm_name.parse::<VmRef>().is_ok_and(|v| v.is_qemu()) {

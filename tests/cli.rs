@@ -51,7 +51,7 @@ fn an_empty_repository_lists_nothing() {
     let place = Place::new();
     let r = vmbackup(&place, &["list"]);
     assert_eq!(r.code, 0);
-    assert_eq!(r.json, json!({"ok": true, "backups": []}));
+    assert_eq!(r.json, json!({"ok": true, "backups": [], "unreadable": []}));
 }
 
 /// `--full` takes no value, and `full_every_days` must be a whole number of days, at least 1:

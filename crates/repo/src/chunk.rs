@@ -1,6 +1,9 @@
 //! Content-addressed chunks: named by the SHA-256 of their content, stored once, compressed
 //! with zstd only where that pays, verified on every read.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
+
 use sha2::{Digest as _, Sha256};
 
 use super::storage::ObjectStore;
@@ -37,6 +40,8 @@ pub struct PutOutcome {
     /// Bytes written to storage (0 when the chunk was already there).
     pub stored_bytes: u64,
     pub new: bool,
+    /// A chunk of that name existed but was damaged (or unreadable): it was written again.
+    pub repaired: bool,
 }
 
 /// Encodes a chunk file: header, then the raw or zstd-compressed payload.
@@ -84,13 +89,56 @@ pub fn decode(bytes: &[u8], expect: &Digest) -> Result<Vec<u8>> {
     Ok(data)
 }
 
+/// Whether the chunk file `bytes` holds exactly `data`. As sound as `decode` against the
+/// digest (the digest of `data` is the chunk's name), without hashing again.
+pub fn holds(bytes: &[u8], data: &[u8]) -> bool {
+    if bytes.len() < HEADER || &bytes[..4] != MAGIC || bytes[4] != VERSION {
+        return false;
+    }
+    let len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
+    if len != data.len() {
+        return false;
+    }
+    match bytes[5] {
+        FLAG_RAW => &bytes[HEADER..] == data,
+        FLAG_ZSTD => zstd::bulk::decompress(&bytes[HEADER..], len).is_ok_and(|d| d == data),
+        _ => false,
+    }
+}
+
 pub struct ChunkStore<'a> {
     store: &'a dyn ObjectStore,
+    /// The chunks already found intact or written; `None`: every reuse is checked.
+    checked: Option<&'a Mutex<HashSet<Digest>>>,
 }
 
 impl<'a> ChunkStore<'a> {
+    /// A chunk store that checks an existing chunk every time it is reused.
     pub fn new(store: &'a dyn ObjectStore) -> Self {
-        ChunkStore { store }
+        ChunkStore {
+            store,
+            checked: None,
+        }
+    }
+
+    /// A chunk store that checks an existing chunk the first time it is reused, and
+    /// remembers in `checked` the chunks it found intact or wrote.
+    pub fn checked_once(store: &'a dyn ObjectStore, checked: &'a Mutex<HashSet<Digest>>) -> Self {
+        ChunkStore {
+            store,
+            checked: Some(checked),
+        }
+    }
+
+    fn is_checked(&self, d: &Digest) -> bool {
+        self.checked
+            .is_some_and(|c| c.lock().map(|c| c.contains(d)).unwrap_or(false))
+    }
+
+    fn remember(&self, d: Digest) {
+        if let Some(Ok(mut c)) = self.checked.map(|c| c.lock()) {
+            c.insert(d);
+        }
     }
 
     pub fn put(&self, data: &[u8]) -> Result<PutOutcome> {
@@ -98,22 +146,60 @@ impl<'a> ChunkStore<'a> {
         self.put_with_digest(data, d)
     }
 
+    /// Stores chunk `data`, whose digest is `d`. A chunk that exists already is reused only
+    /// once it was read back and found to hold `data` (once per `checked` set): a damaged
+    /// chunk (a flipped bit, a torn or empty file) is never trusted because it has the right
+    /// name; it is written again, and replaces the damaged file at the next `sync`.
     pub fn put_with_digest(&self, data: &[u8], d: Digest) -> Result<PutOutcome> {
         let name = object_name(&d);
+        let mut repaired = false;
         if self.store.exists(&name)? {
-            return Ok(PutOutcome {
-                digest: d,
-                stored_bytes: 0,
-                new: false,
-            });
+            if self.is_checked(&d) {
+                return Ok(PutOutcome {
+                    digest: d,
+                    stored_bytes: 0,
+                    new: false,
+                    repaired: false,
+                });
+            }
+            match self.store.get(&name) {
+                Ok(bytes) if holds(&bytes, data) => {
+                    self.remember(d);
+                    return Ok(PutOutcome {
+                        digest: d,
+                        stored_bytes: 0,
+                        new: false,
+                        repaired: false,
+                    });
+                }
+                Ok(bytes) => {
+                    tracing::warn!(
+                        chunk = %hex(&d),
+                        size = bytes.len(),
+                        "an existing chunk is damaged: writing it again"
+                    );
+                }
+                // Removed meanwhile: written again below.
+                Err(RepoError::NotFound(_)) => {}
+                Err(e) => {
+                    tracing::warn!(
+                        chunk = %hex(&d),
+                        error = %crate::error_chain(&e),
+                        "an existing chunk cannot be read: writing it again"
+                    );
+                }
+            }
+            repaired = true;
         }
         let enc = encode(data);
         // Made durable by the `sync` that precedes publishing the index that refers to it.
         self.store.put_unsynced(&name, &enc)?;
+        self.remember(d);
         Ok(PutOutcome {
             digest: d,
             stored_bytes: enc.len() as u64,
             new: true,
+            repaired,
         })
     }
 
@@ -152,7 +238,10 @@ mod tests {
             "text compresses"
         );
         let again = c.put(&text).unwrap();
-        assert_eq!((again.new, again.stored_bytes), (false, 0));
+        assert_eq!(
+            (again.new, again.stored_bytes, again.repaired),
+            (false, 0, false)
+        );
         assert_eq!(c.get(&a.digest).unwrap(), text);
         let rnd = noise(1 << 20);
         let r = c.put(&rnd).unwrap();

@@ -136,6 +136,8 @@ pub struct DiskBackup {
     pub zero_chunks: u64,
     pub data_chunks: u64,
     pub reused_chunks: u64,
+    /// Chunks that existed damaged and were written again.
+    pub repaired_chunks: u64,
     /// Bytes read from the source (chunks known to be zeros without reading are not counted).
     pub bytes_read: u64,
 }
@@ -207,7 +209,8 @@ fn backup_chunks<S: ChunkSource + ?Sized>(
     };
     let done = AtomicU64::new(0);
     let slots = Mutex::new(slots);
-    let (logical, stored, zeros, datas, reused, read) = (
+    let (logical, stored, zeros, datas, reused, repaired, read) = (
+        AtomicU64::new(0),
         AtomicU64::new(0),
         AtomicU64::new(0),
         AtomicU64::new(0),
@@ -215,11 +218,11 @@ fn backup_chunks<S: ChunkSource + ?Sized>(
         AtomicU64::new(0),
         AtomicU64::new(0),
     );
-    let chunks = ChunkStore::new(repo.store());
+    let chunks = repo.chunks();
     thread_local! {
         static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    for_each_parallel(todo.len(), threads, |n| {
+    let copied = for_each_parallel(todo.len(), threads, |n| {
         BUF.with_borrow_mut(|buf| {
             let i = todo[n];
             let kind = source
@@ -241,6 +244,9 @@ fn backup_chunks<S: ChunkSource + ?Sized>(
                     if !out.new {
                         reused.fetch_add(1, Ordering::Relaxed);
                     }
+                    if out.repaired {
+                        repaired.fetch_add(1, Ordering::Relaxed);
+                    }
                     Some(out.digest)
                 }
             };
@@ -251,8 +257,12 @@ fn backup_chunks<S: ChunkSource + ?Sized>(
             progress(done.fetch_add(len, Ordering::Relaxed) + len, total);
             Ok(())
         })
-    })?;
-    repo.store().sync()?;
+    });
+    if let Err(e) = copied.and_then(|()| repo.store().sync()) {
+        // This disk's backup failed: what it wrote is never named, and its temporaries go now.
+        repo.forget_unsynced();
+        return Err(e);
+    }
     Ok(DiskBackup {
         index: DiskIndex {
             chunk_size,
@@ -264,6 +274,7 @@ fn backup_chunks<S: ChunkSource + ?Sized>(
         zero_chunks: zeros.into_inner(),
         data_chunks: datas.into_inner(),
         reused_chunks: reused.into_inner(),
+        repaired_chunks: repaired.into_inner(),
         bytes_read: read.into_inner(),
     })
 }

@@ -4,13 +4,17 @@
 pub mod chunk;
 pub mod digest;
 pub mod disk;
+#[cfg(any(test, feature = "fault-injection"))]
+pub mod faults;
 pub mod maintain;
 pub mod manifest;
 pub mod qcow2;
 pub mod source;
 pub mod storage;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use manifest::Manifest;
 use storage::{LocalDir, ObjectStore};
@@ -32,7 +36,7 @@ pub enum RepoError {
     Corrupt { digest: String },
     #[error("disk index: {0}")]
     BadIndex(String),
-    #[error("manifest {id}")]
+    #[error("the manifest of backup {id} cannot be read")]
     BadManifest {
         id: String,
         #[source]
@@ -42,6 +46,20 @@ pub enum RepoError {
     Format { path: PathBuf, found: u32 },
     #[error("source disk")]
     Source(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("{0} exists already; it is never overwritten")]
+    Exists(String),
+    #[error(
+        "{} is neither empty nor a vmbackup repository (it has no config.json); give a new or empty folder",
+        .0.display()
+    )]
+    NotARepository(PathBuf),
+    #[error("backup {id} is damaged: {}", problems.join("; "))]
+    Damaged { id: String, problems: Vec<String> },
+    #[error(
+        "refused: the manifest of {} cannot be read, so the chunks it uses are unknown and could be freed; `vmbackup verify` reports it, `vmbackup delete ID` removes it",
+        ids.join(", ")
+    )]
+    UnreadableManifests { ids: Vec<String> },
 }
 
 pub type Result<T, E = RepoError> = std::result::Result<T, E>;
@@ -52,6 +70,17 @@ pub const FORMAT: u32 = 1;
 pub struct Repository {
     path: PathBuf,
     store: Box<dyn ObjectStore>,
+    /// Chunks found intact (or written) by this process: reused without another check.
+    checked: Mutex<HashSet<chunk::Digest>>,
+}
+
+/// What `Repository::scan` found under `backups/`.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// The published backups whose manifest reads, oldest first.
+    pub backups: Vec<Manifest>,
+    /// The published backups whose manifest does not (truncated, garbled), by id, with why.
+    pub unreadable: Vec<(String, String)>,
 }
 
 pub(crate) fn manifest_name(id: &str) -> String {
@@ -59,7 +88,8 @@ pub(crate) fn manifest_name(id: &str) -> String {
 }
 
 impl Repository {
-    /// Opens the repository in `dir`, creating it (mode 0700) on first use.
+    /// Opens the repository in `dir`, creating it (mode 0700) on first use: in a folder that
+    /// does not exist or is empty. A folder with other content is refused, and left as it is.
     pub fn open(dir: &Path) -> Result<Repository> {
         use std::os::unix::fs::DirBuilderExt;
         if !dir.exists() {
@@ -72,10 +102,29 @@ impl Repository {
                     path: dir.to_path_buf(),
                     source,
                 })?;
+        } else if !dir.join("config.json").exists() {
+            let io = |source| RepoError::Io {
+                what: "read repository",
+                path: dir.to_path_buf(),
+                source,
+            };
+            // A new file system's `lost+found` is no content.
+            for e in std::fs::read_dir(dir).map_err(io)? {
+                if e.map_err(io)?.file_name() != "lost+found" {
+                    return Err(RepoError::NotARepository(dir.to_path_buf()));
+                }
+            }
         }
+        Repository::open_with(dir, Box::new(LocalDir::new(dir)))
+    }
+
+    /// Opens the repository held by `store`, whose files (the lock) are in `dir`; creates
+    /// its config when `store` has none.
+    pub fn open_with(dir: &Path, store: Box<dyn ObjectStore>) -> Result<Repository> {
         let repo = Repository {
             path: dir.to_path_buf(),
-            store: Box::new(LocalDir::new(dir)),
+            store,
+            checked: Mutex::new(HashSet::new()),
         };
         match repo.store.get("config.json") {
             Ok(bytes) => {
@@ -97,6 +146,22 @@ impl Repository {
         Ok(repo)
     }
 
+    /// Drops the writes not yet synced (those of a backup that failed; a process runs one
+    /// backup at a time) and forgets which chunks were checked: a chunk found damaged and
+    /// written again may be damaged again.
+    pub fn forget_unsynced(&self) {
+        self.store.forget_unsynced();
+        if let Ok(mut c) = self.checked.lock() {
+            c.clear();
+        }
+    }
+
+    /// The chunks of this repository, each existing one checked once by this process before
+    /// a backup reuses it.
+    pub fn chunks(&self) -> chunk::ChunkStore<'_> {
+        chunk::ChunkStore::checked_once(self.store(), &self.checked)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -106,32 +171,87 @@ impl Repository {
     }
 
     /// Stores the verbatim inactive domain XML of backup `id`; returns its object name.
+    /// Never replaces one (`RepoError::Exists`).
     pub fn put_domain_xml(&self, id: &str, xml: &str) -> Result<String> {
         let name = format!("backups/{id}/domain.xml");
-        self.store.put(&name, xml.as_bytes())?;
+        self.store.put_new(&name, xml.as_bytes())?;
         Ok(name)
     }
 
     pub fn get_domain_xml(&self, id: &str) -> Result<String> {
         let m = self.load(id)?;
-        let b = self.store.get(&m.domain_xml_object)?;
+        let b = self.store.get(&m.domain_xml_object).map_err(|e| match e {
+            RepoError::NotFound(o) => RepoError::Damaged {
+                id: id.to_string(),
+                problems: vec![format!("its domain XML {o} is missing")],
+            },
+            e => e,
+        })?;
         Ok(String::from_utf8_lossy(&b).into_owned())
     }
 
-    /// Stores the index of disk `target` of backup `id`; returns its object name.
+    /// Stores the index of disk `target` of backup `id`; returns its object name. Never
+    /// replaces one (`RepoError::Exists`): a second backup with the same id (an id
+    /// collision) fails here, before it could change the first.
     pub fn put_index(&self, id: &str, target: &str, index: &disk::DiskIndex) -> Result<String> {
         let name = format!("backups/{id}/{target}.index");
-        self.store.put(&name, &index.encode())?;
+        self.store.put_new(&name, &index.encode())?;
         Ok(name)
     }
 
-    /// Makes backup `m` visible: its manifest is written last, after all its data.
+    /// The index of disk entry `d` of backup `id`; a missing or damaged one is
+    /// `RepoError::Damaged`.
+    pub fn get_index(&self, id: &str, d: &manifest::DiskEntry) -> Result<disk::DiskIndex> {
+        let damaged = |why: String| RepoError::Damaged {
+            id: id.to_string(),
+            problems: vec![format!("disk {}: index {} {why}", d.target, d.index_object)],
+        };
+        match self.store.get(&d.index_object) {
+            Ok(b) => disk::DiskIndex::decode(&b).map_err(|e| damaged(format!("is damaged ({e})"))),
+            Err(RepoError::NotFound(_)) => Err(damaged("is missing".into())),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What backup `m` needs besides its chunks and is missing or damaged: its domain XML,
+    /// its disk indexes. Cheap (no chunk is read).
+    pub fn problems(&self, m: &Manifest) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        if m.domain_xml_object.is_empty() || !self.store.exists(&m.domain_xml_object)? {
+            out.push(format!("its domain XML {} is missing", m.domain_xml_object));
+        }
+        for d in &m.disks {
+            match self.get_index(&m.id, d) {
+                Ok(_) => {}
+                Err(RepoError::Damaged { problems, .. }) => out.extend(problems),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Refuses (`RepoError::Damaged`) a backup whose domain XML or an index is missing or
+    /// damaged: what a restore checks before it changes anything.
+    pub fn check_complete(&self, m: &Manifest) -> Result<()> {
+        let problems = self.problems(m)?;
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(RepoError::Damaged {
+                id: m.id.clone(),
+                problems,
+            })
+        }
+    }
+
+    /// Makes backup `m` visible: its manifest is written last, after all its data. Never
+    /// replaces a published manifest (`RepoError::Exists`).
     pub fn publish(&self, m: &Manifest) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(m).map_err(|source| RepoError::BadManifest {
             id: m.id.clone(),
             source,
         })?;
-        self.store.put(&manifest_name(&m.id), &bytes)
+        self.store.put_new(&manifest_name(&m.id), &bytes)
     }
 
     pub fn load(&self, id: &str) -> Result<Manifest> {
@@ -146,23 +266,35 @@ impl Repository {
         })
     }
 
-    /// The published backups, oldest first.
+    /// The published backups whose manifest reads, oldest first. Those whose manifest
+    /// does not are left out (and logged); `scan` names them.
     pub fn list(&self) -> Result<Vec<Manifest>> {
-        let mut out = Vec::new();
+        Ok(self.scan()?.backups)
+    }
+
+    /// The published backups, oldest first, and those whose manifest cannot be read.
+    pub fn scan(&self) -> Result<Listing> {
+        let mut out = Listing::default();
         for name in self.store.list("backups/")? {
             if let Some(id) = name
                 .strip_prefix("backups/")
                 .and_then(|r| r.strip_suffix("/manifest.json"))
             {
                 match self.load(id) {
-                    Ok(m) => out.push(m),
+                    Ok(m) => out.backups.push(m),
                     // Deleted (by a delete or a prune of another process) since the listing.
                     Err(RepoError::NotFound(_)) => {}
+                    Err(e @ RepoError::BadManifest { .. }) => {
+                        let why = error_chain(&e);
+                        tracing::warn!(backup = id, "{why}");
+                        out.unreadable.push((id.to_string(), why));
+                    }
                     Err(e) => return Err(e),
                 }
             }
         }
-        out.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.id.cmp(&b.id)));
+        out.backups
+            .sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.id.cmp(&b.id)));
         Ok(out)
     }
 
@@ -203,6 +335,18 @@ impl Repository {
         }
         Ok(removed)
     }
+}
+
+/// An error and its causes, `a: b: c`.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
 }
 
 #[cfg(test)]

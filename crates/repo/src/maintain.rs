@@ -9,8 +9,8 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::chunk::{self, Digest};
-use super::disk::{verify_disk, DiskIndex};
-use super::{manifest_name, RepoError, Repository, Result};
+use super::disk::verify_disk;
+use super::{error_chain, manifest_name, storage, RepoError, Repository, Result};
 
 /// The repository lock, released when dropped.
 pub struct RepoLock {
@@ -59,32 +59,50 @@ impl Repository {
     }
 
     /// Deletes backup `id`: its manifest first (it disappears from lists at once), then the
-    /// rest of its objects. Its chunks stay until `gc`.
+    /// rest of its objects. Its chunks stay until `gc`. A backup whose manifest cannot be
+    /// read can be deleted too.
     pub fn delete(&self, id: &str) -> Result<()> {
-        let m = self.load(id)?;
-        self.store().delete(&manifest_name(&m.id))?;
-        for name in self.store().list(&format!("backups/{}/", m.id))? {
+        storage::check_name(id)?;
+        let manifest = manifest_name(id);
+        if !self.store().exists(&manifest)? {
+            return Err(RepoError::NotFound(id.to_string()));
+        }
+        self.store().delete(&manifest)?;
+        for name in self.store().list(&format!("backups/{id}/"))? {
             self.store().delete(&name)?;
         }
         Ok(())
     }
 
-    /// Re-reads every chunk of backup `id` and checks it against its digest.
+    /// Re-reads every chunk of backup `id` and checks it against its digest; checks that
+    /// its manifest, domain XML and indexes are there and intact.
     pub fn verify(&self, id: &str) -> Result<Verified> {
-        let m = self.load(id)?;
+        let m = match self.load(id) {
+            Ok(m) => m,
+            Err(e @ RepoError::BadManifest { .. }) => {
+                return Ok(Verified {
+                    id: id.to_string(),
+                    vm: String::new(),
+                    ok: false,
+                    chunks: 0,
+                    damaged: vec![error_chain(&e)],
+                })
+            }
+            Err(e) => return Err(e),
+        };
         let mut damaged = Vec::new();
+        if m.domain_xml_object.is_empty() || !self.store().exists(&m.domain_xml_object)? {
+            damaged.push(format!("domain XML {} is missing", m.domain_xml_object));
+        }
         let mut chunks = 0;
         for d in &m.disks {
-            let index = match self
-                .store()
-                .get(&d.index_object)
-                .and_then(|b| DiskIndex::decode(&b))
-            {
+            let index = match self.get_index(&m.id, d) {
                 Ok(i) => i,
-                Err(_) => {
-                    damaged.push(format!("{}: index {}", d.target, d.index_object));
+                Err(RepoError::Damaged { problems, .. }) => {
+                    damaged.extend(problems);
                     continue;
                 }
+                Err(e) => return Err(e),
             };
             chunks += index.chunks.iter().flatten().count();
             for digest in verify_disk(self, &index)? {
@@ -106,10 +124,18 @@ impl Repository {
         let Some(_lock) = lock(self, true)? else {
             return Ok(None);
         };
+        // Every chunk a backup uses must be known: a backup whose manifest or index cannot
+        // be read stops gc, which could otherwise free its chunks.
+        let listing = self.scan()?;
+        if !listing.unreadable.is_empty() {
+            return Err(RepoError::UnreadableManifests {
+                ids: listing.unreadable.into_iter().map(|(id, _)| id).collect(),
+            });
+        }
         let mut live: HashSet<Digest> = HashSet::new();
-        for m in self.list()? {
+        for m in &listing.backups {
             for d in &m.disks {
-                let index = DiskIndex::decode(&self.store().get(&d.index_object)?)?;
+                let index = self.get_index(&m.id, d)?;
                 live.extend(index.chunks.iter().flatten().copied());
             }
         }
@@ -179,6 +205,7 @@ mod tests {
     fn back_up(repo: &Repository, id: &str, src: &MemorySource) {
         let b = backup_disk(repo, src, 1 << 20, 2, &|_, _| {}).unwrap();
         let index_object = repo.put_index(id, "vda", &b.index).unwrap();
+        let domain_xml_object = repo.put_domain_xml(id, "<domain/>").unwrap();
         repo.publish(&Manifest {
             format_version: 1,
             id: id.into(),
@@ -204,7 +231,7 @@ mod tests {
                 read: None,
             }],
             nics: vec![],
-            domain_xml_object: String::new(),
+            domain_xml_object,
             schedule: None,
             scheduled_for: None,
             stored_bytes: b.stored_bytes_new,
@@ -227,7 +254,9 @@ mod tests {
         // Damage b's chunk: only b1 is named.
         let chunks = repo.store().list("chunks/").unwrap();
         assert_eq!(chunks.len(), 2);
-        let data = DiskIndex::decode(&repo.store().get("backups/b1/vda.index").unwrap()).unwrap();
+        let data =
+            crate::disk::DiskIndex::decode(&repo.store().get("backups/b1/vda.index").unwrap())
+                .unwrap();
         let name = chunk::object_name(data.chunks[0].as_ref().unwrap());
         let path = d.path().join("repo").join(&name);
         let mut bytes = std::fs::read(&path).unwrap();

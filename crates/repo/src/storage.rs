@@ -14,14 +14,21 @@ use super::{RepoError, Result};
 pub trait ObjectStore: Send + Sync {
     /// Stores `data` under `name`, atomically and durably.
     fn put(&self, name: &str, data: &[u8]) -> Result<()>;
+    /// Like `put`, but only if nothing has that name yet (`RepoError::Exists` otherwise; the
+    /// existing object is untouched). For objects that are written once and never replaced.
+    fn put_new(&self, name: &str, data: &[u8]) -> Result<()>;
     /// Stores `data` for `name`; it is visible to this store at once (`exists`, `get`), and
     /// under its name to everyone else only after the next `sync`, which makes it durable
     /// first. So an object that others can see is never half-written, even after a crash.
     fn put_unsynced(&self, name: &str, data: &[u8]) -> Result<()>;
-    /// Makes everything stored so far durable, and visible under its name.
+    /// Makes everything stored so far durable, and visible under its name. When it fails,
+    /// what was not named yet never will be (as after `forget_unsynced`).
     fn sync(&self) -> Result<()>;
+    /// Drops every write not yet synced: none of them will ever be visible.
+    fn forget_unsynced(&self);
     /// Removes what writes that never reached their `sync` left behind (a killed process, a
-    /// crash). Only while nobody else writes to the store.
+    /// crash, a write or sync that failed), except what this store will still name at its
+    /// next `sync`. Only while nobody else writes to the store.
     fn remove_temporaries(&self) -> Result<usize>;
     fn get(&self, name: &str) -> Result<Vec<u8>>;
     fn exists(&self, name: &str) -> Result<bool>;
@@ -147,7 +154,7 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 impl LocalDir {
-    fn write(&self, name: &str, data: &[u8], durable: bool) -> Result<()> {
+    fn write(&self, name: &str, data: &[u8], mode: Mode) -> Result<()> {
         let path = self.path(name)?;
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
         std::fs::create_dir_all(&dir).map_err(io("create folder", &dir))?;
@@ -160,16 +167,35 @@ impl LocalDir {
                 .map(|f| f.to_string_lossy())
                 .unwrap_or_default()
         ));
+        match self.write_tmp(&tmp, &path, &dir, name, data, mode) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // A full file system, an I/O error: the partial temporary is of no use.
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    fn write_tmp(
+        &self,
+        tmp: &Path,
+        path: &Path,
+        dir: &Path,
+        name: &str,
+        data: &[u8],
+        mode: Mode,
+    ) -> Result<()> {
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(&tmp)
-            .map_err(io("create", &tmp))?;
-        f.write_all(data).map_err(io("write", &tmp))?;
-        if durable {
-            f.sync_all().map_err(io("sync", &tmp))?;
+            .open(tmp)
+            .map_err(io("create", tmp))?;
+        f.write_all(data).map_err(io("write", tmp))?;
+        if mode != Mode::Unsynced {
+            f.sync_all().map_err(io("sync", tmp))?;
         } else {
             // Start the writeback now, without waiting for it, so that the `sync` that makes
             // a backup durable has little left to do.
@@ -183,17 +209,43 @@ impl LocalDir {
             let mut pending = self.pending();
             if pending.contains_key(name) {
                 // Another thread stored the same object meanwhile.
-                let _ = std::fs::remove_file(&tmp);
+                let _ = std::fs::remove_file(tmp);
             } else {
-                pending.insert(name.to_string(), tmp);
+                pending.insert(name.to_string(), tmp.to_path_buf());
             }
             return Ok(());
         }
         drop(f);
-        std::fs::rename(&tmp, &path).map_err(io("rename", &path))?;
-        sync_dir(&dir)?;
+        if mode == Mode::New {
+            // link(2) fails when the name exists: no window in which an existing object
+            // could be replaced.
+            if self.pending().contains_key(name) {
+                return Err(RepoError::Exists(name.to_string()));
+            }
+            match std::fs::hard_link(tmp, path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(RepoError::Exists(name.to_string()))
+                }
+                Err(e) => return Err(io("rename", path)(e)),
+            }
+            let _ = std::fs::remove_file(tmp);
+        } else {
+            std::fs::rename(tmp, path).map_err(io("rename", path))?;
+        }
+        sync_dir(dir)?;
         Ok(())
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Durable, replacing what had the name.
+    Replace,
+    /// Durable, only if nothing has the name.
+    New,
+    /// Named at the next `sync`.
+    Unsynced,
 }
 
 impl Drop for LocalDir {
@@ -207,11 +259,15 @@ impl Drop for LocalDir {
 
 impl ObjectStore for LocalDir {
     fn put(&self, name: &str, data: &[u8]) -> Result<()> {
-        self.write(name, data, true)
+        self.write(name, data, Mode::Replace)
+    }
+
+    fn put_new(&self, name: &str, data: &[u8]) -> Result<()> {
+        self.write(name, data, Mode::New)
     }
 
     fn put_unsynced(&self, name: &str, data: &[u8]) -> Result<()> {
-        self.write(name, data, false)
+        self.write(name, data, Mode::Unsynced)
     }
 
     fn sync(&self) -> Result<()> {
@@ -220,21 +276,49 @@ impl ObjectStore for LocalDir {
         // that hold the names, so that no name ever points at data that is not durable.
         let batch: Vec<(String, PathBuf)> =
             std::mem::take(&mut *self.pending()).into_iter().collect();
-        each_in_parallel(&batch, |(_, tmp)| {
+        // After a failed fsync the data's state is unknown (the kernel may have dropped the
+        // dirty pages): the temporaries not yet named are removed, never named later. The
+        // backup that wrote them fails; the next one writes them again.
+        let forget = |from: usize| {
+            for (_, tmp) in &batch[from..] {
+                let _ = std::fs::remove_file(tmp);
+            }
+        };
+        if let Err(e) = each_in_parallel(&batch, |(_, tmp)| {
             File::open(tmp)
                 .and_then(|f| f.sync_data())
                 .map_err(io("sync", tmp))
-        })?;
+        }) {
+            forget(0);
+            return Err(e);
+        }
         let mut folders = std::collections::BTreeSet::new();
-        for (name, tmp) in &batch {
-            let path = self.path(name)?;
-            std::fs::rename(tmp, &path).map_err(io("rename", &path))?;
-            if let Some(dir) = path.parent() {
-                folders.insert(dir.to_path_buf());
+        for (i, (name, tmp)) in batch.iter().enumerate() {
+            let renamed = self.path(name).and_then(|path| {
+                std::fs::rename(tmp, &path)
+                    .map_err(io("rename", &path))
+                    .map(|()| path)
+            });
+            match renamed {
+                Ok(path) => {
+                    if let Some(dir) = path.parent() {
+                        folders.insert(dir.to_path_buf());
+                    }
+                }
+                Err(e) => {
+                    forget(i);
+                    return Err(e);
+                }
             }
         }
         let folders: Vec<PathBuf> = folders.into_iter().collect();
         each_in_parallel(&folders, |dir| sync_dir(dir))
+    }
+
+    fn forget_unsynced(&self) {
+        for (_, tmp) in self.pending().drain() {
+            let _ = std::fs::remove_file(tmp);
+        }
     }
 
     fn remove_temporaries(&self) -> Result<usize> {
@@ -243,9 +327,14 @@ impl ObjectStore for LocalDir {
             let Some(rest) = file.strip_prefix(TEMPORARY) else {
                 return Ok(());
             };
-            // `.tmp-PID-...`: a process that is still alive may still sync it.
+            // `.tmp-PID-...`: a process that is still alive may still sync it; this one
+            // names only what it holds as pending.
             let pid = rest.split('-').next().unwrap_or_default();
-            if !pid.is_empty() && Path::new("/proc").join(pid).exists() {
+            if pid == std::process::id().to_string() {
+                if self.pending().values().any(|p| p == path) {
+                    return Ok(());
+                }
+            } else if !pid.is_empty() && Path::new("/proc").join(pid).exists() {
                 return Ok(());
             }
             match std::fs::remove_file(path) {
@@ -306,10 +395,17 @@ impl ObjectStore for LocalDir {
             let _ = std::fs::remove_file(tmp);
         }
         match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io("delete", &path)(e)),
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("delete", &path)(e)),
         }
+        // A backup's folder goes with its last object (it fails while others remain).
+        if name.starts_with("backups/") {
+            if let Some(dir) = path.parent().filter(|d| *d != self.root.join("backups")) {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+        Ok(())
     }
 }
 
