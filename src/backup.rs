@@ -889,7 +889,7 @@ fn publish(
     started_at: String,
 ) -> Result<Manifest> {
     let object = format!("backups/{id}/{}", description.file);
-    repo.store().put(&object, &description.bytes)?;
+    repo.store().put_new(&object, &description.bytes)?;
     let manifest = Manifest {
         format_version: 1,
         id: id.to_string(),
