@@ -27,12 +27,13 @@ use serde::Serialize;
 use crate::changes::{self, full_read_marker};
 use crate::error::{chain, Error, Result};
 use crate::hypervisor::vm::GuestInterface;
-use crate::hypervisor::{Description, Freeze, Overlay, VmHandle, VmShape};
+use crate::hypervisor::{bitmap_name, Description, Freeze, Overlay, Tracked, VmHandle, VmShape};
 use crate::image::{self, ImageReader};
 use crate::journal::{Journal, Phase};
 use crate::locks::lock_vm;
 use crate::preflight::{self, Facts, Report, Space};
-use crate::repository::disk::{backup_disk, DiskIndex};
+use crate::qcow2_bitmaps;
+use crate::repository::disk::{backup_disk, backup_disk_changes, DiskIndex};
 use crate::repository::manifest::{
     new_backup_id, DiskEntry, DiskRead, FileState, Manifest, NicEntry,
 };
@@ -168,6 +169,8 @@ pub struct Outcome {
 #[derive(Debug, Clone, Serialize)]
 pub struct DiskOutcome {
     pub target: String,
+    /// Bytes this disk added to the repository.
+    pub stored_bytes: u64,
     #[serde(flatten)]
     pub read: Option<DiskRead>,
 }
@@ -369,7 +372,7 @@ fn run_phases(
     };
 
     let mut _no_writers = Vec::new();
-    let consistency = if shape.running {
+    let (consistency, tracked) = if shape.running {
         run.overlays = overlays.iter().map(|o| o.overlay.clone()).collect();
         run.enter(Phase::Preflight)?;
         let files = OverlayFiles::create(&overlays, &work)?;
@@ -404,11 +407,14 @@ fn run_phases(
                 "{vm_ref} was started while the backup began"
             )));
         }
-        Consistency {
-            application: true,
-            reason: Some("the VM was shut off".into()),
-            freeze_ms: None,
-        }
+        (
+            Consistency {
+                application: true,
+                reason: Some("the VM was shut off".into()),
+                freeze_ms: None,
+            },
+            Tracked::default(),
+        )
     };
 
     run.enter(Phase::Copy)?;
@@ -420,6 +426,7 @@ fn run_phases(
         run.state_dir,
         &work,
         !shape.running,
+        &tracked,
         s,
         progress,
     );
@@ -450,6 +457,23 @@ fn run_phases(
     run.enter(Phase::Cleanup)?;
     if committed.is_ok() {
         remove_overlays(&overlays);
+        if shape.running {
+            // The VM is on its images again: bitmaps can go. After a published backup, every
+            // older one of vmbackup's (the previous backup's, and any a failed run left);
+            // after a failure, the one this run started.
+            let current = bitmap_name(&run.id);
+            let published_ok = published.is_ok();
+            let drop = |name: &str| (name == current) != published_ok;
+            match vm.drop_bitmaps(&drop) {
+                Ok(gone) if !gone.is_empty() => {
+                    tracing::info!(vm = %vm_ref, removed = ?gone, "removed dirty bitmaps")
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(vm = %vm_ref, error = %chain(&e), "cannot remove old dirty bitmaps; the next backup tries again")
+                }
+            }
+        }
     }
     let manifest = match (published, committed) {
         (Ok(m), Ok(())) => m,
@@ -489,6 +513,7 @@ fn run_phases(
             .iter()
             .map(|d| DiskOutcome {
                 target: d.target.clone(),
+                stored_bytes: d.stored_bytes,
                 read: d.read.clone(),
             })
             .collect(),
@@ -523,7 +548,7 @@ fn snapshot(
     shape: &VmShape,
     overlays: &[Overlay],
     s: &BackupSettings,
-) -> Result<Consistency> {
+) -> Result<(Consistency, Tracked)> {
     let vm = run.vm;
     let mut c = Consistency {
         application: false,
@@ -560,7 +585,8 @@ fn snapshot(
     crate::fault::stop_point("snapshot");
     let t = Instant::now();
     let in_snapshot = matches!(freeze, Some(Freeze::InSnapshot));
-    let mut snap = vm.snapshot(overlays, in_snapshot, None, s);
+    let bitmap = bitmap_name(&run.id);
+    let mut snap = vm.snapshot(overlays, in_snapshot, Some(&bitmap), s);
     if in_snapshot {
         if let Err(e) = &snap {
             // libvirt thaws only after a freeze it saw succeed.
@@ -571,7 +597,7 @@ fn snapshot(
             tracing::warn!(vm = %vm.vm(), error = %chain(e), "cannot take a quiesced snapshot; the backup is crash-consistent");
             c.reason = Some(freeze_failed(e, late));
             check_interrupted()?;
-            snap = vm.snapshot(overlays, false, None, s);
+            snap = vm.snapshot(overlays, false, Some(&bitmap), s);
         } else {
             // Freeze, snapshot and thaw happened inside this one call: its duration bounds
             // how long the guest was frozen.
@@ -597,9 +623,12 @@ fn snapshot(
             }
         }
     }
-    snap?;
-    tracing::info!(vm = %vm.vm(), freeze_ms = c.freeze_ms, "snapshot taken");
-    Ok(c)
+    let tracked = snap?;
+    if let Some(why) = &tracked.failed {
+        tracing::warn!(vm = %vm.vm(), "cannot start the dirty bitmap {bitmap}: the next backup reads everything: {why}");
+    }
+    tracing::info!(vm = %vm.vm(), freeze_ms = c.freeze_ms, tracked = ?tracked.targets, "snapshot taken");
+    Ok((c, tracked))
 }
 
 /// Asks the agent until the guest is thawed; an agent that never says so fails the run.
@@ -631,6 +660,37 @@ fn freeze_failed(e: &Error, froze_late: bool) -> String {
 
 type Copied = (Vec<DiskEntry>, u64, u64);
 
+/// Reads a few chunks (chosen at random, none of `changed`) again and compares them with
+/// `index`, the base backup's: they must not have changed. A mismatch fails the run loudly and
+/// leaves a request for the next backup to read the disk whole. Returns the bytes read.
+fn check_unchanged(
+    reader: &ImageReader,
+    index: &DiskIndex,
+    changed: &[u64],
+    based_on: &str,
+    target: &str,
+    vm: &VmRef,
+    marker: &Path,
+) -> Result<u64> {
+    let picks = changes::pick(index, changes::SPOT_CHECKS, changed);
+    let (bytes_read, mismatch) = changes::spot_check(reader, index, &picks)?;
+    if let Some(m) = mismatch {
+        let why = format!(
+            "chunk {} of {target} differs from backup {based_on}, though nothing recorded a change to it",
+            m.chunk
+        );
+        if let Some(dir) = marker.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = std::fs::write(marker, &why);
+        tracing::error!(vm = %vm, disk = %target, "{why}: the next backup reads everything");
+        return Err(Error::Invalid(format!(
+            "{why}; the next backup of {vm} reads the disk whole"
+        )));
+    }
+    Ok(bytes_read)
+}
+
 /// Copies every disk into backup `id`: a disk proven unchanged since an earlier backup is
 /// spot-checked and takes that backup's index; every other disk is read whole.
 #[allow(clippy::too_many_arguments)]
@@ -641,6 +701,7 @@ fn copy_disks(
     state_dir: &Path,
     work: &[Work],
     shut_off: bool,
+    tracked: &Tracked,
     s: &BackupSettings,
     progress: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> Result<Copied> {
@@ -678,12 +739,16 @@ fn copy_disks(
         };
         let marker = full_read_marker(state_dir, vm, &w.target);
         let forced = std::fs::read_to_string(&marker).ok().or(unlisted.clone());
+        // After the snapshot (or with the VM off) the image is read-only: its bitmaps are
+        // as QEMU saved them.
+        let listed = qcow2_bitmaps::list(Path::new(&w.image)).map_err(|e| e.to_string());
         let now = changes::DiskNow {
             target: &w.target,
             image: &w.image,
             virtual_size: w.virtual_size,
             chunk_size: s.chunk_size,
             file,
+            bitmaps: listed.as_ref().map_err(Clone::clone),
         };
         let rules = changes::Rules {
             full: s.full,
@@ -691,30 +756,36 @@ fn copy_disks(
             forced: forced.as_deref(),
             now: jiff::Timestamp::now(),
         };
-        let (index, read, disk_logical, disk_stored) = match changes::plan(&previous, &now, rules) {
+        // The bitmap that records this disk's writes from this backup's read on.
+        let tracking = if shut_off {
+            None
+        } else {
+            tracked.targets.contains(&w.target).then(|| bitmap_name(id))
+        };
+        let mut plan = changes::plan(&previous, &now, rules);
+        // The regions the previous backup's bitmap marks, when the plan is to read them.
+        let mut changed = None;
+        if let changes::Plan::Changed { bitmap, .. } = &plan {
+            match qcow2_bitmaps::dirty_ranges(Path::new(&w.image), bitmap) {
+                Ok(map) => changed = Some(map.chunks_touched(s.chunk_size)),
+                Err(e) => {
+                    plan = changes::Plan::Full {
+                        reason: format!("cannot read bitmap {bitmap}: {e}"),
+                    }
+                }
+            }
+        }
+        let (index, read, disk_logical, disk_stored) = match plan {
             changes::Plan::Unchanged {
                 based_on,
                 index_object,
                 logical_bytes,
                 full_at,
+                bitmap,
             } => {
                 let index = DiskIndex::decode(&repo.store().get(&index_object)?)?;
-                let picks = changes::pick(&index, changes::SPOT_CHECKS);
-                let (bytes_read, mismatch) = changes::spot_check(&reader, &index, &picks)?;
-                if let Some(m) = mismatch {
-                    let why = format!(
-                        "chunk {} of {} differs from backup {based_on}, which recorded the image unchanged",
-                        m.chunk, w.target
-                    );
-                    if let Some(dir) = marker.parent() {
-                        let _ = std::fs::create_dir_all(dir);
-                    }
-                    let _ = std::fs::write(&marker, &why);
-                    tracing::error!(vm = %vm, disk = %w.target, "{why}: the next backup reads everything");
-                    return Err(Error::Invalid(format!(
-                        "{why}; the next backup of {vm} reads the disk whole"
-                    )));
-                }
+                let bytes_read =
+                    check_unchanged(&reader, &index, &[], &based_on, &w.target, vm, &marker)?;
                 tracing::info!(vm = %vm, disk = %w.target, based_on = %based_on, "unchanged since the last backup: not read");
                 progress(&label, w.virtual_size, w.virtual_size);
                 let read = DiskRead {
@@ -724,9 +795,48 @@ fn copy_disks(
                     bytes_read,
                     full_at,
                     file,
-                    bitmap: None,
+                    bitmap: tracking.clone().or(bitmap),
                 };
                 (index, read, logical_bytes, 0)
+            }
+            changes::Plan::Changed {
+                based_on,
+                index_object,
+                full_at,
+                bitmap,
+            } => {
+                let changed = changed.unwrap_or_default();
+                let base = DiskIndex::decode(&repo.store().get(&index_object)?)?;
+                let checked =
+                    check_unchanged(&reader, &base, &changed, &based_on, &w.target, vm, &marker)?;
+                tracing::info!(vm = %vm, disk = %w.target, based_on = %based_on, bitmap = %bitmap, chunks = changed.len(), "reading the chunks changed since the last backup");
+                let b = backup_disk_changes(
+                    repo,
+                    &reader,
+                    &base,
+                    &changed,
+                    s.threads,
+                    &|done, total| progress(&label, done, total),
+                )?;
+                if changed.is_empty() {
+                    progress(&label, w.virtual_size, w.virtual_size);
+                }
+                let read = DiskRead {
+                    mode: "incremental".into(),
+                    based_on: Some(based_on),
+                    full_reason: None,
+                    bytes_read: b.bytes_read + checked,
+                    full_at,
+                    file,
+                    // A shut-off VM's image keeps recording in the same bitmap when it runs.
+                    bitmap: tracking.clone().or(shut_off.then_some(bitmap)),
+                };
+                (
+                    b.index.clone(),
+                    read,
+                    b.index.data_bytes(),
+                    b.stored_bytes_new,
+                )
             }
             changes::Plan::Full { reason } => {
                 tracing::info!(vm = %vm, disk = %w.target, reason = %reason, "reading the whole disk");
@@ -737,10 +847,10 @@ fn copy_disks(
                     mode: "full".into(),
                     based_on: None,
                     full_reason: Some(reason),
-                    bytes_read: b.logical_bytes,
+                    bytes_read: b.bytes_read,
                     full_at: now_utc(),
                     file,
-                    bitmap: None,
+                    bitmap: tracking.clone(),
                 };
                 (b.index, read, b.logical_bytes, b.stored_bytes_new)
             }
@@ -840,12 +950,16 @@ mod tests {
         frozen: bool,
         on_overlays: bool,
         calls: Vec<&'static str>,
+        /// The dirty bitmaps on the disk.
+        bitmaps: Vec<String>,
     }
 
     /// A running VM with one raw disk and an agent; `fail` names the call that fails.
     struct FakeVm {
         vm: VmRef,
         image: PathBuf,
+        /// `qcow2` (bitmaps really started in the image with qemu-img) or `raw`.
+        format: &'static str,
         fail: Option<&'static str>,
         st: RefCell<FakeState>,
     }
@@ -861,6 +975,7 @@ mod tests {
             FakeVm {
                 vm: VmRef::libvirt("fake").unwrap(),
                 image,
+                format: "raw",
                 fail,
                 st: RefCell::new(FakeState::default()),
             }
@@ -906,7 +1021,7 @@ mod tests {
                         virtual_size: 8 * MIB,
                         allocated_size: 8 * MIB,
                     },
-                    format: "raw".into(),
+                    format: self.format.into(),
                     node: None,
                 }],
                 nics: vec![NicSpec {
@@ -948,7 +1063,7 @@ mod tests {
             &self,
             overlays: &[Overlay],
             _q: bool,
-            _bitmap: Option<&str>,
+            bitmap: Option<&str>,
             _s: &BackupSettings,
         ) -> Result<Tracked> {
             assert!(
@@ -956,8 +1071,21 @@ mod tests {
                 "overlay files first"
             );
             self.call("snapshot")?;
-            self.st.borrow_mut().on_overlays = true;
-            Ok(Tracked::default())
+            let mut st = self.st.borrow_mut();
+            st.on_overlays = true;
+            Ok(match bitmap {
+                Some(b) => {
+                    if self.format == "qcow2" {
+                        qemu_img(&["bitmap", "--add", &self.image.to_string_lossy(), b]);
+                    }
+                    st.bitmaps.push(b.to_string());
+                    Tracked {
+                        targets: overlays.iter().map(|o| o.target.clone()).collect(),
+                        failed: None,
+                    }
+                }
+                None => Tracked::default(),
+            })
         }
         fn thaw(&self, _s: &BackupSettings) -> Result<()> {
             self.call("thaw")?;
@@ -984,8 +1112,20 @@ mod tests {
         fn is_shut_off(&self) -> Result<bool> {
             Ok(false)
         }
-        fn drop_bitmaps(&self, _drop: &dyn Fn(&str) -> bool) -> Result<Vec<String>> {
-            Ok(Vec::new())
+        fn drop_bitmaps(&self, drop: &dyn Fn(&str) -> bool) -> Result<Vec<String>> {
+            let mut st = self.st.borrow_mut();
+            let (gone, kept) = st
+                .bitmaps
+                .iter()
+                .cloned()
+                .partition(|b| b.starts_with(crate::hypervisor::BITMAP_PREFIX) && drop(b));
+            st.bitmaps = kept;
+            if self.format == "qcow2" {
+                for b in &gone {
+                    qemu_img(&["bitmap", "--remove", &self.image.to_string_lossy(), b]);
+                }
+            }
+            Ok(gone)
         }
     }
 
@@ -1148,5 +1288,151 @@ mod tests {
             1,
             "the VM runs on its overlay"
         );
+    }
+
+    #[test]
+    fn each_backup_starts_a_bitmap_and_only_the_newest_published_ones_stays() {
+        let t = setup();
+        let vm = FakeVm::new(t.dir.path(), None);
+        vm.st.borrow_mut().bitmaps.push("not-ours".into());
+        let a = run(&t, &vm, Quiesce::Preferred).unwrap();
+        assert_eq!(
+            a.disks[0].read.as_ref().unwrap().bitmap,
+            Some(format!("vmbackup-{}", a.id))
+        );
+        let b = run(&t, &vm, Quiesce::Preferred).unwrap();
+        assert_eq!(
+            vm.st.borrow().bitmaps,
+            ["not-ours".to_string(), format!("vmbackup-{}", b.id)]
+        );
+        // The raw image cannot hold the bitmap: the second backup read everything, saying why.
+        let read = b.disks[0].read.clone().unwrap();
+        assert_eq!(read.mode, "full");
+        assert!(
+            read.full_reason.unwrap().contains("not in the image"),
+            "{:?}",
+            b.disks[0]
+        );
+        // A run that fails removes only the bitmap it started.
+        let failing = FakeVm {
+            fail: Some("publish"),
+            ..FakeVm::new(t.dir.path(), None)
+        };
+        failing.st.borrow_mut().bitmaps = vm.st.borrow().bitmaps.clone();
+        assert!(run(&t, &failing, Quiesce::Preferred).is_err());
+        assert_eq!(failing.st.borrow().bitmaps, vm.st.borrow().bitmaps);
+        // A commit that fails removes none: the VM is still on its overlays.
+        let stuck = FakeVm {
+            fail: Some("commit"),
+            ..FakeVm::new(t.dir.path(), None)
+        };
+        assert!(run(&t, &stuck, Quiesce::Preferred).is_err());
+        assert_eq!(stuck.st.borrow().bitmaps.len(), 1);
+    }
+
+    fn qemu_img(args: &[&str]) {
+        let st = std::process::Command::new("qemu-img")
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "qemu-img {args:?}");
+    }
+
+    /// Writes `len` bytes of `byte` at `offset` into the qcow2 image, as a guest would (QEMU
+    /// records the write in the image's enabled bitmaps).
+    fn guest_write(image: &Path, offset: u64, len: u64, byte: u8) {
+        let cmd = format!("write -P {byte} {offset} {len}");
+        let st = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", &cmd])
+            .arg(image)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "qemu-io {cmd}");
+    }
+
+    fn restored(t: &Setup, id: &str) -> Vec<u8> {
+        let m = t.repo.load(id).unwrap();
+        let index = crate::repository::disk::DiskIndex::decode(
+            &t.repo.store().get(&m.disks[0].index_object).unwrap(),
+        )
+        .unwrap();
+        let out = t.dir.path().join(format!("{id}.raw"));
+        crate::repository::disk::restore_disk(&t.repo, &index, &out, 2, &|_, _| {}).unwrap();
+        std::fs::read(&out).unwrap()
+    }
+
+    fn content(image: &Path) -> Vec<u8> {
+        let out = image.with_extension("now.raw");
+        let _ = std::fs::remove_file(&out);
+        qemu_img(&[
+            "convert",
+            "-O",
+            "raw",
+            &image.to_string_lossy(),
+            &out.to_string_lossy(),
+        ]);
+        std::fs::read(&out).unwrap()
+    }
+
+    #[test]
+    fn an_incremental_reads_only_the_chunks_the_previous_bitmap_marks() {
+        let t = setup();
+        let mut vm = FakeVm::new(t.dir.path(), None);
+        let image = t.dir.path().join("fake-vda.qcow2");
+        qemu_img(&[
+            "convert",
+            "-O",
+            "qcow2",
+            &vm.image.to_string_lossy(),
+            &image.to_string_lossy(),
+        ]);
+        vm.image = image.clone();
+        vm.format = "qcow2";
+        let a = run(&t, &vm, Quiesce::Preferred).unwrap();
+        assert_eq!(a.disks[0].read.as_ref().unwrap().mode, "full");
+        // A write straddling the chunk boundary at 2 MiB, one into a never-written chunk.
+        guest_write(&image, 2 * MIB - 4096, 8192, 0x11);
+        guest_write(&image, 6 * MIB + 100 * 1024, 4096, 0x22);
+        let b = run(&t, &vm, Quiesce::Preferred).unwrap();
+        let read = b.disks[0].read.clone().unwrap();
+        assert_eq!(
+            (read.mode.as_str(), read.based_on.as_deref()),
+            ("incremental", Some(&*a.id)),
+            "{read:?}"
+        );
+        // Chunks 1, 2 and 6 (1 MiB chunks) plus at most the three spot checks.
+        assert!(
+            read.bytes_read >= 3 * MIB && read.bytes_read <= 6 * MIB,
+            "{read:?}"
+        );
+        assert_eq!(restored(&t, &b.id), content(&image));
+        assert_eq!(
+            restored(&t, &a.id),
+            std::fs::read(t.dir.path().join("fake-vda.raw")).unwrap()
+        );
+        // Unchanged: only the spot checks are read.
+        let c = run(&t, &vm, Quiesce::Preferred).unwrap();
+        let read = c.disks[0].read.clone().unwrap();
+        assert_eq!(read.mode, "incremental");
+        assert!(read.bytes_read <= 3 * MIB, "{read:?}");
+        assert_eq!(restored(&t, &c.id), content(&image));
+        assert_eq!(vm.st.borrow().bitmaps, [format!("vmbackup-{}", c.id)]);
+        // A chunk changed behind the bitmap's back (it was removed and added again empty) is
+        // caught by a spot check sooner or later; here every data chunk is changed, so the
+        // first check fails the run and the next one reads everything.
+        let bm = format!("vmbackup-{}", c.id);
+        qemu_img(&["bitmap", "--remove", &image.to_string_lossy(), &bm]);
+        for i in 0..5 {
+            guest_write(&image, i * MIB, 512, 0x33);
+        }
+        qemu_img(&["bitmap", "--add", &image.to_string_lossy(), &bm]);
+        let e = run(&t, &vm, Quiesce::Preferred).unwrap_err();
+        assert!(e.to_string().contains("differs from backup"), "{e}");
+        let d = run(&t, &vm, Quiesce::Preferred).unwrap();
+        let read = d.disks[0].read.clone().unwrap();
+        assert_eq!(read.mode, "full");
+        assert!(read.full_reason.unwrap().contains("earlier run"));
+        assert_eq!(restored(&t, &d.id), content(&image));
     }
 }

@@ -1,14 +1,22 @@
-//! What a backup must read of a disk: everything, or nothing but a check, because the disk is
-//! provably the one an earlier backup read.
+//! What a backup must read of a disk: everything, only what changed since the previous
+//! backup, or nothing but a check.
 //!
-//! Today the only proof is the image file of a shut-off VM: its identity (device, inode),
-//! size, and both change times (mtime, and ctime, which no write or `touch` can set back) equal
-//! to what the previous backup of the disk recorded. Then the previous backup's index stands
-//! for this one, after a few of its chunks, chosen at random, are read again and compared with
-//! their recorded digests. Whenever there is any doubt, everything is read, and the reason is
+//! Two proofs let a backup read less than everything:
+//! - a shut-off VM's image file whose identity (device, inode), size, and both change times
+//!   (mtime, and ctime, which no write or `touch` can set back) equal what the previous backup
+//!   recorded: that backup's index stands for this one;
+//! - the persistent dirty bitmap the previous backup started in the image at its snapshot
+//!   instant (`vmbackup-<id>`), read from the image file after this backup's snapshot made it
+//!   read-only (or with the VM shut off): only the chunks it marks are read, the rest of the
+//!   index is the previous backup's.
+//!
+//! Either way a few unchanged chunks, chosen at random, are read again and compared with their
+//! recorded digests. Whenever there is any doubt, everything is read, and the reason is
 //! recorded: the first backup, `--full`, the chain's last full read older than `full_every`, the
-//! disk's source, size or chunk size changed, no recorded file state, a changed file, or a
-//! failed check in an earlier run.
+//! disk's source, size or chunk size changed, no bitmap from the previous backup, the bitmap
+//! gone (removed, the disk replaced or restored), in use (QEMU died with the image open),
+//! disabled or unreadable, internal snapshots in the image, or a failed check or a restore
+//! since (a request left in the state folder).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,6 +24,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use crate::image::{ChunkKind, ImageError, ImageReader};
+use crate::qcow2_bitmaps::Bitmaps;
 use crate::repository::chunk;
 use crate::repository::disk::DiskIndex;
 use crate::repository::manifest::{FileState, Manifest};
@@ -55,6 +64,9 @@ pub struct DiskNow<'a> {
     pub chunk_size: u64,
     /// The image file's state, when the VM is shut off (a running VM's image changes).
     pub file: Option<FileState>,
+    /// The persistent bitmaps in the image file, read after the snapshot (a running VM) or
+    /// with the VM shut off; `Err` says why they cannot be read.
+    pub bitmaps: Result<&'a Bitmaps, String>,
 }
 
 /// Why everything is read, or what stands for the disk.
@@ -63,12 +75,22 @@ pub enum Plan {
     Full {
         reason: String,
     },
-    /// The disk is unchanged since backup `based_on`.
+    /// The disk is unchanged since backup `based_on`: its index stands for this one.
     Unchanged {
         based_on: String,
         index_object: String,
         logical_bytes: u64,
         full_at: String,
+        /// The bitmap that went on recording the disk's writes since then.
+        bitmap: Option<String>,
+    },
+    /// Only the regions that bitmap `bitmap` of the image marks changed since backup
+    /// `based_on`: read those, take the rest from its index.
+    Changed {
+        based_on: String,
+        index_object: String,
+        full_at: String,
+        bitmap: String,
     },
 }
 
@@ -83,7 +105,9 @@ pub struct Rules<'a> {
     pub now: Timestamp,
 }
 
-/// Decides how to read disk `now`, given the VM's earlier backups, newest first.
+/// Decides how to read disk `now`, given the VM's earlier backups, newest first. The base is
+/// always the newest backup holding the disk: its bitmap (started at its snapshot) is the one
+/// that recorded every write since; an older backup's bitmap was removed after it.
 pub fn plan(previous: &[Manifest], now: &DiskNow, rules: Rules) -> Plan {
     let full = |reason: String| Plan::Full { reason };
     if rules.full {
@@ -107,20 +131,12 @@ pub fn plan(previous: &[Manifest], now: &DiskNow, rules: Rules) -> Plan {
             m.id
         ));
     }
-    let Some(now_file) = now.file else {
-        return full(
-            "the VM runs: only a shut-off VM's unchanged image is proven unchanged".into(),
-        );
-    };
     let Some(read) = &d.read else {
-        return full(format!("backup {} recorded no state of the image", m.id));
+        return full(format!(
+            "backup {} recorded no state of the image and no bitmap",
+            m.id
+        ));
     };
-    let Some(then_file) = read.file else {
-        return full(format!("backup {} recorded no state of the image", m.id));
-    };
-    if then_file != now_file {
-        return full(format!("the image changed since backup {}", m.id));
-    }
     let full_at = read.full_at.parse::<Timestamp>().ok();
     let age_ok = full_at.is_some_and(|t| {
         rules.now.as_second().saturating_sub(t.as_second()) <= rules.full_every.as_secs() as i64
@@ -132,11 +148,61 @@ pub fn plan(previous: &[Manifest], now: &DiskNow, rules: Rules) -> Plan {
             rules.full_every.as_secs() / 86_400
         ));
     }
-    Plan::Unchanged {
+    if let (Some(now_file), Some(then_file)) = (now.file, read.file) {
+        if now_file == then_file {
+            return Plan::Unchanged {
+                based_on: m.id.clone(),
+                index_object: d.index_object.clone(),
+                logical_bytes: d.logical_bytes,
+                full_at: read.full_at.clone(),
+                bitmap: read.bitmap.clone(),
+            };
+        }
+    }
+    let Some(name) = &read.bitmap else {
+        return full(match now.file {
+            Some(_) if read.file.is_some() => format!(
+                "the image changed since backup {}, which started no bitmap on the disk",
+                m.id
+            ),
+            _ => format!("backup {} started no bitmap on the disk", m.id),
+        });
+    };
+    let bitmaps = match &now.bitmaps {
+        Ok(b) => b,
+        Err(why) => return full(format!("cannot read the image's bitmaps: {why}")),
+    };
+    if bitmaps.snapshots > 0 {
+        return full(format!(
+            "the image has {} internal snapshot(s): a revert would change it unseen",
+            bitmaps.snapshots
+        ));
+    }
+    if !bitmaps.consistent {
+        return full("the image's bitmaps are marked inconsistent (written by a program that does not keep them)".into());
+    }
+    let Some(info) = bitmaps.get(name) else {
+        return full(format!(
+            "bitmap {name} of backup {} is not in the image (removed, or the disk was replaced or restored)",
+            m.id
+        ));
+    };
+    if info.in_use {
+        return full(format!(
+            "bitmap {name} is inconsistent: QEMU did not save it (killed, crashed or destroyed with the image open)"
+        ));
+    }
+    if !info.auto {
+        return full(format!("bitmap {name} is disabled: it stopped recording"));
+    }
+    if let Err(e) = info.check_usable() {
+        return full(e.to_string());
+    }
+    Plan::Changed {
         based_on: m.id.clone(),
         index_object: d.index_object.clone(),
-        logical_bytes: d.logical_bytes,
         full_at: read.full_at.clone(),
+        bitmap: name.clone(),
     }
 }
 
@@ -171,9 +237,9 @@ pub fn spot_check(
     Ok((read, None))
 }
 
-/// `n` chunk indexes out of `count`, chosen at random (data chunks first, so that the check
-/// reads something), without repeats.
-pub fn pick(index: &DiskIndex, n: usize) -> Vec<u64> {
+/// `n` chunk indexes of `index`, chosen at random (data chunks first, so that the check
+/// reads something), without repeats, none of them in `skip` (ascending).
+pub fn pick(index: &DiskIndex, n: usize, skip: &[u64]) -> Vec<u64> {
     let mut seed = [0u8; 8];
     let _ = std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed));
@@ -184,14 +250,15 @@ pub fn pick(index: &DiskIndex, n: usize) -> Vec<u64> {
         x ^= x << 17;
         x
     };
-    let data: Vec<u64> = (0..index.chunks.len() as u64)
+    let eligible: Vec<u64> = (0..index.chunks.len() as u64)
+        .filter(|i| skip.binary_search(i).is_err())
+        .collect();
+    let data: Vec<u64> = eligible
+        .iter()
+        .copied()
         .filter(|&i| index.chunks[i as usize].is_some())
         .collect();
-    let pool: Vec<u64> = if data.is_empty() {
-        (0..index.chunks.len() as u64).collect()
-    } else {
-        data
-    };
+    let pool: Vec<u64> = if data.is_empty() { eligible } else { data };
     let mut out = Vec::new();
     while out.len() < n.min(pool.len()) {
         let c = pool[(next() % pool.len() as u64) as usize];
@@ -205,6 +272,7 @@ pub fn pick(index: &DiskIndex, n: usize) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qcow2_bitmaps::{BitmapInfo, ImageFormat};
     use crate::repository::manifest::{DiskEntry, DiskRead};
 
     const DAY: u64 = 86_400;
@@ -268,7 +336,126 @@ mod tests {
             virtual_size: 8 << 20,
             chunk_size: 4 << 20,
             file: state,
+            bitmaps: Err("not read".into()),
         }
+    }
+
+    fn bitmaps(list: Vec<BitmapInfo>, snapshots: u32, consistent: bool) -> &'static Bitmaps {
+        Box::leak(Box::new(Bitmaps {
+            format: ImageFormat::Qcow2 { version: 3 },
+            virtual_size: Some(8 << 20),
+            consistent,
+            snapshots,
+            bitmaps: list,
+        }))
+    }
+
+    fn with_bitmap(mut m: Manifest, name: &str) -> Manifest {
+        m.disks[0].read.as_mut().unwrap().bitmap = Some(name.into());
+        m
+    }
+
+    #[test]
+    fn a_running_disk_with_the_previous_backups_bitmap_reads_what_it_marks() {
+        let t = "2027-01-05T00:00:00Z";
+        let prev = [
+            with_bitmap(manifest("b2", t, None), "vmbackup-b2"),
+            with_bitmap(manifest("b1", t, None), "vmbackup-b1"),
+        ];
+        let mut n = now(None);
+        n.bitmaps = Ok(bitmaps(
+            vec![
+                BitmapInfo::for_test("vmbackup-b2", false, true),
+                BitmapInfo::for_test("other", true, false),
+            ],
+            0,
+            true,
+        ));
+        let p = plan(&prev, &n, rules(false, None));
+        assert_eq!(
+            p,
+            Plan::Changed {
+                based_on: "b2".into(),
+                index_object: "backups/b2/vda.index".into(),
+                full_at: t.into(),
+                bitmap: "vmbackup-b2".into(),
+            }
+        );
+        // A shut-off VM whose image changed uses the bitmap too; an unchanged one is not read,
+        // and the bitmap goes on standing for the disk.
+        let prev_off = [with_bitmap(manifest("b3", t, Some(file(9))), "vmbackup-b2")];
+        let mut off = now(Some(file(10)));
+        off.bitmaps = n.bitmaps.clone();
+        assert!(
+            matches!(plan(&prev_off, &off, rules(false, None)), Plan::Changed { based_on, bitmap, .. } if based_on == "b3" && bitmap == "vmbackup-b2")
+        );
+        off.file = Some(file(9));
+        assert!(
+            matches!(plan(&prev_off, &off, rules(false, None)), Plan::Unchanged { based_on, bitmap: Some(b), .. } if based_on == "b3" && b == "vmbackup-b2")
+        );
+    }
+
+    #[test]
+    fn every_doubt_about_the_bitmap_reads_everything_and_says_why() {
+        let t = "2027-01-05T00:00:00Z";
+        let prev = [with_bitmap(manifest("b2", t, None), "vmbackup-b2")];
+        let good = BitmapInfo::for_test("vmbackup-b2", false, true);
+        let cases: Vec<(&'static Bitmaps, &str)> = vec![
+            (bitmaps(vec![], 0, true), "not in the image"),
+            (
+                bitmaps(
+                    vec![BitmapInfo::for_test("vmbackup-b1", false, true)],
+                    0,
+                    true,
+                ),
+                "not in the image",
+            ),
+            (
+                bitmaps(
+                    vec![BitmapInfo::for_test("vmbackup-b2", true, true)],
+                    0,
+                    true,
+                ),
+                "inconsistent",
+            ),
+            (
+                bitmaps(
+                    vec![BitmapInfo::for_test("vmbackup-b2", false, false)],
+                    0,
+                    true,
+                ),
+                "disabled",
+            ),
+            (bitmaps(vec![good.clone()], 1, true), "internal snapshot"),
+            (bitmaps(vec![good.clone()], 0, false), "marked inconsistent"),
+        ];
+        for (b, want) in cases {
+            let mut n = now(None);
+            n.bitmaps = Ok(b);
+            let r = reason(plan(&prev, &n, rules(false, None)));
+            assert!(r.contains(want), "{r:?} lacks {want:?}");
+        }
+        let mut n = now(None);
+        n.bitmaps = Err("no such file".into());
+        assert!(reason(plan(&prev, &n, rules(false, None))).contains("no such file"));
+        n.bitmaps = Ok(bitmaps(vec![good], 0, true));
+        assert!(reason(plan(&prev, &n, rules(true, None))).contains("--full"));
+        let r = reason(plan(
+            &prev,
+            &n,
+            rules(false, Some("restored from backup b1")),
+        ));
+        assert!(r.contains("restored from backup b1"), "{r}");
+        let old = [with_bitmap(
+            manifest("b0", "2026-11-01T00:00:00Z", None),
+            "vmbackup-b0",
+        )];
+        assert!(reason(plan(&old, &n, rules(false, None))).contains("full_every_days"));
+        // A backup that started no bitmap on the disk (raw, or the bitmap failed).
+        assert!(
+            reason(plan(&[manifest("b2", t, None)], &n, rules(false, None)))
+                .contains("started no bitmap")
+        );
     }
 
     fn rules(full: bool, forced: Option<&str>) -> Rules<'_> {
@@ -320,16 +507,19 @@ mod tests {
             ),
             (
                 plan(&prev, &now(Some(file(10))), rules(false, None)),
-                "image changed",
+                "the image changed since backup b2, which started no bitmap",
             ),
-            (plan(&prev, &now(None), rules(false, None)), "VM runs"),
+            (
+                plan(&prev, &now(None), rules(false, None)),
+                "started no bitmap",
+            ),
             (
                 plan(
                     &[manifest("b1", t, None)],
                     &now(Some(file(9))),
                     rules(false, None),
                 ),
-                "no state",
+                "started no bitmap",
             ),
             (
                 plan(
@@ -361,14 +551,17 @@ mod tests {
                 .map(|i| (i % 2 == 0).then_some([i as u8; 32]))
                 .collect(),
         };
-        let p = pick(&index, 3);
+        let p = pick(&index, 3, &[]);
         assert_eq!(p.len(), 3);
         assert!(p.iter().all(|i| i % 2 == 0), "{p:?}");
         let mut d = p.clone();
         d.sort_unstable();
         d.dedup();
         assert_eq!(d.len(), 3);
-        assert_eq!(pick(&index, 99).len(), 5);
+        assert_eq!(pick(&index, 99, &[]).len(), 5);
+        let p = pick(&index, 99, &[0, 4, 5]);
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(!p.contains(&0) && !p.contains(&4), "{p:?}");
     }
 
     #[test]

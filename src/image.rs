@@ -139,6 +139,20 @@ pub fn forbid_writers(path: &Path) -> Result<NoWriters> {
     Ok(NoWriters { _file: file })
 }
 
+/// `qemu-img bitmap --remove`: removes the persistent dirty bitmap `name` from the qcow2
+/// image at `image`, which must not be in use (QEMU's image lock refuses it otherwise).
+pub fn remove_bitmap(image: &Path, name: &str) -> Result<()> {
+    qemu_img(&[
+        "bitmap",
+        "--remove",
+        "-f",
+        "qcow2",
+        &image.to_string_lossy(),
+        name,
+    ])
+    .map(|_| ())
+}
+
 pub fn commit(overlay: &Path) -> Result<()> {
     qemu_img(&["commit", "-q", "-d", &overlay.to_string_lossy()]).map(|_| ())
 }

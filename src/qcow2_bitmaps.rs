@@ -102,6 +102,9 @@ pub struct Bitmaps {
     /// clear (some program that does not know bitmaps wrote to the image): then `bitmaps` is
     /// empty, but not because there are none; none of them may be trusted. `true` otherwise.
     pub consistent: bool,
+    /// Internal snapshots in the image (header field `nb_snapshots`): a revert to one of them
+    /// changes the disk without any write a bitmap would see.
+    pub snapshots: u32,
     pub bitmaps: Vec<BitmapInfo>,
 }
 
@@ -139,6 +142,24 @@ pub struct BitmapInfo {
 }
 
 impl BitmapInfo {
+    /// A directory entry as the tests of other modules need one (nothing behind it to read).
+    #[cfg(test)]
+    pub fn for_test(name: &str, in_use: bool, auto: bool) -> BitmapInfo {
+        BitmapInfo {
+            name: name.into(),
+            granularity: 65536,
+            in_use,
+            auto,
+            extra_data_compatible: false,
+            reserved_flags: 0,
+            bitmap_type: TYPE_DIRTY_TRACKING,
+            extra_data_size: 0,
+            raw_name: name.as_bytes().to_vec(),
+            table_offset: 0,
+            table_size: 0,
+        }
+    }
+
     /// Whether `dirty_ranges` may read this bitmap: a dirty tracking bitmap, not in use,
     /// with no flag or extra data this reader does not know.
     pub fn check_usable(&self) -> Result<(), BitmapError> {
@@ -347,6 +368,7 @@ fn open(path: &Path) -> Result<Image, BitmapError> {
                 format: ImageFormat::NotQcow2,
                 virtual_size: None,
                 consistent: true,
+                snapshots: 0,
                 bitmaps: Vec::new(),
             },
         });
@@ -382,6 +404,7 @@ fn open(path: &Path) -> Result<Image, BitmapError> {
         format: ImageFormat::Qcow2 { version },
         virtual_size: Some(virtual_size),
         consistent: true,
+        snapshots: be32(&head, 60),
         bitmaps: Vec::new(),
     };
     if version == 2 {

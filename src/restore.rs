@@ -9,6 +9,9 @@
 //! redefined, and only once libvirt has accepted the definition are the images replaced
 //! (rename), the old ones kept until all new ones are in place, so that a failed rename puts
 //! back the images and the definition.
+//!
+//! The restored images hold no dirty bitmaps: libvirt's record of vmbackup's checkpoints of
+//! the VM is removed, and the next backup is asked to read every restored disk whole.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -19,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::hypervisor::libvirt::{Dom, Libvirt, PowerState};
 use crate::hypervisor::network::{self, Reservation};
 use crate::hypervisor::vm::VmSpec;
-use crate::hypervisor::xml_edit;
+use crate::hypervisor::{xml_edit, BITMAP_PREFIX};
 use crate::locks::lock_vm;
 use crate::preflight::{Check, Report};
 use crate::repository::disk::{restore_disk, restore_disk_qcow2, DiskIndex};
@@ -607,7 +610,22 @@ pub fn restore(
             return Err(e);
         }
     }
-    let (reserved, warnings) = reserve(lv, &reservations);
+    let (reserved, mut warnings) = reserve(lv, &reservations);
+    if opts.as_name.is_none() {
+        // The images are new files without the dirty bitmaps the VM's checkpoints stood for.
+        warnings.extend(forget_checkpoints(&defined));
+        let why = format!("restored from backup {id}");
+        for d in &m.disks {
+            if let Err(e) = crate::changes::request_full_read(state_dir, &vm, &d.target, &why) {
+                let msg = format!(
+                    "cannot ask the next backup to read disk {} whole: {e}",
+                    d.target
+                );
+                tracing::warn!(vm = %name, "{msg}");
+                warnings.push(msg);
+            }
+        }
+    }
     tracing::info!(vm = %name, id, "restored; the VM is left powered off");
     Ok(Restored {
         id: id.to_string(),
@@ -617,6 +635,52 @@ pub fn restore(
         reserved,
         warnings,
     })
+}
+
+/// After the images of `dom` were replaced by restored ones, which hold no dirty bitmaps:
+/// removes libvirt's record of every checkpoint of vmbackup's (their bitmaps are gone). Other
+/// checkpoints are left alone, with a warning, since their bitmaps are gone too. Returns what
+/// could not be done.
+fn forget_checkpoints(dom: &Dom) -> Vec<String> {
+    let names = match dom.checkpoints() {
+        Ok(n) => n,
+        Err(e) => {
+            let msg = format!(
+                "cannot list the checkpoints of {}: {}",
+                dom.name(),
+                crate::error::chain(&e)
+            );
+            tracing::warn!("{msg}");
+            return vec![msg];
+        }
+    };
+    let mut warnings = Vec::new();
+    let (ours, foreign): (Vec<String>, Vec<String>) = names
+        .into_iter()
+        .partition(|n| n.starts_with(BITMAP_PREFIX));
+    for n in ours {
+        match dom.checkpoint_delete(&n, true) {
+            Ok(()) => tracing::debug!(vm = dom.name(), checkpoint = %n, "checkpoint forgotten"),
+            Err(e) => {
+                let msg = format!(
+                    "cannot remove checkpoint {n} of {}: {}",
+                    dom.name(),
+                    crate::error::chain(&e)
+                );
+                tracing::warn!("{msg}");
+                warnings.push(msg);
+            }
+        }
+    }
+    if !foreign.is_empty() {
+        tracing::warn!(
+            vm = dom.name(),
+            "checkpoints not made by vmbackup now name dirty bitmaps that the restored disks \
+             do not have: {}",
+            foreign.join(", ")
+        );
+    }
+    warnings
 }
 
 /// Shuts a domain down through its agent, then forcibly after `timeout`.

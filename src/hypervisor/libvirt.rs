@@ -1,6 +1,7 @@
 //! libvirt through the `virt` crate. Every call here blocks: async callers run them on
 //! blocking threads. The calls the crate does not wrap (FS freeze and thaw, agent response
-//! timeout) live in the private `raw` module, the only place with `unsafe`.
+//! timeout, block jobs, checkpoints) live in the private `raw` module, the only place with
+//! `unsafe`.
 
 use std::time::Duration;
 
@@ -496,6 +497,31 @@ impl Dom {
     pub fn block_job_abort(&self, disk: &str) -> Result<()> {
         raw::block_job_abort(&self.dom, disk, 0).map_err(self.err("abort block job"))
     }
+
+    /// Creates a checkpoint from `xml` (a `<domaincheckpoint>`): on a running domain, libvirt
+    /// starts a persistent dirty bitmap in the image of every disk the XML marks
+    /// `checkpoint='bitmap'`.
+    pub fn checkpoint_create(&self, xml: &str) -> Result<()> {
+        raw::checkpoint_create(&self.dom, xml, 0).map_err(self.err("create checkpoint"))
+    }
+
+    /// The names of the domain's checkpoints, in libvirt's order (parents before children).
+    pub fn checkpoints(&self) -> Result<Vec<String>> {
+        raw::checkpoint_names(&self.dom, raw::CHECKPOINT_LIST_TOPOLOGICAL)
+            .map_err(self.err("list checkpoints"))
+    }
+
+    /// Deletes checkpoint `name`. Without `metadata_only`, libvirt also removes its bitmaps
+    /// from the images (merging them into the parent checkpoint's, if any); with it, only
+    /// libvirt's record of the checkpoint goes and the images are left alone.
+    pub fn checkpoint_delete(&self, name: &str, metadata_only: bool) -> Result<()> {
+        let flags = if metadata_only {
+            raw::CHECKPOINT_DELETE_METADATA_ONLY
+        } else {
+            0
+        };
+        raw::checkpoint_delete(&self.dom, name, flags).map_err(self.err("delete checkpoint"))
+    }
 }
 
 /// The `state` of the guest agent channel in a live domain XML: `connected` is `true`,
@@ -519,7 +545,7 @@ fn agent_channel_state(xml: &str) -> Result<Option<bool>> {
 
 /// The libvirt calls the `virt` crate does not wrap.
 mod raw {
-    use std::ffi::{c_char, CString};
+    use std::ffi::{c_char, c_int, c_uint, CStr, CString};
 
     use virt::domain::Domain;
     use virt::error::Error;
@@ -621,6 +647,126 @@ mod raw {
         // SAFETY: `dom.as_ptr()` is live while `dom` is borrowed; `disk` is NUL-terminated and
         // outlives the call; libvirt keeps no pointer.
         let rc = unsafe { sys::virDomainBlockJobAbort(dom.as_ptr(), disk.as_ptr(), flags) };
+        if rc < 0 {
+            return Err(Error::last_error());
+        }
+        Ok(())
+    }
+
+    /// libvirt's `virDomainCheckpoint`, only ever handled through pointers.
+    #[repr(C)]
+    struct Checkpoint {
+        _opaque: [u8; 0],
+    }
+
+    /// `VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL` (libvirt-domain-checkpoint.h).
+    pub const CHECKPOINT_LIST_TOPOLOGICAL: c_uint = 1 << 1;
+    /// `VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY` (libvirt-domain-checkpoint.h).
+    pub const CHECKPOINT_DELETE_METADATA_ONLY: c_uint = 1 << 1;
+
+    // The checkpoint API of libvirt 5.6 and later (libvirt-domain-checkpoint.h), which the
+    // virt-sys bindings lack; libvirt itself is linked by virt-sys.
+    extern "C" {
+        fn virDomainCheckpointCreateXML(
+            domain: sys::virDomainPtr,
+            xml_desc: *const c_char,
+            flags: c_uint,
+        ) -> *mut Checkpoint;
+        fn virDomainListAllCheckpoints(
+            domain: sys::virDomainPtr,
+            checkpoints: *mut *mut *mut Checkpoint,
+            flags: c_uint,
+        ) -> c_int;
+        fn virDomainCheckpointLookupByName(
+            domain: sys::virDomainPtr,
+            name: *const c_char,
+            flags: c_uint,
+        ) -> *mut Checkpoint;
+        fn virDomainCheckpointGetName(checkpoint: *mut Checkpoint) -> *const c_char;
+        fn virDomainCheckpointDelete(checkpoint: *mut Checkpoint, flags: c_uint) -> c_int;
+        fn virDomainCheckpointFree(checkpoint: *mut Checkpoint) -> c_int;
+    }
+
+    /// A checkpoint reference, freed when dropped.
+    struct Owned(*mut Checkpoint);
+
+    impl Drop for Owned {
+        fn drop(&mut self) {
+            // SAFETY: `self.0` is a non-null checkpoint reference that libvirt handed to us
+            // (created, looked up or listed) and that nothing else frees; it is freed once,
+            // here, and not used afterwards.
+            unsafe {
+                virDomainCheckpointFree(self.0);
+            }
+        }
+    }
+
+    impl Owned {
+        /// Takes over a pointer a libvirt call returned; null means that call failed.
+        fn new(ptr: *mut Checkpoint) -> Result<Owned, Error> {
+            if ptr.is_null() {
+                Err(Error::last_error())
+            } else {
+                Ok(Owned(ptr))
+            }
+        }
+
+        fn name(&self) -> Result<String, Error> {
+            // SAFETY: `self.0` is a live checkpoint reference; the returned string belongs to
+            // it and stays valid while it lives, which covers the copy made below.
+            let name = unsafe { virDomainCheckpointGetName(self.0) };
+            if name.is_null() {
+                return Err(Error::last_error());
+            }
+            // SAFETY: `name` is non-null and points to a NUL-terminated string owned by the
+            // checkpoint, alive for this statement; it is copied out at once.
+            Ok(unsafe { CStr::from_ptr(name) }
+                .to_string_lossy()
+                .into_owned())
+        }
+    }
+
+    pub fn checkpoint_create(dom: &Domain, xml: &str, flags: c_uint) -> Result<(), Error> {
+        let xml = CString::new(xml)?;
+        // SAFETY: `dom.as_ptr()` is live while `dom` is borrowed; `xml` is NUL-terminated and
+        // outlives the call, which only reads it. The returned reference is owned by `Owned`,
+        // which frees it.
+        let cp = unsafe { virDomainCheckpointCreateXML(dom.as_ptr(), xml.as_ptr(), flags) };
+        Owned::new(cp).map(drop)
+    }
+
+    pub fn checkpoint_names(dom: &Domain, flags: c_uint) -> Result<Vec<String>, Error> {
+        let mut list: *mut *mut Checkpoint = std::ptr::null_mut();
+        // SAFETY: `dom.as_ptr()` is live while `dom` is borrowed; `list` is a writable pointer
+        // on this stack frame, where libvirt stores an array it allocated (or leaves null).
+        let n = unsafe { virDomainListAllCheckpoints(dom.as_ptr(), &mut list, flags) };
+        if n < 0 {
+            return Err(Error::last_error());
+        }
+        if list.is_null() {
+            return Ok(Vec::new());
+        }
+        // Every element is taken over first, so that all are freed even if a name fails.
+        let owned: Vec<Owned> = (0..n as usize)
+            // SAFETY: libvirt returned `n` elements in `list`, each a checkpoint reference
+            // that the caller must free; each is read once and handed to `Owned`.
+            .map(|i| Owned(unsafe { *list.add(i) }))
+            .collect();
+        // SAFETY: the array itself was allocated by libvirt with malloc and is the caller's
+        // to free; its elements were copied out above and it is not used again.
+        unsafe { libc::free(list.cast()) };
+        owned.iter().map(Owned::name).collect()
+    }
+
+    pub fn checkpoint_delete(dom: &Domain, name: &str, flags: c_uint) -> Result<(), Error> {
+        let name = CString::new(name)?;
+        // SAFETY: `dom.as_ptr()` is live while `dom` is borrowed; `name` is NUL-terminated and
+        // outlives the call, which only reads it. The returned reference is owned by `Owned`.
+        let cp =
+            Owned::new(unsafe { virDomainCheckpointLookupByName(dom.as_ptr(), name.as_ptr(), 0) })?;
+        // SAFETY: `cp.0` is a live checkpoint reference (freed only when `cp` drops, after this
+        // call); deleting the checkpoint does not free the reference.
+        let rc = unsafe { virDomainCheckpointDelete(cp.0, flags) };
         if rc < 0 {
             return Err(Error::last_error());
         }

@@ -17,7 +17,7 @@ use super::vm::{GuestInterface, VmSpec};
 use super::xml_edit;
 use super::{
     backing_of, is_overlay, Description, DiskShape, Freeze, Overlay, Recovered, Recovery, Tracked,
-    VmHandle, VmShape,
+    VmHandle, VmShape, BITMAP_PREFIX,
 };
 use crate::error::{Error, Result};
 use crate::guest_agent;
@@ -264,6 +264,115 @@ fn snapshot_xml(spec: &VmSpec, overlays: &[Overlay]) -> String {
     x
 }
 
+/// The targets of `overlays` that can carry a dirty bitmap: qcow2 images, as the live
+/// definition `spec` has them.
+fn bitmap_targets(spec: &VmSpec, overlays: &[Overlay]) -> Vec<String> {
+    spec.disks
+        .iter()
+        .filter(|d| d.format.as_deref() == Some("qcow2"))
+        .filter(|d| overlays.iter().any(|o| o.target == d.target))
+        .map(|d| d.target.clone())
+        .collect()
+}
+
+/// The checkpoint `name`: a bitmap of that name on each of `targets`; every other disk of
+/// `spec` is left out explicitly (raw images cannot carry bitmaps).
+fn checkpoint_xml(spec: &VmSpec, name: &str, targets: &[String]) -> String {
+    let esc = xml_edit::escape_attr;
+    let mut x = format!(
+        "<domaincheckpoint><name>{}</name><disks>",
+        xml_edit::escape_attr(name)
+    );
+    for d in &spec.disks {
+        if targets.contains(&d.target) {
+            x.push_str(&format!(
+                "<disk name='{}' checkpoint='bitmap' bitmap='{}'/>",
+                esc(&d.target),
+                esc(name)
+            ));
+        } else {
+            x.push_str(&format!(
+                "<disk name='{}' checkpoint='no'/>",
+                esc(&d.target)
+            ));
+        }
+    }
+    x.push_str("</disks></domaincheckpoint>");
+    x
+}
+
+impl LibvirtVm<'_> {
+    /// Deletes checkpoint `name` with its bitmaps; when libvirt cannot (the bitmap is no
+    /// longer in the image, say), only its metadata. Returns whether it is gone.
+    fn delete_checkpoint(&self, name: &str) -> bool {
+        match self.running() {
+            Ok(false) => return self.delete_checkpoint_offline(name),
+            Ok(true) => {}
+            Err(e) => {
+                tracing::warn!(vm = %self.vm, checkpoint = name, error = %crate::error::chain(&e),
+                    "cannot tell whether the VM runs: the checkpoint is kept");
+                return false;
+            }
+        }
+        let e = match self.dom.checkpoint_delete(name, false) {
+            Ok(()) => return true,
+            Err(e) => e,
+        };
+        tracing::warn!(vm = %self.vm, checkpoint = name, error = %crate::error::chain(&e),
+            "cannot delete the checkpoint with its bitmaps: deleting only libvirt's record of it");
+        match self.dom.checkpoint_delete(name, true) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(vm = %self.vm, checkpoint = name, error = %crate::error::chain(&e),
+                    "cannot delete the checkpoint");
+                false
+            }
+        }
+    }
+}
+
+impl LibvirtVm<'_> {
+    /// libvirt deletes only the metadata of a shut-off domain's checkpoint: the bitmap is
+    /// removed from every qcow2 image of the definition that has it first, then the
+    /// metadata. A bitmap that cannot be removed keeps the checkpoint, for the next try.
+    fn delete_checkpoint_offline(&self, name: &str) -> bool {
+        let removed = self
+            .dom
+            .inactive_xml()
+            .map_err(Error::from)
+            .and_then(|xml| {
+                let spec = VmSpec::from_xml(&xml)?;
+                for d in &spec.disks {
+                    let (Some("qcow2"), Some(src)) = (d.format.as_deref(), &d.source) else {
+                        continue;
+                    };
+                    let path = Path::new(src);
+                    let has = crate::qcow2_bitmaps::list(path)
+                        .map(|b| b.get(name).is_some())
+                        // An image that cannot be read is left to qemu-img to judge.
+                        .unwrap_or(true);
+                    if has {
+                        image::remove_bitmap(path, name)?;
+                    }
+                }
+                Ok(())
+            });
+        if let Err(e) = removed {
+            tracing::warn!(vm = %self.vm, checkpoint = name, error = %crate::error::chain(&e),
+                "cannot remove the checkpoint's bitmap from the shut-off VM's images: the checkpoint is kept");
+            return false;
+        }
+        match self.dom.checkpoint_delete(name, true) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(vm = %self.vm, checkpoint = name, error = %crate::error::chain(&e),
+                    "cannot delete the checkpoint");
+                false
+            }
+        }
+    }
+}
+
 impl VmHandle for LibvirtVm<'_> {
     fn vm(&self) -> &VmRef {
         &self.vm
@@ -394,13 +503,43 @@ impl VmHandle for LibvirtVm<'_> {
         &self,
         overlays: &[Overlay],
         quiesce: bool,
-        _bitmap: Option<&str>,
+        bitmap: Option<&str>,
         _s: &BackupSettings,
     ) -> Result<Tracked> {
         let spec = VmSpec::from_xml(&self.dom.live_xml()?)?;
-        self.dom
-            .snapshot_disk_only(&snapshot_xml(&spec, overlays), quiesce)?;
-        Ok(Tracked::default())
+        let mut tracked = Tracked::default();
+        let mut checkpoint = None;
+        if let Some(name) = bitmap {
+            let targets = bitmap_targets(&spec, overlays);
+            if !targets.is_empty() {
+                // Just before the snapshot: the bitmaps record from a moment before its instant.
+                match self
+                    .dom
+                    .checkpoint_create(&checkpoint_xml(&spec, name, &targets))
+                {
+                    Ok(()) => {
+                        checkpoint = Some(name);
+                        tracked.targets = targets;
+                    }
+                    Err(e) => {
+                        let why = crate::error::chain(&e);
+                        tracing::warn!(vm = %self.vm, checkpoint = name, error = %why,
+                            "cannot create the checkpoint: this backup starts no changed-block tracking");
+                        tracked.failed = Some(why);
+                    }
+                }
+            }
+        }
+        if let Err(e) = self
+            .dom
+            .snapshot_disk_only(&snapshot_xml(&spec, overlays), quiesce)
+        {
+            if let Some(name) = checkpoint {
+                self.delete_checkpoint(name);
+            }
+            return Err(e.into());
+        }
+        Ok(tracked)
     }
 
     fn thaw(&self, _s: &BackupSettings) -> Result<()> {
@@ -459,8 +598,18 @@ impl VmHandle for LibvirtVm<'_> {
         Ok(!self.running()?)
     }
 
-    fn drop_bitmaps(&self, _drop: &dyn Fn(&str) -> bool) -> Result<Vec<String>> {
-        Ok(Vec::new())
+    fn drop_bitmaps(&self, drop: &dyn Fn(&str) -> bool) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        for name in self.dom.checkpoints()? {
+            if !name.starts_with(BITMAP_PREFIX) || !drop(&name) {
+                continue;
+            }
+            if self.delete_checkpoint(&name) {
+                tracing::debug!(vm = %self.vm, checkpoint = %name, "checkpoint deleted");
+                removed.push(name);
+            }
+        }
+        Ok(removed)
     }
 }
 
@@ -509,5 +658,43 @@ mod tests {
         assert!(x.contains("<disk name='vda' snapshot='external'>"), "{x}");
         assert!(x.contains("/o&apos;x"), "{x}");
         assert!(x.contains("<disk name='sda' snapshot='no'/>"), "{x}");
+    }
+
+    #[test]
+    fn the_checkpoint_names_every_disk_and_puts_bitmaps_only_on_qcow2_overlays() {
+        let spec = VmSpec::from_xml(
+            "<domain><name>w</name><devices>\
+             <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/a'/><target dev='vda'/></disk>\
+             <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/b'/><target dev='vdb'/></disk>\
+             <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/c'/><target dev='vdc'/></disk>\
+             <disk type='file' device='cdrom'><target dev='sda'/></disk></devices></domain>",
+        )
+        .unwrap();
+        let ov = |t: &str, f: &str| Overlay {
+            target: t.into(),
+            image: format!("/{t}").into(),
+            format: f.into(),
+            overlay: format!("/{t}.o").into(),
+            node: None,
+        };
+        // vdc is qcow2 but not snapshotted.
+        let targets = bitmap_targets(&spec, &[ov("vda", "qcow2"), ov("vdb", "raw")]);
+        assert_eq!(targets, ["vda"]);
+        let x = checkpoint_xml(&spec, "vmbackup-a'b", &targets);
+        assert!(
+            x.starts_with("<domaincheckpoint><name>vmbackup-a&apos;b</name>"),
+            "{x}"
+        );
+        assert!(
+            x.contains("<disk name='vda' checkpoint='bitmap' bitmap='vmbackup-a&apos;b'/>"),
+            "{x}"
+        );
+        for t in ["vdb", "vdc", "sda"] {
+            assert!(
+                x.contains(&format!("<disk name='{t}' checkpoint='no'/>")),
+                "{x}"
+            );
+        }
+        roxmltree::Document::parse(&x).unwrap();
     }
 }

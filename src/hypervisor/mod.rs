@@ -175,7 +175,7 @@ pub trait VmHandle {
     /// Whether the VM is (still) shut off.
     fn is_shut_off(&self) -> Result<bool>;
 
-    /// Removes, from the disks of the running VM (on its own images), every dirty bitmap
+    /// Removes, from the disks of the VM (running on its own images, or shut off), every dirty bitmap
     /// (libvirt: checkpoint) whose name starts with `BITMAP_PREFIX` and for which `drop` says
     /// yes; never any other. Returns the names removed.
     fn drop_bitmaps(&self, drop: &dyn Fn(&str) -> bool) -> Result<Vec<String>>;

@@ -3,18 +3,20 @@
 //! No libvirtd freezes and thaws for it, so this adapter does: before the freeze it starts a
 //! thaw guard process (`thaw_guard`), which thaws the guest if this process dies while the
 //! guest is frozen; it is disarmed once the guest is known to be thawed. The snapshot is one
-//! QMP `transaction` of `blockdev-snapshot-sync` for every disk; the commit back an active
+//! QMP `transaction` of `blockdev-snapshot-sync` for every disk, preceded, when a dirty bitmap
+//! is asked for, by a persistent `block-dirty-bitmap-add` on each qcow2 disk's top node (the
+//! node being snapshotted, which stays below the overlay); the commit back an active
 //! `block-commit` and `block-job-complete` per disk, checked with `query-block`.
 
 use std::cell::{Cell, RefCell};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::qmp::QemuVm;
+use super::qmp::{QemuVm, QmpError};
 use super::vm::{GuestInterface, NicSpec};
 use super::{
     backing_of, is_overlay, Description, DiskShape, Freeze, Overlay, Recovered, Recovery, Tracked,
-    VmHandle, VmShape,
+    VmHandle, VmShape, BITMAP_PREFIX,
 };
 use crate::error::{Error, Result};
 use crate::image;
@@ -197,15 +199,45 @@ impl VmHandle for QemuVmHandle {
         &self,
         overlays: &[Overlay],
         _quiesce: bool,
-        _bitmap: Option<&str>,
+        bitmap: Option<&str>,
         _s: &BackupSettings,
     ) -> Result<Tracked> {
         let pairs: Vec<(String, PathBuf)> = overlays
             .iter()
             .map(|o| (o.node.clone().unwrap_or_default(), o.overlay.clone()))
             .collect();
-        self.q.snapshot(&pairs)?;
-        Ok(Tracked::default())
+        // Raw images cannot hold persistent bitmaps: only qcow2 disks are tracked.
+        let tracked: Vec<&Overlay> = match bitmap {
+            Some(_) => overlays.iter().filter(|o| o.format == "qcow2").collect(),
+            None => Vec::new(),
+        };
+        let (Some(name), false) = (bitmap, tracked.is_empty()) else {
+            self.q.snapshot(&pairs, &[])?;
+            return Ok(Tracked::default());
+        };
+        let adds: Vec<(String, String)> = tracked
+            .iter()
+            .map(|o| (o.node.clone().unwrap_or_default(), name.to_string()))
+            .collect();
+        match self.q.snapshot(&pairs, &adds) {
+            Ok(()) => Ok(Tracked {
+                targets: tracked.iter().map(|o| o.target.clone()).collect(),
+                failed: None,
+            }),
+            // QEMU refused the transaction, so none of it happened: the guest may be frozen,
+            // take the snapshot at once without the bitmaps. (After a timeout or a broken
+            // connection QEMU may have run it: no retry then.)
+            Err(e @ QmpError::Command { .. }) => {
+                let reason = e.to_string();
+                tracing::warn!(vm = %self.vm, bitmap = name, error = %reason, "the snapshot with dirty bitmaps failed: snapshotting without them");
+                self.q.snapshot(&pairs, &[])?;
+                Ok(Tracked {
+                    targets: Vec::new(),
+                    failed: Some(reason),
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn thaw(&self, s: &BackupSettings) -> Result<()> {
@@ -283,7 +315,30 @@ impl VmHandle for QemuVmHandle {
         Ok(false)
     }
 
-    fn drop_bitmaps(&self, _drop: &dyn Fn(&str) -> bool) -> Result<Vec<String>> {
-        Ok(Vec::new())
+    fn drop_bitmaps(&self, drop: &dyn Fn(&str) -> bool) -> Result<Vec<String>> {
+        // The disks' top nodes now: after a commit back, each disk's own image's node again.
+        let tops: Vec<String> = self.q.disks()?.into_iter().map(|d| d.node_name).collect();
+        let mut removed: Vec<String> = Vec::new();
+        let mut first_err = None;
+        for b in self.q.bitmaps()? {
+            if !tops.contains(&b.node) || !b.name.starts_with(BITMAP_PREFIX) || !drop(&b.name) {
+                continue;
+            }
+            match self.q.remove_bitmap(&b.node, &b.name) {
+                Ok(()) => {
+                    if !removed.contains(&b.name) {
+                        removed.push(b.name);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %self.vm, node = %b.node, bitmap = %b.name, error = %e, "cannot remove a dirty bitmap");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e.into()),
+            None => Ok(removed),
+        }
     }
 }

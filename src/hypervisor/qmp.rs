@@ -28,8 +28,16 @@ pub enum QmpError {
         #[source]
         source: std::io::Error,
     },
+    /// QEMU (or the guest agent) answered with an error.
     #[error("{command} failed: {detail}")]
     Command { command: String, detail: String },
+    /// The monitor connection failed during the command: whether QEMU ran it is unknown.
+    #[error("{command}: the QMP connection failed")]
+    Io {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("timed out after {secs}s: {what}")]
     Timeout { what: String, secs: u64 },
     #[error("unexpected reply to {command}: {detail}")]
@@ -67,7 +75,18 @@ raw_command!(
     qapi::qmp::QmpCommand
 );
 raw_command!(QueryBlockJobs, "query-block-jobs", qapi::qmp::QmpCommand);
+raw_command!(
+    QueryNamedBlockNodes,
+    "query-named-block-nodes",
+    qapi::qmp::QmpCommand
+);
 raw_command!(Transaction, "transaction", qapi::qmp::QmpCommand);
+raw_command!(BitmapAdd, "block-dirty-bitmap-add", qapi::qmp::QmpCommand);
+raw_command!(
+    BitmapRemove,
+    "block-dirty-bitmap-remove",
+    qapi::qmp::QmpCommand
+);
 raw_command!(BlockCommit, "block-commit", qapi::qmp::QmpCommand);
 raw_command!(
     BlockJobComplete,
@@ -109,6 +128,22 @@ pub struct QemuDisk {
     pub removable: bool,
     /// The image below `file` in the chain, when there is one.
     pub backing: Option<String>,
+}
+
+/// A dirty bitmap on a block node, from `query-named-block-nodes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeBitmap {
+    /// The node the bitmap belongs to (a format node for a persistent one).
+    pub node: String,
+    pub name: String,
+    /// Whether it records writes now (false when disabled, or while a job holds it frozen).
+    pub recording: bool,
+    /// Saved into the image file when QEMU closes the image (or reopens it read-only).
+    pub persistent: bool,
+    /// QEMU found it not saved cleanly when it loaded it: its contents are not to be trusted.
+    pub inconsistent: bool,
+    /// A block job or export is using it.
+    pub busy: bool,
 }
 
 pub struct QemuVm {
@@ -261,7 +296,13 @@ impl QemuVm {
                     what: name.to_string(),
                     secs: CALL.as_secs(),
                 })?
-                .map_err(|e| qapi_err(name, e))
+                .map_err(|e| match e {
+                    qapi::ExecuteError::Io(source) => QmpError::Io {
+                        command: name.to_string(),
+                        source,
+                    },
+                    e => qapi_err(name, e),
+                })
         })
     }
 
@@ -395,21 +436,78 @@ impl QemuVm {
         }
     }
 
-    /// Snapshots every listed node into its overlay file, all in one `transaction`.
-    pub fn snapshot(&self, overlays: &[(String, PathBuf)]) -> Result<()> {
-        let actions: Vec<Value> = overlays
-            .iter()
-            .map(|(node, file)| {
-                json!({"type": "blockdev-snapshot-sync", "data": {
-                    "node-name": node,
-                    "snapshot-file": file.to_string_lossy(),
-                    "snapshot-node-name": format!("vmbackup-overlay-{node}"),
-                    "format": "qcow2",
-                    "mode": "absolute-paths",
-                }})
-            })
-            .collect();
+    /// Snapshots every listed node into its overlay file, all in one `transaction`. Before
+    /// the snapshot actions, in the same transaction, `bitmaps` (node, name) adds a persistent
+    /// dirty bitmap (default granularity) to each of those nodes: the nodes being
+    /// snapshotted, which stay below the overlays, so that the bitmaps record every write
+    /// from this instant on into the images the VM leaves. Any failing action (a bitmap
+    /// included) fails the whole transaction and nothing changes.
+    pub fn snapshot(
+        &self,
+        overlays: &[(String, PathBuf)],
+        bitmaps: &[(String, String)],
+    ) -> Result<()> {
+        let adds = bitmaps.iter().map(|(node, name)| {
+            json!({"type": "block-dirty-bitmap-add", "data": {
+                "node": node,
+                "name": name,
+                "persistent": true,
+            }})
+        });
+        let snaps = overlays.iter().map(|(node, file)| {
+            json!({"type": "blockdev-snapshot-sync", "data": {
+                "node-name": node,
+                "snapshot-file": file.to_string_lossy(),
+                "snapshot-node-name": format!("vmbackup-overlay-{node}"),
+                "format": "qcow2",
+                "mode": "absolute-paths",
+            }})
+        });
+        let actions: Vec<Value> = adds.chain(snaps).collect();
         self.qmp(Transaction(json!({ "actions": actions })))
+            .map(|_| ())
+    }
+
+    /// The dirty bitmaps of every named block node.
+    pub fn bitmaps(&self) -> Result<Vec<NodeBitmap>> {
+        let v = self.qmp(QueryNamedBlockNodes(json!({ "flat": true })))?;
+        let nodes = v.as_array().ok_or_else(|| QmpError::Reply {
+            command: "query-named-block-nodes".into(),
+            detail: "not a list".into(),
+        })?;
+        let mut out = Vec::new();
+        for n in nodes {
+            let node = n["node-name"].as_str().unwrap_or_default();
+            for b in n["dirty-bitmaps"].as_array().into_iter().flatten() {
+                let Some(name) = b["name"].as_str() else {
+                    // Anonymous bitmaps are QEMU's own (jobs').
+                    continue;
+                };
+                let flag = |f: &str| b[f].as_bool().unwrap_or(false);
+                out.push(NodeBitmap {
+                    node: node.to_string(),
+                    name: name.to_string(),
+                    recording: flag("recording"),
+                    persistent: flag("persistent"),
+                    inconsistent: flag("inconsistent"),
+                    busy: flag("busy"),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds a persistent dirty bitmap `name` to `node` (outside any snapshot).
+    pub fn add_bitmap(&self, node: &str, name: &str) -> Result<()> {
+        self.qmp(BitmapAdd(
+            json!({"node": node, "name": name, "persistent": true}),
+        ))
+        .map(|_| ())
+    }
+
+    /// Removes dirty bitmap `name` from `node`, from the image file too when persistent.
+    pub fn remove_bitmap(&self, node: &str, name: &str) -> Result<()> {
+        self.qmp(BitmapRemove(json!({"node": node, "name": name})))
             .map(|_| ())
     }
 

@@ -44,6 +44,22 @@ impl DiskIndex {
         v
     }
 
+    /// Bytes of the chunks that hold data (the last chunk may be shorter).
+    pub fn data_bytes(&self) -> u64 {
+        let size = self.virtual_size;
+        let cs = self.chunk_size;
+        self.chunks
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_some())
+            .map(|(i, _)| {
+                ((i as u64 + 1) * cs)
+                    .min(size)
+                    .saturating_sub(i as u64 * cs)
+            })
+            .sum()
+    }
+
     pub fn decode(b: &[u8]) -> Result<DiskIndex> {
         let bad = |why: &str| RepoError::BadIndex(why.to_string());
         if b.len() < 64 || &b[..4] != MAGIC {
@@ -120,6 +136,8 @@ pub struct DiskBackup {
     pub zero_chunks: u64,
     pub data_chunks: u64,
     pub reused_chunks: u64,
+    /// Bytes read from the source (chunks known to be zeros without reading are not counted).
+    pub bytes_read: u64,
 }
 
 /// Stores the disk `source` reads as chunks with `threads` workers, each holding one chunk
@@ -131,11 +149,66 @@ pub fn backup_disk<S: ChunkSource + ?Sized>(
     threads: usize,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<DiskBackup> {
-    let total = source.virtual_size();
-    let count = total.div_ceil(chunk_size) as usize;
+    backup_chunks(repo, source, chunk_size, threads, None, progress)
+}
+
+/// Like `backup_disk`, but reads only the chunks `changed` (ascending indexes) and takes every
+/// other chunk's entry from `base`, an earlier backup's index of the same disk: the result is
+/// a complete index. `base` must have the source's size and `chunk_size`.
+pub fn backup_disk_changes<S: ChunkSource + ?Sized>(
+    repo: &Repository,
+    source: &S,
+    base: &DiskIndex,
+    changed: &[u64],
+    threads: usize,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<DiskBackup> {
+    if base.virtual_size != source.virtual_size() || base.chunk_size == 0 {
+        return Err(RepoError::BadIndex(format!(
+            "the base index covers {} bytes, the disk has {}",
+            base.virtual_size,
+            source.virtual_size()
+        )));
+    }
+    if let Some(&c) = changed.iter().find(|&&c| c as usize >= base.chunks.len()) {
+        return Err(RepoError::BadIndex(format!(
+            "changed chunk {c} is beyond the disk's {} chunks",
+            base.chunks.len()
+        )));
+    }
+    backup_chunks(
+        repo,
+        source,
+        base.chunk_size,
+        threads,
+        Some((base, changed)),
+        progress,
+    )
+}
+
+fn backup_chunks<S: ChunkSource + ?Sized>(
+    repo: &Repository,
+    source: &S,
+    chunk_size: u64,
+    threads: usize,
+    base: Option<(&DiskIndex, &[u64])>,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<DiskBackup> {
+    let size = source.virtual_size();
+    let count = size.div_ceil(chunk_size) as usize;
+    let chunk_len = |i: u64| ((i + 1) * chunk_size).min(size) - i * chunk_size;
+    let (slots, todo): (Vec<Option<Digest>>, Vec<u64>) = match base {
+        None => (vec![None; count], (0..count as u64).collect()),
+        Some((b, changed)) => (b.chunks.clone(), changed.to_vec()),
+    };
+    let total: u64 = match base {
+        None => size,
+        Some(_) => todo.iter().map(|&i| chunk_len(i)).sum(),
+    };
     let done = AtomicU64::new(0);
-    let slots: Mutex<Vec<Option<Digest>>> = Mutex::new(vec![None; count]);
-    let (logical, stored, zeros, datas, reused) = (
+    let slots = Mutex::new(slots);
+    let (logical, stored, zeros, datas, reused, read) = (
+        AtomicU64::new(0),
         AtomicU64::new(0),
         AtomicU64::new(0),
         AtomicU64::new(0),
@@ -146,27 +219,35 @@ pub fn backup_disk<S: ChunkSource + ?Sized>(
     thread_local! {
         static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    for_each_parallel(count, threads, |i| {
+    for_each_parallel(todo.len(), threads, |n| {
         BUF.with_borrow_mut(|buf| {
-            let i = i as u64;
+            let i = todo[n];
             let kind = source
                 .read_chunk(i, chunk_size, buf)
                 .map_err(|e| RepoError::Source(Box::new(e)))?;
-            if kind == ChunkKind::Zero || buf.iter().all(|&b| b == 0) {
+            let digest = if kind == ChunkKind::Zero {
                 zeros.fetch_add(1, Ordering::Relaxed);
+                None
             } else {
-                let out = chunks.put(buf)?;
-                logical.fetch_add(buf.len() as u64, Ordering::Relaxed);
-                stored.fetch_add(out.stored_bytes, Ordering::Relaxed);
-                datas.fetch_add(1, Ordering::Relaxed);
-                if !out.new {
-                    reused.fetch_add(1, Ordering::Relaxed);
+                read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                if buf.iter().all(|&b| b == 0) {
+                    zeros.fetch_add(1, Ordering::Relaxed);
+                    None
+                } else {
+                    let out = chunks.put(buf)?;
+                    logical.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    stored.fetch_add(out.stored_bytes, Ordering::Relaxed);
+                    datas.fetch_add(1, Ordering::Relaxed);
+                    if !out.new {
+                        reused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(out.digest)
                 }
-                if let Ok(mut sl) = slots.lock() {
-                    sl[i as usize] = Some(out.digest);
-                }
+            };
+            if let Ok(mut sl) = slots.lock() {
+                sl[i as usize] = digest;
             }
-            let len = ((i + 1) * chunk_size).min(total) - i * chunk_size;
+            let len = chunk_len(i);
             progress(done.fetch_add(len, Ordering::Relaxed) + len, total);
             Ok(())
         })
@@ -175,7 +256,7 @@ pub fn backup_disk<S: ChunkSource + ?Sized>(
     Ok(DiskBackup {
         index: DiskIndex {
             chunk_size,
-            virtual_size: total,
+            virtual_size: size,
             chunks: slots.into_inner().unwrap_or_default(),
         },
         logical_bytes: logical.into_inner(),
@@ -183,6 +264,7 @@ pub fn backup_disk<S: ChunkSource + ?Sized>(
         zero_chunks: zeros.into_inner(),
         data_chunks: datas.into_inner(),
         reused_chunks: reused.into_inner(),
+        bytes_read: read.into_inner(),
     })
 }
 
@@ -329,6 +411,58 @@ mod tests {
             data,
             zero: vec![3 * m..8 * m, 9 * m..17 * m, 18 * m..20 * m],
         }
+    }
+
+    #[test]
+    fn a_changes_backup_reads_only_the_changed_chunks_and_gives_a_complete_index() {
+        const M: usize = 1 << 20;
+        let d = tempfile::tempdir().unwrap();
+        let repo = Repository::open(&d.path().join("repo")).unwrap();
+        let src = disk();
+        let first = backup_disk(&repo, &src, 1 << 20, 2, &|_, _| {}).unwrap();
+        assert_eq!(
+            first.bytes_read,
+            5 * (1 << 20) + 4096,
+            "the 5 data chunks and the MiB of zeros the map calls data"
+        );
+        // Changes: chunk 1 overwritten, chunk 2 zeroed (a discard), chunk 12 written for
+        // the first time (it was in a known-zero region), the last chunk changed.
+        let mut now = disk();
+        now.data[M..M + 10].fill(0x11);
+        now.data[2 * M..3 * M].fill(0);
+        now.data[12 * M + 5..12 * M + 9].fill(0x22);
+        now.zero = vec![3 << 20..8 << 20, 9 << 20..12 << 20, 13 << 20..17 << 20];
+        let last = now.data.len() - 1;
+        now.data[last] = 0x01;
+        let changed = [1, 2, 12, 20];
+        let read_chunks = std::sync::Mutex::new(Vec::new());
+        let inc = backup_disk_changes(&repo, &now, &first.index, &changed, 2, &|done, total| {
+            read_chunks.lock().unwrap().push((done, total));
+        })
+        .unwrap();
+        let full = backup_disk(&repo, &now, 1 << 20, 2, &|_, _| {}).unwrap();
+        assert_eq!(inc.index, full.index, "the same index as a whole read");
+        assert_eq!(inc.bytes_read, 3 * (1 << 20) + 4096);
+        assert_eq!(
+            inc.index.chunks[2], None,
+            "the zeroed chunk is a zero chunk again"
+        );
+        let p = read_chunks.into_inner().unwrap();
+        assert_eq!(p.len(), 4);
+        assert!(p.iter().all(|&(_, t)| t == 3 * (1 << 20) + 4096));
+        let out = d.path().join("out.raw");
+        restore_disk(&repo, &inc.index, &out, 2, &|_, _| {}).unwrap();
+        assert!(std::fs::read(&out).unwrap() == now.data);
+        assert_eq!(inc.index.data_bytes(), full.logical_bytes);
+
+        // Nothing changed: nothing read, the base index as it was.
+        let same = backup_disk_changes(&repo, &now, &inc.index, &[], 2, &|_, _| {}).unwrap();
+        assert_eq!((same.bytes_read, &same.index), (0, &inc.index));
+        // A base of another size, or a chunk out of range, is refused.
+        let mut other = inc.index.clone();
+        other.virtual_size += 1;
+        assert!(backup_disk_changes(&repo, &now, &other, &[1], 2, &|_, _| {}).is_err());
+        assert!(backup_disk_changes(&repo, &now, &inc.index, &[21], 2, &|_, _| {}).is_err());
     }
 
     #[test]
