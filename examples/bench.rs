@@ -10,6 +10,10 @@
 //! of making them durable), and the guest agent freezing and thawing with nothing in between
 //! (the guest's own cost of a freeze); and `sync` after virtnbdbackup, which never fsyncs.
 //!
+//! `scripts/bench incremental`: on the same VM, vmbackup's incremental backup after the guest
+//! rewrote 32 MiB against a full backup and against `virtnbdbackup -l inc` (see
+//! `bench_incremental`).
+//!
 //! Environment: BENCH_ROUNDS (default 3), BENCH_DIR (default /var/tmp/vmbackup-bench),
 //! BENCH_VMBACKUP (path of the vmbackup binary; default the one beside this example's folder,
 //! target/release/vmbackup).
@@ -281,10 +285,475 @@ fn bench_restore(
     Ok(())
 }
 
+/// The files the incremental benchmark's guest rewrites: one per folder, 4 folders on each
+/// data disk (ext4 spreads top-level folders over its block groups), 4 MiB each: 32 MiB.
+const INC_DISKS: [&str; 2] = ["vdb", "vdc"];
+const INC_FILES_PER_DISK: usize = 4;
+const INC_FILE_MIB: u64 = 4;
+/// vmbackup's chunk: the unit an incremental backup reads.
+const CHUNK: u64 = 4 * MIB;
+
+/// The guest script that writes every file of the incremental benchmark with fresh random
+/// data, in place (`notrunc`: the same blocks), each synced before the next.
+fn inc_writes_script(create: bool) -> String {
+    let conv = if create { "fsync" } else { "notrunc,fsync" };
+    format!(
+        "set -e; for d in {disks}; do for i in $(seq 0 {last}); do \
+         mkdir -p /mnt/$d/inc$i; \
+         dd if=/dev/urandom of=/mnt/$d/inc$i/data bs=1M count={INC_FILE_MIB} conv={conv} 2>/dev/null; \
+         done; done",
+        disks = INC_DISKS.join(" "),
+        last = INC_FILES_PER_DISK - 1,
+    )
+}
+
+/// The 4 MiB chunks (indexes from the start of the virtual disk) that hold the data of the
+/// incremental benchmark's files on one disk image, read with `debugfs` from a raw copy of
+/// the image. The guest must be frozen (ext4 then has its journal written back in place).
+fn inc_chunks(image: &Path, scratch: &Path, disk: &str) -> Result<Vec<u64>> {
+    let raw = scratch.join(format!("{disk}.raw"));
+    let out = Command::new("qemu-img")
+        .args(["convert", "-U", "-O", "raw"])
+        .arg(image)
+        .arg(&raw)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img convert {}: {}",
+            image.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let debugfs = |request: &str| -> Result<String> {
+        let out = Command::new("debugfs")
+            .arg("-R")
+            .arg(request)
+            .arg(&raw)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "debugfs -R {request:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let block: u64 = debugfs("stats")?
+        .lines()
+        .find_map(|l| l.strip_prefix("Block size:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no block size in debugfs stats")?;
+    let mut chunks = Vec::new();
+    for i in 0..INC_FILES_PER_DISK {
+        let path = format!("/inc{i}/data");
+        let listing = debugfs(&format!("ex -l {path}"))?;
+        let mut blocks = 0;
+        for line in listing.lines().skip(1) {
+            // " 0/ 0   1/  1     0 -  2047   2128 -   4175   2048 [Uninit]": level, entry,
+            // logical range, physical range, length; a 1-block extent has no ranges.
+            let t: Vec<&str> = line
+                .split(|c: char| c.is_whitespace() || c == '/')
+                .filter(|t| !t.is_empty())
+                .collect();
+            let nums: Vec<u64> = t
+                .iter()
+                .skip(4)
+                .filter(|t| **t != "-")
+                .map_while(|t| t.parse().ok())
+                .collect();
+            let (start, len) = match nums.as_slice() {
+                [_, _, p0, _, len, ..] => (*p0, *len),
+                [_, p0, len] => (*p0, *len),
+                _ => bail!("unexpected debugfs extent line for {path}: {line:?}"),
+            };
+            blocks += len;
+            let (first, last) = (start * block / CHUNK, ((start + len) * block - 1) / CHUNK);
+            chunks.extend(first..=last);
+        }
+        if blocks * block != INC_FILE_MIB * MIB {
+            bail!("{disk}:{path} maps {blocks} blocks of {block} bytes, not {INC_FILE_MIB} MiB");
+        }
+    }
+    let _ = std::fs::remove_file(&raw);
+    chunks.sort_unstable();
+    chunks.dedup();
+    Ok(chunks)
+}
+
+/// One `vmbackup backup --json` run: its time, peak RSS and how it read each disk.
+struct VmbRun {
+    m: Measured,
+    bytes_read: u64,
+    /// "vdb: incremental based on X, 12.0 MiB read" per disk.
+    disks: Vec<String>,
+}
+
+fn vmbackup_backup(
+    vmbackup: &str,
+    repo: &Path,
+    state: &Path,
+    name: &str,
+    full: bool,
+) -> Result<VmbRun> {
+    let mut args = vec![
+        "--json",
+        "--connect",
+        "qemu:///system",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "backup",
+    ];
+    if full {
+        args.push("--full");
+    }
+    args.push(name);
+    let m = measure(vmbackup, &args)?;
+    let v: serde_json::Value = serde_json::from_str(m.stdout.trim())
+        .with_context(|| format!("vmbackup's JSON: {}", m.stdout))?;
+    let disks_json = v["results"][0]["backup"]["disks"]
+        .as_array()
+        .with_context(|| format!("no disks[] in vmbackup's JSON: {}", m.stdout))?;
+    let mut bytes_read = 0;
+    let mut disks = Vec::new();
+    for d in disks_json {
+        let read = d["bytes_read"]
+            .as_u64()
+            .with_context(|| format!("no bytes_read in {d}"))?;
+        bytes_read += read;
+        let mode = d["mode"].as_str().unwrap_or("?");
+        let mut line = format!("{}: {mode}", d["target"].as_str().unwrap_or("?"));
+        if let Some(b) = d["based_on"].as_str() {
+            line.push_str(&format!(" based on {b}"));
+        }
+        if let Some(r) = d["full_reason"].as_str() {
+            line.push_str(&format!(" ({r})"));
+        }
+        line.push_str(&format!(", {:.1} MiB read", read as f64 / MIB as f64));
+        disks.push(line);
+    }
+    Ok(VmbRun {
+        m,
+        bytes_read,
+        disks,
+    })
+}
+
+/// The bytes of disk data in a virtnbdbackup folder: its `*.data` files (each backup also
+/// saves the domain XML and, for a direct kernel boot, the kernel and initramfs).
+fn data_bytes(dir: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".data"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.blocks() * 512
+        })
+        .sum()
+}
+
+fn virtnbdbackup(name: &str, level: &str, out: &Path) -> Result<Measured> {
+    measure(
+        "virtnbdbackup",
+        &[
+            "-U",
+            "qemu:///system",
+            "-d",
+            name,
+            "-l",
+            level,
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    )
+}
+
+fn human(bytes: f64) -> String {
+    if bytes >= GIB as f64 {
+        format!("{:.2} GiB", bytes / GIB as f64)
+    } else if bytes >= MIB as f64 {
+        format!("{:.1} MiB", bytes / MIB as f64)
+    } else {
+        format!("{:.1} KiB", bytes / 1024.0)
+    }
+}
+
+/// `scripts/bench incremental`: two identical benchmark VMs, one backed up by vmbackup, its
+/// twin by virtnbdbackup (virtnbdbackup refuses to run, full or incremental, while the
+/// domain has a checkpoint it did not create, and vmbackup keeps one on every disk it
+/// tracks). After a first vmbackup backup of the one and `virtnbdbackup -l full` of the
+/// twin, each round both guests rewrite the same 32 MiB (8 files of 4 MiB, in 4 folders on
+/// each disk, fresh random data, each synced); then, in an order that alternates between
+/// rounds, `vmbackup backup` (incremental) followed at once by a second one of the unchanged
+/// VM, and `virtnbdbackup -l inc` of the twin into its own folder: both read the same
+/// writes since their previous backup. Last, `vmbackup backup --full` of the same VM into
+/// the same repository (the next round's incremental starts from it). Prints medians and
+/// the ratios against their targets as a table.
+fn bench_incremental(
+    vm: &vmbackup_testkit::libvirt_vm::TestVm,
+    twin: &vmbackup_testkit::libvirt_vm::TestVm,
+    base: &Path,
+    vmbackup: &str,
+    rounds: usize,
+    allocated: u64,
+) -> Result<()> {
+    let name = vm.name();
+    let (repo, state, vnb) = (base.join("repo"), base.join("state"), base.join("vnb"));
+    fresh(&repo)?;
+    fresh(&state)?;
+    let _ = std::fs::remove_dir_all(&vnb);
+
+    // The files the rounds rewrite, and the 4 MiB chunks their data occupies on each disk.
+    eprintln!("bench: making the incremental benchmark's files in the guest");
+    vm.sh(&inc_writes_script(true))?;
+    let mut changed_chunks = 0u64;
+    {
+        let frozen = vmbackup::guest_agent::freeze(vm.dom(), Duration::from_secs(10))?;
+        for (disk, image) in INC_DISKS.iter().zip(vm.disk_paths()) {
+            let chunks = inc_chunks(image, base, disk)?;
+            eprintln!(
+                "bench: {disk}: the written data spans {} chunks of 4 MiB: {chunks:?}",
+                chunks.len()
+            );
+            changed_chunks += chunks.len() as u64;
+        }
+        frozen.thaw()?;
+    }
+    let changed_bytes = changed_chunks * CHUNK;
+    let written = (INC_DISKS.len() * INC_FILES_PER_DISK) as u64 * INC_FILE_MIB * MIB;
+
+    eprintln!("bench: first backups: vmbackup, virtnbdbackup -l full");
+    let first = vmbackup_backup(vmbackup, &repo, &state, name, false)?;
+    eprintln!(
+        "bench: first vmbackup backup {:.2}s: {}",
+        first.m.secs,
+        first.disks.join("; ")
+    );
+    twin.sh(&inc_writes_script(true))?;
+    let m = virtnbdbackup(twin.name(), "full", &vnb)?;
+    eprintln!("bench: virtnbdbackup -l full of the twin {:.2}s", m.secs);
+
+    let (mut t_inc, mut t_full, mut t_vnb, mut t_unch) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut read_inc, mut read_unch, mut read_full, mut vnb_added) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut rss_inc, mut rss_full, mut rss_vnb) = (0u64, 0u64, 0u64);
+    let (mut modes_inc, mut modes_unch) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let start = Instant::now();
+        vm.sh(&inc_writes_script(false))?;
+        twin.sh(&inc_writes_script(false))?;
+        eprintln!(
+            "bench: round {round}: each guest wrote {} MiB in {:.2}s",
+            written / MIB,
+            start.elapsed().as_secs_f64()
+        );
+        let vmbackup_first = round % 2 == 1;
+        let mut run_vnb = || -> Result<()> {
+            let before = data_bytes(&vnb);
+            let m = virtnbdbackup(twin.name(), "inc", &vnb)?;
+            let added = data_bytes(&vnb).saturating_sub(before);
+            eprintln!(
+                "bench: round {round}: virtnbdbackup -l inc {:.2}s, rss {} MiB, {} of disk data written",
+                m.secs,
+                m.max_rss_kib / 1024,
+                human(added as f64)
+            );
+            t_vnb.push(m.secs);
+            rss_vnb = rss_vnb.max(m.max_rss_kib);
+            vnb_added.push(added as f64);
+            Ok(())
+        };
+        if !vmbackup_first {
+            run_vnb()?;
+        }
+        let inc = vmbackup_backup(vmbackup, &repo, &state, name, false)?;
+        eprintln!(
+            "bench: round {round}: vmbackup incremental {:.2}s, rss {} MiB: {}",
+            inc.m.secs,
+            inc.m.max_rss_kib / 1024,
+            inc.disks.join("; ")
+        );
+        // A second incremental right after: nothing changed in between.
+        let unch = vmbackup_backup(vmbackup, &repo, &state, name, false)?;
+        eprintln!(
+            "bench: round {round}: vmbackup incremental, unchanged VM {:.2}s: {}",
+            unch.m.secs,
+            unch.disks.join("; ")
+        );
+        if vmbackup_first {
+            run_vnb()?;
+        }
+        let full = vmbackup_backup(vmbackup, &repo, &state, name, true)?;
+        eprintln!(
+            "bench: round {round}: vmbackup --full {:.2}s, rss {} MiB: {}",
+            full.m.secs,
+            full.m.max_rss_kib / 1024,
+            full.disks.join("; ")
+        );
+        t_inc.push(inc.m.secs);
+        read_inc.push(inc.bytes_read as f64);
+        rss_inc = rss_inc.max(inc.m.max_rss_kib);
+        modes_inc = inc.disks;
+        t_unch.push(unch.m.secs);
+        read_unch.push(unch.bytes_read as f64);
+        modes_unch = unch.disks;
+        t_full.push(full.m.secs);
+        read_full.push(full.bytes_read as f64);
+        rss_full = rss_full.max(full.m.max_rss_kib);
+    }
+
+    let (mi, mf, mv, mu) = (
+        median(&mut t_inc),
+        median(&mut t_full),
+        median(&mut t_vnb),
+        median(&mut t_unch),
+    );
+    let (ri, ru, rf, va) = (
+        median(&mut read_inc),
+        median(&mut read_unch),
+        median(&mut read_full),
+        median(&mut vnb_added),
+    );
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    println!(
+        "benchmark: incremental backup of a running 2-disk VM ({:.2} GiB allocated, 8 GiB virtual) \
+         after the guest rewrote {} MiB in {} files on both disks ({} chunks of 4 MiB), \
+         {rounds} rounds, medians",
+        allocated as f64 / GIB as f64,
+        written / MIB,
+        INC_DISKS.len() * INC_FILES_PER_DISK,
+        changed_chunks
+    );
+    println!();
+    println!("| | time | read | peak RSS |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| vmbackup backup (incremental) | {mi:.2} s | {} | {} MiB |",
+        human(ri),
+        rss_inc / 1024
+    );
+    println!(
+        "| vmbackup backup, unchanged VM | {mu:.2} s | {} | |",
+        human(ru)
+    );
+    println!(
+        "| vmbackup backup --full | {mf:.2} s | {} | {} MiB |",
+        human(rf),
+        rss_full / 1024
+    );
+    println!(
+        "| virtnbdbackup -l inc | {mv:.2} s | ({} of disk data written) | {} MiB |",
+        human(va),
+        rss_vnb / 1024
+    );
+    println!();
+    println!("| ratio | measured | target | |");
+    println!("|---|---:|---:|---|");
+    let r_time = mi / mf;
+    println!(
+        "| incremental time / full time | {:.1}% | <= 10% | {} |",
+        r_time * 100.0,
+        verdict(r_time <= 0.10)
+    );
+    let r_read = ri / changed_bytes as f64;
+    println!(
+        "| bytes read / changed data in 4 MiB chunks ({}) | {r_read:.2}x | <= 2x | {} |",
+        human(changed_bytes as f64),
+        verdict(r_read <= 2.0)
+    );
+    let r_vnb = mv / mi;
+    println!(
+        "| speed vs virtnbdbackup -l inc | {r_vnb:.2}x | >= 1x | {} |",
+        verdict(r_vnb >= 1.0)
+    );
+    println!(
+        "| unchanged VM: incremental bytes read | {} | ~0 | {} |",
+        human(ru),
+        // "About zero": at most one chunk a disk (a quiesced snapshot itself writes the
+        // guest filesystems' superblocks and journals).
+        verdict(ru <= (INC_DISKS.len() as u64 * CHUNK) as f64)
+    );
+    let r_rss = rss_inc as f64 / rss_full.max(1) as f64;
+    println!(
+        "| peak RSS incremental / full | {r_rss:.2}x | <= 1x | {} |",
+        verdict(r_rss <= 1.0)
+    );
+    println!();
+    println!("how the last round's incremental read the disks:");
+    for l in &modes_inc {
+        println!("  {l}");
+    }
+    println!("how the last round's incremental of the unchanged VM read them:");
+    for l in &modes_unch {
+        println!("  {l}");
+    }
+    Ok(())
+}
+
+/// Removes the benchmark folder when the benchmark ends, whether it succeeded or not.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The benchmark VM, `count` identical ones: 2 qcow2 disks of 4 GiB virtual, one holding
+/// 1 GiB of random data and 512 MiB of repetitive text. Returns them running, with the bytes
+/// the first one's images allocate.
+fn bench_vms(
+    base: &Path,
+    count: usize,
+) -> Result<(Vec<vmbackup_testkit::libvirt_vm::TestVm>, u64)> {
+    let fill = base.join("fill");
+    eprintln!("bench: making 1 GiB random + 512 MiB text");
+    make_fill(&fill)?;
+    let mut vms = Vec::new();
+    for _ in 0..count {
+        eprintln!("bench: making the VM (2 x 4 GiB qcow2)");
+        let vm = TestVmBuilder::new("bench")
+            .memory_mib(256)
+            .disk_spec(DiskSpec {
+                target: "vdb".into(),
+                format: Format::Qcow2,
+                size: 4 * GIB,
+                ext4: true,
+                fill_from: Some(fill.clone()),
+            })
+            .disk("vdc", Format::Qcow2, 4 * GIB)
+            .start()?;
+        eprintln!(
+            "bench: {} running, {:.2} GiB allocated",
+            vm.name(),
+            allocated_bytes(&vm) as f64 / GIB as f64
+        );
+        vms.push(vm);
+    }
+    std::fs::remove_dir_all(&fill)?;
+    let allocated = allocated_bytes(&vms[0]);
+    Ok((vms, allocated))
+}
+
+fn allocated_bytes(vm: &vmbackup_testkit::libvirt_vm::TestVm) -> u64 {
+    vm.disk_paths()
+        .iter()
+        .map(|p| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
+        })
+        .sum()
+}
+
 fn main() -> Result<()> {
     let what = std::env::args().nth(1).unwrap_or_else(|| "backup".into());
-    if what != "backup" && what != "restore" {
-        bail!("unknown benchmark {what:?} (known: backup, restore)");
+    if !["backup", "restore", "incremental"].contains(&what.as_str()) {
+        bail!("unknown benchmark {what:?} (known: backup, restore, incremental)");
     }
     let rounds: usize = std::env::var("BENCH_ROUNDS")
         .ok()
@@ -307,35 +776,13 @@ fn main() -> Result<()> {
             .into_owned(),
     };
     fresh(&base)?;
-    let fill = base.join("fill");
-    eprintln!("bench: making 1 GiB random + 512 MiB text");
-    make_fill(&fill)?;
-    eprintln!("bench: making the VM (2 x 4 GiB qcow2)");
-    let vm = TestVmBuilder::new("bench")
-        .memory_mib(256)
-        .disk_spec(DiskSpec {
-            target: "vdb".into(),
-            format: Format::Qcow2,
-            size: 4 * GIB,
-            ext4: true,
-            fill_from: Some(fill.clone()),
-        })
-        .disk("vdc", Format::Qcow2, 4 * GIB)
-        .start()?;
-    std::fs::remove_dir_all(&fill)?;
-    let allocated: u64 = vm
-        .disk_paths()
-        .iter()
-        .map(|p| {
-            use std::os::unix::fs::MetadataExt;
-            std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
-        })
-        .sum();
-    eprintln!(
-        "bench: {} running, {:.2} GiB allocated",
-        vm.name(),
-        allocated as f64 / GIB as f64
-    );
+    let _cleanup = RemoveOnDrop(base.clone());
+    let incremental = what == "incremental";
+    let (mut vms, allocated) = bench_vms(&base, if incremental { 2 } else { 1 })?;
+    if incremental {
+        return bench_incremental(&vms[0], &vms[1], &base, &vmbackup, rounds, allocated);
+    }
+    let vm = vms.remove(0);
     let name = vm.name().to_string();
     if what == "restore" {
         return bench_restore(&vm, &base, &vmbackup, rounds, allocated);
