@@ -160,6 +160,8 @@ pub struct Outcome {
     pub logical_bytes: u64,
     pub stored_bytes: u64,
     pub duration_ms: u64,
+    /// Of which the copy phase: reading the disks and storing their chunks.
+    pub copy_ms: u64,
     pub skipped_disks: Vec<preflight::SkippedDisk>,
     /// How each disk was read.
     pub disks: Vec<DiskOutcome>,
@@ -419,6 +421,7 @@ fn run_phases(
 
     run.enter(Phase::Copy)?;
     crate::fault::stop_point("copy");
+    let copy_started = Instant::now();
     let copied = copy_disks(
         repo,
         &run.id,
@@ -430,6 +433,7 @@ fn run_phases(
         s,
         progress,
     );
+    let copy_ms = copy_started.elapsed().as_millis() as u64;
     let published = match copied {
         Ok(c) => {
             run.enter(Phase::Publish)?;
@@ -507,6 +511,7 @@ fn run_phases(
         logical_bytes: manifest.logical_bytes,
         stored_bytes: manifest.stored_bytes,
         duration_ms: started.elapsed().as_millis() as u64,
+        copy_ms,
         skipped_disks: report.skipped_disks,
         disks: manifest
             .disks

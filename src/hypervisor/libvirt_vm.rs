@@ -182,7 +182,8 @@ impl LibvirtVm<'_> {
             None => dom.block_commit_active(target)?,
         }
         crate::fault::stop_point("commit-started");
-        let mut pause = Duration::from_millis(20);
+        // Short polls: a commit of a backup's overlay is usually done in tens of ms.
+        let mut pause = Duration::from_millis(10);
         let mut pivoted = false;
         let mut progress = (0, 0);
         let mut progressed_at = Instant::now();
@@ -190,6 +191,7 @@ impl LibvirtVm<'_> {
             match dom.block_job(target)? {
                 Some(job) if !pivoted && job.ready() => {
                     pivoted = dom.block_job_pivot(target)?;
+                    pause = Duration::from_millis(10);
                 }
                 Some(job) => {
                     if (job.cur, job.end) != progress {
@@ -223,7 +225,7 @@ impl LibvirtVm<'_> {
                 )));
             }
             std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(200));
+            pause = (pause * 2).min(Duration::from_millis(100));
         }
         tracing::info!(vm = %self.vm, disk = target, ms = start.elapsed().as_millis() as u64, "committed back");
         Ok(())
