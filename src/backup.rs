@@ -798,6 +798,7 @@ fn copy_disks(
                     based_on: Some(based_on),
                     full_reason: None,
                     bytes_read,
+                    checked_bytes: bytes_read,
                     full_at,
                     file,
                     bitmap: tracking.clone().or(bitmap),
@@ -831,6 +832,7 @@ fn copy_disks(
                     based_on: Some(based_on),
                     full_reason: None,
                     bytes_read: b.bytes_read + checked,
+                    checked_bytes: checked,
                     full_at,
                     file,
                     // A shut-off VM's image keeps recording in the same bitmap when it runs.
@@ -853,6 +855,7 @@ fn copy_disks(
                     based_on: None,
                     full_reason: Some(reason),
                     bytes_read: b.bytes_read,
+                    checked_bytes: 0,
                     full_at: now_utc(),
                     file,
                     bitmap: tracking.clone(),

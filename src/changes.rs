@@ -315,6 +315,7 @@ mod tests {
                     based_on: None,
                     full_reason: Some("the first backup of this disk".into()),
                     bytes_read: 5,
+                    checked_bytes: 0,
                     full_at: full_at.into(),
                     file: state,
                     bitmap: None,

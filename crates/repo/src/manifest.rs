@@ -64,6 +64,9 @@ pub struct DiskRead {
     pub full_reason: Option<String>,
     /// Bytes read from the image (data and zero regions alike are counted only when read).
     pub bytes_read: u64,
+    /// Of which unchanged chunks read again to check them against the base backup's digests.
+    #[serde(default)]
+    pub checked_bytes: u64,
     /// When the last full read of this disk's chain was made (RFC 3339, UTC).
     pub full_at: String,
     /// The image file as it was read, when the VM was shut off: an unchanged file needs no
