@@ -135,6 +135,17 @@ fn guest_freeze_floor(vm: &vmbackup_testkit::libvirt_vm::TestVm) -> Result<f64> 
     Ok(start.elapsed().as_secs_f64() * 1000.0)
 }
 
+/// Removes vmbackup's checkpoints (and their bitmaps) from the VM: virtnbdbackup refuses to
+/// run, full or incremental, on a domain with a checkpoint it did not make.
+fn forget_vmbackup_checkpoints(vm: &vmbackup_testkit::libvirt_vm::TestVm) -> Result<()> {
+    for name in vm.dom().checkpoints()? {
+        if name.starts_with(vmbackup::hypervisor::BITMAP_PREFIX) {
+            vm.dom().checkpoint_delete(&name, false)?;
+        }
+    }
+    Ok(())
+}
+
 fn fresh(dir: &Path) -> Result<()> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
@@ -207,6 +218,7 @@ fn bench_restore(
         .as_str()
         .context("backup id")?
         .to_string();
+    forget_vmbackup_checkpoints(vm)?;
     let vnb = base.join("virtnbdbackup");
     let _ = std::fs::remove_dir_all(&vnb);
     measure(
@@ -239,6 +251,7 @@ fn bench_restore(
         );
         t_vmb.push(m.secs);
         rss_vmb = rss_vmb.max(m.max_rss_kib);
+        forget_vmbackup_checkpoints(&vm)?;
         let out = base.join("virtnbdrestore");
         fresh(&out)?;
         let m = measure(
