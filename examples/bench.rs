@@ -929,6 +929,7 @@ fn main() -> Result<()> {
         );
         t_vmb.push(m.secs);
         rss_vmb = rss_vmb.max(m.max_rss_kib);
+        forget_vmbackup_checkpoints(&vm)?;
 
         // Floors measured in the same round: the disk writing the stored bytes durably, and
         // the guest freezing and thawing its filesystems with nothing in between.
