@@ -251,7 +251,6 @@ fn bench_restore(
         );
         t_vmb.push(m.secs);
         rss_vmb = rss_vmb.max(m.max_rss_kib);
-        forget_vmbackup_checkpoints(&vm)?;
         let out = base.join("virtnbdrestore");
         fresh(&out)?;
         let m = measure(
