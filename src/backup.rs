@@ -98,8 +98,20 @@ fn overlay_spaces(overlays: impl IntoIterator<Item = PathBuf>) -> Result<Vec<Spa
     Ok(spaces)
 }
 
-/// Where the overlay of disk `target` (image `image`) of backup `id` goes.
-fn overlay_path(s: &BackupSettings, vm: &str, target: &str, image: &str, id: &str) -> PathBuf {
+/// Longest file name (bytes) most Linux file systems take.
+const NAME_MAX: usize = 255;
+
+/// Where the overlay of disk `target` (image `image`) of backup `id` goes:
+/// `<vm>.<target>.vmbackup-<id without its VM stem>.qcow2`, which names the VM once only so
+/// that names of up to 200 characters fit into a file name. A name that is still too long
+/// (a very long disk target) is bad input.
+fn overlay_path(
+    s: &BackupSettings,
+    vm: &VmRef,
+    target: &str,
+    image: &str,
+    id: &str,
+) -> Result<PathBuf> {
     let dir = match &s.overlay_dir {
         Some(d) => d.clone(),
         None => Path::new(image)
@@ -107,7 +119,17 @@ fn overlay_path(s: &BackupSettings, vm: &str, target: &str, image: &str, id: &st
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("/")),
     };
-    dir.join(format!("{vm}.{target}.vmbackup-{id}.qcow2"))
+    let stem = format!("{}-", vm.stem());
+    let when = id.strip_prefix(&stem).unwrap_or(id);
+    let file = format!("{}.{target}.vmbackup-{when}.qcow2", vm.name());
+    if file.len() > NAME_MAX {
+        return Err(Error::Invalid(format!(
+            "the overlay file name of disk {target} of {vm} would have {} bytes, more than \
+             {NAME_MAX}: the VM name or the disk target is too long",
+            file.len()
+        )));
+    }
+    Ok(dir.join(file))
 }
 
 /// A VM's shape and the pre-flight verdict on it.
@@ -120,14 +142,18 @@ pub struct Survey {
 /// required` on a running VM without a guest agent is a refusal too.
 pub fn survey(vm: &dyn VmHandle, repo_dir: &Path, s: &BackupSettings) -> Result<Survey> {
     let shape = vm.describe()?;
+    // An id as long as the real one, so that an overlay name that would not fit is refused
+    // before anything is touched.
+    let id = new_backup_id(&vm.vm().stem(), 0);
     let overlays = shape
         .disks
         .iter()
         .filter(|d| shape.running && matches!(preflight::disk_rule(&d.facts), Ok(None)))
         .filter_map(|d| {
             let src = d.facts.source.as_deref()?;
-            Some(overlay_path(s, vm.vm().name(), &d.facts.target, src, "x"))
-        });
+            Some(overlay_path(s, vm.vm(), &d.facts.target, src, &id))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let facts = Facts {
         vm: vm.vm().to_string(),
         memory_bytes: shape.memory_bytes,
@@ -348,18 +374,20 @@ fn run_phases(
         .collect();
     let overlays: Vec<Overlay> = if shape.running {
         work.iter()
-            .map(|w| Overlay {
-                target: w.target.clone(),
-                image: PathBuf::from(&w.image),
-                format: w.format.clone(),
-                overlay: overlay_path(s, vm_ref.name(), &w.target, &w.image, &run.id),
-                node: shape
-                    .disks
-                    .iter()
-                    .find(|d| d.facts.target == w.target)
-                    .and_then(|d| d.node.clone()),
+            .map(|w| {
+                Ok(Overlay {
+                    target: w.target.clone(),
+                    image: PathBuf::from(&w.image),
+                    format: w.format.clone(),
+                    overlay: overlay_path(s, vm_ref, &w.target, &w.image, &run.id)?,
+                    node: shape
+                        .disks
+                        .iter()
+                        .find(|d| d.facts.target == w.target)
+                        .and_then(|d| d.node.clone()),
+                })
             })
-            .collect()
+            .collect::<Result<_>>()?
     } else {
         Vec::new()
     };
@@ -945,6 +973,26 @@ mod tests {
     use std::cell::RefCell;
 
     use super::*;
+
+    #[test]
+    fn overlay_names_fit_into_a_file_name_or_are_bad_input() {
+        let s = BackupSettings::default();
+        let vm = VmRef::libvirt(&"n".repeat(200)).unwrap();
+        let id = new_backup_id(&vm.stem(), 0);
+        let p = overlay_path(&s, &vm, "vdb", "/img/a.qcow2", &id).unwrap();
+        let file = p.file_name().unwrap().to_str().unwrap();
+        assert!(file.len() <= NAME_MAX, "{file}");
+        assert!(crate::hypervisor::is_overlay(
+            vm.name(),
+            p.to_str().unwrap()
+        ));
+        assert!(file.ends_with(&format!(
+            ".vdb.vmbackup-{}.qcow2",
+            id.strip_prefix(&format!("{}-", vm.stem())).unwrap()
+        )));
+        let e = overlay_path(&s, &vm, &"t".repeat(20), "/img/a.qcow2", &id).unwrap_err();
+        assert_eq!(e.exit_code(), crate::error::exit::BAD_INPUT, "{e}");
+    }
     use crate::hypervisor::vm::NicSpec;
     use crate::hypervisor::{Description, DiskShape, Recovery, Tracked};
     use crate::journal::Run as JournalRun;
@@ -1028,6 +1076,8 @@ mod tests {
                         shareable: false,
                         virtual_size: 8 * MIB,
                         allocated_size: 8 * MIB,
+                        backing_file: None,
+                        missing: false,
                     },
                     format: self.format.into(),
                     node: None,

@@ -107,10 +107,14 @@ impl Config {
         }
         let freeze_timeout = o.freeze_timeout_secs.or(f.freeze_timeout_secs);
         let commit_timeout = f.commit_timeout_secs;
+        let slot_capacity = o.slot_capacity.or(f.slot_capacity);
+        let catch_up_minutes = o.catch_up_minutes.or(f.catch_up_minutes);
         for (key, v) in [
             ("freeze_timeout_secs", freeze_timeout),
             ("commit_timeout_secs", commit_timeout),
             ("full_every_days", f.full_every_days),
+            ("slot_capacity", slot_capacity.map(|n| n as u64)),
+            ("catch_up_minutes", catch_up_minutes),
         ] {
             if v == Some(0) {
                 return Err(Error::Config {
@@ -165,15 +169,9 @@ impl Config {
                     .unwrap_or(d.full_every),
                 ..d
             },
-            slot_capacity: o
-                .slot_capacity
-                .or(f.slot_capacity)
-                .unwrap_or(DEFAULT_SLOT_CAPACITY),
+            slot_capacity: slot_capacity.unwrap_or(DEFAULT_SLOT_CAPACITY),
             catch_up: Duration::from_secs(
-                60 * o
-                    .catch_up_minutes
-                    .or(f.catch_up_minutes)
-                    .unwrap_or(DEFAULT_CATCH_UP_MINUTES),
+                60u64.saturating_mul(catch_up_minutes.unwrap_or(DEFAULT_CATCH_UP_MINUTES)),
             ),
             report: f.report.unwrap_or_default(),
         })

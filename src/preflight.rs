@@ -43,6 +43,10 @@ pub struct DiskFacts {
     pub shareable: bool,
     pub virtual_size: u64,
     pub allocated_size: u64,
+    /// The backing file named in the image's header: an image that is not a whole disk.
+    pub backing_file: Option<String>,
+    /// The source file does not exist (nothing else about it is known).
+    pub missing: bool,
 }
 
 /// A place on the host and its free space.
@@ -148,7 +152,36 @@ pub fn evaluate(f: &Facts, limits: &Limits) -> Report {
                 target: d.target.clone(),
                 reason,
             }),
-            Ok(None) => backed_up.push(d),
+            Ok(None) => {
+                if d.missing {
+                    checks.push(Check {
+                        name: format!("disk-supported:{}", d.target),
+                        ok: false,
+                        found: 0,
+                        limit: 0,
+                        message: format!(
+                            "{}: the image {:?} does not exist (libvirt's XML keeps no newline \
+                             in a path: it reads back as a space)",
+                            d.target,
+                            d.source.as_deref().unwrap_or_default()
+                        ),
+                    });
+                }
+                if let Some(b) = &d.backing_file {
+                    checks.push(Check {
+                        name: format!("disk-supported:{}", d.target),
+                        ok: false,
+                        found: 0,
+                        limit: 0,
+                        message: format!(
+                            "{}: the image has a backing file ({b}); only whole images \
+                             (no backing chain) are supported",
+                            d.target
+                        ),
+                    });
+                }
+                backed_up.push(d)
+            }
             Err(message) => checks.push(Check {
                 name: format!("disk-supported:{}", d.target),
                 ok: false,
@@ -247,6 +280,8 @@ mod tests {
             shareable: false,
             virtual_size: size,
             allocated_size: size / 10,
+            backing_file: None,
+            missing: false,
         }
     }
 

@@ -400,16 +400,19 @@ pub fn restore(
 ) -> Result<Restored> {
     let started = Instant::now();
     let m = repo.load(id)?;
+    // A plain QEMU backup keeps no domain XML (its description is QEMU's block graph): it
+    // cannot become a libvirt VM, with or without --as. Refused before anything is read.
+    if m.vm_name.parse::<VmRef>().is_ok_and(|v| v.is_qemu()) {
+        return Err(Error::Invalid(format!(
+            "backup {id} is of plain QEMU VM {}: restoring it as a libvirt VM is not \
+             supported (it has no domain XML)",
+            m.vm_name
+        )));
+    }
     // A backup with a missing domain XML or index is refused before anything changes.
     repo.check_complete(&m)?;
     let mut xml = repo.get_domain_xml(id)?;
     let saved = VmSpec::from_xml(&xml)?;
-    if m.vm_name.parse::<VmRef>().is_ok_and(|v| v.is_qemu()) {
-        return Err(Error::Invalid(format!(
-            "backup {id} is of plain QEMU VM {}: its disks can be restored, the VM cannot",
-            m.vm_name
-        )));
-    }
     let vm = match &opts.as_name {
         Some(n) => VmRef::libvirt(n)?,
         None => m.vm_name.parse::<VmRef>()?,

@@ -460,11 +460,19 @@ impl VmHandle for LibvirtVm<'_> {
                 shareable: d.shareable,
                 virtual_size: 0,
                 allocated_size: 0,
+                backing_file: None,
+                missing: false,
             };
             if let (Ok(None), Some(src)) = (preflight::disk_rule(&facts), &d.source) {
+                facts.missing = std::fs::symlink_metadata(src).is_err();
+            }
+            if let (Ok(None), Some(src), false) =
+                (preflight::disk_rule(&facts), &d.source, facts.missing)
+            {
                 let info = image::info(Path::new(src))?;
                 facts.virtual_size = info.virtual_size;
                 facts.allocated_size = info.actual_size;
+                facts.backing_file = info.full_backing_file.or(info.backing_file);
             }
             disks.push(DiskShape {
                 facts,

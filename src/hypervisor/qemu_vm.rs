@@ -133,11 +133,14 @@ impl VmHandle for QemuVmHandle {
                 shareable: false,
                 virtual_size: d.virtual_size,
                 allocated_size: 0,
+                backing_file: None,
+                missing: std::fs::symlink_metadata(&d.file).is_err(),
             };
-            if let Ok(None) = preflight::disk_rule(&facts) {
+            if let (Ok(None), false) = (preflight::disk_rule(&facts), facts.missing) {
                 let info = image::info(Path::new(&d.file))?;
                 facts.virtual_size = info.virtual_size;
                 facts.allocated_size = info.actual_size;
+                facts.backing_file = info.full_backing_file.or(info.backing_file);
             }
             disks.push(DiskShape {
                 facts,

@@ -15,6 +15,11 @@ pub fn escape_attr(v: &str) -> String {
         .replace('>', "&gt;")
         .replace('\'', "&apos;")
         .replace('"', "&quot;")
+        // Character references: a literal newline, tab or CR in an attribute would be read
+        // back as a space (XML attribute-value normalisation).
+        .replace('\n', "&#10;")
+        .replace('\r', "&#13;")
+        .replace('\t', "&#9;")
 }
 
 /// The `<source file=...>` of the file disk with `<target dev=target>`.
@@ -122,6 +127,13 @@ mod tests {
         <source file='/img/a.qcow2' index='2'/>\n      <target dev='vda' bus='virtio'/>\n    </disk>\n    \
         <disk type='file' device='disk'>\n      <source file=\"/img/b.qcow2\"/>\n      <target dev='vdb'/>\n    \
         </disk>\n    <unknown-element x='1'/>\n  </devices>\n</domain>\n";
+
+    #[test]
+    fn control_characters_in_a_path_survive_an_edit() {
+        let odd = "/img/a\nb\tc\rd 'e\" <f> & g,h:i.qcow2";
+        let out = set_disk_source(XML, "vdb", odd).unwrap();
+        assert_eq!(disk_source(&out, "vdb").unwrap().as_deref(), Some(odd));
+    }
 
     #[test]
     fn changes_only_the_source_of_the_named_disk() {

@@ -107,6 +107,8 @@ pub struct TestVmBuilder {
     agent: bool,
     cmdline_extra: String,
     boot_timeout: Duration,
+    name_len: Option<usize>,
+    file_names: Vec<(String, String)>,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -142,6 +144,8 @@ impl TestVmBuilder {
             agent: true,
             cmdline_extra: String::new(),
             boot_timeout: Duration::from_secs(180),
+            name_len: None,
+            file_names: Vec::new(),
         }
     }
     pub fn vcpus(mut self, n: u32) -> Self {
@@ -204,11 +208,33 @@ impl TestVmBuilder {
         self
     }
 
+    /// Pads the domain name with `x` to exactly `len` characters (it must be longer than
+    /// the name the hint gives).
+    pub fn name_len(mut self, len: usize) -> Self {
+        self.name_len = Some(len);
+        self
+    }
+    /// The file name (in the VM's folder) of the disk with target `target`, instead of
+    /// `<target>.<format>`; any bytes but `/` and NUL.
+    pub fn disk_file_name(mut self, target: &str, file_name: &str) -> Self {
+        self.file_names
+            .push((target.to_string(), file_name.to_string()));
+        self
+    }
+
     /// Makes the disks and defines the domain without starting it.
     pub fn define(self) -> Result<TestVm> {
         let lv = open_test_libvirt()?;
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let name = format!("{PREFIX}{}-{n}-{}", std::process::id(), self.hint);
+        let mut name = format!("{PREFIX}{}-{n}-{}", std::process::id(), self.hint);
+        if let Some(len) = self.name_len {
+            if len < name.len() {
+                return Err(KitError::Setup(format!(
+                    "a name of {len} characters is shorter than {name}"
+                )));
+            }
+            name.push_str(&"x".repeat(len - name.len()));
+        }
         let dir = test_root().join(&name);
         guest::make_public_dir(&dir)?;
         guest::check_traversable(&dir)?;
@@ -221,7 +247,11 @@ impl TestVmBuilder {
             spec: self.clone(),
         };
         for d in &self.disks {
-            let path = vm.dir.join(format!("{}.{}", d.target, d.format.as_str()));
+            let file = match self.file_names.iter().find(|(t, _)| t == &d.target) {
+                Some((_, f)) => f.clone(),
+                None => format!("{}.{}", d.target, d.format.as_str()),
+            };
+            let path = vm.dir.join(file);
             make_disk(&path, d)?;
             vm.disks.push(path);
         }
