@@ -108,9 +108,12 @@ impl Repository {
                 path: dir.to_path_buf(),
                 source,
             };
-            // A new file system's `lost+found` is no content.
+            // A new file system's `lost+found` is no content, and neither is the temporary of
+            // a config.json that another process, creating this repository at the same
+            // moment, is writing.
             for e in std::fs::read_dir(dir).map_err(io)? {
-                if e.map_err(io)?.file_name() != "lost+found" {
+                let name = e.map_err(io)?.file_name();
+                if name != "lost+found" && !name.to_string_lossy().starts_with(".tmp-") {
                     return Err(RepoError::NotARepository(dir.to_path_buf()));
                 }
             }
@@ -352,6 +355,23 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn processes_creating_one_new_repository_at_once_all_succeed() {
+        for round in 0..20 {
+            let d = tempfile::tempdir().unwrap();
+            let dir = d.path().join(format!("repo-{round}"));
+            std::thread::scope(|s| {
+                let opened: Vec<_> = (0..6)
+                    .map(|_| s.spawn(|| Repository::open(&dir).map(|_| ())))
+                    .collect();
+                for o in opened {
+                    let r = o.join().unwrap();
+                    assert!(r.is_ok(), "round {round}: {r:?}");
+                }
+            });
+        }
+    }
 
     fn manifest(id: &str, started: &str) -> Manifest {
         Manifest {
