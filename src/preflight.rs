@@ -5,6 +5,8 @@
 //! disks that cannot be snapshotted to a file overlay (block devices, network and volume
 //! disks, shareable disks, LUN passthrough) refuse the whole VM.
 
+use std::path::Path;
+
 use serde::Serialize;
 
 pub const GIB: u64 = 1 << 30;
@@ -168,16 +170,33 @@ pub fn evaluate(f: &Facts, limits: &Limits) -> Report {
                     });
                 }
                 if let Some(b) = &d.backing_file {
+                    // A vmbackup overlay an interrupted run left: `recover` (and every
+                    // backup, first) puts the VM back on its image.
+                    let leftover = d.source.as_deref().is_some_and(|src| {
+                        Path::new(src)
+                            .file_name()
+                            .and_then(|f| f.to_str())
+                            .is_some_and(|f| f.contains(".vmbackup-") && f.ends_with(".qcow2"))
+                    });
                     checks.push(Check {
                         name: format!("disk-supported:{}", d.target),
                         ok: false,
                         found: 0,
                         limit: 0,
-                        message: format!(
-                            "{}: the image has a backing file ({b}); only whole images \
-                             (no backing chain) are supported",
-                            d.target
-                        ),
+                        message: if leftover {
+                            format!(
+                                "{}: the VM runs on an overlay an interrupted backup left ({}); \
+                                 `vmbackup recover` or the next backup puts it back on {b}",
+                                d.target,
+                                d.source.as_deref().unwrap_or_default()
+                            )
+                        } else {
+                            format!(
+                                "{}: the image has a backing file ({b}); only whole images \
+                                 (no backing chain) are supported",
+                                d.target
+                            )
+                        },
                     });
                 }
                 backed_up.push(d)
@@ -307,6 +326,23 @@ mod tests {
             .filter(|c| !c.ok)
             .map(|c| c.name.clone())
             .collect()
+    }
+
+    #[test]
+    fn a_backing_file_is_refused_and_a_leftover_overlay_says_how_to_put_it_back() {
+        let mut chained = disk("vda", GIB);
+        chained.backing_file = Some("/images/base.qcow2".into());
+        let mut leftover = disk("vdb", GIB);
+        leftover.source = Some("/images/vm1.vdb.vmbackup-20270101T000000Z-ab12.qcow2".into());
+        leftover.backing_file = Some("/images/vdb.qcow2".into());
+        let r = evaluate(&facts(vec![chained, leftover], GIB), &Limits::default());
+        assert_eq!(failed(&r), ["disk-supported:vda", "disk-supported:vdb"]);
+        let why = r.refusals();
+        assert!(
+            why[0].contains("backing file (/images/base.qcow2)"),
+            "{why:?}"
+        );
+        assert!(why[1].contains("vmbackup recover"), "{why:?}");
     }
 
     #[test]
