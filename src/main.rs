@@ -623,14 +623,6 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
 }
 
 fn main() -> ExitCode {
-    // Chunk buffers (4 MiB) are allocated and freed by many threads; with glibc's dynamic
-    // mmap threshold they would end up in per-thread heaps that keep their pages. A fixed
-    // threshold keeps every buffer over 1 MiB an mmap of its own, given back when freed, so
-    // memory stays at what is in use (and an incremental run needs no more than a full one).
-    // SAFETY: mallopt only changes allocator parameters; called before any thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-    }
     let cli = match cli::Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
