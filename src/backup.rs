@@ -632,9 +632,16 @@ fn snapshot(
             check_interrupted()?;
             snap = vm.snapshot(overlays, false, Some(&bitmap), s);
         } else {
-            // Freeze, snapshot and thaw happened inside this one call: its duration bounds
-            // how long the guest was frozen.
-            c.freeze_ms = Some(t.elapsed().as_millis() as u64);
+            // Freeze, snapshot and thaw happened inside libvirt's one snapshot call: its
+            // duration bounds how long the guest was frozen (the checkpoint the adapter
+            // creates before it is not part of the freeze).
+            let whole = t.elapsed().as_millis() as u64;
+            c.freeze_ms = Some(
+                snap.as_ref()
+                    .ok()
+                    .and_then(|tr| tr.snapshot_ms)
+                    .unwrap_or(whole),
+            );
             c.application = true;
         }
     }
@@ -1140,6 +1147,7 @@ mod tests {
                     Tracked {
                         targets: overlays.iter().map(|o| o.target.clone()).collect(),
                         failed: None,
+                        snapshot_ms: None,
                     }
                 }
                 None => Tracked::default(),

@@ -471,7 +471,8 @@ fn a_snapshot_starts_a_persistent_bitmap_in_the_image_the_vm_leaves_that_records
         tracked,
         Tracked {
             targets: vec!["vdb".into()],
-            failed: None
+            failed: None,
+            snapshot_ms: None,
         }
     );
     assert_eq!(h.running_on(&first).unwrap(), first);

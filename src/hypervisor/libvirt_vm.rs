@@ -540,15 +540,15 @@ impl VmHandle for LibvirtVm<'_> {
                 }
             }
         }
-        if let Err(e) = self
-            .dom
-            .snapshot_disk_only(&snapshot_xml(&spec, overlays), quiesce)
-        {
+        let xml = snapshot_xml(&spec, overlays);
+        let started = std::time::Instant::now();
+        if let Err(e) = self.dom.snapshot_disk_only(&xml, quiesce) {
             if let Some(name) = checkpoint {
                 self.delete_checkpoint(name);
             }
             return Err(e.into());
         }
+        tracked.snapshot_ms = Some(started.elapsed().as_millis() as u64);
         Ok(tracked)
     }
 

@@ -83,6 +83,10 @@ pub struct Tracked {
     /// Why the bitmap could not be started, when it was asked for and failed (the snapshot was
     /// taken all the same).
     pub failed: Option<String>,
+    /// How long the snapshot call itself took, when the adapter did more than that call
+    /// (libvirt: the checkpoint is created before it, outside the freeze): with a quiesced
+    /// libvirt snapshot, this is what bounds the guest's freeze.
+    pub snapshot_ms: Option<u64>,
 }
 
 /// What `VmHandle::freeze` did.

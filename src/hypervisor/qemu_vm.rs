@@ -226,6 +226,7 @@ impl VmHandle for QemuVmHandle {
             Ok(()) => Ok(Tracked {
                 targets: tracked.iter().map(|o| o.target.clone()).collect(),
                 failed: None,
+                snapshot_ms: None,
             }),
             // QEMU refused the transaction, so none of it happened: the guest may be frozen,
             // take the snapshot at once without the bitmaps. (After a timeout or a broken
@@ -237,6 +238,7 @@ impl VmHandle for QemuVmHandle {
                 Ok(Tracked {
                     targets: Vec::new(),
                     failed: Some(reason),
+                    snapshot_ms: None,
                 })
             }
             Err(e) => Err(e.into()),
