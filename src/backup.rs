@@ -710,7 +710,7 @@ fn check_unchanged(
     based_on: &str,
     target: &str,
     vm: &VmRef,
-    marker: &Path,
+    state_dir: &Path,
 ) -> Result<u64> {
     let picks = changes::pick(index, changes::SPOT_CHECKS, changed);
     let (bytes_read, mismatch) = changes::spot_check(reader, index, &picks)?;
@@ -719,10 +719,9 @@ fn check_unchanged(
             "chunk {} of {target} differs from backup {based_on}, though nothing recorded a change to it",
             m.chunk
         );
-        if let Some(dir) = marker.parent() {
-            let _ = std::fs::create_dir_all(dir);
+        if let Err(e) = changes::request_full_read(state_dir, vm, target, &why) {
+            tracing::warn!(vm = %vm, disk = %target, error = %e, "cannot leave the request to read the disk whole");
         }
-        let _ = std::fs::write(marker, &why);
         tracing::error!(vm = %vm, disk = %target, "{why}: the next backup reads everything");
         return Err(Error::Invalid(format!(
             "{why}; the next backup of {vm} reads the disk whole"
@@ -731,8 +730,9 @@ fn check_unchanged(
     Ok(bytes_read)
 }
 
-/// Copies every disk into backup `id`: a disk proven unchanged since an earlier backup is
-/// spot-checked and takes that backup's index; every other disk is read whole.
+/// Copies every disk into backup `id`: a disk proven unchanged since an earlier backup takes
+/// that backup's index, one with a usable bitmap is read where it marks, every other disk is
+/// read whole; the first two are spot-checked.
 #[allow(clippy::too_many_arguments)]
 fn copy_disks(
     repo: &Repository,
@@ -825,7 +825,7 @@ fn copy_disks(
             } => {
                 let index = DiskIndex::decode(&repo.store().get(&index_object)?)?;
                 let bytes_read =
-                    check_unchanged(&reader, &index, &[], &based_on, &w.target, vm, &marker)?;
+                    check_unchanged(&reader, &index, &[], &based_on, &w.target, vm, state_dir)?;
                 tracing::info!(vm = %vm, disk = %w.target, based_on = %based_on, "unchanged since the last backup: not read");
                 progress(&label, w.virtual_size, w.virtual_size);
                 let read = DiskRead {
@@ -848,8 +848,9 @@ fn copy_disks(
             } => {
                 let changed = changed.unwrap_or_default();
                 let base = DiskIndex::decode(&repo.store().get(&index_object)?)?;
-                let checked =
-                    check_unchanged(&reader, &base, &changed, &based_on, &w.target, vm, &marker)?;
+                let checked = check_unchanged(
+                    &reader, &base, &changed, &based_on, &w.target, vm, state_dir,
+                )?;
                 tracing::info!(vm = %vm, disk = %w.target, based_on = %based_on, bitmap = %bitmap, chunks = changed.len(), "reading the chunks changed since the last backup");
                 let b = backup_disk_changes(
                     repo,
