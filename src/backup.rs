@@ -311,6 +311,7 @@ pub fn backup(
     let started_at = now_utc();
     let vm_ref = vm.vm();
     let _lock = lock_vm(state_dir, vm_ref)?;
+    crate::fault::point("backup-locked");
     // A run killed part-way left the VM frozen or on overlays: finish it first.
     let recovered = crate::recover::recover_locked(vm, journal, s)?;
     if !recovered.disks.is_empty() || recovered.thawed {
@@ -406,8 +407,10 @@ fn run_phases(
         run.overlays = overlays.iter().map(|o| o.overlay.clone()).collect();
         run.enter(Phase::Preflight)?;
         let files = OverlayFiles::create(&overlays, &work)?;
+        crate::fault::point("backup-overlays-created");
         match snapshot(run, &shape, &overlays, s) {
             Ok(c) => {
+                crate::fault::point("backup-snapshot-done");
                 // The VM runs on the overlays now: they go with the commit back.
                 files.keep();
                 c
@@ -448,7 +451,7 @@ fn run_phases(
     };
 
     run.enter(Phase::Copy)?;
-    crate::fault::stop_point("copy");
+    crate::fault::point("backup-copy");
     let copy_started = Instant::now();
     let copied = copy_disks(
         repo,
@@ -480,12 +483,18 @@ fn run_phases(
         }
         Err(e) => Err(e),
     };
+    if published.is_ok() {
+        crate::fault::point("backup-published");
+    }
     let committed = if shape.running {
         run.enter(Phase::Commit)?;
         vm.commit_back(&overlays, s)
     } else {
         Ok(())
     };
+    if committed.is_ok() {
+        crate::fault::point("backup-committed");
+    }
     run.enter(Phase::Cleanup)?;
     if committed.is_ok() {
         remove_overlays(&overlays);
@@ -563,6 +572,9 @@ fn forget_full_read_requests(state_dir: &Path, vm: &VmRef, m: &Manifest) {
 }
 
 fn remove_overlays(overlays: &[Overlay]) {
+    if !overlays.is_empty() {
+        crate::fault::point("commit-before-overlay-unlink");
+    }
     for o in overlays {
         match std::fs::remove_file(&o.overlay) {
             Ok(()) => {}
@@ -615,7 +627,7 @@ fn snapshot(
         }
     };
     run.enter(Phase::Snapshot)?;
-    crate::fault::stop_point("snapshot");
+    crate::fault::point("backup-snapshot");
     let t = Instant::now();
     let in_snapshot = matches!(freeze, Some(Freeze::InSnapshot));
     let bitmap = bitmap_name(&run.id);
@@ -900,6 +912,7 @@ fn copy_disks(
             }
         };
         let index_object = repo.put_index(id, &w.target, &index)?;
+        crate::fault::point("backup-published-index");
         logical += disk_logical;
         stored += disk_stored;
         entries.push(DiskEntry {
@@ -914,6 +927,7 @@ fn copy_disks(
             stored_bytes: disk_stored,
             read: Some(read),
         });
+        crate::fault::point("backup-between-disks");
     }
     Ok((entries, logical, stored))
 }

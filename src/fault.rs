@@ -1,13 +1,20 @@
-//! Fault injection for the tests that kill a run at a given point: when the environment
-//! variable `VMBACKUP_FAULT_STOP` names a stop point the run reaches, the process stops itself
-//! there (SIGSTOP), so that a test can kill it (SIGKILL) in exactly that state. Never set in
-//! production; a stop point costs one environment look-up. Points: `snapshot` (just before
-//! it), `copy` (the VM runs on its overlays, thawed, nothing read yet), `commit-started`.
+//! Fault injection for the tests that break a run at a chosen place: the named fail points of
+//! `vmbackup_repo::failpoint` (compiled in only with the `fault-injection` feature, switched on
+//! by `VMBACKUP_FAILPOINTS`; see that module for the actions: panic, exit, sleep, stop, kill).
 
-/// Stops this process (SIGSTOP) if `VMBACKUP_FAULT_STOP` is `point`.
-pub fn stop_point(point: &str) {
-    if std::env::var_os("VMBACKUP_FAULT_STOP").is_some_and(|v| v == point) {
-        tracing::warn!(point, "fault injection: stopping here");
-        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+pub use vmbackup_repo::failpoint::{init, point, ENABLED, POINTS};
+
+/// Checks `VMBACKUP_FAILPOINTS` at start-up: set in a build without fail points, the run would
+/// test nothing, so it is refused (exit 70) rather than run as if nothing were asked.
+pub fn check_environment() -> Result<(), String> {
+    match std::env::var_os("VMBACKUP_FAILPOINTS") {
+        Some(v) if !v.is_empty() && !ENABLED => Err(
+            "VMBACKUP_FAILPOINTS is set but this build has no fail points (feature fault-injection)"
+                .into(),
+        ),
+        _ => {
+            init();
+            Ok(())
+        }
     }
 }

@@ -642,6 +642,10 @@ fn main() -> ExitCode {
         }
     };
     init_logging();
+    if let Err(e) = vmbackup::fault::check_environment() {
+        eprintln!("error: {e}");
+        return ExitCode::from(70);
+    }
     install_signal_thread();
     let json = cli.global.json;
     match run(cli) {

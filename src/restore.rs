@@ -318,6 +318,7 @@ fn place_disks(moves: &[(PathBuf, PathBuf)]) -> Result<Placed> {
         placed.done.push((to.clone(), kept));
         std::fs::rename(from, to).map_err(|e| Error::io("replace disk", to, e))?;
         sync_folder(to)?;
+        crate::fault::point("restore-renamed-one");
     }
     Ok(placed)
 }
@@ -590,6 +591,7 @@ pub fn restore(
     }
 
     // All disks are written and checked: now the VM may change.
+    crate::fault::point("restore-temporaries");
     if let Some(d) = &dom {
         if d.state()? != PowerState::ShutOff {
             power_off(d, opts.shutdown_timeout)?;
@@ -601,6 +603,7 @@ pub fn restore(
         Some(d) => Some(d.inactive_xml()?),
         None => None,
     };
+    crate::fault::point("restore-before-define");
     let defined = lv.define(&xml)?;
     match place_disks(&moves) {
         Ok(placed) => placed.finish(),

@@ -573,7 +573,7 @@ fn spawn_stopped_at(place: &Place, point: &str, args: &[&str]) -> std::process::
         .args(args)
         .env_remove("VMBACKUP_CONFIG")
         .env("VMBACKUP_LOG", "info")
-        .env("VMBACKUP_FAULT_STOP", point)
+        .env("VMBACKUP_FAILPOINTS", format!("{point}=stop"))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -682,7 +682,7 @@ fn run_due_finishes_a_backup_killed_after_its_snapshot() {
     let image = vm_paths(&vm);
     let place = Place::new();
     let first = backup_id(&place, &[vm.name()]);
-    let mut child = spawn_stopped_at(&place, "copy", &["backup", vm.name()]);
+    let mut child = spawn_stopped_at(&place, "backup-copy", &["backup", vm.name()]);
     child.kill().unwrap();
     child.wait().unwrap();
     assert_ne!(
@@ -740,7 +740,7 @@ fn overlays_of_a_run_killed_before_its_snapshot_are_removed_by_recover() {
     let place = Place::new();
     let mut child = spawn_stopped_at(
         &place,
-        "snapshot",
+        "backup-snapshot",
         &["backup", vm.name(), "--quiesce", "required"],
     );
     child.kill().unwrap();

@@ -295,7 +295,7 @@ fn run_stopped_at(place: &Place, point: &str, args: &[&str], meanwhile: impl FnO
         .args(args)
         .env_remove("VMBACKUP_CONFIG")
         .env("VMBACKUP_LOG", "info")
-        .env("VMBACKUP_FAULT_STOP", point)
+        .env("VMBACKUP_FAILPOINTS", format!("{point}=stop"))
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -626,7 +626,7 @@ fn many_rounds() -> Vec<Round> {
         round_during(
             "discard and zeros; writes during the copy",
             &[trim(60 * MIB, 2 * MIB), zeros(0, 8 * BLOCK)],
-            "copy",
+            "backup-copy",
             &[rnd(40 * MIB, 2 * BLOCK), rnd(10 * MIB, BLOCK)],
         ),
         round_during(
@@ -701,7 +701,7 @@ fn plain_qemu_incremental_backups_over_rounds_restore_what_the_guest_saw() {
                 rnd(20 * MIB, BLOCK),
                 rnd(41 * MIB, BLOCK),
             ],
-            "copy",
+            "backup-copy",
             &[rnd(28 * MIB, BLOCK), zeros(0, BLOCK)],
         ),
         round_during(

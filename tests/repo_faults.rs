@@ -325,7 +325,7 @@ fn a_repository_that_fills_up_during_a_backup_fails_it_cleanly() {
         .args(["backup", vm.name()])
         .env_remove("VMBACKUP_CONFIG")
         .env("VMBACKUP_LOG", "info")
-        .env("VMBACKUP_FAULT_STOP", "copy")
+        .env("VMBACKUP_FAILPOINTS", "backup-copy=stop")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

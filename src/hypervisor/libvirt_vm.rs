@@ -181,7 +181,7 @@ impl LibvirtVm<'_> {
             }
             None => dom.block_commit_active(target)?,
         }
-        crate::fault::stop_point("commit-started");
+        crate::fault::point("commit-started");
         // Short polls: a commit of a backup's overlay is usually done in tens of ms.
         let mut pause = Duration::from_millis(10);
         let mut pivoted = false;
@@ -190,7 +190,11 @@ impl LibvirtVm<'_> {
         loop {
             match dom.block_job(target)? {
                 Some(job) if !pivoted && job.ready() => {
+                    crate::fault::point("commit-ready");
                     pivoted = dom.block_job_pivot(target)?;
+                    if pivoted {
+                        crate::fault::point("commit-pivoted");
+                    }
                     pause = Duration::from_millis(10);
                 }
                 Some(job) => {
@@ -586,6 +590,7 @@ impl VmHandle for LibvirtVm<'_> {
             return Err(e);
         }
         // libvirt may leave the persistent definition pointing at the overlays.
+        crate::fault::point("commit-before-inactive-xml");
         self.fix_persistent(overlays)?;
         let live = self.dom.live_xml()?;
         let inactive = self.dom.inactive_xml()?;

@@ -195,6 +195,7 @@ impl VmHandle for QemuVmHandle {
         }
         let since = Instant::now();
         self.q.freeze(s.freeze_timeout)?;
+        crate::fault::point("qemu-frozen");
         Ok(Freeze::Now(since))
     }
 

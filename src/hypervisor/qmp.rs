@@ -558,13 +558,14 @@ impl QemuVm {
             })?;
         let job = format!("vmbackup-commit-{device}");
         self.qmp(BlockCommit(json!({"job-id": job, "device": top.node_name})))?;
-        crate::fault::stop_point("commit-started");
+        crate::fault::point("commit-started");
         let mut completed = false;
         let mut progress = Value::Null;
         let mut progressed_at = Instant::now();
         loop {
             match self.block_job(&job)? {
                 Some(j) if !completed && j["ready"].as_bool() == Some(true) => {
+                    crate::fault::point("commit-ready");
                     self.qmp(BlockJobComplete(json!({ "device": job })))?;
                     completed = true;
                 }

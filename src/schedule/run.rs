@@ -251,6 +251,7 @@ pub fn run_due(
             if !state.claim(&spec.name, &vm.to_string(), *due)? {
                 continue; // another run-due has it
             }
+            crate::fault::point("run-due-claimed");
             let r = run_one(cfg, &state, &hv, repo, &spec, vm, *due, o, progress)?;
             job.results.push(r);
             if crate::interrupt::requested() {

@@ -241,7 +241,9 @@ fn backup_chunks<S: ChunkSource + ?Sized>(
                     logical.fetch_add(buf.len() as u64, Ordering::Relaxed);
                     stored.fetch_add(out.stored_bytes, Ordering::Relaxed);
                     datas.fetch_add(1, Ordering::Relaxed);
-                    if !out.new {
+                    if out.new {
+                        crate::failpoint::point("backup-chunk-written");
+                    } else {
                         reused.fetch_add(1, Ordering::Relaxed);
                     }
                     if out.repaired {

@@ -4,6 +4,7 @@
 pub mod chunk;
 pub mod digest;
 pub mod disk;
+pub mod failpoint;
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod faults;
 pub mod maintain;
@@ -254,6 +255,7 @@ impl Repository {
             id: m.id.clone(),
             source,
         })?;
+        crate::failpoint::point("backup-before-manifest-rename");
         self.store.put_new(&manifest_name(&m.id), &bytes)
     }
 

@@ -68,6 +68,7 @@ impl Repository {
             return Err(RepoError::NotFound(id.to_string()));
         }
         self.store().delete(&manifest)?;
+        crate::failpoint::point("prune-deleted-one");
         for name in self.store().list(&format!("backups/{id}/"))? {
             self.store().delete(&name)?;
         }
@@ -153,6 +154,7 @@ impl Repository {
                     .unwrap_or(0);
                 self.store().delete(&name)?;
                 removed += 1;
+                crate::failpoint::point("gc-deleted-some");
             }
         }
         Ok(Some(Collected {
