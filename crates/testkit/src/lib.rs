@@ -6,10 +6,13 @@
 //! - `qemu_vm`: throwaway plain QEMU VMs for the QMP tests;
 //! - `guest`: the test guest of `vm-images/build`, staged where QEMU can read it;
 //! - `cli`: running the `vmbackup` binary with `--json`, throwaway repositories;
+//! - `faults`: runs broken at fail points (SIGKILL of the process group) and the invariants
+//!   they must leave;
 //! - `error`: the kit's own error type (`KitError`).
 
 pub mod cli;
 pub mod error;
+pub mod faults;
 pub mod guest;
 pub mod libvirt_vm;
 pub mod qemu_vm;
