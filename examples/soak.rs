@@ -199,8 +199,14 @@ impl Soak {
         }
         let mut bad = vm_violations(&self.vm, &self.images);
         for (path, content) in [
-            (format!("/mnt/vdb/w-{i}"), &self.written[&format!("/mnt/vdb/w-{i}")]),
-            (format!("/mnt/vdb/k-{i}"), &self.written[&format!("/mnt/vdb/k-{i}")]),
+            (
+                format!("/mnt/vdb/w-{i}"),
+                &self.written[&format!("/mnt/vdb/w-{i}")],
+            ),
+            (
+                format!("/mnt/vdb/k-{i}"),
+                &self.written[&format!("/mnt/vdb/k-{i}")],
+            ),
         ] {
             match self.vm.read_file(&path) {
                 Ok(b) if b == content.as_bytes() => {}

@@ -142,11 +142,9 @@ impl Repository {
         }
         let live: HashSet<String> = live.iter().map(chunk::object_name).collect();
         let (mut removed, mut bytes) = (0u64, 0u64);
-        // Chunks written by backups that died before their sync never got a name.
-        let temporaries = self.store().remove_temporaries()?;
-        if temporaries > 0 {
-            tracing::info!(files = temporaries, "removed unfinished writes");
-        }
+        // What backups that died before their manifest left: their folders, and the chunks
+        // that never got a name (no backup runs: the lock is exclusive).
+        self.remove_incomplete(&[])?;
         for name in self.store().list("chunks/")? {
             if !live.contains(&name) {
                 bytes += std::fs::metadata(self.path().join(&name))
@@ -284,5 +282,30 @@ mod tests {
         drop(held);
         assert!(repo.gc().unwrap().is_some());
         assert!(matches!(repo.delete("nope"), Err(RepoError::NotFound(_))));
+    }
+
+    /// A backup killed before its manifest (index and domain XML written), a delete killed
+    /// after the manifest went, and a folder left empty: gc leaves no backup folder behind
+    /// without a manifest, and the published backup intact.
+    #[test]
+    fn gc_removes_backup_folders_without_a_manifest() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("repo");
+        let repo = Repository::open(&root).unwrap();
+        back_up(&repo, "kept", &disk(0x11));
+        back_up(&repo, "gone", &disk(0x22));
+        repo.store().delete("backups/gone/manifest.json").unwrap();
+        repo.store()
+            .put("backups/unfinished/domain.xml", b"<domain/>")
+            .unwrap();
+        std::fs::create_dir_all(root.join("backups/empty")).unwrap();
+        repo.gc().unwrap().unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(root.join("backups"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["kept"]);
+        assert!(repo.verify("kept").unwrap().ok);
     }
 }
