@@ -142,10 +142,12 @@ impl Repository {
         }
         let live: HashSet<String> = live.iter().map(chunk::object_name).collect();
         let (mut removed, mut bytes) = (0u64, 0u64);
-        // Chunks written by backups that died before their sync never got a name.
-        let temporaries = self.store().remove_temporaries()?;
-        if temporaries > 0 {
-            tracing::info!(files = temporaries, "removed unfinished writes");
+        // What backups that died before their manifest was written left (their objects, and
+        // chunks written before their sync, which never got a name): no backup is writing
+        // while gc holds the lock, so none of it will ever be published.
+        let unfinished = self.remove_incomplete(&[])?;
+        if unfinished > 0 {
+            tracing::info!(files = unfinished, "removed what unfinished backups left");
         }
         for name in self.store().list("chunks/")? {
             if !live.contains(&name) {
@@ -284,5 +286,33 @@ mod tests {
         drop(held);
         assert!(repo.gc().unwrap().is_some());
         assert!(matches!(repo.delete("nope"), Err(RepoError::NotFound(_))));
+    }
+
+    /// What a backup killed before its manifest leaves (its domain XML and index, a chunk
+    /// written but never synced, or only an empty folder) is removed by gc; published
+    /// backups stay whole.
+    #[test]
+    fn gc_removes_the_leftovers_of_backups_that_were_never_published() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("repo");
+        let repo = Repository::open(&root).unwrap();
+        back_up(&repo, "a1", &disk(0x11));
+        let half = backup_disk(&repo, &disk(0x33), 1 << 20, 2, &|_, _| {}).unwrap();
+        repo.put_index("half", "vda", &half.index).unwrap();
+        repo.put_domain_xml("half", "<domain/>").unwrap();
+        std::fs::create_dir(root.join("backups/empty")).unwrap();
+        // A temporary of a process that is gone (pid 0 is never a user process's).
+        std::fs::create_dir(root.join("backups/tmp-only")).unwrap();
+        std::fs::write(root.join("backups/tmp-only/.tmp-0-x"), b"x").unwrap();
+        let c = repo.gc().unwrap().unwrap();
+        assert_eq!(c.removed_chunks, 1, "the unpublished backup's chunk");
+        let mut left: Vec<String> = std::fs::read_dir(root.join("backups"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["a1"]);
+        assert!(repo.verify("a1").unwrap().ok);
     }
 }
