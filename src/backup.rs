@@ -237,6 +237,9 @@ struct Run<'a> {
     id: String,
     vm: &'a dyn VmHandle,
     overlays: Vec<PathBuf>,
+    /// The run leaves something for `recover` or the next run to finish (overlays it could
+    /// not tell the VM is off): its journal entry stays open.
+    unfinished: bool,
 }
 
 impl Run<'_> {
@@ -285,6 +288,12 @@ impl OverlayFiles {
 
 impl Drop for OverlayFiles {
     fn drop(&mut self) {
+        // A panic between the snapshot and `keep` (in the snapshot call, say) may leave the
+        // VM running on them: left to `recover`, which deletes only those the VM does not
+        // use (the journal names them).
+        if std::thread::panicking() {
+            return;
+        }
         for p in &self.paths {
             let _ = std::fs::remove_file(p);
         }
@@ -327,6 +336,7 @@ pub fn backup(
         id: id.clone(),
         vm,
         overlays: Vec::new(),
+        unfinished: false,
     };
     run.enter(Phase::Preflight)?;
     let result = run_phases(&mut run, repo, s, progress, started_at, started);
@@ -334,8 +344,9 @@ pub fn backup(
         tracing::debug!(vm = %vm_ref, id = %id, error = %chain(e), "backup failed");
     }
     // Unless the commit back failed (the VM stays on overlays the journal names, for recover
-    // or the next run), the VM is on its images again and the run is over.
-    if !matches!(result, Err(Error::CommitBack(_))) {
+    // or the next run), or the run could not tell whether the VM runs on its overlays, the VM
+    // is on its images again and the run is over.
+    if !run.unfinished && !matches!(result, Err(Error::CommitBack(_))) {
         if let Err(e) = journal.end(&id) {
             tracing::warn!(vm = %vm_ref, id = %id, error = %chain(&e), "cannot close the run's journal entry");
         }
@@ -426,7 +437,14 @@ fn run_phases(
                         vm.commit_back(&on, s)?;
                         remove_overlays(&overlays);
                     }
-                    Err(_) => files.keep(),
+                    Err(on) => {
+                        // The VM may run on them (a snapshot whose reply was lost): kept,
+                        // and the journal that names them stays open. `recover` and the
+                        // next run commit back what the VM runs on and delete the rest.
+                        tracing::warn!(vm = %vm_ref, error = %chain(&on), "cannot tell whether the VM runs on its overlays: they are kept for recover");
+                        files.keep();
+                        run.unfinished = true;
+                    }
                 }
                 return Err(e);
             }

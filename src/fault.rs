@@ -18,3 +18,16 @@ pub fn check_environment() -> Result<(), String> {
         }
     }
 }
+
+/// The deadline of a QMP command's reply: `default`, or in a build with fail points the
+/// milliseconds in `VMBACKUP_QMP_DEADLINE_MS`, so that a test can hold a reply past it
+/// without waiting the real deadline out.
+pub fn qmp_deadline(default: std::time::Duration) -> std::time::Duration {
+    if !ENABLED {
+        return default;
+    }
+    std::env::var("VMBACKUP_QMP_DEADLINE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(default, std::time::Duration::from_millis)
+}

@@ -428,6 +428,9 @@ impl VmHandle for LibvirtVm<'_> {
         }
         if running {
             self.commit_back(&overlays, s)?;
+            // Disks a killed run had already pivoted (the first of two, say) run on their
+            // images, but the persistent definition may still name their overlays.
+            r.disks = self.fix_inactive_only()?;
         } else {
             let mut inactive = self.dom.inactive_xml()?;
             for o in &overlays {

@@ -148,9 +148,18 @@ pub struct NodeBitmap {
 
 pub struct QemuVm {
     name: String,
+    qmp_path: PathBuf,
     qga_path: PathBuf,
     rt: tokio::runtime::Runtime,
-    qmp: QmpService,
+    /// The QMP session; `None` after one that a command left in doubt (see `qmp`), until
+    /// the next command opens a new one.
+    conn: std::sync::Mutex<Option<QmpConn>>,
+}
+
+/// One QMP session: its command side, and the task that reads its replies and events.
+struct QmpConn {
+    service: QmpService,
+    reader: tokio::task::JoinHandle<()>,
 }
 
 const CALL: Duration = Duration::from_secs(30);
@@ -229,6 +238,50 @@ pub fn thaw_guest_at(qga: &Path, timeout: Duration) -> Result<u32> {
     Ok(v.as_u64().unwrap_or(0) as u32)
 }
 
+/// Opens a QMP session on the socket `path` and negotiates it.
+fn connect(rt: &tokio::runtime::Runtime, path: &Path) -> Result<QmpConn> {
+    rt.block_on(async {
+        let connect = async {
+            let stream = qapi::futures::QmpStreamTokio::open_uds(path).await?;
+            stream.negotiate().await
+        };
+        let stream = tokio::time::timeout(CALL, connect)
+            .await
+            .map_err(|_| QmpError::Timeout {
+                what: format!("QMP handshake on {}", path.display()),
+                secs: CALL.as_secs(),
+            })?
+            .map_err(|source| QmpError::Connect {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let (service, events) = stream.into_parts();
+        // The event stream must be polled or replies never arrive.
+        let reader = tokio::spawn(events.into_future());
+        Ok::<_, QmpError>(QmpConn { service, reader })
+    })
+}
+
+/// Closes a QMP session: a QMP socket serves one client at a time, so the next session
+/// gets through only once this one's socket is closed.
+fn close(rt: &tokio::runtime::Runtime, conn: QmpConn) {
+    let QmpConn { service, reader } = conn;
+    drop(service);
+    reader.abort();
+    rt.block_on(async {
+        let _ = reader.await;
+    });
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        let conn = self.conn.get_mut().map(Option::take).unwrap_or(None);
+        if let Some(c) = conn {
+            close(&self.rt, c);
+        }
+    }
+}
+
 impl QemuVm {
     /// Connects to `DIR/NAME.qmp` and negotiates QMP. A QMP socket serves one client at a
     /// time: nothing else may be connected to it.
@@ -246,32 +299,13 @@ impl QemuVm {
             .enable_all()
             .build()
             .map_err(QmpError::Runtime)?;
-        let path = qmp.to_path_buf();
-        let qmp = rt.block_on(async {
-            let connect = async {
-                let stream = qapi::futures::QmpStreamTokio::open_uds(&path).await?;
-                stream.negotiate().await
-            };
-            let stream = tokio::time::timeout(CALL, connect)
-                .await
-                .map_err(|_| QmpError::Timeout {
-                    what: format!("QMP handshake on {}", path.display()),
-                    secs: CALL.as_secs(),
-                })?
-                .map_err(|source| QmpError::Connect {
-                    path: path.clone(),
-                    source,
-                })?;
-            let (service, events) = stream.into_parts();
-            // The event stream must be polled or replies never arrive.
-            tokio::spawn(events.into_future());
-            Ok::<_, QmpError>(service)
-        })?;
+        let conn = connect(&rt, qmp)?;
         Ok(QemuVm {
             name: name.to_string(),
+            qmp_path: qmp.to_path_buf(),
             qga_path: qga.to_path_buf(),
             rt,
-            qmp,
+            conn: std::sync::Mutex::new(Some(conn)),
         })
     }
 
@@ -289,12 +323,18 @@ impl QemuVm {
         C: qapi::qmp::QmpCommand + qapi::Command<Ok = Value> + 'static,
     {
         let name = C::NAME;
-        self.rt.block_on(async {
-            tokio::time::timeout(CALL, self.qmp.execute(cmd))
+        let deadline = crate::fault::qmp_deadline(CALL);
+        let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(connect(&self.rt, &self.qmp_path)?);
+        }
+        let conn = slot.as_ref().expect("connected above");
+        let result = self.rt.block_on(async {
+            tokio::time::timeout(deadline, conn.service.execute(cmd))
                 .await
                 .map_err(|_| QmpError::Timeout {
                     what: name.to_string(),
-                    secs: CALL.as_secs(),
+                    secs: deadline.as_secs(),
                 })?
                 .map_err(|e| match e {
                     qapi::ExecuteError::Io(source) => QmpError::Io {
@@ -303,7 +343,18 @@ impl QemuVm {
                     },
                     e => qapi_err(name, e),
                 })
-        })
+        });
+        if matches!(result, Err(QmpError::Timeout { .. } | QmpError::Io { .. })) {
+            // Without out-of-band ids QMP replies are matched by their order: the reply this
+            // command did not get may still come, and would be taken for the next command's
+            // (a stale `query-block` saying the VM is not on its overlays, say). The session
+            // is closed; the next command opens a new one, which QEMU answers only after the
+            // command in doubt has run or been dropped.
+            if let Some(old) = slot.take() {
+                close(&self.rt, old);
+            }
+        }
+        result
     }
 
     fn qga<C>(&self, cmd: C, timeout: Duration) -> Result<Value>

@@ -335,6 +335,16 @@ impl Repository {
             removed += 1;
         }
         removed += self.store.remove_temporaries()?;
+        // A folder whose objects were all temporaries (or never written) is left empty.
+        if let Ok(dirs) = std::fs::read_dir(self.path.join("backups")) {
+            for d in dirs.flatten() {
+                let id = d.file_name().to_string_lossy().into_owned();
+                if !in_progress.contains(&id.as_str()) && d.file_type().is_ok_and(|t| t.is_dir()) {
+                    // Fails, as it should, while the folder holds anything.
+                    let _ = std::fs::remove_dir(d.path());
+                }
+            }
+        }
         if removed > 0 {
             tracing::info!(objects = removed, "removed what unfinished backups left");
         }

@@ -142,9 +142,13 @@ impl Repository {
         }
         let live: HashSet<String> = live.iter().map(chunk::object_name).collect();
         let (mut removed, mut bytes) = (0u64, 0u64);
-        // What backups that died before their manifest left: their folders, and the chunks
-        // that never got a name (no backup runs: the lock is exclusive).
-        self.remove_incomplete(&[])?;
+        // What backups that died before their manifest was written left (their objects, and
+        // chunks written before their sync, which never got a name): no backup is writing
+        // while gc holds the lock, so none of it will ever be published.
+        let unfinished = self.remove_incomplete(&[])?;
+        if unfinished > 0 {
+            tracing::info!(files = unfinished, "removed what unfinished backups left");
+        }
         for name in self.store().list("chunks/")? {
             if !live.contains(&name) {
                 bytes += std::fs::metadata(self.path().join(&name))
@@ -284,28 +288,31 @@ mod tests {
         assert!(matches!(repo.delete("nope"), Err(RepoError::NotFound(_))));
     }
 
-    /// A backup killed before its manifest (index and domain XML written), a delete killed
-    /// after the manifest went, and a folder left empty: gc leaves no backup folder behind
-    /// without a manifest, and the published backup intact.
+    /// What a backup killed before its manifest leaves (its domain XML and index, a chunk
+    /// written but never synced, or only an empty folder) is removed by gc; published
+    /// backups stay whole.
     #[test]
-    fn gc_removes_backup_folders_without_a_manifest() {
+    fn gc_removes_the_leftovers_of_backups_that_were_never_published() {
         let d = tempfile::tempdir().unwrap();
         let root = d.path().join("repo");
         let repo = Repository::open(&root).unwrap();
-        back_up(&repo, "kept", &disk(0x11));
-        back_up(&repo, "gone", &disk(0x22));
-        repo.store().delete("backups/gone/manifest.json").unwrap();
-        repo.store()
-            .put("backups/unfinished/domain.xml", b"<domain/>")
-            .unwrap();
-        std::fs::create_dir_all(root.join("backups/empty")).unwrap();
-        repo.gc().unwrap().unwrap();
+        back_up(&repo, "a1", &disk(0x11));
+        let half = backup_disk(&repo, &disk(0x33), 1 << 20, 2, &|_, _| {}).unwrap();
+        repo.put_index("half", "vda", &half.index).unwrap();
+        repo.put_domain_xml("half", "<domain/>").unwrap();
+        std::fs::create_dir(root.join("backups/empty")).unwrap();
+        // A temporary of a process that is gone (pid 0 is never a user process's).
+        std::fs::create_dir(root.join("backups/tmp-only")).unwrap();
+        std::fs::write(root.join("backups/tmp-only/.tmp-0-x"), b"x").unwrap();
+        let c = repo.gc().unwrap().unwrap();
+        assert_eq!(c.removed_chunks, 1, "the unpublished backup's chunk");
         let mut left: Vec<String> = std::fs::read_dir(root.join("backups"))
             .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        assert_eq!(left, ["kept"]);
-        assert!(repo.verify("kept").unwrap().ok);
+        assert_eq!(left, ["a1"]);
+        assert!(repo.verify("a1").unwrap().ok);
     }
 }

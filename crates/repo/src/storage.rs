@@ -344,16 +344,6 @@ impl ObjectStore for LocalDir {
             }
             Ok(())
         })?;
-        // A backup folder left empty (its process died after making it, or its temporaries
-        // just went): callers hold the repository exclusively, so no backup is filling it.
-        if let Ok(rd) = std::fs::read_dir(self.root.join("backups")) {
-            for e in rd.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) && std::fs::remove_dir(e.path()).is_ok()
-                {
-                    removed += 1;
-                }
-            }
-        }
         Ok(removed)
     }
 
