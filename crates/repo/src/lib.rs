@@ -109,12 +109,15 @@ impl Repository {
                 path: dir.to_path_buf(),
                 source,
             };
-            // A new file system's `lost+found` is no content, and neither is the temporary of
-            // a config.json that another process, creating this repository at the same
-            // moment, is writing.
+            // A new file system's `lost+found` is no content, and neither is the config.json
+            // (or its temporary) of another process creating this repository at the same
+            // moment: it may appear between the check above and this listing.
             for e in std::fs::read_dir(dir).map_err(io)? {
                 let name = e.map_err(io)?.file_name();
-                if name != "lost+found" && !name.to_string_lossy().starts_with(".tmp-") {
+                if name != "lost+found"
+                    && name != "config.json"
+                    && !name.to_string_lossy().starts_with(".tmp-")
+                {
                     return Err(RepoError::NotARepository(dir.to_path_buf()));
                 }
             }
