@@ -66,6 +66,7 @@ pub fn free_space(path: &Path) -> Result<Space> {
     Ok(Space {
         path: path.display().to_string(),
         free_bytes: (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64),
+        device: device_of(&p),
     })
 }
 
@@ -82,12 +83,22 @@ fn device_of(path: &Path) -> Option<u64> {
     }
 }
 
-/// The free space of each distinct filesystem among the folders the overlays go into.
-fn overlay_spaces(overlays: impl IntoIterator<Item = PathBuf>) -> Result<Vec<Space>> {
+/// The free space of each distinct filesystem among the folders the overlays go into, and
+/// each distinct folder (who owns it, who may write to it).
+fn overlay_spaces(
+    overlays: impl IntoIterator<Item = PathBuf>,
+) -> Result<(Vec<Space>, Vec<preflight::Folder>)> {
     let mut seen: Vec<u64> = Vec::new();
     let mut spaces = Vec::new();
+    let mut folders: Vec<preflight::Folder> = Vec::new();
     for ov in overlays {
         let dir = ov.parent().map(Path::to_path_buf).unwrap_or_default();
+        if !folders.iter().any(|f| Path::new(&f.path) == dir) {
+            // A folder that does not exist yet fails later, when the overlay is created.
+            if let Ok(f) = preflight::Folder::of(&dir) {
+                folders.push(f);
+            }
+        }
         if let Some(dev) = device_of(&dir) {
             if !seen.contains(&dev) {
                 seen.push(dev);
@@ -95,7 +106,7 @@ fn overlay_spaces(overlays: impl IntoIterator<Item = PathBuf>) -> Result<Vec<Spa
             }
         }
     }
-    Ok(spaces)
+    Ok((spaces, folders))
 }
 
 /// Longest file name (bytes) most Linux file systems take.
@@ -154,11 +165,13 @@ pub fn survey(vm: &dyn VmHandle, repo_dir: &Path, s: &BackupSettings) -> Result<
             Some(overlay_path(s, vm.vm(), &d.facts.target, src, &id))
         })
         .collect::<Result<Vec<_>>>()?;
+    let (overlay_spaces, overlay_folders) = overlay_spaces(overlays)?;
     let facts = Facts {
         vm: vm.vm().to_string(),
         memory_bytes: shape.memory_bytes,
         disks: shape.disks.iter().map(|d| d.facts.clone()).collect(),
-        overlay_spaces: overlay_spaces(overlays)?,
+        overlay_spaces,
+        overlay_folders,
         repository: free_space(repo_dir)?,
     };
     let mut report = preflight::evaluate(&facts, &s.limits);

@@ -136,6 +136,11 @@ impl Config {
                 .unwrap_or(dl.max_total_bytes),
             overlay_headroom_ratio: headroom.unwrap_or(dl.overlay_headroom_ratio),
         };
+        let report = f.report.unwrap_or_default();
+        report.check().map_err(|e| Error::Config {
+            key: "report".into(),
+            detail: e.to_string(),
+        })?;
         Ok(Config {
             connect: o
                 .connect
@@ -173,7 +178,7 @@ impl Config {
             catch_up: Duration::from_secs(
                 60u64.saturating_mul(catch_up_minutes.unwrap_or(DEFAULT_CATCH_UP_MINUTES)),
             ),
-            report: f.report.unwrap_or_default(),
+            report,
         })
     }
 }

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -75,11 +75,44 @@ pub fn info(path: &Path) -> Result<ImageInfo> {
     })
 }
 
-/// `qemu-img commit -d`: writes an overlay's data into its backing image (the overlay is
-/// left as it is, for the caller to delete). The image must not be in use.
 /// Creates an empty qcow2 overlay at `overlay` on top of `image` (format `format`, `size`
 /// bytes). `-u`: the image is in use by QEMU, so its header is not opened for the size.
+///
+/// The overlay holds the guest's writes until the commit back, so it is no more open than
+/// the image it stands in for: the file is made first, exclusively (never through a symlink,
+/// never over an existing file), mode 0600, then given the image's owner and permission bits
+/// as they are now (for a running libvirt VM with dynamic ownership: QEMU's user, which is
+/// what QEMU needs to open it), and only then does `qemu-img` write the qcow2 header into it.
+/// When the owner cannot be given (not root), the overlay stays ours and 0600.
 pub fn create_overlay(overlay: &Path, image: &Path, format: &str, size: u64) -> Result<()> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ImageError::Io { path, source }
+    };
+    let meta = std::fs::metadata(image).map_err(io(image))?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(overlay)
+        .map_err(io(overlay))?;
+    let owned = match std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid())) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Err(()),
+        Err(e) => {
+            drop(file);
+            let _ = std::fs::remove_file(overlay);
+            return Err(io(overlay)(e));
+        }
+    };
+    if owned.is_ok() {
+        if let Err(e) = file.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o777)) {
+            drop(file);
+            let _ = std::fs::remove_file(overlay);
+            return Err(io(overlay)(e));
+        }
+    }
+    drop(file);
     let (ov, img) = (overlay.to_string_lossy(), image.to_string_lossy());
     qemu_img(&[
         "create",
@@ -95,6 +128,26 @@ pub fn create_overlay(overlay: &Path, image: &Path, format: &str, size: u64) -> 
         &size.to_string(),
     ])
     .map(|_| ())
+    .inspect_err(|_| {
+        let _ = std::fs::remove_file(overlay);
+    })
+}
+
+/// Gives the file `file` the owner and permission bits of `like`, as they are now (for a
+/// restored image: the image it replaces, read while the VM is off, so the owner libvirt's
+/// dynamic ownership puts back at shutdown rather than QEMU's user). Without the right to
+/// change the owner (not root), the file stays ours and keeps its mode.
+pub fn take_owner_and_mode(file: &Path, like: &std::fs::Metadata) -> Result<()> {
+    let io = |source| ImageError::Io {
+        path: file.to_path_buf(),
+        source,
+    };
+    match std::os::unix::fs::chown(file, Some(like.uid()), Some(like.gid())) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => return Ok(()),
+        Err(e) => return Err(io(e)),
+    }
+    std::fs::set_permissions(file, std::fs::Permissions::from_mode(like.mode() & 0o777)).map_err(io)
 }
 
 /// Keeps QEMU from opening an image for writing while it is read: QEMU's own image locking
@@ -153,6 +206,8 @@ pub fn remove_bitmap(image: &Path, name: &str) -> Result<()> {
     .map(|_| ())
 }
 
+/// `qemu-img commit -d`: writes an overlay's data into its backing image (the overlay is
+/// left as it is, for the caller to delete). The image must not be in use.
 pub fn commit(overlay: &Path) -> Result<()> {
     qemu_img(&["commit", "-q", "-d", &overlay.to_string_lossy()]).map(|_| ())
 }
@@ -308,6 +363,48 @@ impl crate::repository::source::ChunkSource for ImageReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_overlay_gets_the_images_owner_and_mode_and_never_follows_a_planted_symlink() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let d = tempfile::tempdir().unwrap();
+        let image = d.path().join("disk.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            &image.to_string_lossy(),
+            "1M",
+        ])
+        .unwrap();
+        std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let root = nix::unistd::geteuid().is_root();
+        if root {
+            std::os::unix::fs::chown(&image, Some(4242), Some(4243)).unwrap();
+        }
+        let ov = d.path().join("disk.vmbackup-x.qcow2");
+        create_overlay(&ov, &image, "qcow2", 1 << 20).unwrap();
+        let m = std::fs::metadata(&ov).unwrap();
+        let backing = info(&ov).unwrap().backing_file;
+        assert_eq!(backing.as_deref(), Some(&*image.to_string_lossy()));
+        if root {
+            assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (4242, 4243, 0o640));
+        } else {
+            assert_eq!(m.mode() & 0o7777, 0o600);
+        }
+        // A symlink planted where the overlay goes is not followed, and its target untouched.
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"mine").unwrap();
+        let planted = d.path().join("disk.vmbackup-y.qcow2");
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        assert!(create_overlay(&planted, &image, "qcow2", 1 << 20).is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"mine");
+        assert!(std::fs::symlink_metadata(&planted)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
 
     fn run(args: &[&str]) {
         let st = Command::new(args[0]).args(&args[1..]).status().unwrap();

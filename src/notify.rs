@@ -8,16 +8,24 @@
 //! from = "vmbackup@host.example"
 //! to = ["ops@example.com"]
 //! command = ["/usr/local/bin/backup-hook", "--source", "vmbackup"]   # argv, no shell
+//! command_timeout_secs = 120     # the command is killed (its whole process group) after this
 //! ```
 //!
 //! The SMTP client is the plain protocol (RFC 5321) for a local relay: EHLO, MAIL, RCPT,
 //! DATA with dot-stuffing, QUIT. TLS and authentication towards the outside world are the
 //! relay's business (Postfix, msmtpd, ...).
+//!
+//! Report text carries strings from elsewhere (error chains with the guest agent's or QEMU's
+//! words, disk paths): the body is sanitised before it is sent (`sanitize_body`): CRLF and LF
+//! end lines, every other control character (a bare CR among them) becomes a space, and
+//! dot-stuffing means no line of the message is a lone `.`, so nothing in a report can end
+//! the DATA early or smuggle a second message past the relay.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
@@ -33,6 +41,32 @@ pub struct ReportConfig {
     pub to: Vec<String>,
     /// A program and its arguments, given the report as JSON on stdin.
     pub command: Option<Vec<String>>,
+    /// Seconds the command may run; then its process group is killed and the report counts
+    /// as failed (default `DEFAULT_COMMAND_TIMEOUT`). At least 1.
+    pub command_timeout_secs: Option<u64>,
+}
+
+/// How long the report command may run unless the config says otherwise.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl ReportConfig {
+    /// Refuses settings that cannot work (bad input, found when the config is read).
+    pub fn check(&self) -> Result<(), NotifyError> {
+        if self.command_timeout_secs == Some(0) {
+            return Err(NotifyError::Config(
+                "command_timeout_secs: 0 is not allowed: give at least 1".into(),
+            ));
+        }
+        if matches!(&self.command, Some(argv) if argv.is_empty()) {
+            return Err(NotifyError::Config("command is empty".into()));
+        }
+        Ok(())
+    }
+
+    fn command_timeout(&self) -> Duration {
+        self.command_timeout_secs
+            .map_or(DEFAULT_COMMAND_TIMEOUT, Duration::from_secs)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +93,8 @@ pub enum NotifyError {
     },
     #[error("report command {program} exited with {status}")]
     CommandFailed { program: String, status: String },
+    #[error("report command {program} still ran after {secs} s: killed")]
+    CommandTimeout { program: String, secs: u64 },
 }
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -80,7 +116,7 @@ pub fn send(cfg: &ReportConfig, job: &JobReport) -> Result<(), NotifyError> {
         }
     }
     if let Some(argv) = &cfg.command {
-        if let Err(e) = run_command(argv, job) {
+        if let Err(e) = run_command(argv, job, cfg.command_timeout()) {
             first_error.get_or_insert(e);
         }
     }
@@ -152,6 +188,37 @@ pub fn render(job: &JobReport) -> (String, String) {
         ));
     }
     (subject, b)
+}
+
+/// One header line: every control character (CR and LF among them) becomes a space.
+fn sanitize_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// A body as the DATA of an SMTP message: lines end in CRLF (a CRLF or a LF of the text ends
+/// a line; a bare CR and every other control character but TAB become a space), and a line
+/// that starts with `.` gets one more (RFC 5321 4.5.2), so no line is a lone `.` and the
+/// message ends only where the client ends it.
+pub fn sanitize_body(body: &str) -> String {
+    let mut out = String::with_capacity(body.len() + 16);
+    if body.is_empty() {
+        return out;
+    }
+    let text = body.strip_suffix('\n').unwrap_or(body);
+    for line in text.split('\n') {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.starts_with('.') {
+            out.push('.');
+        }
+        out.extend(
+            line.chars()
+                .map(|c| if c.is_control() && c != '\t' { ' ' } else { c }),
+        );
+        out.push_str("\r\n");
+    }
+    out
 }
 
 fn check_address(a: &str) -> Result<(), NotifyError> {
@@ -260,18 +327,11 @@ pub fn send_mail(
          MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\
          Content-Transfer-Encoding: 8bit\r\n\r\n",
         to.join(", "),
-        subject.replace(['\r', '\n'], " "),
+        sanitize_line(subject),
         jiff::Timestamp::now().as_nanosecond(),
         std::process::id()
     );
-    for line in body.lines() {
-        // Dot-stuffing: a line starting with '.' gets one more.
-        if line.starts_with('.') {
-            msg.push('.');
-        }
-        msg.push_str(line);
-        msg.push_str("\r\n");
-    }
+    msg.push_str(&sanitize_body(body));
     msg.push_str(".\r\n");
     s.writer.write_all(msg.as_bytes()).map_err(|e| s.io(e))?;
     s.expect("end of data", 2)?;
@@ -279,7 +339,7 @@ pub fn send_mail(
     Ok(())
 }
 
-fn run_command(argv: &[String], job: &JobReport) -> Result<(), NotifyError> {
+fn run_command(argv: &[String], job: &JobReport, timeout: Duration) -> Result<(), NotifyError> {
     let (program, args) = argv
         .split_first()
         .ok_or_else(|| NotifyError::Config("command is empty".into()))?;
@@ -291,14 +351,43 @@ fn run_command(argv: &[String], job: &JobReport) -> Result<(), NotifyError> {
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
+        // Its own process group: on timeout the command and whatever it started are killed.
+        .process_group(0)
         .spawn()
         .map_err(spawn)?;
+    let group = nix::unistd::Pid::from_raw(child.id() as i32);
     let json = serde_json::to_vec(job).expect("a report serializes");
-    if let Some(mut stdin) = child.stdin.take() {
-        // A command that does not read its input is its own business: ignore EPIPE.
-        let _ = stdin.write_all(&json);
-    }
-    let status = child.wait().map_err(spawn)?;
+    // Written by a thread: a command that never reads its input must not block us past the
+    // timeout (the pipe closes when the group is killed, and the write ends with EPIPE).
+    let writer = child.stdin.take().map(|mut stdin| {
+        std::thread::spawn(move || {
+            // A command that does not read its input is its own business: ignore EPIPE.
+            let _ = stdin.write_all(&json);
+        })
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait().map_err(spawn)? {
+            Some(status) => break Some(status),
+            None if Instant::now() >= deadline => break None,
+            None => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    let Some(status) = status else {
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        let _ = child.wait();
+        // The writer ends when the pipe closes; a descendant that left the group may hold
+        // it open, so it is not waited for.
+        drop(writer);
+        tracing::error!(program = %program, secs = timeout.as_secs(), "report command timed out: killed");
+        return Err(NotifyError::CommandTimeout {
+            program: program.clone(),
+            secs: timeout.as_secs(),
+        });
+    };
+    // The command is gone; what it started may still hold the pipe: the writer thread is
+    // left to end on its own rather than waited for.
+    drop(writer);
     if !status.success() {
         return Err(NotifyError::CommandFailed {
             program: program.clone(),
@@ -365,12 +454,77 @@ mod tests {
             "/usr/bin/tee".to_string(),
             out.to_string_lossy().into_owned(),
         ];
-        run_command(&argv, &job()).unwrap();
+        run_command(&argv, &job(), DEFAULT_COMMAND_TIMEOUT).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
         assert_eq!(v["schedule"], "nightly");
         assert_eq!(v["results"][1]["status"], "failed");
-        let e = run_command(&["/bin/false".to_string()], &job()).unwrap_err();
+        let e =
+            run_command(&["/bin/false".to_string()], &job(), DEFAULT_COMMAND_TIMEOUT).unwrap_err();
         assert!(matches!(e, NotifyError::CommandFailed { .. }));
+    }
+
+    #[test]
+    fn a_command_that_runs_for_ever_is_killed_with_its_process_group_after_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("child.pid");
+        // The shell starts a child that would outlive it, and never reads its input.
+        let script = format!("sleep 1000 & echo $! > {}; wait", pid_file.display());
+        let argv: Vec<String> = ["/bin/sh", "-c", &script].map(String::from).to_vec();
+        let t = Instant::now();
+        let e = run_command(&argv, &job(), Duration::from_secs(1)).unwrap_err();
+        assert!(
+            matches!(e, NotifyError::CommandTimeout { secs: 1, .. }),
+            "{e:?}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The grandchild was killed too (reaped by init soon after: wait for it to go).
+        let gone = Instant::now();
+        while std::path::Path::new(&format!("/proc/{pid}/stat")).exists()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z ")
+        {
+            assert!(
+                gone.elapsed() < Duration::from_secs(5),
+                "sleep {pid} lives on"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let zero = ReportConfig {
+            command: Some(vec!["/bin/true".into()]),
+            command_timeout_secs: Some(0),
+            ..ReportConfig::default()
+        };
+        assert!(matches!(zero.check(), Err(NotifyError::Config(_))));
+    }
+
+    #[test]
+    fn the_body_has_no_bare_cr_no_control_characters_and_no_lone_dot_line() {
+        let hostile = "ok\r\n.\r\nMAIL FROM:<x@y>\nerr\r.\r\nDATA\n.\n\u{1b}[2Jtab\there\r\n..two";
+        let s = sanitize_body(hostile);
+        assert_eq!(
+            s,
+            "ok\r\n..\r\nMAIL FROM:<x@y>\r\nerr .\r\nDATA\r\n..\r\n [2Jtab\there\r\n...two\r\n"
+        );
+        // Every CR is followed by LF, every LF preceded by CR, and no line is a lone dot.
+        let b = s.as_bytes();
+        for (i, &c) in b.iter().enumerate() {
+            if c == b'\r' {
+                assert_eq!(b.get(i + 1), Some(&b'\n'), "bare CR at {i}: {s:?}");
+            }
+            if c == b'\n' {
+                assert_eq!(b[i - 1], b'\r', "bare LF at {i}: {s:?}");
+            }
+        }
+        assert!(s.split("\r\n").all(|l| l != "."), "{s:?}");
+        assert_eq!(sanitize_body(""), "");
+        assert_eq!(sanitize_body("a\n"), "a\r\n");
+        assert_eq!(sanitize_line("x\r\nBcc: y\u{0}"), "x  Bcc: y ");
     }
 
     #[test]

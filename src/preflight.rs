@@ -56,6 +56,58 @@ pub struct DiskFacts {
 pub struct Space {
     pub path: String,
     pub free_bytes: u64,
+    /// The file system's device number (`st_dev`): what goes onto one file system is added up.
+    #[serde(skip)]
+    pub device: Option<u64>,
+}
+
+/// A folder vmbackup creates files in (overlays) or talks to sockets in (plain QEMU VMs), as
+/// root: who owns it and who may write to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Folder {
+    pub path: String,
+    pub owner: u32,
+    /// The permission bits (e.g. 0o755).
+    pub mode: u32,
+}
+
+impl Folder {
+    pub fn of(path: &Path) -> std::io::Result<Folder> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(Folder {
+            path: path.display().to_string(),
+            owner: m.uid(),
+            mode: m.mode() & 0o7777,
+        })
+    }
+
+    /// Why files vmbackup makes or opens here as root cannot be trusted, if they cannot: the
+    /// folder is writable by its group or by everyone (the sticky bit does not help: anyone
+    /// could plant a file or a symlink under a name vmbackup is about to use, or pose as a
+    /// VM's QMP socket), or it belongs to another user than root or this process's.
+    pub fn untrusted(&self) -> Option<String> {
+        let me = nix::unistd::geteuid().as_raw();
+        if self.mode & 0o022 != 0 {
+            Some(format!(
+                "{} is {}-writable (mode {:04o}); only its owner may write to it",
+                self.path,
+                if self.mode & 0o002 != 0 {
+                    "world"
+                } else {
+                    "group"
+                },
+                self.mode
+            ))
+        } else if self.owner != 0 && self.owner != me {
+            Some(format!(
+                "{} belongs to user {}, not to root (or uid {me}, which runs vmbackup)",
+                self.path, self.owner
+            ))
+        } else {
+            None
+        }
+    }
 }
 
 /// Everything the checks look at.
@@ -67,6 +119,8 @@ pub struct Facts {
     /// Each distinct filesystem the overlays will be created on (empty for a VM that is off:
     /// it is backed up without a snapshot).
     pub overlay_spaces: Vec<Space>,
+    /// Each distinct folder the overlays will be created in (as `overlay_spaces`).
+    pub overlay_folders: Vec<Folder>,
     pub repository: Space,
 }
 
@@ -261,7 +315,50 @@ pub fn evaluate(f: &Facts, limits: &Limits) -> Report {
             ),
         });
     }
+    for folder in &f.overlay_folders {
+        let why = folder.untrusted();
+        checks.push(Check {
+            name: "overlay-folder".into(),
+            ok: why.is_none(),
+            found: folder.mode as u64,
+            limit: 0o755,
+            message: match why {
+                Some(why) => format!("snapshot overlays cannot be created safely: {why}"),
+                None => format!(
+                    "snapshot overlays go into {} (mode {:04o}, owner {})",
+                    folder.path, folder.mode, folder.owner
+                ),
+            },
+        });
+    }
     let estimate: u64 = backed_up.iter().map(|d| d.allocated_size).sum();
+    // The repository on the file system of overlays: the copy fills what the overlays need
+    // to grow into (and a full overlay pauses the VM), so both must fit at once.
+    for s in &f.overlay_spaces {
+        if s.device.is_none() || s.device != f.repository.device {
+            continue;
+        }
+        let need = headroom.saturating_add(estimate);
+        let ok = s.free_bytes >= need;
+        checks.push(Check {
+            name: "shared-space".into(),
+            ok,
+            found: s.free_bytes,
+            limit: need,
+            message: format!(
+                "the repository {} and the snapshot overlays in {} share one file system with \
+                 {} free, {} the {} they need together ({} of overlay headroom plus {} for \
+                 the backup)",
+                f.repository.path,
+                s.path,
+                gib(s.free_bytes),
+                if ok { "within" } else { "less than" },
+                gib(need),
+                gib(headroom),
+                gib(estimate)
+            ),
+        });
+    }
     let ok = f.repository.free_bytes >= estimate;
     checks.push(Check {
         name: "repository-space".into(),
@@ -312,10 +409,17 @@ mod tests {
             overlay_spaces: vec![Space {
                 path: "/images".into(),
                 free_bytes: 10_000 * GIB,
+                device: Some(1),
+            }],
+            overlay_folders: vec![Folder {
+                path: "/images".into(),
+                owner: 0,
+                mode: 0o711,
             }],
             repository: Space {
                 path: "/repo".into(),
                 free_bytes: 10_000 * GIB,
+                device: Some(2),
             },
         }
     }
@@ -398,6 +502,63 @@ mod tests {
             failed(&evaluate(&f, &Limits::default())),
             ["repository-space"]
         );
+    }
+
+    #[test]
+    fn overlays_and_repository_on_one_file_system_need_their_space_together() {
+        // 10 GiB of disks, 1 GiB allocated, 2 GiB of memory: 2.4 GiB headroom, 1 GiB copy.
+        let mut f = facts(vec![disk("vda", 10 * GIB)], 2 * GIB);
+        let headroom = (12 * GIB) as f64 * 0.2;
+        let need = headroom.ceil() as u64 + GIB;
+        f.overlay_spaces[0].free_bytes = need - 1;
+        f.repository.free_bytes = need - 1;
+        // Apart, each has enough.
+        assert!(evaluate(&f, &Limits::default()).ok);
+        // On one file system, the sum does not fit.
+        f.repository.device = f.overlay_spaces[0].device;
+        let r = evaluate(&f, &Limits::default());
+        assert_eq!(failed(&r), ["shared-space"]);
+        assert!(
+            r.refusals()[0].contains("share one file system"),
+            "{:?}",
+            r.refusals()
+        );
+        f.overlay_spaces[0].free_bytes = need;
+        assert!(evaluate(&f, &Limits::default()).ok);
+        // An unknown file system is not taken for the repository's.
+        f.overlay_spaces[0].free_bytes = need - 1;
+        f.overlay_spaces[0].device = None;
+        f.repository.device = None;
+        assert!(evaluate(&f, &Limits::default()).ok);
+    }
+
+    #[test]
+    fn overlay_folders_others_may_write_to_are_refused() {
+        let me = nix::unistd::geteuid().as_raw();
+        for (mode, owner, ok) in [
+            (0o711, 0, true),
+            (0o755, me, true),
+            (0o700, 0, true),
+            (0o777, 0, false),
+            (0o1777, 0, false),
+            (0o775, 0, false),
+            (0o755, 4242, me == 4242),
+        ] {
+            let mut f = facts(vec![disk("vda", GIB)], GIB);
+            f.overlay_folders[0].mode = mode;
+            f.overlay_folders[0].owner = owner;
+            let r = evaluate(&f, &Limits::default());
+            assert_eq!(r.ok, ok, "{mode:o} {owner}: {:?}", r.refusals());
+            if !ok {
+                assert_eq!(failed(&r), ["overlay-folder"]);
+                assert!(r.refusals()[0].contains("/images"), "{:?}", r.refusals());
+            }
+        }
+        let d = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let why = Folder::of(d.path()).unwrap().untrusted().unwrap();
+        assert!(why.contains("world-writable (mode 1777)"), "{why}");
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! The restored images hold no dirty bitmaps: libvirt's record of vmbackup's checkpoints of
 //! the VM is removed, and the next backup is asked to read every restored disk whole.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -301,7 +302,13 @@ fn place_disks(moves: &[(PathBuf, PathBuf)]) -> Result<Placed> {
     };
     for (from, to) in moves {
         let kept = match std::fs::symlink_metadata(to) {
-            Ok(_) => {
+            Ok(m) => {
+                // The restored image gets the replaced one's owner and mode (read now, with
+                // the VM off: the owner libvirt's dynamic ownership put back at shutdown); a
+                // new one stays 0600, ours.
+                if m.is_file() {
+                    crate::image::take_owner_and_mode(from, &m)?;
+                }
                 let file = to.file_name().unwrap_or_default().to_string_lossy();
                 let aside =
                     to.with_file_name(format!(".{file}.vmbackup-old-{}", std::process::id()));
@@ -580,6 +587,13 @@ pub fn restore(
             ));
             let _ = std::fs::remove_file(&conv);
             temps.0.push(conv.clone());
+            // Made 0600 first: qemu-img keeps the mode of a file it writes over.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&conv)
+                .map_err(|e| Error::io("create", &conv, e))?;
             crate::image::convert(&raw, "raw", &conv, &d.format)?;
             conv
         };

@@ -227,7 +227,15 @@ impl SmallFs {
     fn new(dir: PathBuf, size: &str) -> SmallFs {
         std::fs::create_dir_all(&dir).unwrap();
         let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            // mode=0755: a tmpfs root is 1777, and an overlay folder others may write to is
+            // refused.
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
             .arg(&dir)
             .status()
             .unwrap();

@@ -38,8 +38,30 @@ pub struct QemuVmHandle {
     guard: RefCell<Option<ThawGuard>>,
 }
 
-/// Checks that plain QEMU VM `name` has a QMP socket in `qemu_dir` (bad input otherwise).
+/// Checks that plain QEMU VM `name` has a QMP socket in `qemu_dir` (bad input otherwise),
+/// and that the folder is to be trusted (refused otherwise): whoever can create `NAME.qmp`
+/// there could pose as the VM's QEMU and have root read or delete files.
 pub fn check_exists(qemu_dir: &Path, name: &str) -> Result<()> {
+    if let Some(why) = preflight::Folder::of(qemu_dir)
+        .ok()
+        .and_then(|f| f.untrusted())
+    {
+        return Err(Error::Refused(Box::new(preflight::Report {
+            vm: format!("qemu:{name}"),
+            ok: false,
+            checks: vec![preflight::Check {
+                name: "socket-folder".into(),
+                ok: false,
+                found: 0,
+                limit: 0,
+                message: format!(
+                    "the QMP and guest agent sockets' folder cannot be trusted: {why}"
+                ),
+            }],
+            skipped_disks: Vec::new(),
+            disks: Vec::new(),
+        })));
+    }
     let qmp_path = qemu_dir.join(format!("{name}.qmp"));
     if !qmp_path.exists() {
         return Err(Error::NoQemu {

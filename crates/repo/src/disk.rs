@@ -305,10 +305,14 @@ fn for_each_data_chunk(
     })
 }
 
+/// A new file for a restored disk: 0600 (guest data), whatever the umask; the caller gives it
+/// the owner and mode of the image it replaces.
 fn create_new(out: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(out)
         .map_err(|source| RepoError::Io {
             what: "create",

@@ -62,7 +62,26 @@ pub struct LocalDir {
     root: PathBuf,
     /// Written by `put_unsynced`, not yet synced: object name -> its temporary file.
     pending: Mutex<HashMap<String, PathBuf>>,
+    /// Folders this store created whose entry in their parent is not yet durable: the
+    /// parent is fsynced before anything in them counts as durable.
+    new_folders: Mutex<std::collections::BTreeSet<PathBuf>>,
+    #[cfg(any(test, feature = "fault-injection"))]
+    flush_hook: Option<FlushHook>,
 }
+
+/// A flush a store is about to make (for tests that model what a power cut keeps).
+#[cfg(any(test, feature = "fault-injection"))]
+#[derive(Debug, Clone, Copy)]
+pub enum Flush<'a> {
+    /// An fsync of this file's data.
+    File(&'a Path),
+    /// An fsync of this folder (its entries).
+    Folder(&'a Path),
+}
+
+/// Called before every flush of a `LocalDir`; `false` fails that flush with EIO.
+#[cfg(any(test, feature = "fault-injection"))]
+pub type FlushHook = std::sync::Arc<dyn Fn(Flush<'_>) -> bool + Send + Sync>;
 
 /// Temporary files start with this; `list` never shows them.
 const TEMPORARY: &str = ".tmp-";
@@ -111,8 +130,96 @@ impl LocalDir {
     pub fn new(root: &Path) -> LocalDir {
         LocalDir {
             pending: Mutex::new(HashMap::new()),
+            new_folders: Mutex::new(Default::default()),
             root: root.to_path_buf(),
+            #[cfg(any(test, feature = "fault-injection"))]
+            flush_hook: None,
         }
+    }
+
+    /// A store that tells `hook` of every flush before it makes it (fault injection).
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub fn with_flush_hook(root: &Path, hook: FlushHook) -> LocalDir {
+        let mut store = LocalDir::new(root);
+        store.flush_hook = Some(hook);
+        store
+    }
+
+    #[allow(unused_variables)]
+    fn before_flush(&self, what: Flush<'_>) -> std::io::Result<()> {
+        #[cfg(any(test, feature = "fault-injection"))]
+        if let Some(hook) = &self.flush_hook {
+            if !hook(what) {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+        }
+        Ok(())
+    }
+
+    /// fsync (`all`) or fdatasync of `file`, at `path`.
+    fn sync_file(&self, path: &Path, file: &File, all: bool) -> Result<()> {
+        self.before_flush(Flush::File(path))
+            .and_then(|()| {
+                if all {
+                    file.sync_all()
+                } else {
+                    file.sync_data()
+                }
+            })
+            .map_err(io("sync", path))
+    }
+
+    fn sync_dir(&self, dir: &Path) -> Result<()> {
+        self.before_flush(Flush::Folder(dir))
+            .and_then(|()| File::open(dir))
+            .and_then(|d| d.sync_all())
+            .map_err(io("sync folder", dir))
+    }
+
+    /// Creates `dir` and its missing parents below the root, remembering each as new.
+    fn create_folders(&self, dir: &Path) -> Result<()> {
+        if dir.is_dir() {
+            return Ok(());
+        }
+        let missing: Vec<&Path> = dir
+            .ancestors()
+            .take_while(|d| *d != self.root && !d.is_dir())
+            .collect();
+        for d in missing.into_iter().rev() {
+            match std::fs::create_dir(d) {
+                Ok(()) => {
+                    self.new_folders().insert(d.to_path_buf());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io("create folder", d)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn new_folders(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<PathBuf>> {
+        self.new_folders.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the entries of the folders this store created durable in their parents,
+    /// deepest first (a folder's own entries are its caller's business).
+    fn sync_new_folders(&self) -> Result<()> {
+        let new: Vec<PathBuf> = self.new_folders().iter().rev().cloned().collect();
+        let mut parents = std::collections::BTreeSet::new();
+        for d in &new {
+            if let Some(p) = d.parent() {
+                parents.insert(p.to_path_buf());
+            }
+        }
+        // Deepest first: a parent that is itself new gets its own entry synced after.
+        for p in parents.iter().rev() {
+            self.sync_dir(p)?;
+        }
+        let mut set = self.new_folders();
+        for d in &new {
+            set.remove(d);
+        }
+        Ok(())
     }
 
     fn path(&self, name: &str) -> Result<PathBuf> {
@@ -147,17 +254,11 @@ impl LocalDir {
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("sync folder", dir))
-}
-
 impl LocalDir {
     fn write(&self, name: &str, data: &[u8], mode: Mode) -> Result<()> {
         let path = self.path(name)?;
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(io("create folder", &dir))?;
+        self.create_folders(&dir)?;
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = dir.join(format!(
@@ -195,7 +296,7 @@ impl LocalDir {
             .map_err(io("create", tmp))?;
         f.write_all(data).map_err(io("write", tmp))?;
         if mode != Mode::Unsynced {
-            f.sync_all().map_err(io("sync", tmp))?;
+            self.sync_file(tmp, &f, true)?;
         } else {
             // Start the writeback now, without waiting for it, so that the `sync` that makes
             // a backup durable has little left to do.
@@ -233,7 +334,9 @@ impl LocalDir {
         } else {
             std::fs::rename(tmp, path).map_err(io("rename", path))?;
         }
-        sync_dir(dir)?;
+        self.sync_dir(dir)?;
+        // The new folders on the way to it, if any, so that the name survives a power cut.
+        self.sync_new_folders()?;
         Ok(())
     }
 }
@@ -285,9 +388,8 @@ impl ObjectStore for LocalDir {
             }
         };
         if let Err(e) = each_in_parallel(&batch, |(_, tmp)| {
-            File::open(tmp)
-                .and_then(|f| f.sync_data())
-                .map_err(io("sync", tmp))
+            let f = File::open(tmp).map_err(io("sync", tmp))?;
+            self.sync_file(tmp, &f, false)
         }) {
             forget(0);
             return Err(e);
@@ -312,7 +414,8 @@ impl ObjectStore for LocalDir {
             }
         }
         let folders: Vec<PathBuf> = folders.into_iter().collect();
-        each_in_parallel(&folders, |dir| sync_dir(dir))
+        each_in_parallel(&folders, |dir| self.sync_dir(dir))?;
+        self.sync_new_folders()
     }
 
     fn forget_unsynced(&self) {
