@@ -143,12 +143,6 @@ impl Repository {
             return Ok(None);
         };
         crate::failpoint::point("gc-locked");
-        // Chunks written by backups that died before their sync never got a name; objects of
-        // backups that never published, or whose delete was cut short, have no manifest.
-        let leftovers = self.remove_incomplete(&[])?;
-        if leftovers > 0 {
-            tracing::info!(files = leftovers, "removed what unfinished backups left");
-        }
         // Every chunk a backup uses must be known: a backup whose manifest or index cannot
         // be read stops gc, which could otherwise free its chunks.
         let listing = self.scan()?;
@@ -156,6 +150,12 @@ impl Repository {
             return Err(RepoError::UnreadableManifests {
                 ids: listing.unreadable.into_iter().map(|(id, _)| id).collect(),
             });
+        }
+        // Chunks written by backups that died before their sync never got a name; objects of
+        // backups that never published, or whose delete was cut short, have no manifest.
+        let leftovers = self.remove_incomplete(&[])?;
+        if leftovers > 0 {
+            tracing::info!(files = leftovers, "removed what unfinished backups left");
         }
         crate::failpoint::point("gc-listed");
         let mut live: HashSet<Digest> = HashSet::new();
