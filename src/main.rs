@@ -429,7 +429,8 @@ fn cmd_delete(cfg: &Config, id: &str) -> anyhow::Result<Output> {
 
 fn cmd_verify(cfg: &Config, ids: &[String]) -> anyhow::Result<Output> {
     let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
-    let ids: Vec<String> = if ids.is_empty() {
+    let all = ids.is_empty();
+    let ids: Vec<String> = if all {
         let scan = repo.scan().map_err(vmbackup::Error::from)?;
         let unreadable = scan.unreadable.into_iter().map(|(id, _)| id);
         scan.backups
@@ -443,7 +444,12 @@ fn cmd_verify(cfg: &Config, ids: &[String]) -> anyhow::Result<Output> {
     let mut results = Vec::new();
     let mut text = String::new();
     for id in &ids {
-        let v = repo.verify(id).map_err(vmbackup::Error::from)?;
+        let v = match repo.verify(id) {
+            Ok(v) => v,
+            // Deleted (a delete or prune elsewhere) since the listing: not ours to verify.
+            Err(vmbackup::repository::RepoError::NotFound(_)) if all => continue,
+            Err(e) => return Err(vmbackup::Error::from(e).into()),
+        };
         if v.ok {
             text.push_str(&format!("{id}: ok ({} chunks)\n", v.chunks));
         } else {
@@ -529,6 +535,9 @@ fn cmd_recover(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
     }
     for e in &r.errors {
         text.push_str(&format!("error: {e}\n"));
+    }
+    for l in &r.restore_leftovers {
+        text.push_str(&format!("interrupted restore: {l}\n"));
     }
     if r.removed_objects > 0 {
         text.push_str(&format!(

@@ -9,7 +9,9 @@
 //!   on (killed before its snapshot): once the VM is back on its images they are deleted,
 //!   and the run is forgotten;
 //! - the repository's side (`vmbackup recover` only): objects of backups that were never
-//!   published are removed when no backup is writing.
+//!   published are removed when no backup is writing;
+//! - the restores' side (`vmbackup recover` only): temporary files and kept-aside images of
+//!   restores whose process is gone are cleaned (`restore_leftovers`).
 
 use std::path::Path;
 
@@ -52,6 +54,9 @@ pub struct Report {
     pub errors: Vec<String>,
     /// Objects of unpublished backups removed from the repository.
     pub removed_objects: usize,
+    /// What restores that were killed left beside the images, removed (or a kept-aside
+    /// image put back): see `restore_leftovers`.
+    pub restore_leftovers: Vec<String>,
 }
 
 /// What `recover_locked` did for one VM.
@@ -176,6 +181,7 @@ pub fn recover(
             }
         }
     }
+    restore_leftovers(state_dir, &mut r);
     if let Some(_lock) = repo.lock_exclusive()? {
         r.removed_objects = repo.remove_incomplete(&[])?;
     } else {
@@ -198,4 +204,25 @@ fn plain_qemu_vms(qemu_dir: &Path) -> Vec<VmRef> {
         .collect();
     out.sort();
     out
+}
+
+/// The restores' side: the temporary files and kept-aside images of restores whose process is
+/// gone (killed, or the host went down) are cleaned (`restore::remove_leftovers`); a failure
+/// is reported, and the rest of `recover` goes on.
+fn restore_leftovers(state_dir: &Path, r: &mut Report) {
+    match crate::restore::remove_leftovers(state_dir) {
+        Ok(done) => {
+            for d in &done {
+                tracing::info!("interrupted restore: {d}");
+            }
+            r.restore_leftovers.extend(done);
+        }
+        Err(e) => {
+            tracing::error!(
+                "cannot clean what an interrupted restore left: {}",
+                chain(&e)
+            );
+            r.errors.push(format!("restore leftovers: {}", chain(&e)));
+        }
+    }
 }

@@ -10,6 +10,12 @@
 //! (rename), the old ones kept until all new ones are in place, so that a failed rename puts
 //! back the images and the definition.
 //!
+//! A restore killed part-way leaves its temporary files (`.TARGET.vmbackup-restore-PID.EXT`)
+//! and the replaced images it kept aside (`.FILE.vmbackup-old-PID`) beside the images; it
+//! records the folders it writes in (`STATE_DIR/restores/PID.json`, removed when it ends), and
+//! `recover` cleans those folders once that process is gone (`remove_leftovers`). Killed
+//! before its definition, nothing else changed; killed after it, the restore can be run again.
+//!
 //! The restored images hold no dirty bitmaps: libvirt's record of vmbackup's checkpoints of
 //! the VM is removed, and the next backup is asked to read every restored disk whole.
 
@@ -212,6 +218,143 @@ fn reserve(lv: &Libvirt, plans: &[PlannedReservation]) -> (Vec<String>, Vec<Stri
 
 /// Temporary files of a restore, removed unless they were moved into place.
 struct Temps(Vec<PathBuf>);
+
+/// Where restores in flight record the folders they write temporary files in.
+fn records_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("restores")
+}
+
+/// A restore's record of the folders it writes in, `STATE_DIR/restores/PID.json`, removed
+/// when dropped (a killed restore leaves it, for `recover`).
+struct InFlight(PathBuf);
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct InFlightRecord {
+    pid: u32,
+    dirs: Vec<PathBuf>,
+}
+
+impl InFlight {
+    fn begin(state_dir: &Path, dirs: Vec<PathBuf>) -> Result<InFlight> {
+        let dir = records_dir(state_dir);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create folder", &dir, e))?;
+        let pid = std::process::id();
+        let path = dir.join(format!("{pid}.json"));
+        let tmp = dir.join(format!(".{pid}.json.tmp"));
+        let body = serde_json::to_vec(&InFlightRecord { pid, dirs })
+            .map_err(|e| Error::Invalid(format!("restore record: {e}")))?;
+        std::fs::write(&tmp, body)
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(|e| Error::io("write the restore record", &path, e))?;
+        Ok(InFlight(path))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A file a restore of process `pid` leaves beside the images when it is killed.
+#[derive(Debug, PartialEq, Eq)]
+enum Leftover {
+    /// `.TARGET.vmbackup-restore-PID.EXT`: a disk being written.
+    Temporary,
+    /// `.FILE.vmbackup-old-PID`: image `FILE`, replaced or about to be, kept aside.
+    KeptAside(String),
+}
+
+fn leftover(name: &str, pid: u32) -> Option<Leftover> {
+    let rest = name.strip_prefix('.')?;
+    if let Some(file) = rest.strip_suffix(&format!(".vmbackup-old-{pid}")) {
+        return (!file.is_empty()).then(|| Leftover::KeptAside(file.to_string()));
+    }
+    rest.contains(&format!(".vmbackup-restore-{pid}."))
+        .then_some(Leftover::Temporary)
+}
+
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    // Signal 0 checks existence only; EPERM: it exists, under another user.
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) => true,
+        Err(e) => e == nix::errno::Errno::EPERM,
+    }
+}
+
+/// Cleans what restores that are gone (killed, the host went down) left beside the images:
+/// their temporary files are removed; a kept-aside image is removed when its image is there
+/// (the kept file is the replaced image, or a second name of the image), and renamed back
+/// when it is not (killed between keeping it aside and putting the restored one in place).
+/// A restore still running is left alone. Returns the files removed or put back.
+pub fn remove_leftovers(state_dir: &Path) -> Result<Vec<String>> {
+    let dir = records_dir(state_dir);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("list", &dir, e)),
+    };
+    let mut done = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let record: InFlightRecord = match std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+        {
+            Some(r) => r,
+            None => {
+                tracing::warn!(file = %path.display(), "unreadable restore record: left alone");
+                continue;
+            }
+        };
+        if process_alive(record.pid) {
+            continue;
+        }
+        for d in &record.dirs {
+            let Ok(files) = std::fs::read_dir(d) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                let file = f.path();
+                match leftover(&name, record.pid) {
+                    None => {}
+                    Some(Leftover::Temporary) => match std::fs::remove_file(&file) {
+                        Ok(()) => done.push(format!("removed {}", file.display())),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(Error::io("remove restore temporary", &file, e)),
+                    },
+                    Some(Leftover::KeptAside(image)) => {
+                        let image = d.join(image);
+                        if std::fs::symlink_metadata(&image).is_ok() {
+                            std::fs::remove_file(&file)
+                                .map_err(|e| Error::io("remove kept-aside image", &file, e))?;
+                            done.push(format!("removed {}", file.display()));
+                        } else {
+                            std::fs::rename(&file, &image)
+                                .map_err(|e| Error::io("put back kept-aside image", &image, e))?;
+                            sync_folder(&image)?;
+                            done.push(format!(
+                                "put {} back as {}",
+                                file.display(),
+                                image.display()
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        std::fs::remove_file(&path).map_err(|e| Error::io("remove restore record", &path, e))?;
+        tracing::info!(pid = record.pid, "cleaned what an interrupted restore left");
+    }
+    Ok(done)
+}
 
 impl Drop for Temps {
     fn drop(&mut self) {
@@ -540,6 +683,14 @@ pub fn restore(
     }
 
     // Every disk into a temporary file beside its image; chunks are checked while read.
+    // Recorded first, so that `recover` finds them if this process is killed.
+    let mut dirs: Vec<PathBuf> = targets
+        .iter()
+        .filter_map(|t| t.parent().map(Path::to_path_buf))
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    let _in_flight = InFlight::begin(state_dir, dirs)?;
     let mut temps = Temps(Vec::new());
     let mut moves: Vec<(PathBuf, PathBuf)> = Vec::new();
     for (d, target) in m.disks.iter().zip(&targets) {
@@ -734,6 +885,59 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn leftovers_of_a_gone_restore_are_recognised_by_name_and_pid() {
+        assert_eq!(
+            leftover(".vda.vmbackup-restore-42.qcow2", 42),
+            Some(Leftover::Temporary)
+        );
+        assert_eq!(leftover(".vda.vmbackup-restore-42.qcow2", 4), None);
+        assert_eq!(leftover(".vda.vmbackup-restore-421.raw", 42), None);
+        assert_eq!(
+            leftover(".my disk.qcow2.vmbackup-old-42", 42),
+            Some(Leftover::KeptAside("my disk.qcow2".into()))
+        );
+        assert_eq!(leftover(".a.qcow2.vmbackup-old-420", 42), None);
+        assert_eq!(leftover("a.qcow2", 42), None);
+        assert_eq!(leftover("vda.vmbackup-restore-42.raw", 42), None);
+    }
+
+    #[test]
+    fn recover_cleans_a_gone_restore_and_puts_a_lone_kept_image_back() {
+        let state = tempfile::tempdir().unwrap();
+        let images = tempfile::tempdir().unwrap();
+        let d = images.path();
+        // A pid that is not running (above the kernel's pid_max).
+        let pid = 999_999_999u32;
+        std::fs::write(d.join("a.qcow2"), b"new a").unwrap();
+        std::fs::write(d.join(format!(".a.qcow2.vmbackup-old-{pid}")), b"old a").unwrap();
+        // Killed between keeping b aside (by rename) and putting the new one in place.
+        std::fs::write(d.join(format!(".b.qcow2.vmbackup-old-{pid}")), b"old b").unwrap();
+        std::fs::write(d.join(format!(".vdb.vmbackup-restore-{pid}.qcow2")), b"x").unwrap();
+        // Another restore's, still running (this process).
+        let mine = format!(".vdc.vmbackup-restore-{}.raw", std::process::id());
+        std::fs::write(d.join(&mine), b"y").unwrap();
+        let rec = records_dir(state.path());
+        std::fs::create_dir_all(&rec).unwrap();
+        let body = serde_json::to_vec(&InFlightRecord {
+            pid,
+            dirs: vec![d.to_path_buf()],
+        })
+        .unwrap();
+        std::fs::write(rec.join(format!("{pid}.json")), body).unwrap();
+        let alive = InFlight::begin(state.path(), vec![d.to_path_buf()]).unwrap();
+
+        let done = remove_leftovers(state.path()).unwrap();
+        assert_eq!(done.len(), 3, "{done:?}");
+        assert_eq!(names(d), [mine.clone(), "a.qcow2".into(), "b.qcow2".into()]);
+        assert_eq!(std::fs::read(d.join("a.qcow2")).unwrap(), b"new a");
+        assert_eq!(std::fs::read(d.join("b.qcow2")).unwrap(), b"old b");
+        assert_eq!(names(&rec), [format!("{}.json", std::process::id())]);
+        drop(alive);
+        assert!(names(&rec).is_empty());
+        assert!(remove_leftovers(state.path()).unwrap().is_empty());
     }
 
     #[test]

@@ -347,6 +347,103 @@ impl State {
             .map_err(|e| self.sql(e))
     }
 
+    /// Whether occurrence `(schedule, vm, due_ms)` is settled: claimed by a `run-due` that
+    /// ran it, recorded it, or is still alive. A claim whose job is still `running` while
+    /// its process is gone (a `run-due` killed after its claim, or the host went down) is
+    /// not: the next `run-due` takes it over (`claim_job`).
+    pub fn is_settled(&self, schedule: &str, vm: &str, due_ms: i64) -> Result<bool> {
+        if !self.is_claimed(schedule, vm, due_ms)? {
+            return Ok(false);
+        }
+        Ok(self.abandoned_job(schedule, vm, due_ms)?.is_none())
+    }
+
+    /// The newest job of a claimed occurrence when it is still `running` and its process
+    /// is gone.
+    fn abandoned_job(&self, schedule: &str, vm: &str, due_ms: i64) -> Result<Option<i64>> {
+        let newest: Option<(i64, String, Option<i64>)> = self
+            .conn
+            .query_row(
+                "SELECT id, status, pid FROM jobs WHERE schedule = ?1 AND vm = ?2 \
+                 AND due_ms = ?3 ORDER BY id DESC LIMIT 1",
+                params![schedule, vm, due_ms],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(|e| self.sql(e))?;
+        Ok(newest
+            .filter(|(_, status, pid)| status == "running" && !pid.is_some_and(process_alive))
+            .map(|(id, _, _)| id))
+    }
+
+    /// Claims the occurrence `j` is for (its schedule, VM and due time) and records `j` as
+    /// running, in one transaction: every claim has a job that names the process holding it.
+    /// An occurrence whose claiming process is gone while its job was running is taken over,
+    /// that job marked `interrupted`. `None` when another process has it, or it was settled.
+    pub fn claim_job(&self, j: &NewJob) -> Result<Option<i64>> {
+        let (Some(schedule), Some(vm), Some(due)) = (j.schedule, j.vm, j.due_ms) else {
+            return Ok(None);
+        };
+        let tx = rusqlite::Transaction::new_unchecked(
+            &self.conn,
+            rusqlite::TransactionBehavior::Immediate,
+        )
+        .map_err(|e| self.sql(e))?;
+        let inserted = self
+            .conn
+            .execute(
+                "INSERT OR IGNORE INTO occurrences (schedule, vm, due_ms, claimed_ms) \
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![schedule, vm, due, now_ms()],
+            )
+            .map_err(|e| self.sql(e))?;
+        if inserted == 0 {
+            let Some(old) = self.abandoned_job(schedule, vm, due)? else {
+                return Ok(None); // rolled back on drop
+            };
+            self.conn
+                .execute(
+                    "UPDATE jobs SET status = 'interrupted', ended_ms = ?2, error = ?3 \
+                     WHERE id = ?1",
+                    params![
+                        old,
+                        now_ms(),
+                        "the process running it ended before it finished (killed, or the \
+                         host went down); the next run-due took the occurrence over"
+                    ],
+                )
+                .map_err(|e| self.sql(e))?;
+            self.conn
+                .execute(
+                    "UPDATE occurrences SET claimed_ms = ?4 \
+                     WHERE schedule = ?1 AND vm = ?2 AND due_ms = ?3",
+                    params![schedule, vm, due, now_ms()],
+                )
+                .map_err(|e| self.sql(e))?;
+        }
+        let id = self.start_job(j)?;
+        tx.commit().map_err(|e| self.sql(e))?;
+        Ok(Some(id))
+    }
+
+    /// Gives claimed occurrence back, its job `job` ending with `status` and `error`, in one
+    /// transaction: the next `run-due` runs it again (a VM or repository that was busy).
+    pub fn release_claim(&self, job: i64, j: &NewJob, status: &str, error: &str) -> Result<()> {
+        let tx = rusqlite::Transaction::new_unchecked(
+            &self.conn,
+            rusqlite::TransactionBehavior::Immediate,
+        )
+        .map_err(|e| self.sql(e))?;
+        self.conn
+            .execute(
+                "DELETE FROM occurrences WHERE schedule = ?1 AND vm = ?2 AND due_ms = ?3",
+                params![j.schedule, j.vm, j.due_ms],
+            )
+            .map_err(|e| self.sql(e))?;
+        self.finish_job(job, status, None, Some(error), None)?;
+        tx.commit().map_err(|e| self.sql(e))
+    }
+
     // ---- jobs ----
 
     /// Records a job as running; returns its id.
@@ -550,6 +647,56 @@ mod tests {
         assert!(s.pinned().unwrap().is_empty());
         s.remove_schedule("nightly").unwrap();
         assert!(s.schedules().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_claim_whose_process_is_gone_is_taken_over_and_a_released_one_is_free_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = State::open(dir.path()).unwrap();
+        let s2 = State::open(dir.path()).unwrap();
+        let j = NewJob {
+            kind: "backup",
+            vm: Some("a"),
+            schedule: Some("nightly"),
+            due_ms: Some(1000),
+        };
+        let first = s.claim_job(&j).unwrap().expect("free");
+        // Alive (this process): held.
+        assert!(s2.is_settled("nightly", "a", 1000).unwrap());
+        assert_eq!(s2.claim_job(&j).unwrap(), None);
+        // Its process gone while running: not settled, and taken over once.
+        s.conn
+            .execute("UPDATE jobs SET pid = 999999999 WHERE id = ?1", [first])
+            .unwrap();
+        assert!(!s2.is_settled("nightly", "a", 1000).unwrap());
+        let second = s2.claim_job(&j).unwrap().expect("taken over");
+        assert_eq!(s.claim_job(&j).unwrap(), None);
+        let jobs = s.jobs(None).unwrap();
+        assert_eq!(jobs[0].status, "interrupted");
+        assert!(jobs[0].ended.is_some());
+        assert_eq!((jobs[1].id, jobs[1].status.as_str()), (second, "running"));
+        // Finished: settled for good.
+        s2.finish_job(second, "ok", Some("a-1"), None, None)
+            .unwrap();
+        assert!(s.is_settled("nightly", "a", 1000).unwrap());
+        assert_eq!(s.claim_job(&j).unwrap(), None);
+        // A released claim (the VM was busy) is free for the next run-due.
+        let j2 = NewJob {
+            due_ms: Some(2000),
+            ..j.clone()
+        };
+        let busy = s.claim_job(&j2).unwrap().unwrap();
+        s.release_claim(busy, &j2, "skipped", "busy").unwrap();
+        assert!(!s2.is_settled("nightly", "a", 2000).unwrap());
+        assert!(s2.claim_job(&j2).unwrap().is_some());
+        assert_eq!(
+            s.jobs(None)
+                .unwrap()
+                .iter()
+                .filter(|j| j.status == "skipped")
+                .count(),
+            1
+        );
     }
 
     #[test]

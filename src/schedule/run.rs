@@ -6,9 +6,14 @@
 //! - recorded as `missed`, for older ones (the host was down, or the timer did not fire);
 //!   several occurrences missed inside the window run once, the older ones recorded as missed.
 //!
-//! An occurrence is claimed in the state database right before it runs, so two `run-due`
-//! started at the same moment share the work and never run one occurrence twice. A VM whose
-//! previous job still holds its lock is skipped, and recorded so.
+//! An occurrence is claimed in the state database right before it runs, together with its
+//! job row (one transaction), so two `run-due` started at the same moment share the work and
+//! never run one occurrence twice. A claim whose process is gone before its job ended (a
+//! `run-due` killed, the host down) is taken over by the next `run-due`: the occurrence runs
+//! then if it is still inside its window, and is recorded as missed otherwise; the killed job
+//! shows as `interrupted`. A VM or repository that is busy (the VM's previous job, a restore,
+//! a gc) makes the occurrence `skipped` and gives its claim back: the next `run-due` inside the
+//! window runs it.
 
 use std::path::Path;
 use std::time::Duration;
@@ -81,7 +86,7 @@ fn plan(state: &State, spec: &Spec, created_ms: i64, o: &Options) -> Result<Plan
         let mut pending = Vec::new();
         for occ in spec.occurrences(&vm.to_string(), from, o.now) {
             let due = occ.at.as_millisecond();
-            if !state.is_claimed(&spec.name, &vm.to_string(), due)? {
+            if !state.is_settled(&spec.name, &vm.to_string(), due)? {
                 pending.push(due);
             }
         }
@@ -223,15 +228,15 @@ pub fn run_due(
                 continue;
             }
             let vm_text = vm.to_string();
-            if state.claim(&spec.name, &vm_text, *due)? {
+            let j = NewJob {
+                kind: "backup",
+                vm: Some(&vm_text),
+                schedule: Some(&spec.name),
+                due_ms: Some(*due),
+            };
+            if let Some(job_id) = state.claim_job(&j)? {
                 tracing::warn!(schedule = %spec.name, vm = %vm, due = %fmt_ms(*due), "missed: {why}");
-                let j = NewJob {
-                    kind: "backup",
-                    vm: Some(&vm_text),
-                    schedule: Some(&spec.name),
-                    due_ms: Some(*due),
-                };
-                state.record_job(&j, "missed", why)?;
+                state.finish_job(job_id, "missed", None, Some(why), None)?;
                 let mut r = empty_result(vm, *due, "missed");
                 r.error = Some(why.clone());
                 job.results.push(r);
@@ -248,11 +253,28 @@ pub fn run_due(
                 repo = Some(Repository::open(&cfg.repo)?);
             }
             let repo = repo.as_ref().expect("opened above");
-            if !state.claim(&spec.name, &vm.to_string(), *due)? {
+            let vm_text = vm.to_string();
+            let j = NewJob {
+                kind: "backup",
+                vm: Some(&vm_text),
+                schedule: Some(&spec.name),
+                due_ms: Some(*due),
+            };
+            let Some(job_id) = state.claim_job(&j)? else {
                 continue; // another run-due has it
-            }
+            };
             crate::fault::point("run-due-claimed");
-            let r = run_one(cfg, &state, &hv, repo, &spec, vm, *due, o, progress)?;
+            let r = run_one(
+                cfg,
+                &state,
+                &hv,
+                repo,
+                &spec,
+                vm,
+                (*due, job_id),
+                o,
+                progress,
+            )?;
             job.results.push(r);
             if crate::interrupt::requested() {
                 break;
@@ -285,7 +307,7 @@ fn run_one(
     repo: &Repository,
     spec: &Spec,
     vm: &VmRef,
-    due: i64,
+    (due, job_id): (i64, i64),
     o: &Options,
     progress: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> Result<VmResult> {
@@ -296,7 +318,6 @@ fn run_one(
         schedule: Some(&spec.name),
         due_ms: Some(due),
     };
-    let job_id = state.start_job(&j)?;
     let mut opts = cfg.backup.clone();
     opts.quiesce = quiesce_of(spec);
     opts.schedule = Some(spec.name.clone());
@@ -317,15 +338,28 @@ fn run_one(
             r.stored_bytes = Some(b.stored_bytes);
             r.ended = Some(Timestamp::now().to_string());
             if let Some(rule) = spec.retention {
-                let p = prune(state, repo, &spec.name, vm, rule, o.now)?;
-                r.pruned = p.deleted;
-                r.prune_errors = p.errors;
+                // A retention pass that fails is reported with this result; it never stops
+                // the run-due (the other schedules, the reports).
+                match prune(state, repo, &spec.name, vm, rule, o.now) {
+                    Ok(p) => {
+                        r.pruned = p.deleted;
+                        r.prune_errors = p.errors;
+                    }
+                    Err(e) => {
+                        let msg = format!("retention not applied: {}", chain(&e));
+                        tracing::error!(schedule = %spec.name, vm = %vm, "{msg}");
+                        r.prune_errors.push(msg);
+                    }
+                }
             }
         }
         Err(e) if e.is_busy() => {
-            let msg = format!("skipped: the previous job is still running ({})", chain(&e));
+            let msg = format!(
+                "skipped: busy ({}); the next run-due inside the catch-up window runs it",
+                chain(&e)
+            );
             tracing::warn!(schedule = %spec.name, vm = %vm, "{msg}");
-            state.finish_job(job_id, "skipped", None, Some(&msg), None)?;
+            state.release_claim(job_id, &j, "skipped", &msg)?;
             r.status = "skipped".into();
             r.error = Some(msg);
             r.ended = Some(Timestamp::now().to_string());
@@ -379,6 +413,7 @@ pub fn prune(
     if doomed.is_empty() {
         return Ok(out);
     }
+    crate::fault::point("prune-planned");
     let vm_text = vm.to_string();
     let job = state.start_job(&NewJob {
         kind: "prune",
@@ -391,6 +426,11 @@ pub fn prune(
             Ok(()) => {
                 tracing::info!(schedule, vm = %vm, id = %id, "retention: deleted");
                 out.deleted.push(id);
+            }
+            // Deleted meanwhile by another process (a `delete`, another prune): gone, as
+            // the rule wants.
+            Err(crate::repository::RepoError::NotFound(_)) => {
+                tracing::info!(schedule, vm = %vm, id = %id, "retention: deleted by another process");
             }
             Err(e) => {
                 let msg = format!("{id}: {}", chain(&e));
@@ -476,7 +516,15 @@ mod tests {
         assert_eq!(p.missed.len(), 5);
         // Claimed occurrences are not planned again.
         for (vm, due, _) in &p.missed {
-            assert!(state.claim("nightly", &vm.to_string(), *due).unwrap());
+            let vm = vm.to_string();
+            let j = NewJob {
+                kind: "backup",
+                vm: Some(&vm),
+                schedule: Some("nightly"),
+                due_ms: Some(*due),
+            };
+            let job = state.claim_job(&j).unwrap().unwrap();
+            state.finish_job(job, "missed", None, None, None).unwrap();
         }
         let p = plan(&state, &spec(), created, &opts("2027-01-05T12:00:00Z", 6)).unwrap();
         assert!(p.run.is_empty() && p.missed.is_empty());

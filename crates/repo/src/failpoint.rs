@@ -35,8 +35,13 @@ pub const POINTS: &[&str] = &[
     "commit-before-overlay-unlink",
     "backup-committed",
     // maintenance
+    "list-listed",
+    "prune-planned",
     "prune-deleted-one",
+    "gc-locked",
+    "gc-listed",
     "gc-deleted-some",
+    "verify-loaded",
     // restore
     "restore-temporaries",
     "restore-renamed-one",

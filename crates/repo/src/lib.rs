@@ -283,7 +283,9 @@ impl Repository {
     /// The published backups, oldest first, and those whose manifest cannot be read.
     pub fn scan(&self) -> Result<Listing> {
         let mut out = Listing::default();
-        for name in self.store.list("backups/")? {
+        let names = self.store.list("backups/")?;
+        crate::failpoint::point("list-listed");
+        for name in names {
             if let Some(id) = name
                 .strip_prefix("backups/")
                 .and_then(|r| r.strip_suffix("/manifest.json"))

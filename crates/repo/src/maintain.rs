@@ -1,6 +1,11 @@
 //! Image management: delete a backup, verify backups against their digests, and collect the
 //! chunks no backup references. Garbage collection excludes running backups through the
 //! repository lock: backups hold it shared, gc exclusive.
+//!
+//! `delete` (and the prunes made of it) take no lock: they only remove references, which is
+//! safe against everything else, and every reader of the repository treats a backup deleted
+//! under its feet as gone, not as damage: `list` leaves it out, `verify` says `NotFound`, gc
+//! does not count it.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -77,7 +82,16 @@ impl Repository {
 
     /// Re-reads every chunk of backup `id` and checks it against its digest; checks that
     /// its manifest, domain XML and indexes are there and intact.
+    /// A backup deleted while it was being verified is `RepoError::NotFound`, not damaged.
     pub fn verify(&self, id: &str) -> Result<Verified> {
+        let v = self.verify_once(id)?;
+        if !v.ok && !self.store().exists(&manifest_name(id))? {
+            return Err(RepoError::NotFound(id.to_string()));
+        }
+        Ok(v)
+    }
+
+    fn verify_once(&self, id: &str) -> Result<Verified> {
         let m = match self.load(id) {
             Ok(m) => m,
             Err(e @ RepoError::BadManifest { .. }) => {
@@ -91,6 +105,7 @@ impl Repository {
             }
             Err(e) => return Err(e),
         };
+        crate::failpoint::point("verify-loaded");
         let mut damaged = Vec::new();
         if m.domain_xml_object.is_empty() || !self.store().exists(&m.domain_xml_object)? {
             damaged.push(format!("domain XML {} is missing", m.domain_xml_object));
@@ -119,12 +134,15 @@ impl Repository {
         })
     }
 
-    /// Removes the chunks no published backup references. Runs only while no backup holds
-    /// the repository lock (`Ok(None)` otherwise: busy).
+    /// Removes the chunks no published backup references, and what backups that never
+    /// published (killed, failed) or were deleted half-way left: temporary files and backup
+    /// folders without a manifest. Runs only while no backup holds the repository lock
+    /// (`Ok(None)` otherwise: busy), so none of those is being written.
     pub fn gc(&self) -> Result<Option<Collected>> {
         let Some(_lock) = lock(self, true)? else {
             return Ok(None);
         };
+        crate::failpoint::point("gc-locked");
         // Every chunk a backup uses must be known: a backup whose manifest or index cannot
         // be read stops gc, which could otherwise free its chunks.
         let listing = self.scan()?;
@@ -133,22 +151,28 @@ impl Repository {
                 ids: listing.unreadable.into_iter().map(|(id, _)| id).collect(),
             });
         }
+        // Chunks written by backups that died before their sync never got a name; objects of
+        // backups that never published, or whose delete was cut short, have no manifest.
+        let leftovers = self.remove_incomplete(&[])?;
+        if leftovers > 0 {
+            tracing::info!(files = leftovers, "removed what unfinished backups left");
+        }
+        crate::failpoint::point("gc-listed");
         let mut live: HashSet<Digest> = HashSet::new();
         for m in &listing.backups {
             for d in &m.disks {
-                let index = self.get_index(&m.id, d)?;
+                let index = match self.get_index(&m.id, d) {
+                    Ok(i) => i,
+                    // Deleted since the listing (a delete or prune takes no lock): its
+                    // chunks need not be kept for it.
+                    Err(_) if !self.store().exists(&manifest_name(&m.id))? => break,
+                    Err(e) => return Err(e),
+                };
                 live.extend(index.chunks.iter().flatten().copied());
             }
         }
         let live: HashSet<String> = live.iter().map(chunk::object_name).collect();
         let (mut removed, mut bytes) = (0u64, 0u64);
-        // What backups that died before their manifest was written left (their objects, and
-        // chunks written before their sync, which never got a name): no backup is writing
-        // while gc holds the lock, so none of it will ever be published.
-        let unfinished = self.remove_incomplete(&[])?;
-        if unfinished > 0 {
-            tracing::info!(files = unfinished, "removed what unfinished backups left");
-        }
         for name in self.store().list("chunks/")? {
             if !live.contains(&name) {
                 bytes += std::fs::metadata(self.path().join(&name))
@@ -314,5 +338,26 @@ mod tests {
         left.sort();
         assert_eq!(left, ["a1"]);
         assert!(repo.verify("a1").unwrap().ok);
+    }
+
+    #[test]
+    fn gc_removes_what_unpublished_and_half_deleted_backups_left() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = Repository::open(&d.path().join("repo")).unwrap();
+        back_up(&repo, "a1", &disk(0x11));
+        back_up(&repo, "b1", &disk(0x22));
+        // A delete cut short after the manifest; a backup killed before its publish.
+        repo.store().delete(&manifest_name("b1")).unwrap();
+        let b = backup_disk(&repo, &disk(0x33), 1 << 20, 2, &|_, _| {}).unwrap();
+        repo.put_index("c1", "vda", &b.index).unwrap();
+        assert!(d.path().join("repo/backups/b1").is_dir());
+        assert!(d.path().join("repo/backups/c1").is_dir());
+        let c = repo.gc().unwrap().unwrap();
+        assert_eq!((c.removed_chunks, c.kept_chunks), (2, 1));
+        assert!(!d.path().join("repo/backups/b1").exists());
+        assert!(!d.path().join("repo/backups/c1").exists());
+        assert!(repo.verify("a1").unwrap().ok);
+        // A backup that is not there is NotFound for verify.
+        assert!(matches!(repo.verify("b1"), Err(RepoError::NotFound(_))));
     }
 }
