@@ -777,6 +777,11 @@ fn check_unchanged(
 /// that backup's index, one with a usable bitmap is read where it marks, every other disk is
 /// read whole; the first two are spot-checked.
 #[allow(clippy::too_many_arguments)]
+/// An incremental plan without the base index it was checked to have (never happens).
+fn no_base() -> Error {
+    Error::Invalid("the previous backup's index was not read".into())
+}
+
 fn copy_disks(
     repo: &Repository,
     id: &str,
@@ -858,6 +863,25 @@ fn copy_disks(
                 }
             }
         }
+        // The previous backup's index, read now: that backup may have been deleted since the
+        // listing (delete and prune take no lock), and then this disk is read whole.
+        let mut base_index = None;
+        if let changes::Plan::Unchanged { index_object, .. }
+        | changes::Plan::Changed { index_object, .. } = &plan
+        {
+            let loaded = repo
+                .store()
+                .get(index_object)
+                .and_then(|b| DiskIndex::decode(&b));
+            match loaded {
+                Ok(i) => base_index = Some(i),
+                Err(e) => {
+                    plan = changes::Plan::Full {
+                        reason: format!("cannot read the previous backup's index: {}", chain(&e)),
+                    }
+                }
+            }
+        }
         let (index, read, disk_logical, disk_stored) = match plan {
             changes::Plan::Unchanged {
                 based_on,
@@ -866,7 +890,8 @@ fn copy_disks(
                 full_at,
                 bitmap,
             } => {
-                let index = DiskIndex::decode(&repo.store().get(&index_object)?)?;
+                let _ = index_object;
+                let index = base_index.take().ok_or_else(no_base)?;
                 let bytes_read =
                     check_unchanged(&reader, &index, &[], &based_on, &w.target, vm, state_dir)?;
                 tracing::info!(vm = %vm, disk = %w.target, based_on = %based_on, "unchanged since the last backup: not read");
@@ -890,7 +915,8 @@ fn copy_disks(
                 bitmap,
             } => {
                 let changed = changed.unwrap_or_default();
-                let base = DiskIndex::decode(&repo.store().get(&index_object)?)?;
+                let _ = index_object;
+                let base = base_index.take().ok_or_else(no_base)?;
                 let checked = check_unchanged(
                     &reader, &base, &changed, &based_on, &w.target, vm, state_dir,
                 )?;
