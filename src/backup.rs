@@ -465,6 +465,14 @@ fn run_phases(
         progress,
     );
     let copy_ms = copy_started.elapsed().as_millis() as u64;
+    // A stop signal ends the copy at its next chunk, whatever the reader reported then.
+    let copied = match copied {
+        Err(e) if crate::interrupt::requested() => {
+            tracing::warn!(vm = %vm_ref, id = %run.id, error = %chain(&e), "copy stopped by the interrupt");
+            Err(Error::Interrupted)
+        }
+        c => c,
+    };
     let published = match copied {
         Ok(c) => {
             run.enter(Phase::Publish)?;
@@ -595,6 +603,8 @@ fn snapshot(
     s: &BackupSettings,
 ) -> Result<(Consistency, Tracked)> {
     let vm = run.vm;
+    // From the freeze to the end of the thaw, an abandoning second signal waits.
+    let _thaw_pending = crate::interrupt::ThawPending::start();
     let mut c = Consistency {
         application: false,
         reason: None,
@@ -686,6 +696,7 @@ fn snapshot(
 /// Asks the agent until the guest is thawed; an agent that never says so fails the run.
 /// Returns whether the guest had frozen late (and was thawed).
 fn thaw_for_sure(vm: &dyn VmHandle, s: &BackupSettings) -> Result<bool> {
+    let _thaw_pending = crate::interrupt::ThawPending::start();
     match vm.ensure_thawed(s) {
         Ok(late) => {
             if late {
