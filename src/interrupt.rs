@@ -15,23 +15,58 @@
 
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 
-/// The number of the first stop signal, 0 while none came.
-static SIGNAL: AtomicI32 = AtomicI32::new(0);
-/// Stop signals received so far.
-static RECEIVED: AtomicUsize = AtomicUsize::new(0);
-/// Thaws in progress (see `ThawPending`).
-static THAWING: AtomicUsize = AtomicUsize::new(0);
-
 /// SIGINT's number, for callers without a signal crate.
 pub const SIGINT: i32 = 2;
 /// SIGTERM's number.
 pub const SIGTERM: i32 = 15;
 
+/// The stop signals a process received.
+struct Stops {
+    /// The number of the first one, 0 while none came.
+    first: AtomicI32,
+    /// How many came.
+    count: AtomicUsize,
+}
+
+impl Stops {
+    const fn new() -> Stops {
+        Stops {
+            first: AtomicI32::new(0),
+            count: AtomicUsize::new(0),
+        }
+    }
+
+    fn received(&self, signal: i32) -> bool {
+        let _ = self
+            .first
+            .compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
+        self.count.fetch_add(1, Ordering::SeqCst) == 0
+    }
+
+    fn requested(&self) -> bool {
+        self.count.load(Ordering::SeqCst) > 0
+    }
+
+    fn signal(&self) -> Option<i32> {
+        match self.first.load(Ordering::SeqCst) {
+            0 => None,
+            s => Some(s),
+        }
+    }
+
+    fn exit_code(&self) -> i32 {
+        128 + self.signal().unwrap_or(SIGINT)
+    }
+}
+
+static STOPS: Stops = Stops::new();
+/// Thaws in progress (see `ThawPending`).
+static THAWING: AtomicUsize = AtomicUsize::new(0);
+
 /// Records stop signal `signal` (its number). Returns true for the first one (stop at the
 /// next safe point), false for every later one (abandon).
 pub fn received(signal: i32) -> bool {
-    let _ = SIGNAL.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
-    RECEIVED.fetch_add(1, Ordering::SeqCst) == 0
+    STOPS.received(signal)
 }
 
 /// Asks every running operation to stop at its next safe point, as a SIGINT would.
@@ -41,21 +76,18 @@ pub fn request_stop() {
 
 /// Whether a stop was asked for.
 pub fn requested() -> bool {
-    RECEIVED.load(Ordering::SeqCst) > 0
+    STOPS.requested()
 }
 
 /// The first stop signal's number, if one came.
 pub fn signal() -> Option<i32> {
-    match SIGNAL.load(Ordering::SeqCst) {
-        0 => None,
-        s => Some(s),
-    }
+    STOPS.signal()
 }
 
 /// The exit code of an interrupted command: 128 + the first signal's number (130 when no
 /// signal came, as for an interrupt asked for by `request_stop`).
 pub fn exit_code() -> i32 {
-    128 + signal().unwrap_or(SIGINT)
+    STOPS.exit_code()
 }
 
 /// Marks a thaw in progress while alive: an abandoning signal waits until none is.
@@ -83,17 +115,21 @@ pub fn thaw_pending() -> bool {
 mod tests {
     use super::*;
 
-    // One test: the state is process-wide.
     #[test]
     fn the_first_signal_stops_later_ones_abandon_and_the_code_is_the_first_signals() {
-        assert!(!requested());
-        assert_eq!(exit_code(), 130);
-        assert!(received(SIGTERM), "the first signal asks for a stop");
-        assert!(requested());
-        assert!(!received(SIGINT), "the second abandons");
-        assert_eq!(signal(), Some(SIGTERM));
-        assert_eq!(exit_code(), 143);
-        assert!(!thaw_pending());
+        // A state of its own: the process-wide one would stop every other test's reads.
+        let stops = Stops::new();
+        assert!(!stops.requested());
+        assert_eq!(stops.exit_code(), 130);
+        assert!(stops.received(SIGTERM), "the first signal asks for a stop");
+        assert!(stops.requested());
+        assert!(!stops.received(SIGINT), "the second abandons");
+        assert_eq!(stops.signal(), Some(SIGTERM));
+        assert_eq!(stops.exit_code(), 143);
+    }
+
+    #[test]
+    fn a_thaw_is_pending_while_its_guard_lives() {
         {
             let _t = ThawPending::start();
             let _u = ThawPending::start();
