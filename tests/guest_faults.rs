@@ -241,7 +241,8 @@ fn a_guest_writing_fast_during_the_commit_ends_on_its_images_with_its_writes() {
     );
     let exit = run.wait(Duration::from_secs(600));
     let log = run.stderr();
-    eprintln!("backup during fast writes: exit {exit}");
+    let commits: Vec<&str> = log.lines().filter(|l| l.contains("commit")).collect();
+    eprintln!("backup during fast writes: exit {exit}; {commits:#?}");
     let first_exit = exit;
     if exit != 0 {
         // Only a commit that could not converge may fail it: the VM stays on its overlay.
