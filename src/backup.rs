@@ -357,9 +357,12 @@ pub fn backup(
         tracing::debug!(vm = %vm_ref, id = %id, error = %chain(e), "backup failed");
     }
     // Unless the commit back failed (the VM stays on overlays the journal names, for recover
-    // or the next run), or the run could not tell whether the VM runs on its overlays, the VM
-    // is on its images again and the run is over.
-    if !run.unfinished && !matches!(result, Err(Error::CommitBack(_))) {
+    // or the next run), the VM is on its images again and the run is over. A run that could
+    // not tell whether the VM runs on its overlays, or a failed run that left overlay files
+    // (the snapshot call failed and libvirtd went away, say), stays in the journal too, so
+    // that `recover` commits back what the VM runs on and removes the rest.
+    let left_overlays = result.is_err() && run.overlays.iter().any(|o| o.exists());
+    if !run.unfinished && !left_overlays && !matches!(result, Err(Error::CommitBack(_))) {
         if let Err(e) = journal.end(&id) {
             tracing::warn!(vm = %vm_ref, id = %id, error = %chain(&e), "cannot close the run's journal entry");
         }
@@ -496,6 +499,14 @@ fn run_phases(
         progress,
     );
     let copy_ms = copy_started.elapsed().as_millis() as u64;
+    // A stop signal ends the copy at its next chunk, whatever the reader reported then.
+    let copied = match copied {
+        Err(e) if crate::interrupt::requested() => {
+            tracing::warn!(vm = %vm_ref, id = %run.id, error = %chain(&e), "copy stopped by the interrupt");
+            Err(Error::Interrupted)
+        }
+        c => c,
+    };
     let published = match copied {
         Ok(c) => {
             run.enter(Phase::Publish)?;
@@ -626,6 +637,8 @@ fn snapshot(
     s: &BackupSettings,
 ) -> Result<(Consistency, Tracked)> {
     let vm = run.vm;
+    // From the freeze to the end of the thaw, an abandoning second signal waits.
+    let _thaw_pending = crate::interrupt::ThawPending::start();
     let mut c = Consistency {
         application: false,
         reason: None,
@@ -667,13 +680,32 @@ fn snapshot(
         if let Err(e) = &snap {
             // libvirt thaws only after a freeze it saw succeed.
             let late = thaw_for_sure(vm, s)?;
-            if s.quiesce == Quiesce::Required {
+            if runs_on_all(vm, overlays) {
+                // libvirt reports a thaw that failed (an agent stuck while thawing) as a
+                // failed snapshot call, though it took the snapshot, after a freeze that
+                // worked: the VM runs on the overlays. The guest is thawed now (above), and
+                // the images hold the frozen state.
+                let ms = t.elapsed().as_millis() as u64;
+                tracing::warn!(vm = %vm.vm(), error = %chain(e), "the quiesced snapshot was taken, but its thaw failed; the guest is thawed now");
+                c.application = true;
+                c.freeze_ms = Some(ms);
+                c.reason = Some(format!(
+                    "the thaw failed ({}); the guest was seen thawed {ms} ms after the freeze began",
+                    chain(e)
+                ));
+                snap = Ok(Tracked {
+                    targets: Vec::new(),
+                    failed: Some(format!("the snapshot call failed: {}", chain(e))),
+                    snapshot_ms: None,
+                });
+            } else if s.quiesce == Quiesce::Required {
                 return Err(snap.unwrap_err());
+            } else {
+                tracing::warn!(vm = %vm.vm(), error = %chain(e), "cannot take a quiesced snapshot; the backup is crash-consistent");
+                c.reason = Some(freeze_failed(e, late));
+                check_interrupted()?;
+                snap = vm.snapshot(overlays, false, Some(&bitmap), s);
             }
-            tracing::warn!(vm = %vm.vm(), error = %chain(e), "cannot take a quiesced snapshot; the backup is crash-consistent");
-            c.reason = Some(freeze_failed(e, late));
-            check_interrupted()?;
-            snap = vm.snapshot(overlays, false, Some(&bitmap), s);
         } else {
             // Freeze, snapshot and thaw happened inside libvirt's one snapshot call: its
             // duration bounds how long the guest was frozen (the checkpoint the adapter
@@ -714,9 +746,15 @@ fn snapshot(
     Ok((c, tracked))
 }
 
+/// Whether the VM runs on every one of `overlays` (there is at least one).
+fn runs_on_all(vm: &dyn VmHandle, overlays: &[Overlay]) -> bool {
+    !overlays.is_empty() && matches!(vm.running_on(overlays), Ok(on) if on.len() == overlays.len())
+}
+
 /// Asks the agent until the guest is thawed; an agent that never says so fails the run.
 /// Returns whether the guest had frozen late (and was thawed).
 fn thaw_for_sure(vm: &dyn VmHandle, s: &BackupSettings) -> Result<bool> {
+    let _thaw_pending = crate::interrupt::ThawPending::start();
     match vm.ensure_thawed(s) {
         Ok(late) => {
             if late {

@@ -90,6 +90,7 @@ impl Error {
             | Error::Invalid(_) => exit::BAD_INPUT,
             Error::Refused(_) => exit::REFUSED,
             Error::Busy(_) => exit::BUSY,
+            Error::Interrupted => crate::interrupt::exit_code(),
             _ => exit::FAILED,
         }
     }
@@ -141,6 +142,7 @@ fn repo_code(e: &RepoError) -> i32 {
 fn image_code(e: &ImageError) -> i32 {
     match e {
         ImageError::InUse { .. } => exit::BUSY,
+        ImageError::Interrupted => crate::interrupt::exit_code(),
         _ => exit::FAILED,
     }
 }

@@ -209,6 +209,8 @@ const THAW_CALL: Duration = Duration::from_secs(5);
 /// agent channel no agent holds open (no agent can be holding a freeze then), has nothing to
 /// thaw. Fails when the guest is not seen thawed within `deadline`.
 pub fn ensure_thawed(dom: &Dom, deadline: Duration) -> Result<bool> {
+    // An abandoning second signal waits for this (see `interrupt`).
+    let _thaw_pending = crate::interrupt::ThawPending::start();
     let start = Instant::now();
     let mut was_frozen = false;
     let mut pause = Duration::from_millis(100);

@@ -30,6 +30,9 @@ pub enum ImageError {
     Unsupported { path: PathBuf, why: String },
     #[error("{} is in use: {why}", path.display())]
     InUse { path: PathBuf, why: String },
+    /// A stop signal came (`interrupt`): the reader stops at the next chunk.
+    #[error("interrupted")]
+    Interrupted,
 }
 
 type Result<T> = std::result::Result<T, ImageError>;
@@ -306,7 +309,13 @@ impl ImageReader {
     }
 
     /// Reads chunk `index` (of `chunk_size` bytes; the last one may be shorter) into `buf`.
+    /// After a stop signal (`interrupt::requested`) every read fails with
+    /// `ImageError::Interrupted`, so that a copy stops at its next chunk, however large the
+    /// disk.
     pub fn read_chunk(&self, index: u64, chunk_size: u64, buf: &mut Vec<u8>) -> Result<ChunkKind> {
+        if crate::interrupt::requested() {
+            return Err(ImageError::Interrupted);
+        }
         let start = index * chunk_size;
         let end = (start + chunk_size).min(self.virtual_size);
         let len = end.saturating_sub(start) as usize;

@@ -34,9 +34,20 @@ fn init_logging() {
         .init();
 }
 
-/// SIGINT and SIGTERM ask for a stop (`interrupt`); the pipeline stops at its next safe point
-/// (the guest is thawed and the overlays are committed back before the program exits).
-fn install_signal_thread() {
+/// Whether the command's one document (or its text) has been printed: the main thread and
+/// an abandoning signal print it at most once between them.
+static PRINTED: Mutex<bool> = Mutex::new(false);
+
+/// SIGINT and SIGTERM (see `vmbackup::interrupt` for the contract):
+/// - the first asks for a stop at the next safe point: the pipeline stops its copy at the next
+///   chunk, thaws, commits the overlays back, discards what it did not publish, and the command
+///   exits with 130 (SIGINT) or 143 (SIGTERM);
+/// - a second one abandons the run at once: this thread waits only while a thaw is in progress
+///   (the guest is never left frozen), prints the command's document (with `--json`: `ok`
+///   false, `exit_code`, `error`, `interrupted`) and exits with the first signal's code. What
+///   the run leaves (the VM on its overlays, unpublished objects) is in the journal, and
+///   `recover` or the next run finishes it, as after a kill.
+fn install_signal_thread(json: bool) {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
@@ -45,11 +56,48 @@ fn install_signal_thread() {
         return;
     }
     std::thread::spawn(move || loop {
-        if let Ok(sig) = set.wait() {
-            tracing::warn!(signal = %sig, "interrupted: finishing safely (thaw, commit back)");
-            vmbackup::interrupt::request_stop();
+        let Ok(sig) = set.wait() else { continue };
+        if vmbackup::interrupt::received(sig as i32) {
+            tracing::warn!(signal = %sig, "interrupted: stopping at the next safe point (thaw, commit back); interrupt again to abandon the run at once");
+            continue;
         }
+        tracing::warn!(signal = %sig, "interrupted again: abandoning the run (`vmbackup recover` or the next run finishes it)");
+        while vmbackup::interrupt::thaw_pending() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        abandon(json);
     });
+}
+
+/// Ends the process for an abandoning signal, unless the command has printed its result.
+fn abandon(json: bool) {
+    let mut printed = PRINTED.lock().unwrap_or_else(|e| e.into_inner());
+    if *printed {
+        return;
+    }
+    let code = vmbackup::interrupt::exit_code();
+    let msg = "interrupted twice: the run was abandoned; `vmbackup recover` (or the next run) \
+               finishes what it left";
+    if json {
+        println!(
+            "{}",
+            json!({"ok": false, "exit_code": code, "error": msg, "interrupted": signal_name()})
+        );
+    }
+    eprintln!("error: {msg}");
+    let _ = std::io::stdout().flush();
+    *printed = true;
+    std::process::exit(code);
+}
+
+/// The first stop signal's name, `null` when none came.
+fn signal_name() -> Value {
+    match vmbackup::interrupt::signal() {
+        Some(vmbackup::interrupt::SIGTERM) => json!("SIGTERM"),
+        Some(vmbackup::interrupt::SIGINT) => json!("SIGINT"),
+        Some(n) => json!(format!("signal {n}")),
+        None => Value::Null,
+    }
 }
 
 /// A progress line on stderr, only when stderr is a terminal.
@@ -655,11 +703,28 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(70);
     }
-    install_signal_thread();
     let json = cli.global.json;
-    match run(cli) {
-        Ok(out) => {
+    install_signal_thread(json);
+    let result = run(cli);
+    // Hold the output: an abandoning signal does not print a second document meanwhile.
+    let mut printed = PRINTED.lock().unwrap_or_else(|e| e.into_inner());
+    *printed = true;
+    // A command a stop signal reached exits with its code (130, 143), whatever it finished;
+    // its document says what it did.
+    let interrupted = vmbackup::interrupt::requested();
+    match result {
+        Ok(mut out) => {
+            if interrupted {
+                out.code = vmbackup::interrupt::exit_code();
+            }
             if json {
+                if interrupted {
+                    if let Some(o) = out.json.as_object_mut() {
+                        o.insert("ok".into(), json!(false));
+                        o.insert("exit_code".into(), json!(out.code));
+                        o.insert("interrupted".into(), signal_name());
+                    }
+                }
                 println!("{}", out.json);
             } else {
                 print!("{}", out.text);
@@ -667,12 +732,17 @@ fn main() -> ExitCode {
             ExitCode::from(out.code as u8)
         }
         Err(e) => {
-            let code = exit_code_of(&e);
+            let code = if interrupted {
+                vmbackup::interrupt::exit_code()
+            } else {
+                exit_code_of(&e)
+            };
             if json {
-                println!(
-                    "{}",
-                    json!({"ok": false, "exit_code": code, "error": format!("{e:#}")})
-                );
+                let mut doc = json!({"ok": false, "exit_code": code, "error": format!("{e:#}")});
+                if interrupted {
+                    doc["interrupted"] = signal_name();
+                }
+                println!("{doc}");
             }
             eprintln!("error: {e:#}");
             ExitCode::from(code as u8)

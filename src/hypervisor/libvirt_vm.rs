@@ -12,7 +12,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::libvirt::{Dom, Libvirt, PowerState};
+use super::libvirt::{Dom, Libvirt, LibvirtError, PowerState};
 use super::vm::{GuestInterface, VmSpec};
 use super::xml_edit;
 use super::{
@@ -141,6 +141,33 @@ impl LibvirtVm<'_> {
             self.lv.define(&fixed)?;
         }
         Ok(out)
+    }
+
+    /// Commits the overlays of a shut-off VM into their images with `qemu-img commit` and
+    /// points the definition at the images; the overlay files are left for the caller.
+    fn commit_offline(&self, overlays: &[Overlay]) -> Result<()> {
+        let mut inactive = self.dom.inactive_xml()?;
+        for o in overlays {
+            let image = o.image.to_string_lossy();
+            if xml_edit::disk_source(&inactive, &o.target)?.as_deref() == Some(&*image) {
+                continue;
+            }
+            image::commit(&o.overlay)?;
+            inactive = xml_edit::set_disk_source(&inactive, &o.target, &image)?;
+            // The `<backingStore>` libvirt recorded below the overlay names the image itself:
+            // kept, QEMU would open the image twice and fail on its own lock.
+            inactive = xml_edit::remove_elements(&inactive, |n| {
+                n.has_tag_name("backingStore")
+                    && n.parent().is_some_and(|d| {
+                        d.has_tag_name("disk")
+                            && d.children().any(|c| {
+                                c.has_tag_name("target") && c.attribute("dev") == Some(&o.target)
+                            })
+                    })
+            })?;
+        }
+        self.lv.define(&inactive)?;
+        Ok(())
     }
 
     /// Points the persistent definition's disks at their images again where libvirt left it
@@ -432,13 +459,7 @@ impl VmHandle for LibvirtVm<'_> {
             // images, but the persistent definition may still name their overlays.
             r.disks = self.fix_inactive_only()?;
         } else {
-            let mut inactive = self.dom.inactive_xml()?;
-            for o in &overlays {
-                image::commit(&o.overlay)?;
-                inactive =
-                    xml_edit::set_disk_source(&inactive, &o.target, &o.image.to_string_lossy())?;
-            }
-            self.lv.define(&inactive)?;
+            self.commit_offline(&overlays)?;
         }
         for o in &overlays {
             std::fs::remove_file(&o.overlay)
@@ -565,7 +586,31 @@ impl VmHandle for LibvirtVm<'_> {
     }
 
     fn ensure_thawed(&self, s: &BackupSettings) -> Result<bool> {
-        Ok(guest_agent::ensure_thawed(&self.dom, s.thaw_deadline())?)
+        let start = Instant::now();
+        let deadline = s.thaw_deadline();
+        let e = match guest_agent::ensure_thawed(&self.dom, deadline) {
+            Ok(thawed) => return Ok(thawed),
+            // The agent did not say thawed in time: asking again would not help.
+            Err(e @ LibvirtError::Timeout { .. }) => return Err(e.into()),
+            Err(e) => e,
+        };
+        // The connection may have died with libvirtd (restarted while a freeze was in
+        // flight, whose guest then stays frozen): ask again through a new connection, for
+        // what is left of the deadline.
+        tracing::warn!(vm = %self.vm, error = %crate::error::chain(&e), "cannot ask the guest agent: asking again through a new connection to libvirt");
+        loop {
+            let fresh = Libvirt::open(self.lv.uri()).and_then(|lv| {
+                let dom = lv.domain(self.vm.name())?;
+                let left = deadline.saturating_sub(start.elapsed());
+                guest_agent::ensure_thawed(&dom, left.max(Duration::from_secs(5)))
+            });
+            match fresh {
+                Ok(thawed) => return Ok(thawed),
+                Err(e) if start.elapsed() >= deadline => return Err(e.into()),
+                Err(e @ LibvirtError::Timeout { .. }) => return Err(e.into()),
+                Err(_) => std::thread::sleep(Duration::from_millis(500)),
+            }
+        }
     }
 
     fn running_on(&self, overlays: &[Overlay]) -> Result<Vec<Overlay>> {
@@ -582,6 +627,13 @@ impl VmHandle for LibvirtVm<'_> {
     }
 
     fn commit_back(&self, overlays: &[Overlay], s: &BackupSettings) -> Result<()> {
+        if !overlays.is_empty() && !self.running()? {
+            // The guest shut down during the backup: no block job can run, so the overlays
+            // are committed offline and the definition is pointed at the images again, as
+            // `recover` does.
+            tracing::warn!(vm = %self.vm, "the VM was shut down during the backup: committing its overlays offline");
+            return self.commit_offline(overlays);
+        }
         let mut first_err = None;
         for o in overlays {
             if let Err(e) = self.commit_one(o, s.commit_stall_timeout) {

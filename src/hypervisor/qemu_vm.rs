@@ -275,6 +275,7 @@ impl VmHandle for QemuVmHandle {
     }
 
     fn ensure_thawed(&self, s: &BackupSettings) -> Result<bool> {
+        let _thaw_pending = crate::interrupt::ThawPending::start();
         let start = Instant::now();
         let deadline = s.thaw_deadline();
         let mut thawed_some = false;

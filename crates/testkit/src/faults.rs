@@ -22,7 +22,7 @@ use crate::libvirt_vm::TestVm;
 /// The marker a `kill` fail point prints on stderr.
 pub const MARKER: &str = "vmbackup-failpoint: ";
 
-/// A `vmbackup` run in its own process group, with its stderr in a file.
+/// A `vmbackup` run in its own process group, with its stderr and stdout in files.
 pub struct FaultRun {
     pub child: Child,
     pub log: PathBuf,
@@ -64,7 +64,7 @@ impl FaultRun {
             .env("VMBACKUP_LOG", "info")
             .env("VMBACKUP_FAILPOINTS", failpoints)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("stdout")).expect("stdout file"))
             .stderr(std::fs::File::create(&log).expect("log file"))
             .process_group(0);
         for (k, v) in env {
@@ -87,6 +87,11 @@ impl FaultRun {
             let _ = f.read_to_string(&mut s);
         }
         s
+    }
+
+    /// What the run wrote to stdout so far (with `--json`, its one document once it ended).
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.log.with_file_name("stdout")).unwrap_or_default()
     }
 
     /// Waits until the run prints a fail point's marker or ends, at most `timeout` (a panic

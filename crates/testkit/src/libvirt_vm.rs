@@ -357,6 +357,19 @@ impl TestVm {
     pub fn dom(&self) -> &Dom {
         self.dom.as_ref().expect("domain is defined")
     }
+    /// Opens a new connection to libvirt and looks the domain up again: after a restart of
+    /// libvirtd the old connection is dead.
+    pub fn reconnect(&mut self) -> Result<()> {
+        let uri = test_uri();
+        self.lv = Libvirt::open(&uri).ctx(format_args!("connect to libvirt at {uri}"))?;
+        if self.dom.is_some() {
+            self.dom = self
+                .lv
+                .find_domain(&self.name)
+                .ctx(format_args!("look up {}", self.name))?;
+        }
+        Ok(())
+    }
     pub fn console_path(&self) -> PathBuf {
         self.dir.join("console.log")
     }
