@@ -820,6 +820,7 @@ fn no_base() -> Error {
     Error::Invalid("the previous backup's index was not read".into())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn copy_disks(
     repo: &Repository,
     id: &str,

@@ -70,7 +70,6 @@ pub struct LocalDir {
 }
 
 /// A flush a store is about to make (for tests that model what a power cut keeps).
-#[cfg(any(test, feature = "fault-injection"))]
 #[derive(Debug, Clone, Copy)]
 pub enum Flush<'a> {
     /// An fsync of this file's data.
