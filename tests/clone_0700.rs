@@ -3,7 +3,7 @@
 //! must boot the guest from a copy staged outside the clone.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 fn git(dir: &Path, args: &[&str], stdin: Option<&[u8]>) -> Vec<u8> {
@@ -74,6 +74,31 @@ fn clone_as_is(checkout: &Path, dest: &Path) {
     }
 }
 
+/// A copy of a binary, put back in place (by a rename) when dropped.
+struct KeepBinary {
+    path: PathBuf,
+    copy: PathBuf,
+}
+
+impl KeepBinary {
+    fn new(path: &Path) -> KeepBinary {
+        let copy = path.with_file_name(format!(".vmbackup-kept-{}", std::process::id()));
+        std::fs::copy(path, &copy).expect("keep a copy of the test binary");
+        KeepBinary {
+            path: path.to_path_buf(),
+            copy,
+        }
+    }
+}
+
+impl Drop for KeepBinary {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::rename(&self.copy, &self.path) {
+            eprintln!("cannot put {} back: {e}", self.path.display());
+        }
+    }
+}
+
 #[test]
 fn demo_runs_from_a_clone_in_a_folder_qemu_cannot_traverse() {
     let checkout = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -105,6 +130,9 @@ fn demo_runs_from_a_clone_in_a_folder_qemu_cannot_traverse() {
     if std::env::var_os("VMBACKUP_GUEST_CACHE").is_none() && cache.is_dir() {
         demo.env("VMBACKUP_GUEST_CACHE", &cache);
     }
+    // The demo builds the binary as shipped (no fail points) into the shared target folder;
+    // the test targets that run after this one need the binary this suite was built with.
+    let _restore = KeepBinary::new(Path::new(env!("CARGO_BIN_EXE_vmbackup")));
     let out = demo.output().expect("run scripts/demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
