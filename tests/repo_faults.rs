@@ -384,3 +384,75 @@ fn a_repository_that_fills_up_during_a_backup_fails_it_cleanly() {
     assert_eq!(vmbackup(&place, &["gc"]).code, 0);
     assert_eq!(vmbackup(&place, &["verify"]).code, 0);
 }
+
+/// The ids of a `run-due` document's backups that ran ok.
+fn ran_ok(v: &serde_json::Value) -> Vec<String> {
+    v["run"]["jobs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|j| j["results"].as_array().into_iter().flatten())
+        .filter(|r| r["status"] == "ok")
+        .filter_map(|r| r["backup_id"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// A truncated manifest of the VM's own last backup: the next scheduled backup still runs
+/// (read whole, since its base cannot be read), retention goes on without deleting or
+/// counting the unreadable backup, and `run-due` exits 0.
+#[test]
+fn run_due_goes_on_past_a_truncated_manifest() {
+    let vm = TestVmBuilder::new("rf-rundue")
+        .disk("vdb", vmbackup_testkit::libvirt_vm::Format::Qcow2, 64 * MIB)
+        .start()
+        .expect("guest boots");
+    let place = Place::new();
+    let add = vmbackup(
+        &place,
+        &[
+            "schedule",
+            "add",
+            "nightly",
+            "--vm",
+            vm.name(),
+            "--type",
+            "daily",
+            "--slot",
+            "2",
+            "--tz",
+            "UTC",
+            "--start",
+            "2027-01-04",
+            "--keep",
+            "1",
+        ],
+    );
+    assert_eq!(add.code, 0, "{}", add.stderr);
+    let first = vmbackup(&place, &["run-due", "--now", "2027-01-04T02:59:00Z"]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let first_id = ran_ok(&first.json);
+    assert_eq!(first_id.len(), 1, "{}", first.json);
+    let m = place
+        .repo()
+        .join(format!("backups/{}/manifest.json", first_id[0]));
+    let text = std::fs::read(&m).unwrap();
+    std::fs::write(&m, &text[..text.len() / 2]).unwrap();
+
+    let second = vmbackup(&place, &["run-due", "--now", "2027-01-05T02:59:00Z"]);
+    assert_eq!(second.code, 0, "{}\n{}", second.json, second.stderr);
+    let second_id = ran_ok(&second.json);
+    assert_eq!(second_id.len(), 1, "the occurrence ran: {}", second.json);
+    let l = vmbackup(&place, &["list"]);
+    assert_eq!(ids(&l.json["backups"]), second_id, "{}", l.json);
+    assert_eq!(
+        ids(&l.json["unreadable"]),
+        first_id,
+        "the unreadable backup is neither deleted nor hidden: {}",
+        l.json
+    );
+    assert_eq!(
+        vmbackup(&place, &["verify", &second_id[0]]).code,
+        0,
+        "the new backup is whole"
+    );
+}
