@@ -14,6 +14,7 @@ use serde_json::Value;
 use vmbackup::repository::Repository;
 use vmbackup::schedule::calendar::vm_offset_secs;
 use vmbackup_testkit::libvirt_vm::{Format, TestVmBuilder};
+use vmbackup_testkit::smtp::Smtp;
 
 fn ts(s: &str) -> Timestamp {
     s.parse().unwrap()
@@ -269,63 +270,6 @@ fn a_simulated_week_runs_each_occurrence_once_keeps_the_newest_n_and_records_wha
     }
 }
 
-/// A loopback SMTP server (Debian's python3-aiosmtpd) delivering into a maildir.
-struct Smtp {
-    child: Child,
-    port: u16,
-    maildir: tempfile::TempDir,
-}
-
-impl Smtp {
-    fn start() -> Smtp {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let maildir = tempfile::tempdir().unwrap();
-        let child = Command::new("/usr/bin/python3")
-            .args(["-m", "aiosmtpd", "-n", "-l"])
-            .arg(format!("127.0.0.1:{port}"))
-            .args(["-c", "aiosmtpd.handlers.Mailbox"])
-            // aiosmtpd's Mailbox creates the maildir (new, cur, tmp) when it does not exist.
-            .arg(maildir.path().join("mail"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3-aiosmtpd is installed (scripts/setup-host)");
-        let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "SMTP server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Smtp {
-            child,
-            port,
-            maildir,
-        }
-    }
-
-    fn messages(&self) -> Vec<String> {
-        let new = self.maildir.path().join("mail/new");
-        let mut out = Vec::new();
-        for e in std::fs::read_dir(new).into_iter().flatten().flatten() {
-            out.push(std::fs::read_to_string(e.path()).unwrap());
-        }
-        out
-    }
-}
-
-impl Drop for Smtp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let t = Instant::now();
     loop {
@@ -425,7 +369,7 @@ fn a_failing_scheduled_backup_is_recorded_deletes_nothing_and_is_reported_by_mai
     // Each run-due sent one report per job: a mail with the per-VM table, and the JSON to
     // the command.
     let mails = wait_for("two mails", || {
-        let m = smtp.messages();
+        let m = smtp.texts();
         (m.len() == 2).then_some(m)
     });
     let failed_mail = mails

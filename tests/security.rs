@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use vmbackup_testkit::faults::{repo_violations, vm_violations};
 use vmbackup_testkit::libvirt_vm::{Format, TestVmBuilder};
+use vmbackup_testkit::smtp::Smtp;
 
 /// (uid, gid, permission bits) of a file.
 fn owner_mode(p: &Path) -> (u32, u32, u32) {
@@ -41,79 +42,6 @@ impl Drop for Undefine {
             let _ = d.destroy();
             let _ = d.undefine();
         }
-    }
-}
-
-/// A loopback SMTP server (Debian's python3-aiosmtpd) delivering into a maildir.
-struct Smtp {
-    child: std::process::Child,
-    port: u16,
-    maildir: tempfile::TempDir,
-}
-
-impl Smtp {
-    fn start() -> Smtp {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let maildir = tempfile::tempdir().unwrap();
-        let child = Command::new("/usr/bin/python3")
-            .args(["-m", "aiosmtpd", "-n", "-l"])
-            .arg(format!("127.0.0.1:{port}"))
-            .args(["-c", "aiosmtpd.handlers.Mailbox"])
-            .arg(maildir.path().join("mail"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3-aiosmtpd is installed (scripts/setup-host)");
-        let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "SMTP server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Smtp {
-            child,
-            port,
-            maildir,
-        }
-    }
-
-    /// The raw messages delivered so far.
-    fn messages(&self) -> Vec<Vec<u8>> {
-        let new = self.maildir.path().join("mail/new");
-        let mut out = Vec::new();
-        for e in std::fs::read_dir(new).into_iter().flatten().flatten() {
-            out.push(std::fs::read(e.path()).unwrap());
-        }
-        out
-    }
-
-    fn wait_messages(&self, n: usize) -> Vec<Vec<u8>> {
-        let t = Instant::now();
-        loop {
-            let m = self.messages();
-            if m.len() >= n {
-                return m;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "{} mails, not {n}",
-                m.len()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Smtp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

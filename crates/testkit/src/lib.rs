@@ -8,6 +8,7 @@
 //! - `cli`: running the `vmbackup` binary with `--json`, throwaway repositories;
 //! - `faults`: runs broken at fail points (SIGKILL of the process group) and the invariants
 //!   they must leave;
+//! - `smtp`: a real SMTP server on loopback (aiosmtpd) for the report tests;
 //! - `error`: the kit's own error type (`KitError`).
 
 pub mod cli;
@@ -16,5 +17,6 @@ pub mod faults;
 pub mod guest;
 pub mod libvirt_vm;
 pub mod qemu_vm;
+pub mod smtp;
 
 pub use error::{KitError, Result};
