@@ -110,6 +110,13 @@ impl Repository {
         if m.domain_xml_object.is_empty() || !self.store().exists(&m.domain_xml_object)? {
             damaged.push(format!("domain XML {} is missing", m.domain_xml_object));
         }
+        for f in Repository::state_files(&m) {
+            match self.get_state_file(&m.id, f) {
+                Ok(_) => {}
+                Err(RepoError::Damaged { problems, .. }) => damaged.extend(problems),
+                Err(e) => return Err(e),
+            }
+        }
         let mut chunks = 0;
         for d in &m.disks {
             let index = match self.get_index(&m.id, d) {
@@ -264,6 +271,7 @@ mod tests {
             scheduled_for: None,
             stored_bytes: b.stored_bytes_new,
             logical_bytes: b.logical_bytes,
+            vm_state: None,
         })
         .unwrap();
     }
