@@ -1203,6 +1203,15 @@ mod tests {
         assert_eq!(leftover(".a.qcow2.vmbackup-old-420", 42), None);
         assert_eq!(leftover("a.qcow2", 42), None);
         assert_eq!(leftover("vda.vmbackup-restore-42.raw", 42), None);
+        // NVRAM and TPM state files are written and kept aside the same way.
+        assert_eq!(
+            leftover(".tpm2-00.permall.vmbackup-restore-42.state", 42),
+            Some(Leftover::Temporary)
+        );
+        assert_eq!(
+            leftover(".web01_VARS.fd.vmbackup-old-42", 42),
+            Some(Leftover::KeptAside("web01_VARS.fd".into()))
+        );
     }
 
     #[test]

@@ -147,7 +147,10 @@ pub fn tpm_dir(uuid: &str) -> PathBuf {
 
 /// Reads the TPM state folder `dir` once: its folders (itself first) and files. swtpm's lock
 /// file (`.lock`) and other hidden files are no state.
-fn read_tpm_once(dir: &Path) -> Result<(Vec<(PathBuf, Owner)>, Vec<CapturedFile>)> {
+/// A TPM state folder as read: its folders (with owners) and its files.
+type TpmRead = (Vec<(PathBuf, Owner)>, Vec<CapturedFile>);
+
+fn read_tpm_once(dir: &Path) -> Result<TpmRead> {
     const WHAT: &str = "TPM state";
     let m = std::fs::symlink_metadata(dir).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => VmStateError::TpmMissing(dir.to_path_buf()),

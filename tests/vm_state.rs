@@ -116,8 +116,10 @@ fn boot_all(vm: &UefiVm, names: &[&str]) {
     eprintln!("booted {names:?} in {:?}", start.elapsed());
 }
 
-/// A file's bytes, owner and mode.
-fn file_state(p: &Path) -> (Vec<u8>, u32, u32, u32) {
+/// A file's bytes, uid, gid and mode.
+type FileState = (Vec<u8>, u32, u32, u32);
+
+fn file_state(p: &Path) -> FileState {
     let m = std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     (
         std::fs::read(p).unwrap(),
@@ -128,7 +130,7 @@ fn file_state(p: &Path) -> (Vec<u8>, u32, u32, u32) {
 }
 
 /// The TPM state files (not swtpm's lock) of the VM with `uuid`, by path below its folder.
-fn tpm_files(uuid: &str) -> Vec<(String, (Vec<u8>, u32, u32, u32))> {
+fn tpm_files(uuid: &str) -> Vec<(String, FileState)> {
     let dir = vmbackup::vm_state::tpm_dir(uuid);
     let mut out = Vec::new();
     for sub in std::fs::read_dir(&dir).unwrap().flatten() {
