@@ -1250,9 +1250,9 @@ mod tests {
                     "domain.xml"
                 },
                 bytes: if on {
-                    &b"<domain>on overlays</domain>"[..]
+                    &b"<domain><name>fake</name>on overlays</domain>"[..]
                 } else {
-                    b"<domain/>"
+                    b"<domain><name>fake</name></domain>"
                 }
                 .to_vec(),
             })
@@ -1413,9 +1413,12 @@ mod tests {
         assert!(overlay_files(t.dir.path()).is_empty());
         let m = t.repo.load(&o.id).unwrap();
         assert_eq!(m.vm_name, "fake");
+        // A VM defined without NVRAM and TPM records that it has none.
+        let st = m.vm_state.as_ref().expect("state recorded");
+        assert_eq!((&st.nvram, &st.tpm), (&None, &None));
         assert_eq!(
             t.repo.store().get(&m.domain_xml_object).unwrap(),
-            b"<domain/>",
+            b"<domain><name>fake</name></domain>",
             "the definition is the one from before the snapshot"
         );
         let index = crate::repository::disk::DiskIndex::decode(
