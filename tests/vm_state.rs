@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use vmbackup::hypervisor::libvirt::{Dom, Libvirt};
 use vmbackup::hypervisor::vm::VmSpec;
+use vmbackup_testkit::faults::{FaultRun, Reached};
 use vmbackup_testkit::guest;
 use vmbackup_testkit::libvirt_vm::{test_root, test_uri, PREFIX};
 
@@ -147,6 +148,34 @@ fn tpm_files(uuid: &str) -> Vec<(String, FileState)> {
     out
 }
 
+/// The TPM state folder and its folders: owner and mode of each.
+fn tpm_dirs(uuid: &str) -> Vec<(u32, u32, u32)> {
+    let dir = vmbackup::vm_state::tpm_dir(uuid);
+    let mut out = Vec::new();
+    let mut todo = vec![dir];
+    while let Some(d) = todo.pop() {
+        let m = std::fs::metadata(&d).unwrap();
+        out.push((m.uid(), m.gid(), m.mode() & 0o7777));
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                todo.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// Runs `vmbackup ARGS` with fail point `spec` (`NAME=kill[@N]`) until it reaches the point,
+/// then SIGKILLs its process group.
+fn kill_at(place: &Place, spec: &str, args: &[&str]) {
+    let point = spec.split('=').next().unwrap();
+    let mut run = FaultRun::start(binary(), place, args, spec, &[]);
+    let reached = run.wait_marker(Duration::from_secs(180));
+    let log = run.stderr();
+    run.kill_group();
+    assert_eq!(reached, Reached::Point(point.into()), "{args:?}: {log}");
+}
+
 #[test]
 fn nvram_and_tpm_state_come_back_onto_the_original_and_into_a_copy_that_runs_beside_it() {
     let mut vm = UefiVm::define("st");
@@ -206,6 +235,47 @@ fn nvram_and_tpm_state_come_back_onto_the_original_and_into_a_copy_that_runs_bes
     assert!(!stray.exists());
     let said = r.json["restore"]["state"].to_string();
     assert!(said.contains("NVRAM restored to"), "{said}");
+
+    // Killed after the NVRAM replaced the changed one (the second rename, after the disk's),
+    // before the TPM state: the replaced NVRAM is kept aside, nothing is lost; `recover`
+    // cleans up and the restore runs again to the end.
+    std::fs::write(&nvram, &junk).unwrap();
+    std::fs::write(&first, b"garbled").unwrap();
+    kill_at(&place, "restore-renamed-one=kill@2", &["restore", &id]);
+    assert_eq!(std::fs::read(&nvram).unwrap(), before_nvram.0);
+    let folder = nvram.parent().unwrap();
+    let kept: Vec<PathBuf> = std::fs::read_dir(folder)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains(".vmbackup-old-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(
+        std::fs::read(&kept[0]).unwrap(),
+        junk,
+        "the replaced NVRAM is kept"
+    );
+    assert_eq!(std::fs::read(&first).unwrap(), b"garbled");
+    let r = vmbackup(&place, &["recover", &name]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!kept[0].exists());
+    let r = vmbackup(&place, &["restore", &id]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(file_state(&nvram), before_nvram);
+    assert_eq!(tpm_files(&spec.uuid), before_tpm);
+
+    // The VM deleted with its NVRAM and TPM state: the restore brings back both, the TPM
+    // state folders with their owners and modes.
+    let dirs_before = tpm_dirs(&spec.uuid);
+    vm.dom(&name).undefine().unwrap();
+    assert!(!nvram.exists() && !tpm_dir.exists());
+    let r = vmbackup(&place, &["restore", &id]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(vm.spec(&name).uuid, spec.uuid);
+    assert_eq!(file_state(&nvram), before_nvram);
+    assert_eq!(tpm_files(&spec.uuid), before_tpm);
+    assert_eq!(tpm_dirs(&spec.uuid), dirs_before);
 
     // A copy: its own NVRAM file beside the original's, its own TPM state (under its new
     // UUID), its own serial log; both run at once.
