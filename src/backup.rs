@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use crate::changes::{self, full_read_marker};
 use crate::error::{chain, Error, Result};
-use crate::hypervisor::vm::GuestInterface;
+use crate::hypervisor::vm::{GuestInterface, VmSpec};
 use crate::hypervisor::{bitmap_name, Description, Freeze, Overlay, Tracked, VmHandle, VmShape};
 use crate::image::{self, ImageReader};
 use crate::journal::{Journal, Phase};
@@ -40,6 +40,7 @@ use crate::repository::manifest::{
 use crate::repository::Repository;
 use crate::settings::{BackupSettings, Quiesce};
 use crate::vm_ref::VmRef;
+use crate::vm_state::{self, Captured};
 
 fn check_interrupted() -> Result<()> {
     if crate::interrupt::requested() {
@@ -484,20 +485,28 @@ fn run_phases(
         )
     };
 
+    // The NVRAM and TPM state, right after the snapshot (or with the VM off): see
+    // `vm_state`. A VM that names them while they cannot be read fails the backup (after
+    // the commit back below), before any disk is copied.
+    let state = read_vm_state(&description);
+
     run.enter(Phase::Copy)?;
     crate::fault::point("backup-copy");
     let copy_started = Instant::now();
-    let copied = copy_disks(
-        repo,
-        &run.id,
-        vm_ref,
-        run.state_dir,
-        &work,
-        !shape.running,
-        &tracked,
-        s,
-        progress,
-    );
+    let copied = state.and_then(|st| {
+        copy_disks(
+            repo,
+            &run.id,
+            vm_ref,
+            run.state_dir,
+            &work,
+            !shape.running,
+            &tracked,
+            s,
+            progress,
+        )
+        .map(|c| (c, st))
+    });
     let copy_ms = copy_started.elapsed().as_millis() as u64;
     // A stop signal ends the copy at its next chunk, whatever the reader reported then.
     let copied = match copied {
@@ -508,7 +517,7 @@ fn run_phases(
         c => c,
     };
     let published = match copied {
-        Ok(c) => {
+        Ok((c, st)) => {
             run.enter(Phase::Publish)?;
             publish(
                 repo,
@@ -518,6 +527,7 @@ fn run_phases(
                 &description,
                 &guest_ifs,
                 c,
+                st.as_ref(),
                 &consistency,
                 s,
                 started_at,
@@ -1028,6 +1038,21 @@ fn copy_disks(
     Ok((entries, logical, stored))
 }
 
+/// The NVRAM and TPM state of a libvirt VM described by `d` (its domain XML), read now, and
+/// when; `None` for a VM that has no domain XML (plain QEMU).
+fn read_vm_state(d: &Description) -> Result<Option<(Captured, String)>> {
+    if d.file != "domain.xml" {
+        return Ok(None);
+    }
+    let spec = VmSpec::from_xml(&String::from_utf8_lossy(&d.bytes))?;
+    let read_at = now_utc();
+    let captured = vm_state::capture(&spec)?;
+    if captured.nvram.is_some() || captured.tpm.is_some() {
+        tracing::info!(vm = %spec.name, nvram = captured.nvram.is_some(), tpm = captured.tpm.is_some(), "NVRAM / TPM state read");
+    }
+    Ok(Some((captured, read_at)))
+}
+
 /// Stores the VM's description and publishes the manifest: the backup becomes visible.
 #[allow(clippy::too_many_arguments)]
 fn publish(
@@ -1038,12 +1063,17 @@ fn publish(
     description: &Description,
     guest_ifs: &[GuestInterface],
     (disks, logical, stored): Copied,
+    state: Option<&(Captured, String)>,
     c: &Consistency,
     s: &BackupSettings,
     started_at: String,
 ) -> Result<Manifest> {
     let object = format!("backups/{id}/{}", description.file);
     repo.store().put_new(&object, &description.bytes)?;
+    let vm_state = match state {
+        Some((captured, read_at)) => Some(vm_state::store(repo, id, captured, read_at.clone())?),
+        None => None,
+    };
     let manifest = Manifest {
         format_version: 1,
         id: id.to_string(),
@@ -1078,6 +1108,7 @@ fn publish(
         scheduled_for: s.scheduled_for.clone(),
         stored_bytes: stored,
         logical_bytes: logical,
+        vm_state,
     };
     repo.publish(&manifest)?;
     Ok(manifest)
@@ -1219,9 +1250,9 @@ mod tests {
                     "domain.xml"
                 },
                 bytes: if on {
-                    &b"<domain>on overlays</domain>"[..]
+                    &b"<domain><name>fake</name>on overlays</domain>"[..]
                 } else {
-                    b"<domain/>"
+                    b"<domain><name>fake</name></domain>"
                 }
                 .to_vec(),
             })
@@ -1382,9 +1413,12 @@ mod tests {
         assert!(overlay_files(t.dir.path()).is_empty());
         let m = t.repo.load(&o.id).unwrap();
         assert_eq!(m.vm_name, "fake");
+        // A VM defined without NVRAM and TPM records that it has none.
+        let st = m.vm_state.as_ref().expect("state recorded");
+        assert_eq!((&st.nvram, &st.tpm), (&None, &None));
         assert_eq!(
             t.repo.store().get(&m.domain_xml_object).unwrap(),
-            b"<domain/>",
+            b"<domain><name>fake</name></domain>",
             "the definition is the one from before the snapshot"
         );
         let index = crate::repository::disk::DiskIndex::decode(

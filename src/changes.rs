@@ -327,6 +327,7 @@ mod tests {
             scheduled_for: None,
             stored_bytes: 5,
             logical_bytes: 5,
+            vm_state: None,
         }
     }
 

@@ -16,6 +16,7 @@ use crate::repository::RepoError;
 use crate::schedule::ScheduleError;
 use crate::state::StateError;
 use crate::thaw_guard::ThawGuardError;
+use crate::vm_state::VmStateError;
 
 /// Exit codes of the command-line contract (DESIGN.md).
 pub mod exit {
@@ -70,6 +71,8 @@ pub enum Error {
     Invalid(String),
     #[error(transparent)]
     Schedule(#[from] ScheduleError),
+    #[error(transparent)]
+    VmState(#[from] VmStateError),
     #[error("report")]
     Notify(#[from] NotifyError),
 }

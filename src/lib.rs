@@ -4,7 +4,8 @@
 //! ones above it (a test in `tests/layers.rs` fails on an import cycle):
 //! - domain, no I/O: `vm_ref`, `names`, `settings`, `preflight`, `schedule` (calendar, slots,
 //!   retention, report data), `interrupt`, `fault`;
-//! - storage: `repository` (crate `vmbackup-repo`), `state`, `image`, `locks`;
+//! - storage: `repository` (crate `vmbackup-repo`), `state`, `image`, `locks`, `vm_state`
+//!   (NVRAM and TPM state files);
 //! - adapters: `hypervisor` (libvirt, QMP and their `VmHandle`s), `guest_agent`, `thaw_guard`;
 //! - operations: `backup` (the one pipeline), `restore`, `recover`, `journal`,
 //!   `schedule::run`; `error` is their aggregate error and maps errors to exit codes;
@@ -33,6 +34,7 @@ pub mod settings;
 pub mod state;
 pub mod thaw_guard;
 pub mod vm_ref;
+pub mod vm_state;
 
 pub use error::{Error, Result};
 // The repository format lives in its own crate (`crates/repo`); these keep its old paths.

@@ -419,9 +419,11 @@ fn cmd_show(cfg: &Config, id: &str) -> anyhow::Result<Output> {
     let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
     let m = repo.load(id).map_err(vmbackup::Error::from)?;
     let v = serde_json::to_value(&m)?;
+    // What the backup holds besides disks, in words (old backups: none recorded).
+    let state = vmbackup::vm_state::describe(&m);
     Ok(Output {
-        text: serde_json::to_string_pretty(&v)? + "\n",
-        json: json!({"ok": true, "manifest": v}),
+        text: serde_json::to_string_pretty(&v)? + "\n" + &state.join("\n") + "\n",
+        json: json!({"ok": true, "manifest": v, "vm_state": state}),
         code: exit::OK,
     })
 }
@@ -452,6 +454,9 @@ fn cmd_restore(
         r.vm,
         r.disks.join(", ")
     );
+    for s in &r.state {
+        text.push_str(&format!("{s}\n"));
+    }
     for s in &r.reserved {
         text.push_str(&format!("DHCP reservation: {s}\n"));
     }

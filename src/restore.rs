@@ -33,6 +33,7 @@ use crate::hypervisor::{xml_edit, BITMAP_PREFIX};
 use crate::locks::lock_vm;
 use crate::preflight::{Check, Report};
 use crate::repository::disk::{restore_disk, restore_disk_qcow2, DiskIndex};
+use crate::repository::manifest::{Manifest, Owner, StateFile};
 use crate::repository::Repository;
 use crate::vm_ref::VmRef;
 
@@ -58,6 +59,8 @@ pub struct Restored {
     pub reserved: Vec<String>,
     /// What the restore could not do after the VM was restored.
     pub warnings: Vec<String>,
+    /// The NVRAM and TPM state put back, and where; or that the backup holds none.
+    pub state: Vec<String>,
 }
 
 /// The result of a call on domain `name`, or `None` when it failed because the domain went
@@ -135,7 +138,7 @@ struct PlannedReservation {
 fn plan_reservations(
     lv: &Libvirt,
     saved: &VmSpec,
-    m: &crate::repository::manifest::Manifest,
+    m: &Manifest,
 ) -> Result<(Vec<PlannedReservation>, Vec<String>)> {
     let mut plans = Vec::new();
     let mut conflicts = Vec::new();
@@ -437,8 +440,10 @@ fn sync_folder(file: &Path) -> Result<()> {
     }
 }
 
-/// Moves every `(restored, image)` into place; on an error, what was moved is put back.
-fn place_disks(moves: &[(PathBuf, PathBuf)]) -> Result<Placed> {
+/// Moves every `(restored, image)` into place; on an error, what was moved is put back. A
+/// restored file gets the owner and mode of the file it replaces, unless it is in `owned`
+/// (its temporary carries the recorded ones already: NVRAM, TPM state).
+fn place_disks(moves: &[(PathBuf, PathBuf)], owned: &[PathBuf]) -> Result<Placed> {
     let mut placed = Placed {
         done: Vec::new(),
         finished: false,
@@ -449,7 +454,7 @@ fn place_disks(moves: &[(PathBuf, PathBuf)]) -> Result<Placed> {
                 // The restored image gets the replaced one's owner and mode (read now, with
                 // the VM off: the owner libvirt's dynamic ownership put back at shutdown); a
                 // new one stays 0600, ours.
-                if m.is_file() {
+                if m.is_file() && !owned.contains(to) {
                     crate::image::take_owner_and_mode(from, &m)?;
                 }
                 let file = to.file_name().unwrap_or_default().to_string_lossy();
@@ -580,6 +585,7 @@ pub fn restore(
         check_same_vm(lv, &name, dom.as_ref(), uuid)?;
     }
 
+    let mut copy_uuid: Option<String> = None;
     // Where each disk goes: its recorded image, or with --as a new file beside it.
     let mut targets: Vec<PathBuf> = m.disks.iter().map(|d| PathBuf::from(&d.source)).collect();
     if let Some(new) = &opts.as_name {
@@ -591,9 +597,16 @@ pub fn restore(
             ));
         }
         xml = xml_edit::set_name(&xml, new)?;
-        xml = xml_edit::remove_elements(&xml, |n| {
-            n.has_tag_name("uuid") && n.parent().is_some_and(|p| p.has_tag_name("domain"))
-        })?;
+        // A new UUID chosen here, not by libvirt: the copy's TPM state folder is named by it
+        // and is written before the definition.
+        let uuid = new_uuid()?;
+        xml = match xml_edit::set_uuid(&xml, &uuid) {
+            Ok(x) => x,
+            Err(_) => xml_edit::remove_elements(&xml, |n| {
+                n.has_tag_name("uuid") && n.parent().is_some_and(|p| p.has_tag_name("domain"))
+            })?,
+        };
+        copy_uuid = Some(uuid);
         for (d, t) in m.disks.iter().zip(targets.iter_mut()) {
             let dir = Path::new(&d.source).parent().unwrap_or(Path::new("/"));
             *t = dir.join(format!("{new}-{}.{}", d.target, d.format));
@@ -607,6 +620,16 @@ pub fn restore(
             xml = xml_edit::set_disk_source(&xml, &d.target, &t.to_string_lossy())?;
         }
     }
+
+    // The per-VM files (NVRAM, TPM state, logs, sockets): with --as, new ones for the copy.
+    let plan = match (&opts.as_name, &copy_uuid) {
+        (Some(new), Some(uuid)) => {
+            let (x, plan) = plan_copy_state(&m, &xml, &saved.name, new, uuid)?;
+            xml = x;
+            plan
+        }
+        _ => plan_original_state(&m),
+    };
 
     if let Some(d) = &dom {
         if d.state()? != PowerState::ShutOff && !opts.power_off {
@@ -686,6 +709,7 @@ pub fn restore(
     // Recorded first, so that `recover` finds them if this process is killed.
     let mut dirs: Vec<PathBuf> = targets
         .iter()
+        .chain(plan.files.iter().map(|(_, t)| t))
         .filter_map(|t| t.parent().map(Path::to_path_buf))
         .collect();
     dirs.sort();
@@ -755,6 +779,36 @@ pub fn restore(
         moves.push((ready, target));
     }
 
+    // The NVRAM and TPM state files likewise, each with its recorded owner and mode.
+    let mut created = CreatedDirs(Vec::new());
+    let mut owned = Vec::new();
+    for (path, owner) in &plan.dirs {
+        if !path.exists() {
+            let parent = path.parent().unwrap_or(Path::new("/"));
+            std::fs::create_dir_all(parent).map_err(|e| Error::io("create folder", parent, e))?;
+            std::fs::create_dir(path).map_err(|e| Error::io("create folder", path, e))?;
+            created.0.push(path.clone());
+            set_owner(path, owner)?;
+        }
+    }
+    for (f, target) in &plan.files {
+        let bytes = repo.get_state_file(id, f)?;
+        let dir = target
+            .parent()
+            .ok_or_else(|| Error::Invalid(format!("{} has no folder", target.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("create folder", dir, e))?;
+        let file = target.file_name().unwrap_or_default().to_string_lossy();
+        let tmp = dir.join(format!(
+            ".{file}.vmbackup-restore-{}.state",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&tmp);
+        temps.0.push(tmp.clone());
+        write_state_file(&tmp, &bytes, &f.owner)?;
+        owned.push(target.clone());
+        moves.push((tmp, target.clone()));
+    }
+
     // All disks are written and checked: now the VM may change.
     crate::fault::point("restore-temporaries");
     if let Some(d) = &dom {
@@ -770,8 +824,12 @@ pub fn restore(
     };
     crate::fault::point("restore-before-define");
     let defined = lv.define(&xml)?;
-    match place_disks(&moves) {
-        Ok(placed) => placed.finish(),
+    match place_disks(&moves, &owned) {
+        Ok(placed) => {
+            placed.finish();
+            created.0.clear();
+            remove_stray_state(&plan);
+        }
         Err(e) => {
             let undo = match &previous {
                 Some(x) => lv.define(x).map(|_| ()),
@@ -807,7 +865,250 @@ pub fn restore(
         duration_ms: started.elapsed().as_millis() as u64,
         reserved,
         warnings,
+        state: plan.report,
     })
+}
+
+/// Where the NVRAM and TPM state of a backup go, and which folders they need.
+#[derive(Debug, Default)]
+struct StatePlan {
+    /// Each recorded state file and where it goes.
+    files: Vec<(StateFile, PathBuf)>,
+    /// Folders the TPM state needs (parents first), made with their recorded owner and mode
+    /// when missing.
+    dirs: Vec<(PathBuf, Owner)>,
+    /// The TPM state folders restored: files in them that the backup does not hold (swtpm's
+    /// hidden lock aside) are removed once the state is in place.
+    clean: Vec<PathBuf>,
+    /// What is restored, in words.
+    report: Vec<String>,
+}
+
+const NO_STATE: &str =
+    "the backup holds no NVRAM or TPM state (it was made before vmbackup backed them up)";
+
+/// Onto the original VM: every state file back to its recorded path.
+fn plan_original_state(m: &Manifest) -> StatePlan {
+    let mut plan = StatePlan::default();
+    let Some(st) = &m.vm_state else {
+        plan.report.push(NO_STATE.into());
+        return plan;
+    };
+    if let Some(f) = &st.nvram {
+        plan.files.push((f.clone(), PathBuf::from(&f.path)));
+        plan.report.push(format!("NVRAM restored to {}", f.path));
+    }
+    if let Some(t) = &st.tpm {
+        plan.dirs = t
+            .dirs
+            .iter()
+            .map(|d| (PathBuf::from(&d.path), d.owner.clone()))
+            .collect();
+        plan.clean = plan.dirs.iter().map(|(p, _)| p.clone()).collect();
+        plan.files
+            .extend(t.files.iter().map(|f| (f.clone(), PathBuf::from(&f.path))));
+        plan.report.push(format!("TPM state restored to {}", t.dir));
+    }
+    plan
+}
+
+/// The longest unix socket path (`sun_path` holds 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// For a copy named `new` (UUID `uuid`) of VM `old`: rewrites every per-VM path of `xml`
+/// (NVRAM, file-backed consoles and logs, pipes, listening sockets) to a new one beside the
+/// original, and plans the copy's own NVRAM file and TPM state folder. What cannot be made
+/// unique (a host device, a fixed port, a new path that exists already) is refused (exit 3)
+/// before anything changes.
+fn plan_copy_state(
+    m: &Manifest,
+    xml: &str,
+    old: &str,
+    new: &str,
+    uuid: &str,
+) -> Result<(String, StatePlan)> {
+    let (paths, mut refused) = xml_edit::per_vm_paths(xml)?;
+    let mut map: std::collections::BTreeMap<String, String> = Default::default();
+    for p in &paths {
+        if map.contains_key(&p.path) {
+            continue;
+        }
+        let Some(to) = xml_edit::copy_path(&p.path, old, new) else {
+            refused.push(format!("the {} path {:?} has no file name", p.what, p.path));
+            continue;
+        };
+        if p.kind == xml_edit::PathKind::Socket && to.len() > MAX_SOCKET_PATH {
+            refused.push(format!(
+                "the copy's {} would be {to}, longer than a unix socket path may be",
+                p.what
+            ));
+        }
+        if p.kind == xml_edit::PathKind::Nvram && Path::new(&to).exists() {
+            refused.push(format!(
+                "the copy's NVRAM file {to} exists already (left by a VM of that name?)"
+            ));
+        }
+        if map.values().any(|v| v == &to) || map.contains_key(&to) {
+            refused.push(format!("the copy's {} {to} would not be its own", p.what));
+        }
+        map.insert(p.path.clone(), to);
+    }
+    let mut plan = StatePlan::default();
+    let st = m.vm_state.as_ref();
+    if st.is_none() {
+        plan.report.push(NO_STATE.into());
+    }
+    if let Some(f) = st.and_then(|s| s.nvram.as_ref()) {
+        let to = match map.get(&f.path) {
+            Some(t) => t.clone(),
+            None => xml_edit::copy_path(&f.path, old, new).unwrap_or_default(),
+        };
+        if Path::new(&to).exists() && !map.contains_key(&f.path) {
+            refused.push(format!("the copy's NVRAM file {to} exists already"));
+        }
+        plan.report.push(format!("NVRAM restored to {to}"));
+        plan.files.push((f.clone(), PathBuf::from(to)));
+    }
+    if let Some(t) = st.and_then(|s| s.tpm.as_ref()) {
+        let dir = crate::vm_state::tpm_dir(uuid);
+        if dir.exists() {
+            refused.push(format!(
+                "the copy's TPM state folder {} exists already",
+                dir.display()
+            ));
+        }
+        let moved = |p: &str| -> PathBuf {
+            match Path::new(p).strip_prefix(&t.dir) {
+                Ok(rel) => dir.join(rel),
+                Err(_) => dir.join(Path::new(p).file_name().unwrap_or_default()),
+            }
+        };
+        plan.dirs = t
+            .dirs
+            .iter()
+            .map(|d| (moved(&d.path), d.owner.clone()))
+            .collect();
+        plan.files
+            .extend(t.files.iter().map(|f| (f.clone(), moved(&f.path))));
+        plan.report
+            .push(format!("TPM state restored to {}", dir.display()));
+    }
+    if !refused.is_empty() {
+        return Err(refuse(
+            new,
+            "not-unique",
+            format!(
+                "the copy cannot get its own files or ports: {}",
+                refused.join("; ")
+            ),
+        ));
+    }
+    for (from, to) in &map {
+        if !plan.files.iter().any(|(_, t)| t == Path::new(to)) {
+            plan.report.push(format!("{from} -> {to}"));
+        }
+    }
+    let xml = xml_edit::set_paths(xml, &paths, |p| {
+        map.get(&p.path).cloned().unwrap_or_else(|| p.path.clone())
+    });
+    Ok((xml, plan))
+}
+
+/// A random (version 4) UUID.
+fn new_uuid() -> Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| Error::io("read", "/dev/urandom", e))?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    ))
+}
+
+/// Gives `path` the recorded owner (by name when the host knows it, else by number) and
+/// mode. Without the right to change the owner (not root), the owner stays ours.
+fn set_owner(path: &Path, o: &Owner) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let uid = o
+        .user
+        .as_deref()
+        .and_then(|u| nix::unistd::User::from_name(u).ok().flatten())
+        .map(|u| u.uid.as_raw())
+        .unwrap_or(o.uid);
+    let gid = o
+        .group
+        .as_deref()
+        .and_then(|g| nix::unistd::Group::from_name(g).ok().flatten())
+        .map(|g| g.gid.as_raw())
+        .unwrap_or(o.gid);
+    match std::os::unix::fs::chown(path, Some(uid), Some(gid)) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+        Err(e) => return Err(Error::io("set the owner of", path, e)),
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(o.mode & 0o7777))
+        .map_err(|e| Error::io("set the mode of", path, e))
+}
+
+/// Writes a state file's temporary: new (0600), content, recorded owner and mode, synced.
+fn write_state_file(tmp: &Path, bytes: &[u8], owner: &Owner) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(tmp)
+        .map_err(|e| Error::io("create", tmp, e))?;
+    f.write_all(bytes)
+        .map_err(|e| Error::io("write restored state", tmp, e))?;
+    set_owner(tmp, owner)?;
+    f.sync_all()
+        .map_err(|e| Error::io("sync restored state", tmp, e))
+}
+
+/// Folders a restore made for the TPM state; removed (when empty) unless the restore
+/// finished.
+struct CreatedDirs(Vec<PathBuf>);
+
+impl Drop for CreatedDirs {
+    fn drop(&mut self) {
+        for d in self.0.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// After the TPM state is in place: removes what else its folders hold (a volatile state
+/// of a later suspend, say), so that swtpm starts from the backed-up state alone.
+fn remove_stray_state(plan: &StatePlan) {
+    for dir in &plan.clean {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let is_file = e.file_type().is_ok_and(|t| t.is_file());
+            if !is_file || name.starts_with('.') || plan.files.iter().any(|(_, t)| *t == p) {
+                continue;
+            }
+            match std::fs::remove_file(&p) {
+                Ok(()) => {
+                    tracing::info!(file = %p.display(), "removed: not part of the restored TPM state")
+                }
+                Err(e) => tracing::warn!(file = %p.display(), error = %e, "cannot remove"),
+            }
+        }
+    }
 }
 
 /// After the images of `dom` were replaced by restored ones, which hold no dirty bitmaps:
@@ -902,6 +1203,15 @@ mod tests {
         assert_eq!(leftover(".a.qcow2.vmbackup-old-420", 42), None);
         assert_eq!(leftover("a.qcow2", 42), None);
         assert_eq!(leftover("vda.vmbackup-restore-42.raw", 42), None);
+        // NVRAM and TPM state files are written and kept aside the same way.
+        assert_eq!(
+            leftover(".tpm2-00.permall.vmbackup-restore-42.state", 42),
+            Some(Leftover::Temporary)
+        );
+        assert_eq!(
+            leftover(".web01_VARS.fd.vmbackup-old-42", 42),
+            Some(Leftover::KeptAside("web01_VARS.fd".into()))
+        );
     }
 
     #[test]
@@ -955,7 +1265,7 @@ mod tests {
             // Fails: the restored file is missing.
             (d.join(".c.new"), d.join("c.qcow2")),
         ];
-        assert!(place_disks(&moves).is_err());
+        assert!(place_disks(&moves, &[]).is_err());
         assert_eq!(std::fs::read(d.join("a.qcow2")).unwrap(), b"old a");
         assert_eq!(std::fs::read(d.join("c.qcow2")).unwrap(), b"old c");
         assert_eq!(names(d), ["a.qcow2", "c.qcow2"]);
@@ -972,7 +1282,7 @@ mod tests {
             (d.join(".a.new"), d.join("a.qcow2")),
             (d.join(".b.new"), d.join("b.qcow2")),
         ];
-        let placed = place_disks(&moves).unwrap();
+        let placed = place_disks(&moves, &[]).unwrap();
         // Until finished, the replaced image is kept beside the new one.
         assert_eq!(
             names(d),

@@ -95,6 +95,7 @@ fn fake_backup(repo: &Repository, id: &str, vm: &str, seed: u64, source: &Path) 
         scheduled_for: None,
         stored_bytes: b.stored_bytes_new,
         logical_bytes: b.logical_bytes,
+        vm_state: None,
     })
     .unwrap();
 }

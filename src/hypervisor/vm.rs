@@ -19,6 +19,24 @@ pub struct VmSpec {
     pub nics: Vec<NicSpec>,
     /// Whether the domain has a `org.qemu.guest_agent.0` channel.
     pub agent_channel: bool,
+    /// The NVRAM file of `<os><nvram>` (UEFI variables), when the domain names one.
+    #[serde(default)]
+    pub nvram: Option<String>,
+    /// The domain's `<tpm>`, when it has one.
+    #[serde(default)]
+    pub tpm: Option<TpmSpec>,
+}
+
+/// A domain's `<tpm>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TpmSpec {
+    /// `<tpm model=...>`: `tpm-crb`, `tpm-tis`, ...
+    pub model: Option<String>,
+    /// `<backend type=...>`: `emulator` (libvirt runs swtpm, with per-VM state),
+    /// `passthrough` (the host's TPM) or `external` (a swtpm started by someone else).
+    pub backend: String,
+    /// `<backend version=...>`: `2.0` or `1.2`.
+    pub version: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +114,17 @@ impl VmSpec {
             None => 0,
         };
 
+        // `<nvram>PATH</nvram>`, or (newer libvirt) `<nvram type='file'><source file=PATH/>`.
+        let nvram = child(dom, "os")
+            .and_then(|os| child(os, "nvram"))
+            .and_then(|n| {
+                n.text()
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .or_else(|| child(n, "source").and_then(|s| s.attribute("file")))
+                    .map(str::to_string)
+            });
+        let mut tpm = None;
         let mut disks = Vec::new();
         let mut nics = Vec::new();
         let mut agent_channel = false;
@@ -104,6 +133,19 @@ impl VmSpec {
                 match dev.tag_name().name() {
                     "disk" => disks.push(parse_disk(dev)?),
                     "interface" => nics.push(parse_nic(dev)),
+                    "tpm" if tpm.is_none() => {
+                        let backend = child(dev, "backend");
+                        tpm = Some(TpmSpec {
+                            model: dev.attribute("model").map(str::to_string),
+                            backend: backend
+                                .and_then(|b| b.attribute("type"))
+                                .unwrap_or("emulator")
+                                .to_string(),
+                            version: backend
+                                .and_then(|b| b.attribute("version"))
+                                .map(str::to_string),
+                        });
+                    }
                     "channel"
                         if child(dev, "target").and_then(|t| t.attribute("name"))
                             == Some("org.qemu.guest_agent.0") =>
@@ -122,6 +164,8 @@ impl VmSpec {
             disks,
             nics,
             agent_channel,
+            nvram,
+            tpm,
         })
     }
 }
@@ -289,6 +333,37 @@ mod tests {
         assert_eq!(vm.nics[0].source.as_deref(), Some("default"));
         assert_eq!(vm.nics[0].model.as_deref(), Some("virtio"));
         assert_eq!(vm.nics[1].kind, "user");
+    }
+
+    #[test]
+    fn reads_nvram_and_tpm() {
+        let vm = VmSpec::from_xml(XML).unwrap();
+        assert_eq!((vm.nvram, vm.tpm), (None, None));
+        let xml = "<domain><name>u</name><os>\n<type machine='q35'>hvm</type>\n\
+            <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>\n\
+            <nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>\n  /var/lib/libvirt/qemu/nvram/u_VARS.fd\n</nvram>\n\
+            </os><devices><tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>\n\
+            </devices></domain>";
+        let vm = VmSpec::from_xml(xml).unwrap();
+        assert_eq!(
+            vm.nvram.as_deref(),
+            Some("/var/lib/libvirt/qemu/nvram/u_VARS.fd")
+        );
+        let tpm = vm.tpm.unwrap();
+        assert_eq!(
+            (
+                tpm.model.as_deref(),
+                tpm.backend.as_str(),
+                tpm.version.as_deref()
+            ),
+            (Some("tpm-crb"), "emulator", Some("2.0"))
+        );
+        let xml = "<domain><name>u</name><os><nvram type='file'><source file='/n/u.fd'/></nvram>\
+            </os><devices><tpm><backend type='passthrough'><device path='/dev/tpm0'/></backend>\
+            </tpm></devices></domain>";
+        let vm = VmSpec::from_xml(xml).unwrap();
+        assert_eq!(vm.nvram.as_deref(), Some("/n/u.fd"));
+        assert_eq!(vm.tpm.unwrap().backend, "passthrough");
     }
 
     #[test]

@@ -367,6 +367,7 @@ mod tests {
             scheduled_for: None,
             stored_bytes: b.stored_bytes_new,
             logical_bytes: b.logical_bytes,
+            vm_state: None,
         })?;
         Ok(b.repaired_chunks)
     }

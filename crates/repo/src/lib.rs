@@ -220,12 +220,55 @@ impl Repository {
         }
     }
 
+    /// Stores `bytes`, a file of the VM's state (NVRAM, TPM), as object `file` of backup `id`
+    /// (one component, e.g. `nvram`); returns the object's name. Never replaces one.
+    pub fn put_state_file(&self, id: &str, file: &str, bytes: &[u8]) -> Result<String> {
+        let name = format!("backups/{id}/{file}");
+        self.store.put_new(&name, bytes)?;
+        Ok(name)
+    }
+
+    /// The content of state file `f` of backup `id`, checked against its size and digest; a
+    /// missing or damaged one is `RepoError::Damaged`.
+    pub fn get_state_file(&self, id: &str, f: &manifest::StateFile) -> Result<Vec<u8>> {
+        let damaged = |why: &str| RepoError::Damaged {
+            id: id.to_string(),
+            problems: vec![format!("{} (object {}) {why}", f.path, f.object)],
+        };
+        let bytes = match self.store.get(&f.object) {
+            Ok(b) => b,
+            Err(RepoError::NotFound(_)) => return Err(damaged("is missing")),
+            Err(e) => return Err(e),
+        };
+        if bytes.len() as u64 != f.size || digest::sha256_hex(&bytes) != f.sha256 {
+            return Err(damaged("does not match its recorded size and SHA-256"));
+        }
+        Ok(bytes)
+    }
+
+    /// The state files (NVRAM, TPM) backup `m` recorded.
+    pub fn state_files(m: &Manifest) -> Vec<&manifest::StateFile> {
+        let Some(s) = &m.vm_state else {
+            return Vec::new();
+        };
+        s.nvram
+            .iter()
+            .chain(s.tpm.iter().flat_map(|t| t.files.iter()))
+            .collect()
+    }
+
     /// What backup `m` needs besides its chunks and is missing or damaged: its domain XML,
-    /// its disk indexes. Cheap (no chunk is read).
+    /// its disk indexes, its state files (present only: their digests are checked by
+    /// `verify` and when restored). Cheap (no chunk is read).
     pub fn problems(&self, m: &Manifest) -> Result<Vec<String>> {
         let mut out = Vec::new();
         if m.domain_xml_object.is_empty() || !self.store.exists(&m.domain_xml_object)? {
             out.push(format!("its domain XML {} is missing", m.domain_xml_object));
+        }
+        for f in Repository::state_files(m) {
+            if !self.store.exists(&f.object)? {
+                out.push(format!("{} (object {}) is missing", f.path, f.object));
+            }
         }
         for d in &m.disks {
             match self.get_index(&m.id, d) {
@@ -410,6 +453,7 @@ mod tests {
             scheduled_for: None,
             stored_bytes: 0,
             logical_bytes: 0,
+            vm_state: None,
         }
     }
 

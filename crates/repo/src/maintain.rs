@@ -110,6 +110,13 @@ impl Repository {
         if m.domain_xml_object.is_empty() || !self.store().exists(&m.domain_xml_object)? {
             damaged.push(format!("domain XML {} is missing", m.domain_xml_object));
         }
+        for f in Repository::state_files(&m) {
+            match self.get_state_file(&m.id, f) {
+                Ok(_) => {}
+                Err(RepoError::Damaged { problems, .. }) => damaged.extend(problems),
+                Err(e) => return Err(e),
+            }
+        }
         let mut chunks = 0;
         for d in &m.disks {
             let index = match self.get_index(&m.id, d) {
@@ -264,8 +271,84 @@ mod tests {
             scheduled_for: None,
             stored_bytes: b.stored_bytes_new,
             logical_bytes: b.logical_bytes,
+            vm_state: None,
         })
         .unwrap();
+    }
+
+    #[test]
+    fn state_files_are_checked_by_verify_and_restore_and_go_with_their_backup() {
+        use crate::manifest::{Owner, StateFile, VmState};
+        let d = tempfile::tempdir().unwrap();
+        let repo = Repository::open(&d.path().join("repo")).unwrap();
+        let domain_xml_object = repo.put_domain_xml("s1", "<domain/>").unwrap();
+        let content = b"uefi variables".to_vec();
+        let object = repo.put_state_file("s1", "nvram", &content).unwrap();
+        let f = StateFile {
+            path: "/var/lib/libvirt/qemu/nvram/vm_VARS.fd".into(),
+            size: content.len() as u64,
+            sha256: crate::digest::sha256_hex(&content),
+            object: object.clone(),
+            owner: Owner {
+                uid: 0,
+                gid: 0,
+                user: Some("root".into()),
+                group: None,
+                mode: 0o600,
+            },
+        };
+        let m = Manifest {
+            format_version: 1,
+            id: "s1".into(),
+            vm_name: "vm".into(),
+            vm_uuid: "u".into(),
+            started_at: "2026-01-01T00:00:00Z".into(),
+            ended_at: String::new(),
+            consistency: "application".into(),
+            consistency_reason: None,
+            freeze_ms: None,
+            vcpus: 1,
+            memory_bytes: 1,
+            disks: vec![],
+            nics: vec![],
+            domain_xml_object,
+            schedule: None,
+            scheduled_for: None,
+            stored_bytes: 0,
+            logical_bytes: 0,
+            vm_state: Some(VmState {
+                read_at: "2026-01-01T00:00:00Z".into(),
+                nvram: Some(f.clone()),
+                tpm: None,
+            }),
+        };
+        repo.publish(&m).unwrap();
+        let back = repo.load("s1").unwrap();
+        assert_eq!(back, m, "the state survives the manifest's round trip");
+        assert!(repo.verify("s1").unwrap().ok);
+        assert_eq!(repo.get_state_file("s1", &f).unwrap(), content);
+        // Damaged: verify names it and a restore would refuse it; missing: `problems` too.
+        let path = d.path().join("repo").join(&object);
+        std::fs::write(&path, b"uefi variablez").unwrap();
+        let v = repo.verify("s1").unwrap();
+        assert!(!v.ok && v.damaged[0].contains("vm_VARS.fd"), "{v:?}");
+        assert!(matches!(
+            repo.get_state_file("s1", &f),
+            Err(RepoError::Damaged { .. })
+        ));
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(repo.problems(&m).unwrap().len(), 1);
+        // A manifest without `vm_state` (older backups) still reads.
+        let mut old = serde_json::to_value(&m).unwrap();
+        old.as_object_mut().unwrap().remove("vm_state");
+        let old: Manifest = serde_json::from_value(old).unwrap();
+        assert_eq!(old.vm_state, None);
+        assert!(Repository::state_files(&old).is_empty());
+        // Deleting the backup removes its state objects and its folder.
+        repo.put_state_file("s1", "tpm+tpm2+tpm2-00.permall", b"t")
+            .unwrap();
+        repo.delete("s1").unwrap();
+        assert!(!d.path().join("repo/backups/s1").exists());
     }
 
     #[test]

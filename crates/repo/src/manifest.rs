@@ -32,6 +32,72 @@ pub struct Manifest {
     pub stored_bytes: u64,
     /// Bytes of data (non-zero chunks) read from the disks.
     pub logical_bytes: u64,
+    /// The VM's files besides its disks: UEFI NVRAM and TPM state. Absent in backups made
+    /// before they were recorded (and for plain QEMU VMs): such a backup holds neither.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_state: Option<VmState>,
+}
+
+/// The VM's firmware variables and TPM state as they were when the backup read them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmState {
+    /// When they were read (RFC 3339, UTC): right after the disk snapshot, or with the VM
+    /// shut off.
+    pub read_at: String,
+    /// The NVRAM file of `<os><nvram>` (OVMF variables); `None`: the VM has none.
+    pub nvram: Option<StateFile>,
+    /// The emulated TPM's state; `None`: the VM has no emulated TPM.
+    pub tpm: Option<TpmState>,
+}
+
+/// The state folder of an emulated TPM (libvirt's `swtpm/<uuid>`), its folders and files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TpmState {
+    /// `<tpm model=...>`, e.g. `tpm-crb`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// `<backend version=...>`, e.g. `2.0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The VM's state folder, e.g. `/var/lib/libvirt/swtpm/<uuid>`.
+    pub dir: String,
+    /// That folder and the folders in it (e.g. its `tpm2`), parents first.
+    pub dirs: Vec<StateDir>,
+    /// The state files (e.g. `tpm2/tpm2-00.permall`); paths are absolute.
+    pub files: Vec<StateFile>,
+}
+
+/// A folder of the VM's state, with its owner and mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateDir {
+    pub path: String,
+    pub owner: Owner,
+}
+
+/// A file of the VM's state: where it was, its content (an object) and its owner and mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateFile {
+    pub path: String,
+    pub size: u64,
+    /// SHA-256 of the content, lower-case hex.
+    pub sha256: String,
+    /// The object holding the content.
+    pub object: String,
+    pub owner: Owner,
+}
+
+/// Owner and permission bits of a file or folder; the names (when the host knew them) are
+/// preferred over the numbers when it is put back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Permission bits, e.g. `0o600` (shown in octal by `show`).
+    pub mode: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
