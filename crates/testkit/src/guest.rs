@@ -70,10 +70,56 @@ struct Seen {
 static SEEN: Mutex<Option<HashMap<PathBuf, Seen>>> = Mutex::new(None);
 static TMP_COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// The folder `vm-images/build-debian` writes the Debian guest into:
+/// `VMBACKUP_DEBIAN_GUEST_DIR`, else `vm-images/out-debian` of the checkout (found as for
+/// `guest_dir()`).
+pub fn debian_guest_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("VMBACKUP_DEBIAN_GUEST_DIR") {
+        return PathBuf::from(d);
+    }
+    let checkout = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.join("vm-images").is_dir())
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
+    checkout.join("vm-images/out-debian")
+}
+
+/// The Debian guest: its kernel and initramfs staged where QEMU can read them, and the
+/// built root image (each VM boots a copy of it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DebianImage {
+    pub boot: GuestImage,
+    pub root: PathBuf,
+}
+
+/// Stages the Debian guest of `debian_guest_dir()` and returns it.
+pub fn staged_debian_guest() -> Result<DebianImage> {
+    let dir = debian_guest_dir();
+    let hint = "build it with vm-images/build-debian, or set VMBACKUP_DEBIAN_GUEST_DIR";
+    let (kernel, initrd) =
+        env_files(&dir, hint, &["KERNEL", "INITRD"]).map(|v| (v[0].clone(), v[1].clone()))?;
+    let root = env_files(&dir, hint, &["ROOT"])?.remove(0);
+    if !root.is_file() {
+        return Err(KitError::Setup(format!(
+            "{} is missing ({hint})",
+            root.display()
+        )));
+    }
+    let boot = stage_boot_files(&kernel, &initrd, "initrd.img")?;
+    Ok(DebianImage { boot, root })
+}
+
 /// Stages the guest of `guest_dir()` (when missing or changed) and returns the staged paths.
 pub fn staged_guest() -> Result<GuestImage> {
     let dir = guest_dir();
     let (kernel, initrd) = guest_files(&dir)?;
+    stage_boot_files(&kernel, &initrd, "initramfs.img")
+}
+
+/// Stages a kernel and an initramfs (as `vmlinuz` and `initrd_name`) into the folder of
+/// `stage_root()` named after their contents.
+fn stage_boot_files(kernel: &Path, initrd: &Path, initrd_name: &str) -> Result<GuestImage> {
+    let (kernel, initrd) = (kernel.to_path_buf(), initrd.to_path_buf());
     let root = stage_root();
     let kernel_sum = content_hash(&kernel)?;
     let initrd_sum = content_hash(&initrd)?;
@@ -84,7 +130,7 @@ pub fn staged_guest() -> Result<GuestImage> {
     check_traversable(&folder)?;
     let image = GuestImage {
         kernel: folder.join("vmlinuz"),
-        initrd: folder.join("initramfs.img"),
+        initrd: folder.join(initrd_name),
     };
     stage_file(&kernel, &image.kernel, &kernel_sum)?;
     stage_file(&initrd, &image.initrd, &initrd_sum)?;
@@ -98,21 +144,24 @@ pub fn staged_guest() -> Result<GuestImage> {
 
 /// The kernel and initramfs that `guest.env` in `dir` names.
 fn guest_files(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let hint = "build it with vm-images/build, or set VMBACKUP_GUEST_DIR";
+    let v = env_files(dir, hint, &["KERNEL", "INITRD"])?;
+    Ok((v[0].clone(), v[1].clone()))
+}
+
+/// The files that `guest.env` in `dir` names under `keys` (relative to `dir`).
+fn env_files(dir: &Path, hint: &str, keys: &[&str]) -> Result<Vec<PathBuf>> {
     let env_path = dir.join("guest.env");
-    let env = std::fs::read_to_string(&env_path).map_err(|e| {
-        KitError::io(
-            "read the test guest (build it with vm-images/build, or set VMBACKUP_GUEST_DIR)",
-            &env_path,
-            e,
-        )
-    })?;
-    let get = |key: &str| {
-        env.lines()
-            .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
-            .map(|v| dir.join(v))
-            .ok_or_else(|| KitError::Setup(format!("{} has no {key}", env_path.display())))
-    };
-    Ok((get("KERNEL")?, get("INITRD")?))
+    let env = std::fs::read_to_string(&env_path)
+        .map_err(|e| KitError::io(format!("read the test guest ({hint})"), &env_path, e))?;
+    keys.iter()
+        .map(|key| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+                .map(|v| dir.join(v))
+                .ok_or_else(|| KitError::Setup(format!("{} has no {key}", env_path.display())))
+        })
+        .collect()
 }
 
 fn sha256_hex(data: &[u8]) -> String {

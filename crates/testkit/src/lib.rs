@@ -4,7 +4,9 @@
 //! - `libvirt_vm`: throwaway libvirt VMs (`TestVmBuilder`, `TestVm`, `TestNetwork`), the
 //!   cleanup of what dead test processes left, and the `vmb-writer` record checker;
 //! - `qemu_vm`: throwaway plain QEMU VMs for the QMP tests;
-//! - `guest`: the test guest of `vm-images/build`, staged where QEMU can read it;
+//! - `guest`: the test guests of `vm-images/build` (busybox) and `vm-images/build-debian`
+//!   (Debian 12), their boot files staged where QEMU can read them;
+//! - `firmware`: UEFI variables and persistent TPM objects in the Debian UEFI + TPM guest;
 //! - `cli`: running the `vmbackup` binary with `--json`, throwaway repositories;
 //! - `faults`: runs broken at fail points (SIGKILL of the process group) and the invariants
 //!   they must leave;
@@ -14,6 +16,7 @@
 pub mod cli;
 pub mod error;
 pub mod faults;
+pub mod firmware;
 pub mod guest;
 pub mod libvirt_vm;
 pub mod qemu_vm;

@@ -95,9 +95,28 @@ pub struct DiskSpec {
     pub fill_from: Option<PathBuf>,
 }
 
+/// The guest a test VM boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestKind {
+    /// The busybox initramfs of `vm-images/build` (boots to its agent in about 3 s).
+    Busybox,
+    /// The Debian 12 guest of `vm-images/build-debian`: a copy of its ext4 root as `vda`
+    /// (qcow2), direct kernel boot with `root=/dev/vda`, systemd and qemu-guest-agent (about
+    /// 16 s to the agent under TCG).
+    Debian,
+    /// The Debian guest on a q35 machine with OVMF (pflash loader, a per-VM NVRAM file made
+    /// from Debian's variables template, SMM) and an emulated TPM 2.0 (`tpm-crb`, swtpm).
+    DebianUefiTpm,
+}
+
+/// OVMF as Debian's `ovmf` package installs it.
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS_TEMPLATE: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
 /// Builds a `TestVm`.
 #[derive(Debug, Clone)]
 pub struct TestVmBuilder {
+    guest: GuestKind,
     hint: String,
     vcpus: u32,
     memory_mib: u64,
@@ -136,6 +155,7 @@ impl TestVmBuilder {
                 .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
                 .take(24)
                 .collect(),
+            guest: GuestKind::Busybox,
             vcpus: 1,
             memory_mib: 256,
             disks: Vec::new(),
@@ -147,6 +167,19 @@ impl TestVmBuilder {
             name_len: None,
             file_names: Vec::new(),
         }
+    }
+    /// Boots the Debian guest (see `GuestKind::Debian`) with 1 GiB of memory, unless
+    /// `memory_mib` sets it afterwards. Its root disk is `vda`: data disks need other targets.
+    pub fn debian(mut self) -> Self {
+        self.guest = GuestKind::Debian;
+        self.memory_mib = 1024;
+        self
+    }
+    /// Boots the Debian guest with UEFI and a TPM 2.0 (see `GuestKind::DebianUefiTpm`).
+    pub fn debian_uefi_tpm(mut self) -> Self {
+        self = self.debian();
+        self.guest = GuestKind::DebianUefiTpm;
+        self
     }
     pub fn vcpus(mut self, n: u32) -> Self {
         self.vcpus = n;
@@ -246,6 +279,22 @@ impl TestVmBuilder {
             disks: Vec::new(),
             spec: self.clone(),
         };
+        let image = match self.guest {
+            GuestKind::Busybox => guest::staged_guest()?,
+            GuestKind::Debian | GuestKind::DebianUefiTpm => {
+                if self.disks.iter().any(|d| d.target == "vda") {
+                    return Err(KitError::Setup(
+                        "the Debian guest's root disk is vda: give data disks other targets".into(),
+                    ));
+                }
+                let debian = guest::staged_debian_guest()?;
+                let root = vm.dir.join("vda.qcow2");
+                std::fs::copy(&debian.root, &root)
+                    .map_err(|e| KitError::io("copy the Debian guest's root image to", &root, e))?;
+                vm.disks.push(root);
+                debian.boot
+            }
+        };
         for d in &self.disks {
             let file = match self.file_names.iter().find(|(t, _)| t == &d.target) {
                 Some((_, f)) => f.clone(),
@@ -255,7 +304,7 @@ impl TestVmBuilder {
             make_disk(&path, d)?;
             vm.disks.push(path);
         }
-        let xml = vm.domain_xml(&guest::staged_guest()?);
+        let xml = vm.domain_xml(&image);
         vm.dom = Some(
             vm.lv
                 .define(&xml)
@@ -377,14 +426,31 @@ impl TestVm {
     fn domain_xml(&self, image: &guest::GuestImage) -> String {
         let kvm = std::env::var("VMBACKUP_TEST_KVM").is_ok_and(|v| v == "1");
         let s = &self.spec;
+        let uefi = s.guest == GuestKind::DebianUefiTpm;
+        let (machine, firmware, features) = if uefi {
+            (
+                "q35",
+                format!(
+                    "    <loader readonly='yes' type='pflash'>{OVMF_CODE}</loader>\n    \
+                     <nvram template='{OVMF_VARS_TEMPLATE}'/>\n"
+                ),
+                "<acpi/><smm state='on'/>",
+            )
+        } else {
+            ("pc", String::new(), "<acpi/>")
+        };
+        let root = match s.guest {
+            GuestKind::Busybox => "",
+            GuestKind::Debian | GuestKind::DebianUefiTpm => "root=/dev/vda rw ",
+        };
         let mut x = String::new();
         let _ = write!(
             x,
             "<domain type='{ty}'>\n  <name>{name}</name>\n  <memory unit='MiB'>{mem}</memory>\n  \
-             <vcpu>{vcpus}</vcpu>\n  <os>\n    <type arch='x86_64' machine='pc'>hvm</type>\n    \
-             <kernel>{kernel}</kernel>\n    <initrd>{initrd}</initrd>\n    \
-             <cmdline>console=ttyS0 quiet panic=-1 {extra}</cmdline>\n  </os>\n  \
-             <features><acpi/></features>\n  <on_poweroff>destroy</on_poweroff>\n  \
+             <vcpu>{vcpus}</vcpu>\n  <os>\n    <type arch='x86_64' machine='{machine}'>hvm</type>\n\
+             {firmware}    <kernel>{kernel}</kernel>\n    <initrd>{initrd}</initrd>\n    \
+             <cmdline>{root}console=ttyS0 quiet panic=-1 {extra}</cmdline>\n  </os>\n  \
+             <features>{features}</features>\n  <on_poweroff>destroy</on_poweroff>\n  \
              <on_reboot>restart</on_reboot>\n  <on_crash>destroy</on_crash>\n  <devices>\n",
             ty = if kvm { "kvm" } else { "qemu" },
             name = escape_attr(&self.name),
@@ -394,7 +460,17 @@ impl TestVm {
             initrd = escape_attr(&image.initrd.to_string_lossy()),
             extra = escape_attr(&s.cmdline_extra),
         );
-        for (d, path) in s.disks.iter().zip(&self.disks) {
+        let root_disk = self.disks.len() - s.disks.len();
+        if root_disk == 1 {
+            let _ = write!(
+                x,
+                "    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2' \
+                 cache='none' discard='unmap'/>\n      <source file='{src}'/>\n      <target \
+                 dev='vda' bus='virtio'/>\n      <serial>vda</serial>\n    </disk>\n",
+                src = escape_attr(&self.disks[0].to_string_lossy()),
+            );
+        }
+        for (d, path) in s.disks.iter().zip(&self.disks[root_disk..]) {
             let _ = write!(
                 x,
                 "    <disk type='file' device='disk'>\n      <driver name='qemu' type='{fmt}' \
@@ -429,6 +505,12 @@ impl TestVm {
             x.push_str(
                 "    <channel type='unix'>\n      <target type='virtio' \
                  name='org.qemu.guest_agent.0'/>\n    </channel>\n",
+            );
+        }
+        if uefi {
+            x.push_str(
+                "    <tpm model='tpm-crb'>\n      <backend type='emulator' version='2.0'/>\n    \
+                 </tpm>\n",
             );
         }
         x.push_str("    <memballoon model='none'/>\n  </devices>\n</domain>\n");
@@ -562,17 +644,37 @@ impl TestVm {
     }
 
     fn teardown(&mut self) {
+        let mut uuid = None;
         if let Some(dom) = self.dom.take() {
+            uuid = dom.uuid().ok();
             if let Err(e) = dom.destroy() {
                 eprintln!("testvm: destroy {}: {e}", self.name);
             }
+            // With its NVRAM file; libvirt removes the TPM state of a domain undefined
+            // without `persistent_state` itself.
             if let Err(e) = dom.undefine() {
                 eprintln!("testvm: undefine {}: {e}", self.name);
             }
         } else if let Ok(Some(dom)) = self.lv.find_domain(&self.name) {
             // Redefined by the code under test (a restore, say) under the same name.
+            uuid = dom.uuid().ok();
             let _ = dom.destroy();
             let _ = dom.undefine();
+        }
+        if self.spec.guest == GuestKind::DebianUefiTpm {
+            // What libvirt may leave of the TPM: the state (when the code under test defined
+            // the domain with persistent state) and swtpm's log.
+            if let Some(uuid) = uuid.filter(|u| !u.is_empty() && !u.contains('/')) {
+                let state = Path::new("/var/lib/libvirt/swtpm").join(uuid);
+                if let Err(e) = std::fs::remove_dir_all(&state) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        eprintln!("testvm: remove {}: {e}", state.display());
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(
+                Path::new("/var/log/swtpm/libvirt/qemu").join(format!("{}-swtpm.log", self.name)),
+            );
         }
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
