@@ -283,8 +283,8 @@ fn quiesced_backup_under_load_is_clean_runs_the_hooks_and_restores() {
 }
 
 /// The UEFI + TPM variant boots (OVMF, efivarfs, /dev/tpm0); the test kit sets a UEFI
-/// variable and makes a persistent TPM object in it; a backup restored onto the VM boots
-/// again with UEFI and the TPM.
+/// variable and makes a persistent TPM object in it; a backup restored onto the VM (after
+/// both were changed) boots again with UEFI, the TPM, and the backup's variable and objects.
 #[test]
 fn uefi_tpm_guest_boots_backs_up_and_restores() {
     let t0 = Instant::now();
@@ -311,8 +311,21 @@ fn uefi_tpm_guest_boots_backs_up_and_restores() {
         .contains(&0x8100_0010));
 
     let id = backup_id(&place, &[vm.name()]);
+    // Changed after the backup: the restore must bring back the backup's variable and TPM.
+    firmware::set_uefi_var(&vm, "VmbTest", b"changed after the backup").unwrap();
+    firmware::create_persistent_tpm_object(&vm, 0x8100_0011).unwrap();
     let (restore_secs, boot_secs) = restore_and_boot(&place, &mut vm, &id);
     assert_eq!(firmware::has_uefi_and_tpm(&vm).unwrap(), (true, true));
+    assert_eq!(
+        firmware::uefi_var(&vm, "VmbTest").unwrap().as_deref(),
+        Some(&b"set before the backup"[..]),
+        "the UEFI variable is the backup's"
+    );
+    let handles = firmware::persistent_tpm_handles(&vm).unwrap();
+    assert!(
+        handles.contains(&0x8100_0010) && !handles.contains(&0x8100_0011),
+        "the TPM's persistent objects are the backup's: {handles:x?}"
+    );
     eprintln!(
         "uefi+tpm guest: booted in {:.1} s, restored in {restore_secs:.1} s, booted again in \
          {boot_secs:.1} s, test {:.1} s; after the restore the variable is {:?}, the TPM's \
