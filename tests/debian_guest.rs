@@ -312,7 +312,8 @@ fn uefi_tpm_guest_boots_backs_up_and_restores() {
 
     let id = backup_id(&place, &[vm.name()]);
     // Changed after the backup: the restore must bring back the backup's variable and TPM.
-    firmware::set_uefi_var(&vm, "VmbTest", b"changed after the backup").unwrap();
+    // (efivarfs makes an existing variable immutable: a second one stands for the change.)
+    firmware::set_uefi_var(&vm, "VmbAfter", b"set after the backup").unwrap();
     firmware::create_persistent_tpm_object(&vm, 0x8100_0011).unwrap();
     let (restore_secs, boot_secs) = restore_and_boot(&place, &mut vm, &id);
     assert_eq!(firmware::has_uefi_and_tpm(&vm).unwrap(), (true, true));
@@ -320,6 +321,11 @@ fn uefi_tpm_guest_boots_backs_up_and_restores() {
         firmware::uefi_var(&vm, "VmbTest").unwrap().as_deref(),
         Some(&b"set before the backup"[..]),
         "the UEFI variable is the backup's"
+    );
+    assert_eq!(
+        firmware::uefi_var(&vm, "VmbAfter").unwrap(),
+        None,
+        "the variable set after the backup is gone"
     );
     let handles = firmware::persistent_tpm_handles(&vm).unwrap();
     assert!(
