@@ -284,7 +284,9 @@ fn quiesced_backup_under_load_is_clean_runs_the_hooks_and_restores() {
 
 /// The UEFI + TPM variant boots (OVMF, efivarfs, /dev/tpm0); the test kit sets a UEFI
 /// variable and makes a persistent TPM object in it; a backup restored onto the VM (after
-/// both were changed) boots again with UEFI, the TPM, and the backup's variable and objects.
+/// both were changed) boots again with UEFI, the TPM, and the backup's variable and objects;
+/// a `restore --as` copy runs beside the original with the same, in NVRAM and TPM state of
+/// its own.
 #[test]
 fn uefi_tpm_guest_boots_backs_up_and_restores() {
     let t0 = Instant::now();
@@ -332,13 +334,51 @@ fn uefi_tpm_guest_boots_backs_up_and_restores() {
         handles.contains(&0x8100_0010) && !handles.contains(&0x8100_0011),
         "the TPM's persistent objects are the backup's: {handles:x?}"
     );
+
+    // A copy beside the original: its own NVRAM file and TPM state, the backup's variable
+    // and persistent object in them, both VMs running at once.
+    let copy_name = format!("{}-c", vm.name());
+    let t = Instant::now();
+    let r = vmbackup(&place, &["restore", &id, "--as", &copy_name, "--new-macs"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let copy = vm.copy_named(&copy_name).unwrap();
+    let copy_xml = copy.dom().inactive_xml().unwrap();
+    assert!(
+        copy_xml.contains(&format!("{copy_name}_VARS.fd")),
+        "the copy has its own NVRAM file: {copy_xml}"
+    );
+    copy.dom().start().unwrap();
+    copy.wait_agent(Duration::from_secs(300)).unwrap();
+    let copy_secs = t.elapsed().as_secs_f64();
+    assert!(vm.dom().is_active().unwrap(), "the original still runs");
+    vm.wait_agent(Duration::from_secs(30)).unwrap();
+    assert_eq!(firmware::has_uefi_and_tpm(&copy).unwrap(), (true, true));
+    assert_eq!(
+        firmware::uefi_var(&copy, "VmbTest").unwrap().as_deref(),
+        Some(&b"set before the backup"[..]),
+        "the copy has the backup's UEFI variable"
+    );
+    assert_eq!(firmware::uefi_var(&copy, "VmbAfter").unwrap(), None);
+    let copy_handles = firmware::persistent_tpm_handles(&copy).unwrap();
+    assert!(
+        copy_handles.contains(&0x8100_0010) && !copy_handles.contains(&0x8100_0011),
+        "the copy's TPM has the backup's persistent objects: {copy_handles:x?}"
+    );
+    // The copy's firmware state is its own: a variable set in it is not in the original.
+    firmware::set_uefi_var(&copy, "VmbCopy", b"set in the copy").unwrap();
+    assert_eq!(firmware::uefi_var(&vm, "VmbCopy").unwrap(), None);
+    assert!(firmware::uefi_var(&copy, "VmbCopy").unwrap().is_some());
     eprintln!(
         "uefi+tpm guest: booted in {:.1} s, restored in {restore_secs:.1} s, booted again in \
-         {boot_secs:.1} s, test {:.1} s; after the restore the variable is {:?}, the TPM's \
-         persistent handles {:?}",
+         {boot_secs:.1} s, copy restored and booted beside it in {copy_secs:.1} s, test {:.1} s; \
+         after the restore the variable is {:?}, the TPM's persistent handles {:x?}; the \
+         copy's handles {copy_handles:x?}",
         booted.as_secs_f64(),
         t0.elapsed().as_secs_f64(),
-        firmware::uefi_var(&vm, "VmbTest").unwrap(),
+        firmware::uefi_var(&vm, "VmbTest")
+            .unwrap()
+            .map(|v| String::from_utf8_lossy(&v).into_owned()),
         firmware::persistent_tpm_handles(&vm).unwrap(),
     );
+    drop(copy);
 }

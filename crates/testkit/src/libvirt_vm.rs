@@ -278,6 +278,7 @@ impl TestVmBuilder {
             dir,
             disks: Vec::new(),
             spec: self.clone(),
+            owns_dir: true,
         };
         let image = match self.guest {
             GuestKind::Busybox => guest::staged_guest()?,
@@ -387,6 +388,8 @@ pub struct TestVm {
     dir: PathBuf,
     disks: Vec<PathBuf>,
     spec: TestVmBuilder,
+    /// Whether dropping it removes `dir` (a copy's files are in its original's folder).
+    owns_dir: bool,
 }
 
 impl TestVm {
@@ -419,6 +422,34 @@ impl TestVm {
         }
         Ok(())
     }
+    /// The domain `name` that the code under test defined from this VM (a `restore --as`
+    /// copy), as a test VM: the guest helpers work on it, and dropping it destroys and
+    /// undefines it with its NVRAM and TPM state. Its files are in this VM's folder and go
+    /// with this VM. `name` must extend this VM's name, so that a crashed test's copy is a
+    /// leftover like its original.
+    pub fn copy_named(&self, name: &str) -> Result<TestVm> {
+        if !name.starts_with(&self.name) {
+            return Err(KitError::Setup(format!(
+                "a copy of {} is named after it, not {name}",
+                self.name
+            )));
+        }
+        let lv = open_test_libvirt()?;
+        let dom = lv
+            .find_domain(name)
+            .ctx(format_args!("look up {name}"))?
+            .ok_or_else(|| KitError::Setup(format!("no domain {name}")))?;
+        Ok(TestVm {
+            lv,
+            dom: Some(dom),
+            name: name.to_string(),
+            dir: self.dir.clone(),
+            disks: Vec::new(),
+            spec: self.spec.clone(),
+            owns_dir: false,
+        })
+    }
+
     pub fn console_path(&self) -> PathBuf {
         self.dir.join("console.log")
     }
@@ -676,9 +707,11 @@ impl TestVm {
                 Path::new("/var/log/swtpm/libvirt/qemu").join(format!("{}-swtpm.log", self.name)),
             );
         }
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                eprintln!("testvm: remove {}: {e}", self.dir.display());
+        if self.owns_dir {
+            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    eprintln!("testvm: remove {}: {e}", self.dir.display());
+                }
             }
         }
         let _ = std::fs::remove_file(self.libvirt_log_path());
