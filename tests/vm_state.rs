@@ -304,7 +304,7 @@ fn nvram_and_tpm_state_come_back_onto_the_original_and_into_a_copy_that_runs_bes
 }
 
 #[test]
-fn missing_nvram_fails_the_backup_and_an_old_backup_says_it_holds_no_state() {
+fn missing_or_unreadable_state_fails_the_backup_and_an_old_backup_says_it_holds_no_state() {
     // Never started: libvirt has made neither the NVRAM file nor the TPM state yet.
     let vm = UefiVm::define("miss");
     let place = Place::new();
@@ -319,6 +319,30 @@ fn missing_nvram_fails_the_backup_and_an_old_backup_says_it_holds_no_state() {
         "{}",
         l.json
     );
+
+    // The NVRAM file there but unreadable as a file (a folder in its place): fails, naming it.
+    let nvram = PathBuf::from(vm.spec(&vm.name).nvram.expect("an NVRAM path"));
+    std::fs::create_dir(&nvram).unwrap();
+    let r = vmbackup(&place, &["backup", &vm.name]);
+    std::fs::remove_dir(&nvram).unwrap();
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&nvram.display().to_string()),
+        "{}",
+        r.stderr
+    );
+    // The NVRAM file there, the TPM state not: fails, naming the TPM state.
+    std::fs::copy(OVMF_VARS, &nvram).unwrap();
+    let r = vmbackup(&place, &["backup", &vm.name]);
+    std::fs::remove_file(&nvram).unwrap();
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("emulated TPM has no state"),
+        "{}",
+        r.stderr
+    );
+    let l = vmbackup(&place, &["list"]);
+    assert_eq!(l.json["backups"].as_array().map(Vec::len), Some(0));
 
     // Without <nvram> and <tpm>, it records that there are none.
     let xml = vm.dom(&vm.name).inactive_xml().unwrap();
