@@ -128,7 +128,13 @@ pub enum Command {
     /// Delete a backup
     Delete { id: String },
     /// Re-read backups and check every chunk against its digest
-    Verify { ids: Vec<String> },
+    Verify {
+        ids: Vec<String>,
+        /// Check without reading chunks: manifests, indexes and the other objects read and
+        /// intact, every chunk they name present
+        #[arg(long)]
+        metadata: bool,
+    },
     /// Apply the retention rules
     Prune,
     /// Remove chunks that no backup references

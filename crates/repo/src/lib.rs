@@ -1,6 +1,7 @@
 //! The backup repository: content-addressed chunks shared by all backups and VMs, one index
 //! per backed-up disk, one manifest per backup, written last. See FORMAT.md beside this file.
 
+pub mod check;
 pub mod chunk;
 pub mod digest;
 pub mod disk;
