@@ -139,6 +139,21 @@ pub enum Command {
     Prune,
     /// Remove chunks that no backup references
     Gc,
+    /// Copy the backups another repository lacks (chunks first, the manifest last)
+    Sync {
+        /// The repository to copy from (it must exist)
+        #[arg(long, value_name = "REPO")]
+        from: String,
+        /// The repository to copy to (made on first use, like any repository)
+        #[arg(long, value_name = "REPO")]
+        to: String,
+        /// Only this VM's backups
+        #[arg(long, value_name = "NAME")]
+        vm: Option<String>,
+        /// Only backups started at or after TIME (RFC 3339, or a date: YYYY-MM-DD, UTC)
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+    },
     /// Manage schedules
     #[command(subcommand)]
     Schedule(ScheduleCommand),

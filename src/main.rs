@@ -535,6 +535,80 @@ fn verified_output(
     }
 }
 
+/// `--since`: an RFC 3339 instant, or a date (its midnight, UTC).
+fn parse_since(s: &str) -> Result<jiff::Timestamp, vmbackup::Error> {
+    if let Ok(t) = s.parse::<jiff::Timestamp>() {
+        return Ok(t);
+    }
+    s.parse::<jiff::civil::Date>()
+        .ok()
+        .and_then(|d| d.to_zoned(jiff::tz::TimeZone::UTC).ok())
+        .map(|z| z.timestamp())
+        .ok_or_else(|| {
+            vmbackup::Error::Invalid(format!(
+                "--since {s:?}: give an RFC 3339 time (2026-11-30T02:00:00Z) or a date (2026-11-30)"
+            ))
+        })
+}
+
+fn cmd_sync(from: &str, to: &str, vm: Option<&str>, since: Option<&str>) -> anyhow::Result<Output> {
+    use vmbackup::repository::sync::{sync, SyncError, SyncFilter};
+    let filter = SyncFilter {
+        vm: vm.map(str::to_string),
+        since: since.map(parse_since).transpose()?,
+    };
+    let (from_path, to_path) = (std::path::PathBuf::from(from), std::path::PathBuf::from(to));
+    if !vmbackup::repository::maintain::is_repository(&from_path) {
+        return Err(vmbackup::Error::Invalid(format!(
+            "--from {from}: not a vmbackup repository (no config.json)"
+        ))
+        .into());
+    }
+    let same = |a: &std::path::Path, b: &std::path::Path| {
+        std::fs::canonicalize(a)
+            .ok()
+            .is_some_and(|a| std::fs::canonicalize(b).ok() == Some(a))
+    };
+    if same(&from_path, &to_path) {
+        return Err(vmbackup::Error::Invalid(format!(
+            "--from and --to are the same repository ({from})"
+        ))
+        .into());
+    }
+    let source = Repository::open(&from_path).map_err(vmbackup::Error::from)?;
+    let target = Repository::open(&to_path).map_err(vmbackup::Error::from)?;
+    let progress = |m: &vmbackup::repository::manifest::Manifest| {
+        tracing::info!(backup = %m.id, vm = %m.vm_name, "copying");
+    };
+    let s = match sync(&source, &target, &filter, &progress) {
+        Ok(s) => s,
+        Err(SyncError::Busy(which)) => {
+            return Err(
+                vmbackup::Error::Busy(format!("a gc runs on the {which} repository")).into(),
+            )
+        }
+        Err(SyncError::Repo(e)) => return Err(vmbackup::Error::from(e).into()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut text = String::new();
+    for id in &s.copied {
+        text.push_str(&format!("copied {id}\n"));
+    }
+    text.push_str(&format!(
+        "{} backup(s) copied, {} there already; {} chunk(s) written ({}), {} there already\n",
+        s.copied.len(),
+        s.present.len(),
+        s.chunks_copied,
+        human_bytes(s.bytes_copied),
+        s.chunks_present
+    ));
+    Ok(Output {
+        json: json!({"ok": true, "sync": s}),
+        text,
+        code: exit::OK,
+    })
+}
+
 fn cmd_gc(cfg: &Config) -> anyhow::Result<Output> {
     let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
     match repo.gc().map_err(vmbackup::Error::from)? {
@@ -687,6 +761,12 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
         }
         C::Verify { ids, metadata } => cmd_verify(&cfg, ids, *metadata),
         C::Gc => cmd_gc(&cfg),
+        C::Sync {
+            from,
+            to,
+            vm,
+            since,
+        } => cmd_sync(from, to, vm.as_deref(), since.as_deref()),
         C::Prune => cli_schedule::cmd_prune(&cfg),
         C::Recover { domains } => cmd_recover(&cfg, domains),
         C::ThawGuard { .. } => unreachable!("handled before the configuration is read"),

@@ -50,6 +50,9 @@ pub const POINTS: &[&str] = &[
     "qemu-frozen",
     // run-due
     "run-due-claimed",
+    // sync
+    "sync-chunks-written",
+    "sync-before-manifest",
 ];
 
 #[cfg(feature = "fault-injection")]

@@ -13,6 +13,7 @@ pub mod manifest;
 pub mod qcow2;
 pub mod source;
 pub mod storage;
+pub mod sync;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,106 @@
+//! `vmbackup sync`: backups copied to another repository restore the guest's bytes from there;
+//! a second sync copies nothing; a sync killed before a manifest leaves nothing listed and the
+//! next one finishes; bad input changes nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use vmbackup_testkit::faults::{repo_violations, FaultRun, Reached};
+use vmbackup_testkit::libvirt_vm::TestVmBuilder;
+
+const MIB: u64 = 1 << 20;
+
+fn ids(run: &Run) -> Vec<String> {
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    run.json["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn synced_backups_restore_from_the_target_and_a_killed_sync_is_finished_by_the_next() {
+    let (_fill, spec) = filled_disk("vdb", 64 * MIB, 8);
+    let mut vm = TestVmBuilder::new("sync")
+        .disk_spec(spec)
+        .start()
+        .expect("guest boots");
+    let local = Place::new();
+    let shared = Place::new();
+    let (a, b) = (local.repo(), shared.repo());
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+
+    vm.write_file("/mnt/vdb/marker", b"first backup").unwrap();
+    let first = backup_id(&local, &[vm.name()]);
+    vm.write_file("/mnt/vdb/marker", b"second backup").unwrap();
+    let second = backup_id(&local, &[vm.name()]);
+
+    // Bad input: nothing made, nothing copied.
+    let nowhere = local.dir.path().join("no-repo");
+    for (args, says) in [
+        (
+            vec!["sync", "--from", nowhere.to_str().unwrap(), "--to", b],
+            "not a vmbackup repository",
+        ),
+        (vec!["sync", "--from", a, "--to", a], "the same repository"),
+        (
+            vec!["sync", "--from", a, "--to", b, "--since", "yesterday"],
+            "--since",
+        ),
+    ] {
+        let r = vmbackup(&shared, &args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains(says), "{args:?}: {}", r.stderr);
+    }
+    assert!(!nowhere.exists());
+    assert!(!shared.repo().exists(), "the target was not made");
+
+    // Killed before the second backup's manifest: only the first is listed in the target.
+    let mut run = FaultRun::start(
+        binary(),
+        &shared,
+        &["sync", "--from", a, "--to", b],
+        "sync-before-manifest=kill@2",
+        &[],
+    );
+    let reached = run.wait_marker(Duration::from_secs(120));
+    let log = run.stderr();
+    run.kill_group();
+    assert_eq!(
+        reached,
+        Reached::Point("sync-before-manifest".into()),
+        "{log}"
+    );
+    assert_eq!(ids(&vmbackup(&shared, &["list"])), vec![first.clone()]);
+
+    // The next sync copies what is missing, and only that.
+    let r = vmbackup(&shared, &["sync", "--from", a, "--to", b]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json["sync"]["copied"], serde_json::json!([second]));
+    assert_eq!(r.json["sync"]["present"], serde_json::json!([first]));
+    assert_eq!(
+        ids(&vmbackup(&shared, &["list"])),
+        ids(&vmbackup(&local, &["list"]))
+    );
+    let (listed, bad) = repo_violations(binary(), &shared);
+    assert!(bad.is_empty(), "{bad:?}");
+    assert_eq!(listed.len(), 2);
+    let again = vmbackup(&shared, &["sync", "--from", a, "--to", b]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(again.json["sync"]["copied"], serde_json::json!([]));
+    assert_eq!(again.json["sync"]["chunks_copied"], 0);
+
+    // Restored from the target, the guest reads what it held at the first backup.
+    vm.write_file("/mnt/vdb/marker", b"after the backups").unwrap();
+    vm.dom().destroy().unwrap();
+    let r = vmbackup(&shared, &["restore", &first]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    vm.reconnect().unwrap();
+    vm.dom().start().unwrap();
+    vm.wait_agent(Duration::from_secs(120)).unwrap();
+    assert_eq!(vm.read_file("/mnt/vdb/marker").unwrap(), b"first backup");
+}
