@@ -242,7 +242,7 @@ fn gc_on_another_host_never_frees_what_a_running_backup_will_reference() {
         .as_str()
         .unwrap()
         .to_string();
-    assert_eq!(b.listed(), [first.clone()]);
+    assert_eq!(b.listed(), vec![first.clone()]);
     assert_eq!(b.verified()[0].0, first);
     let gc = b.run(&["gc"]);
     assert_eq!(gc.code, 0, "{}", gc.stderr);
@@ -277,8 +277,8 @@ fn gc_on_another_host_never_frees_what_a_running_backup_will_reference() {
     );
     assert_eq!(repo.objects("chunks/"), written);
     assert_eq!(repo.objects("locks/"), 0);
-    assert_eq!(files_in(&place.repo().join("backups")), [first.clone()]);
-    assert_eq!(a.listed(), [first.clone()]);
+    assert_eq!(files_in(&place.repo().join("backups")), vec![first.clone()]);
+    assert_eq!(a.listed(), vec![first.clone()]);
     a.verified();
 
     // 3. A's backup paused past the stale time (3 s here): gc on B takes its lock for stale
@@ -308,8 +308,8 @@ fn gc_on_another_host_never_frees_what_a_running_backup_will_reference() {
     let r = resume(paused);
     assert_eq!(r.code, 1, "{} {}", r.json, r.stderr);
     assert!(r.json.to_string().contains("lock was lost"), "{}", r.json);
-    assert_eq!(b.listed(), [first.clone()], "nothing published");
-    assert_eq!(files_in(&place.repo().join("backups")), [first.clone()]);
+    assert_eq!(b.listed(), vec![first.clone()], "nothing published");
+    assert_eq!(files_in(&place.repo().join("backups")), vec![first.clone()]);
     b.verified();
     assert_eq!(repo.objects("locks/"), 0);
     // The next backup of that VM is whole again.
