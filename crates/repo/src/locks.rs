@@ -33,6 +33,8 @@ use super::{RepoError, Result};
 pub const STALE_AFTER: Duration = Duration::from_secs(30 * 60);
 /// Overrides `STALE_AFTER` (whole seconds), only in builds with the `fault-injection` feature.
 pub const STALE_ENV: &str = "VMBACKUP_LOCK_STALE_SECS";
+/// What a locker that saw a conflict needs, beyond the listing's lag, to withdraw its lock.
+const WITHDRAW: Duration = Duration::from_millis(1500);
 /// Lock objects live under this prefix.
 pub const PREFIX: &str = "locks/";
 
@@ -471,10 +473,22 @@ impl RepoLock {
             Err(e) => return Err(e),
         }
         if !self.info().exclusive {
+            // An exclusive lock beside ours: either a locker that will see ours and withdraw
+            // (it waits the listing's lag, lists, deletes its own), or one that took ours for
+            // stale. Given the time to withdraw, one that stays is held.
             let locker = &h.locker;
-            for (_, l) in locker.others(h.store.as_ref(), &h.name)? {
-                if let Some(l) = l.filter(|l| l.exclusive && locker.stale(l).is_none()) {
-                    return lost(&format!("{} was taken meanwhile", l.describe()));
+            let exclusive: Vec<(String, LockInfo)> = locker
+                .others(h.store.as_ref(), &h.name)?
+                .into_iter()
+                .filter_map(|(n, l)| l.map(|l| (n, l)))
+                .filter(|(_, l)| l.exclusive && locker.stale(l).is_none())
+                .collect();
+            if !exclusive.is_empty() {
+                std::thread::sleep(h.store.list_lag() * 2 + WITHDRAW);
+                for (name, l) in exclusive {
+                    if h.store.exists(&name)? {
+                        return lost(&format!("{} was taken meanwhile", l.describe()));
+                    }
                 }
             }
         }
@@ -741,6 +755,22 @@ mod tests {
         held.check().unwrap();
         s.delete(held.name()).unwrap();
         assert!(matches!(held.check(), Err(RepoError::LockLost(_))));
+    }
+
+    #[test]
+    fn an_exclusive_attempt_that_withdraws_does_not_fail_the_check() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(&d);
+        let held = locker("a").acquire(&s, false).unwrap().unwrap();
+        let x = foreign(&s, "b", 1, true, 0);
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                std::thread::sleep(Duration::from_millis(300));
+                s.delete(&x).unwrap();
+            });
+            held.check().expect("the attempt went away");
+        });
+        held.check().unwrap();
     }
 
     #[test]
