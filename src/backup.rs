@@ -34,6 +34,7 @@ use crate::locks::lock_vm;
 use crate::preflight::{self, Facts, Report, Space};
 use crate::qcow2_bitmaps;
 use crate::repository::disk::{backup_disk, backup_disk_changes, DiskIndex};
+use crate::repository::maintain::RepoLock;
 use crate::repository::manifest::{
     new_backup_id, DiskEntry, DiskRead, FileState, Manifest, NicEntry,
 };
@@ -385,7 +386,7 @@ fn run_phases(
     if !report.ok {
         return Err(Error::Refused(Box::new(report)));
     }
-    let _repo_lock = repo
+    let repo_lock = repo
         .lock_for_backup()?
         .ok_or_else(|| Error::Busy("a gc of the repository is running".into()))?;
     check_interrupted()?;
@@ -521,6 +522,7 @@ fn run_phases(
             run.enter(Phase::Publish)?;
             publish(
                 repo,
+                &repo_lock,
                 vm,
                 &run.id,
                 &shape,
@@ -931,6 +933,18 @@ fn copy_disks(
                 }
             }
         }
+        // The chunks the previous backup of this disk refers to are in the store (this backup
+        // holds its lock: no gc runs): reused without a request each. `--full` checks every
+        // chunk it reuses, and writes a damaged one again.
+        if !s.full {
+            match (&plan, &base_index) {
+                (changes::Plan::Unchanged { .. }, _) => {}
+                (_, Some(base)) => repo.seed_known(base),
+                (_, None) => {
+                    repo.seed_known_from(&previous, &w.target);
+                }
+            }
+        }
         let (index, read, disk_logical, disk_stored) = match plan {
             changes::Plan::Unchanged {
                 based_on,
@@ -1057,6 +1071,7 @@ fn read_vm_state(d: &Description) -> Result<Option<(Captured, String)>> {
 #[allow(clippy::too_many_arguments)]
 fn publish(
     repo: &Repository,
+    lock: &RepoLock,
     vm: &dyn VmHandle,
     id: &str,
     shape: &VmShape,
@@ -1110,6 +1125,9 @@ fn publish(
         logical_bytes: logical,
         vm_state,
     };
+    // Right before the manifest: a lock that another host took for stale (this process was
+    // paused, or cut off from the store) may have let a gc free chunks this backup reuses.
+    lock.check()?;
     repo.publish(&manifest)?;
     Ok(manifest)
 }

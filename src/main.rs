@@ -87,6 +87,8 @@ fn abandon(json: bool) {
     eprintln!("error: {msg}");
     let _ = std::io::stdout().flush();
     *printed = true;
+    // No `Drop` runs: the repository locks this process holds go now, not when they are stale.
+    vmbackup::repository::locks::release_all();
     std::process::exit(code);
 }
 

@@ -457,3 +457,46 @@ fn run_due_goes_on_past_a_truncated_manifest() {
         "the new backup is whole"
     );
 }
+
+/// A backup trusts the chunks of the previous backup of the same disk without reading them
+/// back; a damaged one that `verify` reports is written again by `backup --full`, which
+/// trusts no earlier index: then every backup that uses it verifies again.
+#[test]
+fn a_damaged_chunk_reported_by_verify_is_repaired_by_a_full_backup() {
+    let (_fill, spec) = filled_disk("vdb", 64 * MIB, 12);
+    let vm = TestVmBuilder::new("rf-repair")
+        .disk_spec(spec)
+        .define()
+        .unwrap();
+    let place = Place::new();
+    backup_id(&place, &[vm.name()]);
+    // The largest chunk: one of the data's.
+    let mut chunks: Vec<(u64, std::path::PathBuf)> = Vec::new();
+    for d in std::fs::read_dir(place.repo().join("chunks"))
+        .unwrap()
+        .flatten()
+    {
+        for c in std::fs::read_dir(d.path()).unwrap().flatten() {
+            chunks.push((c.metadata().unwrap().len(), c.path()));
+        }
+    }
+    chunks.sort();
+    let (_, damaged) = chunks.last().unwrap();
+    let mut bytes = std::fs::read(damaged).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    std::fs::write(damaged, &bytes).unwrap();
+    backup_id(&place, &[vm.name()]);
+    let v = vmbackup(&place, &["verify"]);
+    assert_eq!(v.code, 1, "both backups use the damaged chunk: {}", v.json);
+    let full = vmbackup(&place, &["backup", vm.name(), "--full"]);
+    assert_eq!(full.code, 0, "{}", full.stderr);
+    assert!(
+        full.stderr.contains("damaged: writing it again"),
+        "{}",
+        full.stderr
+    );
+    let v = vmbackup(&place, &["verify"]);
+    assert_eq!(v.code, 0, "repaired for every backup: {}", v.json);
+    assert_eq!(v.json["backups"].as_array().unwrap().len(), 3);
+}

@@ -100,6 +100,12 @@ fn assert_left_clean(vm: &TestVm, place: &Place, what: &str) -> Vec<String> {
     ids
 }
 
+/// The interrupted run released its repository lock (`locks/` in the repository) itself.
+fn assert_no_repository_lock(place: &Place, what: &str) {
+    let left = files_in(&place.repo().join("locks"));
+    assert!(left.is_empty(), "{what}: a lock was left: {left:?}");
+}
+
 /// SIGINT, then SIGTERM, each in the middle of the copy of a 4 GiB disk whose copy takes
 /// more than 10 s (every new chunk is slowed down by 100 ms): each run stops at its next
 /// chunk, exits within 5 s with 130 or 143, and leaves the VM on its images with nothing
@@ -143,6 +149,7 @@ fn a_signal_in_the_middle_of_a_big_disk_stops_the_copy_within_5_s() {
         assert_eq!(doc["exit_code"], code, "{doc}");
         assert_eq!(doc["ok"], false, "{doc}");
         assert_eq!(doc["interrupted"], name, "{doc}");
+        assert_no_repository_lock(&place, name);
         let ids = assert_left_clean(&vm, &place, name);
         assert!(ids.is_empty(), "{name}: a backup was published: {ids:?}");
     }
@@ -208,6 +215,8 @@ fn a_second_sigint_abandons_the_run_at_once_and_recover_finishes_it() {
             .contains("abandoned"),
         "{doc}"
     );
+    // Abandoned without unwinding: its repository lock went anyway.
+    assert_no_repository_lock(&place, "abandoned");
     // Abandoned in its commit: the guest is thawed, the VM still on its overlay.
     assert_eq!(
         vmbackup_testkit::faults::freeze_status(&vm, Duration::from_secs(30)).as_deref(),

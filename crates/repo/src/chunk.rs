@@ -110,6 +110,9 @@ pub struct ChunkStore<'a> {
     store: &'a dyn ObjectStore,
     /// The chunks already found intact or written; `None`: every reuse is checked.
     checked: Option<&'a Mutex<HashSet<Digest>>>,
+    /// The chunks known to be in the store (see `Repository::seed_known`): reused without
+    /// asking the store at all.
+    known: Option<&'a Mutex<HashSet<Digest>>>,
 }
 
 impl<'a> ChunkStore<'a> {
@@ -118,6 +121,7 @@ impl<'a> ChunkStore<'a> {
         ChunkStore {
             store,
             checked: None,
+            known: None,
         }
     }
 
@@ -127,6 +131,21 @@ impl<'a> ChunkStore<'a> {
         ChunkStore {
             store,
             checked: Some(checked),
+            known: None,
+        }
+    }
+
+    /// Like `checked_once`, and trusts the chunks in `known` without a store request; adds
+    /// to it every chunk it found intact or wrote.
+    pub fn with_known(
+        store: &'a dyn ObjectStore,
+        checked: &'a Mutex<HashSet<Digest>>,
+        known: &'a Mutex<HashSet<Digest>>,
+    ) -> Self {
+        ChunkStore {
+            store,
+            checked: Some(checked),
+            known: Some(known),
         }
     }
 
@@ -135,9 +154,16 @@ impl<'a> ChunkStore<'a> {
             .is_some_and(|c| c.lock().map(|c| c.contains(d)).unwrap_or(false))
     }
 
+    fn is_known(&self, d: &Digest) -> bool {
+        self.known
+            .is_some_and(|c| c.lock().map(|c| c.contains(d)).unwrap_or(false))
+    }
+
     fn remember(&self, d: Digest) {
-        if let Some(Ok(mut c)) = self.checked.map(|c| c.lock()) {
-            c.insert(d);
+        for set in [self.checked, self.known].into_iter().flatten() {
+            if let Ok(mut c) = set.lock() {
+                c.insert(d);
+            }
         }
     }
 
@@ -153,8 +179,17 @@ impl<'a> ChunkStore<'a> {
     pub fn put_with_digest(&self, data: &[u8], d: Digest) -> Result<PutOutcome> {
         let name = object_name(&d);
         let mut repaired = false;
+        if self.is_known(&d) {
+            return Ok(PutOutcome {
+                digest: d,
+                stored_bytes: 0,
+                new: false,
+                repaired: false,
+            });
+        }
         if self.store.exists(&name)? {
             if self.is_checked(&d) {
+                self.remember(d);
                 return Ok(PutOutcome {
                     digest: d,
                     stored_bytes: 0,

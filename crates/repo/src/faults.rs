@@ -142,6 +142,10 @@ impl<S: ObjectStore> ObjectStore for FaultyStore<S> {
     fn delete(&self, name: &str) -> Result<()> {
         self.inner.delete(name)
     }
+
+    fn list_lag(&self) -> std::time::Duration {
+        self.inner.list_lag()
+    }
 }
 
 /// What a power cut keeps of a folder tree: see the module's documentation.

@@ -8,16 +8,19 @@ pub mod disk;
 pub mod failpoint;
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod faults;
+pub mod locks;
 pub mod maintain;
 pub mod manifest;
 pub mod qcow2;
 pub mod source;
 pub mod storage;
 pub mod sync;
+#[cfg(test)]
+mod teststores;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use manifest::Manifest;
 use storage::{LocalDir, ObjectStore};
@@ -63,6 +66,8 @@ pub enum RepoError {
         ids.join(", ")
     )]
     UnreadableManifests { ids: Vec<String> },
+    #[error("the repository lock was lost ({0}): another host may have taken it for stale; nothing was published")]
+    LockLost(String),
 }
 
 pub type Result<T, E = RepoError> = std::result::Result<T, E>;
@@ -72,9 +77,14 @@ pub const FORMAT: u32 = 1;
 
 pub struct Repository {
     path: PathBuf,
-    store: Box<dyn ObjectStore>,
+    store: Arc<dyn ObjectStore>,
     /// Chunks found intact (or written) by this process: reused without another check.
     checked: Mutex<HashSet<chunk::Digest>>,
+    /// Chunks known to be in the store while this process holds its backup lock (seeded
+    /// from the previous backup's index, and what it wrote or checked): reused without a
+    /// store request. Emptied whenever a backup lock is taken: without one, gc may remove
+    /// chunks.
+    known: Mutex<HashSet<chunk::Digest>>,
 }
 
 /// What `Repository::scan` found under `backups/`.
@@ -132,8 +142,9 @@ impl Repository {
     pub fn open_with(dir: &Path, store: Box<dyn ObjectStore>) -> Result<Repository> {
         let repo = Repository {
             path: dir.to_path_buf(),
-            store,
+            store: Arc::from(store),
             checked: Mutex::new(HashSet::new()),
+            known: Mutex::new(HashSet::new()),
         };
         match repo.store.get("config.json") {
             Ok(bytes) => {
@@ -163,12 +174,52 @@ impl Repository {
         if let Ok(mut c) = self.checked.lock() {
             c.clear();
         }
+        self.forget_known();
+    }
+
+    /// Empties the set of chunks known to be in the store.
+    pub(crate) fn forget_known(&self) {
+        if let Ok(mut c) = self.known.lock() {
+            c.clear();
+        }
+    }
+
+    /// Seeds the known chunks (`seed_known`) from the index of disk `target` in the newest of
+    /// `previous` (published backups of one VM, newest first) that has it; returns how many
+    /// chunks that index refers to (0: none found or readable, nothing seeded).
+    pub fn seed_known_from(&self, previous: &[Manifest], target: &str) -> usize {
+        let Some((m, d)) = previous
+            .iter()
+            .find_map(|m| m.disks.iter().find(|d| d.target == target).map(|d| (m, d)))
+        else {
+            return 0;
+        };
+        match self.get_index(&m.id, d) {
+            Ok(index) => {
+                self.seed_known(&index);
+                index.chunks.iter().flatten().count()
+            }
+            Err(e) => {
+                tracing::info!(backup = %m.id, disk = target, error = %error_chain(&e), "the previous index is not read: every chunk is looked up");
+                0
+            }
+        }
+    }
+
+    /// Trusts every chunk `index` refers to as present, without asking the store, until the
+    /// next backup lock is taken. Only for the index of a published backup, read while this
+    /// process holds its backup lock (`lock_for_backup`): gc cannot remove those chunks then.
+    /// A damaged chunk among them is not found (and not written again) by this backup.
+    pub fn seed_known(&self, index: &disk::DiskIndex) {
+        if let Ok(mut k) = self.known.lock() {
+            k.extend(index.chunks.iter().flatten().copied());
+        }
     }
 
     /// The chunks of this repository, each existing one checked once by this process before
-    /// a backup reuses it.
+    /// a backup reuses it, unless it is known to be there (`seed_known`).
     pub fn chunks(&self) -> chunk::ChunkStore<'_> {
-        chunk::ChunkStore::checked_once(self.store(), &self.checked)
+        chunk::ChunkStore::with_known(self.store(), &self.checked, &self.known)
     }
 
     pub fn path(&self) -> &Path {
@@ -177,6 +228,11 @@ impl Repository {
 
     pub fn store(&self) -> &dyn ObjectStore {
         self.store.as_ref()
+    }
+
+    /// The store, for what outlives a borrow (the lock's refresh thread).
+    pub fn shared_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
     }
 
     /// Stores the verbatim inactive domain XML of backup `id`; returns its object name.

@@ -1,6 +1,6 @@
 //! Image management: delete a backup, verify backups against their digests, and collect the
-//! chunks no backup references. Garbage collection excludes running backups through the
-//! repository lock: backups hold it shared, gc exclusive.
+//! chunks no backup references. Garbage collection excludes running backups, on every host,
+//! through the repository locks (`locks.rs`): backups hold shared ones, gc an exclusive one.
 //!
 //! `delete` (and the prunes made of it) take no lock: they only remove references, which is
 //! safe against everything else, and every reader of the repository treats a backup deleted
@@ -8,7 +8,6 @@
 //! does not count it.
 
 use std::collections::HashSet;
-use std::fs::File;
 use std::path::Path;
 
 use serde::Serialize;
@@ -17,48 +16,23 @@ use super::chunk::{self, Digest};
 use super::disk::verify_disk;
 use super::{error_chain, manifest_name, storage, RepoError, Repository, Result};
 
-/// The repository lock, released when dropped.
-pub struct RepoLock {
-    _lock: nix::fcntl::Flock<File>,
-}
+pub use crate::locks::RepoLock;
 
 fn lock(repo: &Repository, exclusive: bool) -> Result<Option<RepoLock>> {
-    use nix::fcntl::{Flock, FlockArg};
-    let path = repo.path().join("lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|source| RepoError::Io {
-            what: "open lock",
-            path: path.clone(),
-            source,
-        })?;
-    let arg = if exclusive {
-        FlockArg::LockExclusiveNonblock
-    } else {
-        FlockArg::LockSharedNonblock
-    };
-    match Flock::lock(file, arg) {
-        Ok(l) => Ok(Some(RepoLock { _lock: l })),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
-        Err((_, e)) => Err(RepoError::Io {
-            what: "lock",
-            path,
-            source: std::io::Error::from_raw_os_error(e as i32),
-        }),
-    }
+    crate::locks::Locker::default().acquire(repo.shared_store(), exclusive)
 }
 
 impl Repository {
-    /// Held by every backup while it writes: gc waits for none and runs only without them.
-    /// `None` while a gc runs.
+    /// Held by every backup while it writes (a shared lock in `locks/`, see `locks.rs`): gc
+    /// runs only without them, on any host. `None` while a gc holds the repository.
+    /// Empties the set of chunks known to be present: what was known under an earlier
+    /// lock may have been collected since.
     pub fn lock_for_backup(&self) -> Result<Option<RepoLock>> {
+        self.forget_known();
         lock(self, false)
     }
 
-    /// The repository to itself (no backup writing); `None` while one does.
+    /// The repository to itself (no backup writing, on any host); `None` while one does.
     pub fn lock_exclusive(&self) -> Result<Option<RepoLock>> {
         lock(self, true)
     }
@@ -442,5 +416,117 @@ mod tests {
         assert!(repo.verify("a1").unwrap().ok);
         // A backup that is not there is NotFound for verify.
         assert!(matches!(repo.verify("b1"), Err(RepoError::NotFound(_))));
+    }
+
+    /// A disk of `n` 64 KiB chunks, each of its own content.
+    fn chunks(n: usize) -> MemorySource {
+        let mut data = vec![0u8; n << 16];
+        for (i, c) in data.chunks_mut(1 << 16).enumerate() {
+            c.fill(i as u8 + 1);
+            c[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        }
+        MemorySource { data, zero: vec![] }
+    }
+
+    fn publish_disk(repo: &Repository, id: &str, src: &MemorySource, started: &str) {
+        let b = backup_disk(repo, src, 1 << 16, 2, &|_, _| {}).unwrap();
+        let index_object = repo.put_index(id, "vda", &b.index).unwrap();
+        let domain_xml_object = repo.put_domain_xml(id, "<domain/>").unwrap();
+        repo.publish(&Manifest {
+            format_version: 1,
+            id: id.into(),
+            vm_name: "vm".into(),
+            vm_uuid: "u".into(),
+            started_at: started.into(),
+            ended_at: String::new(),
+            consistency: "crash".into(),
+            consistency_reason: None,
+            freeze_ms: None,
+            vcpus: 1,
+            memory_bytes: 1,
+            disks: vec![DiskEntry {
+                target: "vda".into(),
+                format: "raw".into(),
+                virtual_size: src.data.len() as u64,
+                allocated_size: 0,
+                source: "memory".into(),
+                chunk_size: 1 << 16,
+                index_object,
+                logical_bytes: b.logical_bytes,
+                stored_bytes: b.stored_bytes_new,
+                read: None,
+            }],
+            nics: vec![],
+            domain_xml_object,
+            schedule: None,
+            scheduled_for: None,
+            stored_bytes: b.stored_bytes_new,
+            logical_bytes: b.logical_bytes,
+            vm_state: None,
+        })
+        .unwrap();
+    }
+
+    /// The store requests of a whole-disk backup of an unchanged `n`-chunk disk, made by a new
+    /// process (nothing checked yet) under its backup lock; `seed`: with the known set.
+    fn requests_of_a_second_backup(n: usize, seed: bool) -> usize {
+        use crate::teststores::TestStore;
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("repo");
+        let src = chunks(n);
+        publish_disk(
+            &Repository::open(&root).unwrap(),
+            "first",
+            &src,
+            "2026-01-01T00:00:00Z",
+        );
+        let store = TestStore::new(&root);
+        let counts = store.counts.clone();
+        let repo = Repository::open_with(&root, Box::new(store)).unwrap();
+        let _lock = repo.lock_for_backup().unwrap().unwrap();
+        counts.reset();
+        let mut previous = repo.list().unwrap();
+        previous.reverse();
+        if seed {
+            assert_eq!(repo.seed_known_from(&previous, "vda"), n);
+        }
+        let b = backup_disk(&repo, &src, 1 << 16, 2, &|_, _| {}).unwrap();
+        assert_eq!((b.reused_chunks, b.stored_bytes_new), (n as u64, 0));
+        counts.total()
+    }
+
+    #[test]
+    fn a_backup_of_an_unchanged_disk_asks_the_store_per_manifest_not_per_chunk() {
+        let (small, large) = (
+            requests_of_a_second_backup(8, true),
+            requests_of_a_second_backup(64, true),
+        );
+        assert_eq!(small, large, "independent of the number of chunks");
+        assert!(small <= 4, "list, the manifest, the index: {small}");
+        // Without the known set: a lookup and a read-back per chunk.
+        assert!(requests_of_a_second_backup(64, false) >= 2 * 64);
+    }
+
+    /// The known set holds only under one backup lock: taking the next one empties it, so a
+    /// chunk collected in between is looked up (and written again), never trusted blindly.
+    #[test]
+    fn the_known_set_is_emptied_by_the_next_backup_lock() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = Repository::open(&d.path().join("repo")).unwrap();
+        let src = chunks(4);
+        publish_disk(&repo, "first", &src, "2026-01-01T00:00:00Z");
+        let lock = repo.lock_for_backup().unwrap().unwrap();
+        let previous = repo.list().unwrap();
+        repo.seed_known_from(&previous, "vda");
+        drop(lock);
+        repo.delete("first").unwrap();
+        assert_eq!(repo.gc().unwrap().unwrap().removed_chunks, 4);
+        let _lock = repo.lock_for_backup().unwrap().unwrap();
+        let b = backup_disk(&repo, &src, 1 << 16, 2, &|_, _| {}).unwrap();
+        assert_eq!(
+            (b.reused_chunks, b.data_chunks),
+            (0, 4),
+            "all written again"
+        );
     }
 }

@@ -35,6 +35,12 @@ pub trait ObjectStore: Send + Sync {
     /// The names directly or indirectly under `prefix` (a folder, '/'-terminated or empty).
     fn list(&self, prefix: &str) -> Result<Vec<String>>;
     fn delete(&self, name: &str) -> Result<()>;
+    /// How long a new object may stay missing from `list` after its `put` returned (an
+    /// eventually consistent listing). The repository locks wait this long before they list.
+    /// Cautious by default; a store that lists what it wrote at once says zero.
+    fn list_lag(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(1)
+    }
 }
 
 /// Object names are relative '/'-separated paths of `[A-Za-z0-9._+@-]` components (`@`: the
@@ -508,6 +514,11 @@ impl ObjectStore for LocalDir {
             }
         }
         Ok(())
+    }
+
+    /// A folder lists what it holds at once.
+    fn list_lag(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
     }
 }
 

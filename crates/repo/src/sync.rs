@@ -79,7 +79,7 @@ pub fn sync(
     progress: &dyn Fn(&Manifest),
 ) -> Result<Synced, SyncError> {
     let _from_lock = from.lock_for_backup()?.ok_or(SyncError::Busy("source"))?;
-    let _to_lock = to.lock_for_backup()?.ok_or(SyncError::Busy("target"))?;
+    let to_lock = to.lock_for_backup()?.ok_or(SyncError::Busy("target"))?;
     let source = from.scan()?;
     for (id, why) in &source.unreadable {
         tracing::warn!(backup = %id, "not copied: its manifest cannot be read: {why}");
@@ -95,7 +95,7 @@ pub fn sync(
             continue;
         }
         progress(m);
-        copy_backup(from, to, m, &mut have, &mut out).map_err(|source| {
+        copy_backup(from, to, m, &to_lock, &mut have, &mut out).map_err(|source| {
             to.forget_unsynced();
             SyncError::Copy {
                 id: m.id.clone(),
@@ -111,6 +111,7 @@ fn copy_backup(
     from: &Repository,
     to: &Repository,
     m: &Manifest,
+    lock: &crate::locks::RepoLock,
     have: &mut HashSet<Digest>,
     out: &mut Synced,
 ) -> Result<()> {
@@ -164,6 +165,8 @@ fn copy_backup(
         to.store().put_new(&f.object, &bytes)?;
     }
     crate::failpoint::point("sync-before-manifest");
+    // Still held (not gone stale while paused): a gc may have run otherwise.
+    lock.check()?;
     to.publish(m)?;
     tracing::info!(backup = %m.id, "copied");
     Ok(())

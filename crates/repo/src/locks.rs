@@ -1,0 +1,788 @@
+//! Repository locks that hold across hosts: objects `locks/<id>` in the store itself, written
+//! through `ObjectStore`, so they work on a local folder and on an S3-compatible store alike.
+//! Backups hold shared locks; gc (and recover's clean-up) an exclusive one.
+//!
+//! The protocol needs no conditional PUT (Garage ignores `If-None-Match`) and tolerates a
+//! `list` that shows new objects late (up to `ObjectStore::list_lag`):
+//! 1. remove the stale locks (see below), each read again just before it is deleted;
+//! 2. write our own lock object (a fresh random id: never anyone else's name);
+//! 3. wait `list_lag`, then list `locks/` and read every other lock;
+//! 4. a conflict (exclusive against anything) that is not stale: delete ours, back off a
+//!    random while, and try again a few times; then give up (`None`: busy).
+//!
+//! Of two lockers, the one that wrote later lists after the other's object is visible, so at
+//! least one of them sees the conflict and steps back: both never hold conflicting locks.
+//!
+//! A held lock is refreshed (rewritten with a new `refreshed` time) every `stale_after / 6`
+//! by a thread. A lock is stale when it was not refreshed for `stale_after` (30 min, as
+//! restic's), or at once when its holder ran on this host and its process is gone (killed).
+//! A holder that could not refresh in time (paused, cut off from the store) has lost its lock
+//! for good: `RepoLock::check` says so, and a backup checks right before it publishes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::storage::ObjectStore;
+use super::{RepoError, Result};
+
+/// A lock not refreshed for this long is stale (restic's value).
+pub const STALE_AFTER: Duration = Duration::from_secs(30 * 60);
+/// Overrides `STALE_AFTER` (whole seconds), only in builds with the `fault-injection` feature.
+pub const STALE_ENV: &str = "VMBACKUP_LOCK_STALE_SECS";
+/// What a locker that saw a conflict needs, beyond the listing's lag, to withdraw its lock.
+const WITHDRAW: Duration = Duration::from_millis(1500);
+/// Lock objects live under this prefix.
+pub const PREFIX: &str = "locks/";
+
+/// How long a lock stays valid without a refresh.
+pub fn stale_after() -> Duration {
+    #[cfg(feature = "fault-injection")]
+    if let Some(s) = std::env::var(STALE_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        return Duration::from_secs(s.max(1));
+    }
+    STALE_AFTER
+}
+
+/// The content of a lock object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockInfo {
+    /// The holder's host name.
+    pub host: String,
+    pub pid: u32,
+    /// Random, also the object's name: `locks/<id>`.
+    pub id: String,
+    pub exclusive: bool,
+    /// RFC 3339 UTC.
+    pub created: String,
+    pub refreshed: String,
+}
+
+impl LockInfo {
+    fn describe(&self) -> String {
+        format!(
+            "{} lock of pid {} on {} (since {}, refreshed {})",
+            if self.exclusive {
+                "an exclusive"
+            } else {
+                "a shared"
+            },
+            self.pid,
+            self.host,
+            self.created,
+            self.refreshed
+        )
+    }
+
+    fn conflicts_with(&self, exclusive: bool) -> bool {
+        self.exclusive || exclusive
+    }
+}
+
+/// Who takes locks and how: the host's name and the timings (tests change them).
+#[derive(Debug, Clone)]
+pub struct Locker {
+    pub host: String,
+    pub stale_after: Duration,
+    /// How many times a conflict is retried before giving up.
+    pub attempts: u32,
+}
+
+impl Default for Locker {
+    fn default() -> Self {
+        Locker {
+            host: host_name(),
+            stale_after: stale_after(),
+            attempts: 3,
+        }
+    }
+}
+
+/// This host's name (`/proc/sys/kernel/hostname`).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn random_id() -> String {
+    use std::io::Read;
+    let mut b = [0u8; 12];
+    let filled = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    if filled.is_err() {
+        // Never reached on Linux; still unique per process and moment.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        b[..8].copy_from_slice(&(t as u64).to_le_bytes());
+        b[8..].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn now() -> String {
+    jiff::Timestamp::now().to_string()
+}
+
+/// Whether process `pid` of this host is alive (EPERM: it is, and someone else's).
+fn pid_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    !matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Err(nix::errno::Errno::ESRCH)
+    )
+}
+
+impl Locker {
+    /// Why lock `l` is stale, `None` while it is valid.
+    fn stale(&self, l: &LockInfo) -> Option<String> {
+        if l.host == self.host && !pid_alive(l.pid) {
+            return Some("its process is gone".into());
+        }
+        let refreshed: jiff::Timestamp = match l.refreshed.parse() {
+            Ok(t) => t,
+            Err(_) => return Some("its refresh time cannot be read".into()),
+        };
+        let age = jiff::Timestamp::now().duration_since(refreshed);
+        let max =
+            jiff::SignedDuration::try_from(self.stale_after).unwrap_or(jiff::SignedDuration::MAX);
+        (age > max).then(|| format!("not refreshed for {}s", age.as_secs()))
+    }
+
+    /// The other locks in the store, by object name (`None`: not a lock we can read).
+    fn others(
+        &self,
+        store: &dyn ObjectStore,
+        own: &str,
+    ) -> Result<Vec<(String, Option<LockInfo>)>> {
+        let mut out = Vec::new();
+        for name in store.list(PREFIX)? {
+            if name == own {
+                continue;
+            }
+            match store.get(&name) {
+                Ok(b) => out.push((name, serde_json::from_slice(&b).ok())),
+                // Released since the listing.
+                Err(RepoError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes the stale locks: each is read again right before it is deleted, and deleted
+    /// only if it is unchanged and still stale. Returns how many went.
+    pub fn remove_stale(&self, store: &dyn ObjectStore) -> Result<usize> {
+        let mut removed = 0;
+        for (name, info) in self.others(store, "")? {
+            let Some(info) = info else { continue };
+            if self.stale(&info).is_none() {
+                continue;
+            }
+            let again = match store.get(&name) {
+                Ok(b) => serde_json::from_slice::<LockInfo>(&b).ok(),
+                Err(RepoError::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            let Some(again) = again.filter(|a| *a == info) else {
+                continue;
+            };
+            let Some(why) = self.stale(&again) else {
+                continue;
+            };
+            store.delete(&name)?;
+            removed += 1;
+            tracing::warn!(
+                lock = %name,
+                host = %again.host,
+                pid = again.pid,
+                exclusive = again.exclusive,
+                created = %again.created,
+                refreshed = %again.refreshed,
+                "removed a stale repository lock: {why}"
+            );
+        }
+        Ok(removed)
+    }
+
+    /// Takes a lock of `store`, exclusive or shared; `None` when a conflicting lock is held.
+    pub fn acquire(
+        &self,
+        store: &Arc<dyn ObjectStore>,
+        exclusive: bool,
+    ) -> Result<Option<RepoLock>> {
+        for attempt in 0..self.attempts.max(1) {
+            self.remove_stale(store.as_ref())?;
+            let t = now();
+            let info = LockInfo {
+                host: self.host.clone(),
+                pid: std::process::id(),
+                id: random_id(),
+                exclusive,
+                created: t.clone(),
+                refreshed: t,
+            };
+            let name = format!("{PREFIX}{}", info.id);
+            let bytes = serde_json::to_vec(&info).expect("a lock serializes");
+            store.put(&name, &bytes)?;
+            let written = Instant::now();
+            // Removed on every way out of this attempt but success.
+            let mut own = Written {
+                store: store.as_ref(),
+                name: Some(name.clone()),
+            };
+            std::thread::sleep(store.list_lag());
+            let mut conflicts = Vec::new();
+            for (other, theirs) in self.others(store.as_ref(), &name)? {
+                match theirs {
+                    Some(l) if !l.conflicts_with(exclusive) => {}
+                    Some(l) if self.stale(&l).is_some() => {}
+                    Some(l) => conflicts.push(l.describe()),
+                    None => conflicts.push(format!("{other}, which cannot be read")),
+                }
+            }
+            if conflicts.is_empty() {
+                own.name = None;
+                return Ok(Some(RepoLock::start(
+                    store.clone(),
+                    name,
+                    info,
+                    self.clone(),
+                    written,
+                )));
+            }
+            drop(own);
+            tracing::info!(
+                exclusive,
+                attempt = attempt + 1,
+                "the repository is locked: {}",
+                conflicts.join("; ")
+            );
+            if attempt + 1 < self.attempts {
+                // Random, so that two lockers that saw each other do not meet again.
+                let jitter = u64::from_str_radix(&random_id()[..4], 16).unwrap_or(0) % 400;
+                std::thread::sleep(Duration::from_millis(100 + jitter) * (attempt + 1));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// A lock object written by an attempt, deleted when dropped unless `name` was taken.
+struct Written<'a> {
+    store: &'a dyn ObjectStore,
+    name: Option<String>,
+}
+
+impl Drop for Written<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = &self.name {
+            let _ = self.store.delete(n);
+        }
+    }
+}
+
+/// What the refresh thread and the holder share.
+struct Held {
+    store: Arc<dyn ObjectStore>,
+    name: String,
+    info: Mutex<LockInfo>,
+    /// When the object was last written with a new `refreshed` time.
+    refreshed: Mutex<Instant>,
+    /// Set once the lock is known lost: never valid again.
+    lost: AtomicBool,
+    stale_after: Duration,
+    /// Who took it (judges other locks in `check`).
+    locker: Locker,
+}
+
+impl Held {
+    fn lose(&self, why: &str) {
+        if !self.lost.swap(true, Ordering::SeqCst) {
+            tracing::error!(lock = %self.name, "the repository lock was lost: {why}");
+        }
+    }
+
+    fn late(&self) -> bool {
+        self.refreshed
+            .lock()
+            .map(|r| r.elapsed() >= self.stale_after)
+            .unwrap_or(true)
+    }
+
+    /// Rewrites the lock with a new refresh time, unless it is lost or gone.
+    fn refresh(&self) {
+        if self.lost.load(Ordering::SeqCst) {
+            return;
+        }
+        if self.late() {
+            // Others may have taken it for stale and removed it: rewriting it now could hide
+            // that from `check`.
+            self.lose("it was not refreshed in time");
+            return;
+        }
+        match self.store.exists(&self.name) {
+            Ok(true) => {}
+            Ok(false) => return self.lose("its object was removed (by another host, as stale)"),
+            Err(e) => {
+                tracing::warn!(lock = %self.name, error = %crate::error_chain(&e), "cannot refresh the repository lock");
+                return;
+            }
+        }
+        let bytes = {
+            let Ok(mut info) = self.info.lock() else {
+                return;
+            };
+            info.refreshed = now();
+            serde_json::to_vec(&*info).expect("a lock serializes")
+        };
+        let started = Instant::now();
+        match self.store.put(&self.name, &bytes) {
+            Ok(()) => {
+                if let Ok(mut r) = self.refreshed.lock() {
+                    *r = started;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(lock = %self.name, error = %crate::error_chain(&e), "cannot refresh the repository lock")
+            }
+        }
+    }
+}
+
+/// Locks held by this process, released by `release_all` (a process that exits at once).
+static HELD: Mutex<Vec<Arc<Held>>> = Mutex::new(Vec::new());
+
+/// Deletes every lock this process holds: for a process about to exit without unwinding (an
+/// abandoning signal). Their `RepoLock`s then find them gone.
+pub fn release_all() {
+    release_where(|_| true)
+}
+
+fn release_where(pick: impl Fn(&Held) -> bool) {
+    let held: Vec<Arc<Held>> = match HELD.lock() {
+        Ok(mut h) => {
+            let (out, keep) = std::mem::take(&mut *h).into_iter().partition(|x| pick(x));
+            *h = keep;
+            out
+        }
+        Err(_) => Vec::new(),
+    };
+    for h in held {
+        h.lost.store(true, Ordering::SeqCst);
+        let _ = h.store.delete(&h.name);
+    }
+}
+
+/// A held repository lock: refreshed by a thread while it lives, deleted when dropped.
+pub struct RepoLock {
+    held: Arc<Held>,
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RepoLock {
+    fn start(
+        store: Arc<dyn ObjectStore>,
+        name: String,
+        info: LockInfo,
+        locker: Locker,
+        written: Instant,
+    ) -> RepoLock {
+        let stale_after = locker.stale_after;
+        let held = Arc::new(Held {
+            store,
+            name,
+            info: Mutex::new(info),
+            refreshed: Mutex::new(written),
+            lost: AtomicBool::new(false),
+            stale_after,
+            locker,
+        });
+        if let Ok(mut h) = HELD.lock() {
+            h.push(held.clone());
+        }
+        let (tx, rx) = mpsc::channel::<()>();
+        let every = (stale_after / 6).max(Duration::from_millis(100));
+        let h = held.clone();
+        let thread = std::thread::Builder::new()
+            .name("repo-lock".into())
+            .spawn(move || {
+                while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
+                    h.refresh();
+                }
+            })
+            .ok();
+        RepoLock {
+            held,
+            stop: Some(tx),
+            thread,
+        }
+    }
+
+    /// The lock's object name (`locks/<id>`).
+    pub fn name(&self) -> &str {
+        &self.held.name
+    }
+
+    pub fn info(&self) -> LockInfo {
+        self.held
+            .info
+            .lock()
+            .map(|i| i.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// Whether this lock still holds: its object is there, it was refreshed within the stale
+    /// window, and (for a shared lock) no valid exclusive lock was taken meanwhile.
+    /// `RepoError::LockLost` otherwise.
+    pub fn check(&self) -> Result<()> {
+        let h = &self.held;
+        let lost = |why: &str| {
+            h.lose(why);
+            Err(RepoError::LockLost(why.to_string()))
+        };
+        if h.lost.load(Ordering::SeqCst) {
+            return lost("it was removed or not refreshed in time");
+        }
+        if h.late() {
+            return lost("it was not refreshed in time");
+        }
+        match h.store.get(&h.name) {
+            Ok(b) => match serde_json::from_slice::<LockInfo>(&b) {
+                Ok(i) if i.id == self.info().id => {}
+                _ => return lost("its object was replaced"),
+            },
+            Err(RepoError::NotFound(_)) => {
+                return lost("its object was removed (by another host, as stale)")
+            }
+            Err(e) => return Err(e),
+        }
+        if !self.info().exclusive {
+            // An exclusive lock beside ours: either a locker that will see ours and withdraw
+            // (it waits the listing's lag, lists, deletes its own), or one that took ours for
+            // stale. Given the time to withdraw, one that stays is held.
+            let locker = &h.locker;
+            let exclusive: Vec<(String, LockInfo)> = locker
+                .others(h.store.as_ref(), &h.name)?
+                .into_iter()
+                .filter_map(|(n, l)| l.map(|l| (n, l)))
+                .filter(|(_, l)| l.exclusive && locker.stale(l).is_none())
+                .collect();
+            if !exclusive.is_empty() {
+                std::thread::sleep(h.store.list_lag() * 2 + WITHDRAW);
+                for (name, l) in exclusive {
+                    if h.store.exists(&name)? {
+                        return lost(&format!("{} was taken meanwhile", l.describe()));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RepoLock {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Ok(mut h) = HELD.lock() {
+            h.retain(|x| !Arc::ptr_eq(x, &self.held));
+        }
+        // Ours alone (a random name), even when lost.
+        match self.held.store.delete(&self.held.name) {
+            Ok(()) | Err(RepoError::NotFound(_)) => {}
+            Err(e) => {
+                tracing::warn!(lock = %self.held.name, error = %crate::error_chain(&e), "cannot release the repository lock")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::teststores::TestStore;
+    use std::sync::atomic::AtomicUsize;
+
+    fn locker(host: &str) -> Locker {
+        Locker {
+            host: host.into(),
+            stale_after: STALE_AFTER,
+            attempts: 3,
+        }
+    }
+
+    fn store(d: &tempfile::TempDir) -> Arc<dyn ObjectStore> {
+        Arc::new(TestStore::new(d.path()))
+    }
+
+    fn count(s: &Arc<dyn ObjectStore>) -> usize {
+        s.list(PREFIX).unwrap().len()
+    }
+
+    /// Writes a lock of someone else directly, as another host would.
+    fn foreign(
+        s: &Arc<dyn ObjectStore>,
+        host: &str,
+        pid: u32,
+        exclusive: bool,
+        age: u64,
+    ) -> String {
+        let t = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(age as i64);
+        let info = LockInfo {
+            host: host.into(),
+            pid,
+            id: random_id(),
+            exclusive,
+            created: t.to_string(),
+            refreshed: t.to_string(),
+        };
+        let name = format!("{PREFIX}{}", info.id);
+        s.put(&name, &serde_json::to_vec(&info).unwrap()).unwrap();
+        name
+    }
+
+    #[test]
+    fn shared_locks_coexist_exclusive_excludes_everything_and_drop_releases() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(&d);
+        let (a, b) = (locker("a"), locker("b"));
+        let s1 = a.acquire(&s, false).unwrap().expect("shared");
+        let s2 = b.acquire(&s, false).unwrap().expect("shared beside shared");
+        assert!(
+            b.acquire(&s, true).unwrap().is_none(),
+            "exclusive vs shared"
+        );
+        assert_eq!(count(&s), 2, "a refused attempt leaves no object");
+        drop(s1);
+        assert!(a.acquire(&s, true).unwrap().is_none(), "one shared left");
+        drop(s2);
+        assert_eq!(count(&s), 0, "released on drop");
+        let x = a
+            .acquire(&s, true)
+            .unwrap()
+            .expect("exclusive on a free store");
+        assert!(
+            b.acquire(&s, false).unwrap().is_none(),
+            "shared vs exclusive"
+        );
+        assert!(
+            b.acquire(&s, true).unwrap().is_none(),
+            "exclusive vs exclusive"
+        );
+        x.check().unwrap();
+        let info = x.info();
+        assert_eq!(
+            (info.host.as_str(), info.pid, info.exclusive),
+            ("a", std::process::id(), true)
+        );
+        drop(x);
+        assert_eq!(count(&s), 0);
+    }
+
+    /// Lockers racing for conflicting locks, on a store whose listing shows new objects
+    /// only after 150 ms: never two conflicting holders at once.
+    fn race(lag_known: bool) -> usize {
+        let d = tempfile::tempdir().unwrap();
+        let s: Arc<dyn ObjectStore> = Arc::new(TestStore::lagging(
+            d.path(),
+            Duration::from_millis(150),
+            lag_known,
+        ));
+        let mut overlaps = 0;
+        for round in 0..6 {
+            let barrier = std::sync::Barrier::new(3);
+            let holding = AtomicUsize::new(0);
+            let most = AtomicUsize::new(0);
+            std::thread::scope(|sc| {
+                for i in 0..3 {
+                    let (s, barrier, holding, most) = (&s, &barrier, &holding, &most);
+                    sc.spawn(move || {
+                        let l = Locker {
+                            attempts: 1,
+                            ..locker(&format!("host{i}"))
+                        };
+                        barrier.wait();
+                        // Thread 0 wants a shared lock in odd rounds: still exclusive vs it.
+                        let exclusive = !(i == 0 && round % 2 == 1);
+                        if let Some(held) = l.acquire(s, exclusive).unwrap() {
+                            let n = holding.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(n, Ordering::SeqCst);
+                            std::thread::sleep(Duration::from_millis(400));
+                            holding.fetch_sub(1, Ordering::SeqCst);
+                            drop(held);
+                        }
+                    });
+                }
+            });
+            if most.load(Ordering::SeqCst) > 1 {
+                overlaps += 1;
+            }
+            assert_eq!(count(&s), 0);
+        }
+        overlaps
+    }
+
+    #[test]
+    fn lockers_racing_on_a_lagging_listing_never_hold_conflicting_locks() {
+        assert_eq!(race(true), 0);
+    }
+
+    #[test]
+    fn without_waiting_for_the_listing_the_race_is_lost() {
+        // The wait is what makes the protocol sound: a store that hides its lag lets
+        // conflicting lockers through.
+        assert!(race(false) > 0);
+    }
+
+    #[test]
+    fn stale_locks_are_removed_live_ones_of_other_hosts_are_not() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(&d);
+        let me = locker("here");
+        // A process of this host that is gone (reaped: its pid is free).
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let killed = foreign(&s, "here", dead, false, 0);
+        let old = foreign(&s, "there", 1, true, STALE_AFTER.as_secs() + 60);
+        let x = me.acquire(&s, true).unwrap().expect("both are stale");
+        assert!(!s.exists(&killed).unwrap() && !s.exists(&old).unwrap());
+        drop(x);
+        // A fresh lock of another host (its pid means nothing here) holds.
+        let live = foreign(&s, "there", dead, false, 60);
+        assert!(me.acquire(&s, true).unwrap().is_none());
+        assert!(s.exists(&live).unwrap());
+        assert!(me.acquire(&s, false).unwrap().is_some(), "shared beside it");
+        // A lock of this host whose process lives (this one) is never stale.
+        s.delete(&live).unwrap();
+        let mine = foreign(&s, "here", std::process::id(), false, 60);
+        assert!(me.acquire(&s, true).unwrap().is_none());
+        s.delete(&mine).unwrap();
+        // An object that is no lock is never taken for stale: it blocks, and stays.
+        s.put("locks/garbage", b"not json").unwrap();
+        assert!(me.acquire(&s, true).unwrap().is_none());
+        assert!(s.exists("locks/garbage").unwrap());
+    }
+
+    #[test]
+    fn a_held_lock_is_refreshed_and_stays_valid_past_the_stale_time() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(&d);
+        let quick = Locker {
+            stale_after: Duration::from_millis(900),
+            ..locker("a")
+        };
+        let other = Locker {
+            host: "b".into(),
+            ..quick.clone()
+        };
+        let held = quick.acquire(&s, false).unwrap().unwrap();
+        let first = held.info().refreshed;
+        std::thread::sleep(Duration::from_millis(2000));
+        held.check().expect("refreshed, still valid");
+        let now: LockInfo = serde_json::from_slice(&s.get(held.name()).unwrap()).unwrap();
+        assert!(now.refreshed > first, "{} > {first}", now.refreshed);
+        assert!(
+            other.acquire(&s, true).unwrap().is_none(),
+            "not stale for others"
+        );
+        assert_eq!(other.remove_stale(s.as_ref()).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_lock_not_refreshed_in_time_is_lost_taken_over_and_never_revived() {
+        let d = tempfile::tempdir().unwrap();
+        let ts = TestStore::new(d.path());
+        let fail = ts.fail_puts.clone();
+        let s: Arc<dyn ObjectStore> = Arc::new(ts);
+        let quick = Locker {
+            stale_after: Duration::from_millis(600),
+            ..locker("a")
+        };
+        let gc = Locker {
+            host: "b".into(),
+            ..quick.clone()
+        };
+        let backup = quick.acquire(&s, false).unwrap().unwrap();
+        // Cut off from the store: the refreshes fail.
+        fail.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(900));
+        assert!(matches!(backup.check(), Err(RepoError::LockLost(_))));
+        fail.store(false, Ordering::SeqCst);
+        let x = gc
+            .acquire(&s, true)
+            .unwrap()
+            .expect("the stale lock was removed");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(matches!(backup.check(), Err(RepoError::LockLost(_))));
+        assert_eq!(count(&s), 1, "the lost lock is not written again");
+        drop(backup);
+        x.check().unwrap();
+        drop(x);
+        assert_eq!(count(&s), 0);
+    }
+
+    #[test]
+    fn a_removed_lock_or_an_exclusive_one_beside_it_fails_the_check() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(&d);
+        let a = locker("a");
+        let held = a.acquire(&s, false).unwrap().unwrap();
+        let x = foreign(&s, "b", 1, true, 0);
+        assert!(matches!(held.check(), Err(RepoError::LockLost(_))));
+        s.delete(&x).unwrap();
+        assert!(held.check().is_err(), "lost for good");
+        drop(held);
+        let held = a.acquire(&s, false).unwrap().unwrap();
+        held.check().unwrap();
+        s.delete(held.name()).unwrap();
+        assert!(matches!(held.check(), Err(RepoError::LockLost(_))));
+    }
+
+    #[test]
+    fn an_exclusive_attempt_that_withdraws_does_not_fail_the_check() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(&d);
+        let held = locker("a").acquire(&s, false).unwrap().unwrap();
+        let x = foreign(&s, "b", 1, true, 0);
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                std::thread::sleep(Duration::from_millis(300));
+                s.delete(&x).unwrap();
+            });
+            held.check().expect("the attempt went away");
+        });
+        held.check().unwrap();
+    }
+
+    #[test]
+    fn release_all_deletes_the_locks_of_this_process() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(&d);
+        let held = locker("a").acquire(&s, false).unwrap().unwrap();
+        assert_eq!(count(&s), 1);
+        // As `release_all`, for this test's store only (other tests hold locks too).
+        release_where(|h| Arc::ptr_eq(&h.store, &s));
+        assert_eq!(count(&s), 0);
+        assert!(held.check().is_err());
+        drop(held);
+    }
+}

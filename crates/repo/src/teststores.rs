@@ -1,0 +1,163 @@
+//! Stores for unit tests: one that counts requests, and one whose `list` shows new objects
+//! only after a while (an eventually consistent listing), both around a `LocalDir`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::storage::{LocalDir, ObjectStore};
+use crate::{RepoError, Result};
+
+/// Requests made to a store, by kind.
+#[derive(Default, Debug)]
+pub struct Counts {
+    pub put: AtomicUsize,
+    pub get: AtomicUsize,
+    pub exists: AtomicUsize,
+    pub list: AtomicUsize,
+    pub delete: AtomicUsize,
+}
+
+impl Counts {
+    /// Every request that reaches the store (a `sync` of a local folder is no request).
+    pub fn total(&self) -> usize {
+        [&self.put, &self.get, &self.exists, &self.list, &self.delete]
+            .iter()
+            .map(|c| c.load(Ordering::SeqCst))
+            .sum()
+    }
+
+    pub fn reset(&self) {
+        for c in [&self.put, &self.get, &self.exists, &self.list, &self.delete] {
+            c.store(0, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A `LocalDir` that counts requests, hides objects from `list` for `lag` after they were
+/// written (and says so in `list_lag` only if `honest`), and can fail its `put`s.
+pub struct TestStore {
+    inner: LocalDir,
+    pub counts: Arc<Counts>,
+    lag: Duration,
+    honest: bool,
+    written: Mutex<HashMap<String, Instant>>,
+    pub fail_puts: Arc<AtomicBool>,
+}
+
+impl TestStore {
+    pub fn new(root: &Path) -> TestStore {
+        TestStore {
+            inner: LocalDir::new(root),
+            counts: Arc::default(),
+            lag: Duration::ZERO,
+            honest: true,
+            written: Mutex::default(),
+            fail_puts: Arc::default(),
+        }
+    }
+
+    /// `list` shows an object only `lag` after its last `put`; `honest`: `list_lag` says so.
+    pub fn lagging(root: &Path, lag: Duration, honest: bool) -> TestStore {
+        TestStore {
+            lag,
+            honest,
+            ..TestStore::new(root)
+        }
+    }
+
+    fn count(&self, c: &AtomicUsize, _name: &str) {
+        c.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn wrote(&self, name: &str) {
+        if let Ok(mut w) = self.written.lock() {
+            w.insert(name.to_string(), Instant::now());
+        }
+    }
+
+    fn put_allowed(&self, name: &str) -> Result<()> {
+        if self.fail_puts.load(Ordering::SeqCst) {
+            return Err(RepoError::Io {
+                what: "put",
+                path: name.into(),
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl ObjectStore for TestStore {
+    fn put(&self, name: &str, data: &[u8]) -> Result<()> {
+        self.count(&self.counts.put, name);
+        self.put_allowed(name)?;
+        self.inner.put(name, data)?;
+        self.wrote(name);
+        Ok(())
+    }
+
+    fn put_new(&self, name: &str, data: &[u8]) -> Result<()> {
+        self.count(&self.counts.put, name);
+        self.put_allowed(name)?;
+        self.inner.put_new(name, data)?;
+        self.wrote(name);
+        Ok(())
+    }
+
+    fn put_unsynced(&self, name: &str, data: &[u8]) -> Result<()> {
+        self.count(&self.counts.put, name);
+        self.put_allowed(name)?;
+        self.inner.put_unsynced(name, data)?;
+        self.wrote(name);
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.inner.sync()
+    }
+
+    fn forget_unsynced(&self) {
+        self.inner.forget_unsynced()
+    }
+
+    fn remove_temporaries(&self) -> Result<usize> {
+        self.inner.remove_temporaries()
+    }
+
+    fn get(&self, name: &str) -> Result<Vec<u8>> {
+        self.count(&self.counts.get, name);
+        self.inner.get(name)
+    }
+
+    fn exists(&self, name: &str) -> Result<bool> {
+        self.count(&self.counts.exists, name);
+        self.inner.exists(name)
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        self.count(&self.counts.list, prefix);
+        let all = self.inner.list(prefix)?;
+        let w = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(all
+            .into_iter()
+            .filter(|n| w.get(n).is_none_or(|t| t.elapsed() >= self.lag))
+            .collect())
+    }
+
+    fn delete(&self, name: &str) -> Result<()> {
+        self.count(&self.counts.delete, name);
+        self.inner.delete(name)
+    }
+
+    fn list_lag(&self) -> Duration {
+        if self.honest {
+            // A little more than the lag: `list` runs after the wait.
+            self.lag + self.lag / 4
+        } else {
+            Duration::ZERO
+        }
+    }
+}
