@@ -19,8 +19,8 @@ use vmbackup::error::{chain, exit};
 use vmbackup::hypervisor::libvirt::Libvirt;
 use vmbackup::hypervisor::open::Hypervisors;
 use vmbackup::preflight::gib;
-use vmbackup::repository::Repository;
 use vmbackup::settings::Quiesce;
+use vmbackup::unlock::open_repo;
 use vmbackup::vm_ref::VmRef;
 
 fn init_logging() {
@@ -222,6 +222,30 @@ fn error_json(e: &vmbackup::Error) -> Value {
     v
 }
 
+fn cmd_init(cfg: &Config, encrypt: bool) -> anyhow::Result<Output> {
+    let i = vmbackup::unlock::init(cfg, encrypt)?;
+    let mut text = format!(
+        "created {}repository {}\n",
+        if i.encrypted { "encrypted " } else { "" },
+        i.repo
+    );
+    if let Some(k) = &i.key_file {
+        text.push_str(&format!(
+            "its key is in {k}: keep a copy apart from the repository{}\n",
+            if i.passphrase {
+                ""
+            } else {
+                " (the only one: no passphrase opens it)"
+            }
+        ));
+    }
+    Ok(Output {
+        json: json!({"ok": true, "init": i}),
+        text,
+        code: exit::OK,
+    })
+}
+
 fn cmd_check(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
     // libvirt is opened at the first libvirt VM: plain QEMU VMs are checked through QMP.
     let hv = Hypervisors::new(&cfg.connect, &cfg.qemu_dir);
@@ -281,7 +305,7 @@ fn cmd_backup(
     full: bool,
 ) -> anyhow::Result<Output> {
     let hv = Hypervisors::new(&cfg.connect, &cfg.qemu_dir);
-    let repo = Repository::open(&cfg.repo)?;
+    let repo = open_repo(cfg)?;
     let state = vmbackup::state::State::open(&cfg.state_dir)?;
     let mut opts = cfg.backup.clone();
     opts.quiesce = match quiesce {
@@ -356,7 +380,7 @@ fn cmd_list(cfg: &Config, domain: Option<&str>) -> anyhow::Result<Output> {
         .map(str::parse::<VmRef>)
         .transpose()
         .map_err(vmbackup::Error::from)?;
-    let repo = Repository::open(&cfg.repo)?;
+    let repo = open_repo(cfg)?;
     let scan = repo.scan()?;
     let list: Vec<_> = scan
         .backups
@@ -416,7 +440,7 @@ fn cmd_list(cfg: &Config, domain: Option<&str>) -> anyhow::Result<Output> {
 }
 
 fn cmd_show(cfg: &Config, id: &str) -> anyhow::Result<Output> {
-    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    let repo = open_repo(cfg)?;
     let m = repo.load(id).map_err(vmbackup::Error::from)?;
     let v = serde_json::to_value(&m)?;
     // What the backup holds besides disks, in words (old backups: none recorded).
@@ -436,7 +460,7 @@ fn cmd_restore(
     new_macs: bool,
 ) -> anyhow::Result<Output> {
     let lv = Libvirt::open(&cfg.connect)?;
-    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    let repo = open_repo(cfg)?;
     let progress = Progress::new();
     let opts = vmbackup::restore::Options {
         power_off,
@@ -471,7 +495,7 @@ fn cmd_restore(
 }
 
 fn cmd_delete(cfg: &Config, id: &str) -> anyhow::Result<Output> {
-    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    let repo = open_repo(cfg)?;
     repo.delete(id).map_err(vmbackup::Error::from)?;
     Ok(Output {
         json: json!({"ok": true, "deleted": id}),
@@ -481,7 +505,7 @@ fn cmd_delete(cfg: &Config, id: &str) -> anyhow::Result<Output> {
 }
 
 fn cmd_verify(cfg: &Config, ids: &[String]) -> anyhow::Result<Output> {
-    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    let repo = open_repo(cfg)?;
     let all = ids.is_empty();
     let ids: Vec<String> = if all {
         let scan = repo.scan().map_err(vmbackup::Error::from)?;
@@ -522,7 +546,7 @@ fn cmd_verify(cfg: &Config, ids: &[String]) -> anyhow::Result<Output> {
 }
 
 fn cmd_gc(cfg: &Config) -> anyhow::Result<Output> {
-    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    let repo = open_repo(cfg)?;
     match repo.gc().map_err(vmbackup::Error::from)? {
         Some(c) => Ok(Output {
             text: format!(
@@ -546,7 +570,7 @@ fn cmd_recover(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
         .map_err(vmbackup::Error::from)?;
     let lv = Libvirt::open(&cfg.connect)?;
     vmbackup::recover::check_names(&lv, &cfg.qemu_dir, &vms)?;
-    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    let repo = open_repo(cfg)?;
     let state = vmbackup::state::State::open(&cfg.state_dir).map_err(vmbackup::Error::from)?;
     let r = vmbackup::recover::recover(
         &lv,
@@ -635,6 +659,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
     // This binary guards the plain QEMU guests it freezes (see thaw_guard).
     cfg.backup.thaw_guard = std::env::current_exe().ok();
     match &cli.command {
+        C::Init { encrypt } => cmd_init(&cfg, *encrypt),
         C::Check { domains } => cmd_check(&cfg, domains),
         C::Backup {
             domains,
@@ -650,9 +675,9 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             new_macs,
         } => {
             let vm = as_name.clone().or_else(|| {
-                Repository::open(&cfg.repo)
-                    .and_then(|r| r.load(id))
+                open_repo(&cfg)
                     .ok()
+                    .and_then(|r| r.load(id).ok())
                     .map(|m| m.vm_name)
             });
             let job = JobRecord::start(&cfg, "restore", vm.as_deref());
@@ -662,9 +687,9 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             r
         }
         C::Delete { id } => {
-            let vm = Repository::open(&cfg.repo)
-                .and_then(|r| r.load(id))
+            let vm = open_repo(&cfg)
                 .ok()
+                .and_then(|r| r.load(id).ok())
                 .map(|m| m.vm_name);
             let job = JobRecord::start(&cfg, "delete", vm.as_deref());
             let r = cmd_delete(&cfg, id).with_context(|| format!("delete {id}"));

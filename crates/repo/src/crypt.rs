@@ -34,14 +34,14 @@ pub const KDF_LANES: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum CryptError {
     #[error(
-        "repository {} is encrypted: give its key file (--key-file or VMBACKUP_KEY_FILE) or its passphrase (VMBACKUP_PASSPHRASE_FILE, VMBACKUP_PASSPHRASE_COMMAND, or a terminal)",
+        "{} is encrypted: give its key file (--key-file or VMBACKUP_KEY_FILE) or its passphrase (VMBACKUP_PASSPHRASE_FILE, VMBACKUP_PASSPHRASE_COMMAND, or a terminal)",
         .0.display()
     )]
     KeyNeeded(PathBuf),
     #[error("the key does not open repository {}: wrong key file or passphrase", .0.display())]
     WrongKey(PathBuf),
     #[error(
-        "repository {} is not encrypted, yet a key was given (--key-file, VMBACKUP_KEY_FILE or a passphrase); refused, so that nothing is stored unencrypted by mistake",
+        "{} is not encrypted, yet a key was given (--key-file, VMBACKUP_KEY_FILE or a passphrase); refused, so that nothing is stored unencrypted by mistake",
         .0.display()
     )]
     NotEncrypted(PathBuf),
