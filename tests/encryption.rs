@@ -74,7 +74,6 @@ fn an_encrypted_repository_hides_the_guest_data_and_detects_tampering() {
     let place = Place::new();
     let key = place.dir.path().join("repo.key");
     let key_arg = key.to_str().unwrap();
-    let k = ["--key-file", key_arg];
     // init in key-file mode (no passphrase, no terminal: stdin is not one here).
     let i = vmbackup(&place, &["init", "--encrypt", "--key-file", key_arg]);
     assert_eq!(i.code, 0, "{}", i.stderr);

@@ -11,7 +11,6 @@ use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::chunk::Digest;
 use super::storage::ObjectStore;
 use super::{RepoError, Result};
 
@@ -133,7 +132,7 @@ impl Keys {
     }
 
     /// The keyed name of a chunk: HMAC-SHA256 of its content.
-    pub fn chunk_digest(&self, data: &[u8]) -> Digest {
+    pub fn chunk_digest(&self, data: &[u8]) -> [u8; 32] {
         let mut m = self.chunk_names.clone();
         m.update(data);
         m.finalize().into_bytes().into()
