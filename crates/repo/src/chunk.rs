@@ -221,7 +221,12 @@ impl<'a> ChunkStore<'a> {
         self.remember(d);
         Ok(PutOutcome {
             digest: d,
-            stored_bytes: enc.len() as u64,
+            // What the store holds: sealing adds its header and tag.
+            stored_bytes: enc.len() as u64
+                + match self.namer {
+                    Namer::Keyed(_) => crate::crypt::OVERHEAD as u64,
+                    Namer::Sha256 => 0,
+                },
             new: true,
             repaired,
         })
