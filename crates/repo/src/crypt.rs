@@ -782,4 +782,84 @@ mod tests {
             "{e:?}"
         );
     }
+
+    /// Chunk store throughput, unencrypted against encrypted, into a tmpfs-backed folder
+    /// when there is one: `cargo test -p vmbackup-repo --release -- --ignored throughput
+    /// --nocapture`.
+    #[test]
+    #[ignore]
+    fn throughput_encrypted_against_unencrypted() {
+        use crate::chunk::{ChunkStore, Namer};
+        const M: usize = 1 << 20;
+        let chunks: Vec<Vec<u8>> = (0..64u64)
+            .map(|n| {
+                let mut x = n.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+                (0..4 * M)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect()
+            })
+            .collect();
+        let base = if Path::new("/dev/shm").is_dir() {
+            "/dev/shm"
+        } else {
+            "/var/tmp"
+        };
+        let mut secs = Vec::new();
+        for encrypted in [false, true] {
+            let d = tempfile::tempdir_in(base).unwrap();
+            let keys = Arc::new(keys());
+            let store: Box<dyn ObjectStore> = if encrypted {
+                Box::new(Sealed::new(Box::new(LocalDir::new(d.path())), keys.clone()))
+            } else {
+                Box::new(LocalDir::new(d.path()))
+            };
+            let namer = if encrypted {
+                Namer::Keyed(keys)
+            } else {
+                Namer::Sha256
+            };
+            let c = ChunkStore::new(store.as_ref(), &namer);
+            let t = std::time::Instant::now();
+            for data in &chunks {
+                c.put(data).unwrap();
+            }
+            store.sync().unwrap();
+            let s = t.elapsed().as_secs_f64();
+            println!(
+                "{}: {:.0} MiB/s",
+                if encrypted {
+                    "encrypted"
+                } else {
+                    "unencrypted"
+                },
+                256.0 / s
+            );
+            secs.push(s);
+        }
+        println!("encrypted speed: {:.2}x of unencrypted", secs[0] / secs[1]);
+        let k = keys();
+        let t = std::time::Instant::now();
+        for data in &chunks {
+            std::hint::black_box(k.seal("chunks/x", data).unwrap());
+        }
+        println!("seal alone: {:.0} MiB/s", 256.0 / t.elapsed().as_secs_f64());
+        let t = std::time::Instant::now();
+        for data in &chunks {
+            std::hint::black_box(k.chunk_digest(data));
+        }
+        println!("HMAC alone: {:.0} MiB/s", 256.0 / t.elapsed().as_secs_f64());
+        let t = std::time::Instant::now();
+        for data in &chunks {
+            std::hint::black_box(crate::chunk::digest(data));
+        }
+        println!(
+            "SHA-256 alone: {:.0} MiB/s",
+            256.0 / t.elapsed().as_secs_f64()
+        );
+    }
 }
