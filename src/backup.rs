@@ -796,7 +796,9 @@ type Copied = (Vec<DiskEntry>, u64, u64);
 /// Reads a few chunks (chosen at random, none of `changed`) again and compares them with
 /// `index`, the base backup's: they must not have changed. A mismatch fails the run loudly and
 /// leaves a request for the next backup to read the disk whole. Returns the bytes read.
+#[allow(clippy::too_many_arguments)]
 fn check_unchanged(
+    namer: &crate::repository::chunk::Namer,
     reader: &ImageReader,
     index: &DiskIndex,
     changed: &[u64],
@@ -806,7 +808,7 @@ fn check_unchanged(
     state_dir: &Path,
 ) -> Result<u64> {
     let picks = changes::pick(index, changes::SPOT_CHECKS, changed);
-    let (bytes_read, mismatch) = changes::spot_check(reader, index, &picks)?;
+    let (bytes_read, mismatch) = changes::spot_check(namer, reader, index, &picks)?;
     if let Some(m) = mismatch {
         let why = format!(
             "chunk {} of {target} differs from backup {based_on}, though nothing recorded a change to it",
@@ -955,8 +957,16 @@ fn copy_disks(
             } => {
                 let _ = index_object;
                 let index = base_index.take().ok_or_else(no_base)?;
-                let bytes_read =
-                    check_unchanged(&reader, &index, &[], &based_on, &w.target, vm, state_dir)?;
+                let bytes_read = check_unchanged(
+                    repo.namer(),
+                    &reader,
+                    &index,
+                    &[],
+                    &based_on,
+                    &w.target,
+                    vm,
+                    state_dir,
+                )?;
                 tracing::info!(vm = %vm, disk = %w.target, based_on = %based_on, "unchanged since the last backup: not read");
                 progress(&label, w.virtual_size, w.virtual_size);
                 let read = DiskRead {
@@ -981,7 +991,14 @@ fn copy_disks(
                 let _ = index_object;
                 let base = base_index.take().ok_or_else(no_base)?;
                 let checked = check_unchanged(
-                    &reader, &base, &changed, &based_on, &w.target, vm, state_dir,
+                    repo.namer(),
+                    &reader,
+                    &base,
+                    &changed,
+                    &based_on,
+                    &w.target,
+                    vm,
+                    state_dir,
                 )?;
                 tracing::info!(vm = %vm, disk = %w.target, based_on = %based_on, bitmap = %bitmap, chunks = changed.len(), "reading the chunks changed since the last backup");
                 let b = backup_disk_changes(

@@ -215,6 +215,7 @@ pub struct Mismatch {
 /// Reads `picks` chunks of `reader` again and compares them with `index`; returns the bytes
 /// read and the first chunk that differs.
 pub fn spot_check(
+    namer: &chunk::Namer,
     reader: &ImageReader,
     index: &DiskIndex,
     picks: &[u64],
@@ -227,7 +228,7 @@ pub fn spot_check(
         let zero = kind == ChunkKind::Zero || buf.iter().all(|&b| b == 0);
         let same = match index.chunks.get(i as usize) {
             Some(None) => zero,
-            Some(Some(d)) => !zero && chunk::digest(&buf) == *d,
+            Some(Some(d)) => !zero && namer.digest(&buf) == *d,
             None => false,
         };
         if !same {
@@ -586,18 +587,22 @@ mod tests {
             ],
         };
         let reader = ImageReader::open(&path, "raw").unwrap();
-        let (read, bad) = spot_check(&reader, &index, &[0, 1, 2]).unwrap();
+        let (read, bad) = spot_check(&chunk::Namer::Sha256, &reader, &index, &[0, 1, 2]).unwrap();
         assert_eq!((read, bad), (3 * MIB as u64, None));
         data[MIB + 7] ^= 0xff;
         data[2 * MIB + 9] = 1;
         std::fs::write(&path, &data).unwrap();
         let reader = ImageReader::open(&path, "raw").unwrap();
         assert_eq!(
-            spot_check(&reader, &index, &[0, 1]).unwrap().1,
+            spot_check(&chunk::Namer::Sha256, &reader, &index, &[0, 1])
+                .unwrap()
+                .1,
             Some(Mismatch { chunk: 1 })
         );
         assert_eq!(
-            spot_check(&reader, &index, &[2]).unwrap().1,
+            spot_check(&chunk::Namer::Sha256, &reader, &index, &[2])
+                .unwrap()
+                .1,
             Some(Mismatch { chunk: 2 })
         );
     }

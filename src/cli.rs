@@ -29,6 +29,9 @@ pub struct Global {
     /// Backup repository directory [default: /var/lib/vmbackup/repo]
     #[arg(long, global = true, env = "VMBACKUP_REPO")]
     pub repo: Option<PathBuf>,
+    /// Key file of an encrypted repository (`init --encrypt`: where its key is written)
+    #[arg(long, global = true, env = "VMBACKUP_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
     /// State directory: locks, schedules, job history [default: /var/lib/vmbackup]
     #[arg(long, global = true, env = "VMBACKUP_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
@@ -70,6 +73,7 @@ impl Global {
         vmbackup::config::Overrides {
             connect: self.connect.clone(),
             repo: self.repo.clone(),
+            key_file: self.key_file.clone(),
             state_dir: self.state_dir.clone(),
             overlay_dir: self.overlay_dir.clone(),
             overlay_headroom: self.overlay_headroom,
@@ -92,6 +96,14 @@ pub enum Quiesce {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Create the repository (otherwise made, unencrypted, on first use). With --encrypt:
+    /// a random key, wrapped by a passphrase (VMBACKUP_PASSPHRASE_FILE,
+    /// VMBACKUP_PASSPHRASE_COMMAND or the terminal) and/or written to --key-file PATH
+    Init {
+        /// Encrypt everything stored (AES-256-GCM) and name chunks with a key
+        #[arg(long)]
+        encrypt: bool,
+    },
     /// Run the pre-flight checks alone, with the figures behind each verdict
     Check {
         #[arg(required = true)]
@@ -153,6 +165,12 @@ pub enum Command {
         /// Only backups started at or after TIME (RFC 3339, or a date: YYYY-MM-DD, UTC)
         #[arg(long, value_name = "TIME")]
         since: Option<String>,
+        /// The key file of an encrypted source (else --key-file's)
+        #[arg(long, value_name = "PATH")]
+        from_key_file: Option<std::path::PathBuf>,
+        /// The key file of an encrypted target (else --key-file's)
+        #[arg(long, value_name = "PATH")]
+        to_key_file: Option<std::path::PathBuf>,
     },
     /// Manage schedules
     #[command(subcommand)]

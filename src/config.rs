@@ -17,6 +17,8 @@ use crate::settings::BackupSettings;
 pub struct FileConfig {
     pub connect: Option<String>,
     pub repo: Option<PathBuf>,
+    /// The key file of an encrypted repository.
+    pub key_file: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub overlay_dir: Option<PathBuf>,
     pub overlay_headroom: Option<f64>,
@@ -62,6 +64,8 @@ impl FileConfig {
 pub struct Config {
     pub connect: String,
     pub repo: PathBuf,
+    /// The key file of an encrypted repository (`init --encrypt`: where the key is written).
+    pub key_file: Option<PathBuf>,
     pub state_dir: PathBuf,
     /// Where plain QEMU VMs' sockets are (`NAME.qmp`, `NAME.qga`).
     pub qemu_dir: PathBuf,
@@ -78,6 +82,8 @@ pub struct Config {
 pub struct Overrides {
     pub connect: Option<String>,
     pub repo: Option<PathBuf>,
+    /// The key file of an encrypted repository.
+    pub key_file: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub overlay_dir: Option<PathBuf>,
     pub overlay_headroom: Option<f64>,
@@ -150,6 +156,7 @@ impl Config {
                 .repo
                 .or(f.repo)
                 .unwrap_or_else(|| PathBuf::from("/var/lib/vmbackup/repo")),
+            key_file: o.key_file.or(f.key_file),
             state_dir: o
                 .state_dir
                 .or(f.state_dir)

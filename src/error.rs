@@ -138,6 +138,11 @@ fn repo_code(e: &RepoError) -> i32 {
         RepoError::NotFound(_) | RepoError::BadName(_) | RepoError::NotARepository(_) => {
             exit::BAD_INPUT
         }
+        // A missing or wrong key, an `init` of an existing repository.
+        RepoError::Crypt(c) => match c {
+            crate::repository::crypt::CryptError::Internal(_) => exit::FAILED,
+            _ => exit::BAD_INPUT,
+        },
         _ => exit::FAILED,
     }
 }

@@ -33,6 +33,7 @@ pub mod schedule;
 pub mod settings;
 pub mod state;
 pub mod thaw_guard;
+pub mod unlock;
 pub mod vm_ref;
 pub mod vm_state;
 

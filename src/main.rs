@@ -19,8 +19,8 @@ use vmbackup::error::{chain, exit};
 use vmbackup::hypervisor::libvirt::Libvirt;
 use vmbackup::hypervisor::open::Hypervisors;
 use vmbackup::preflight::gib;
-use vmbackup::repository::Repository;
 use vmbackup::settings::Quiesce;
+use vmbackup::unlock::open_repo;
 use vmbackup::vm_ref::VmRef;
 
 fn init_logging() {
@@ -224,6 +224,30 @@ fn error_json(e: &vmbackup::Error) -> Value {
     v
 }
 
+fn cmd_init(cfg: &Config, encrypt: bool) -> anyhow::Result<Output> {
+    let i = vmbackup::unlock::init(cfg, encrypt)?;
+    let mut text = format!(
+        "created {}repository {}\n",
+        if i.encrypted { "encrypted " } else { "" },
+        i.repo
+    );
+    if let Some(k) = &i.key_file {
+        text.push_str(&format!(
+            "its key is in {k}: keep a copy apart from the repository{}\n",
+            if i.passphrase {
+                ""
+            } else {
+                " (the only one: no passphrase opens it)"
+            }
+        ));
+    }
+    Ok(Output {
+        json: json!({"ok": true, "init": i}),
+        text,
+        code: exit::OK,
+    })
+}
+
 fn cmd_check(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
     // libvirt is opened at the first libvirt VM: plain QEMU VMs are checked through QMP.
     let hv = Hypervisors::new(&cfg.connect, &cfg.qemu_dir);
@@ -283,7 +307,7 @@ fn cmd_backup(
     full: bool,
 ) -> anyhow::Result<Output> {
     let hv = Hypervisors::new(&cfg.connect, &cfg.qemu_dir);
-    let repo = Repository::open(&cfg.repo)?;
+    let repo = open_repo(cfg)?;
     let state = vmbackup::state::State::open(&cfg.state_dir)?;
     let mut opts = cfg.backup.clone();
     opts.quiesce = match quiesce {
@@ -358,7 +382,7 @@ fn cmd_list(cfg: &Config, domain: Option<&str>) -> anyhow::Result<Output> {
         .map(str::parse::<VmRef>)
         .transpose()
         .map_err(vmbackup::Error::from)?;
-    let repo = Repository::open(&cfg.repo)?;
+    let repo = open_repo(cfg)?;
     let scan = repo.scan()?;
     let list: Vec<_> = scan
         .backups
@@ -418,7 +442,7 @@ fn cmd_list(cfg: &Config, domain: Option<&str>) -> anyhow::Result<Output> {
 }
 
 fn cmd_show(cfg: &Config, id: &str) -> anyhow::Result<Output> {
-    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    let repo = open_repo(cfg)?;
     let m = repo.load(id).map_err(vmbackup::Error::from)?;
     let v = serde_json::to_value(&m)?;
     // What the backup holds besides disks, in words (old backups: none recorded).
@@ -438,7 +462,7 @@ fn cmd_restore(
     new_macs: bool,
 ) -> anyhow::Result<Output> {
     let lv = Libvirt::open(&cfg.connect)?;
-    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    let repo = open_repo(cfg)?;
     let progress = Progress::new();
     let opts = vmbackup::restore::Options {
         power_off,
@@ -473,7 +497,7 @@ fn cmd_restore(
 }
 
 fn cmd_delete(cfg: &Config, id: &str) -> anyhow::Result<Output> {
-    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    let repo = open_repo(cfg)?;
     repo.delete(id).map_err(vmbackup::Error::from)?;
     Ok(Output {
         json: json!({"ok": true, "deleted": id}),
@@ -483,7 +507,7 @@ fn cmd_delete(cfg: &Config, id: &str) -> anyhow::Result<Output> {
 }
 
 fn cmd_verify(cfg: &Config, ids: &[String], metadata: bool) -> anyhow::Result<Output> {
-    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    let repo = open_repo(cfg)?;
     if metadata {
         let results = repo.verify_metadata(ids).map_err(vmbackup::Error::from)?;
         return Ok(verified_output(results, true));
@@ -553,8 +577,15 @@ fn parse_since(s: &str) -> Result<jiff::Timestamp, vmbackup::Error> {
         })
 }
 
-fn cmd_sync(from: &str, to: &str, vm: Option<&str>, since: Option<&str>) -> anyhow::Result<Output> {
+fn cmd_sync(
+    cfg: &Config,
+    [from, to]: [&str; 2],
+    [from_key, to_key]: [Option<&std::path::Path>; 2],
+    vm: Option<&str>,
+    since: Option<&str>,
+) -> anyhow::Result<Output> {
     use vmbackup::repository::sync::{sync, SyncError, SyncFilter};
+    use vmbackup::unlock::unlock_other;
     let filter = SyncFilter {
         vm: vm.map(str::to_string),
         since: since.map(parse_since).transpose()?,
@@ -577,8 +608,12 @@ fn cmd_sync(from: &str, to: &str, vm: Option<&str>, since: Option<&str>) -> anyh
         ))
         .into());
     }
-    let source = Repository::open(&from_path).map_err(vmbackup::Error::from)?;
-    let target = Repository::open(&to_path).map_err(vmbackup::Error::from)?;
+    let open = |path: &std::path::Path, key: Option<&std::path::Path>| {
+        vmbackup::repository::Repository::open_unlocked(path, &unlock_other(cfg, path, key))
+            .map_err(vmbackup::Error::from)
+    };
+    let source = open(&from_path, from_key)?;
+    let target = open(&to_path, to_key)?;
     let progress = |m: &vmbackup::repository::manifest::Manifest| {
         tracing::info!(backup = %m.id, vm = %m.vm_name, "copying");
     };
@@ -612,7 +647,7 @@ fn cmd_sync(from: &str, to: &str, vm: Option<&str>, since: Option<&str>) -> anyh
 }
 
 fn cmd_gc(cfg: &Config) -> anyhow::Result<Output> {
-    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    let repo = open_repo(cfg)?;
     match repo.gc().map_err(vmbackup::Error::from)? {
         Some(c) => Ok(Output {
             text: format!(
@@ -636,7 +671,7 @@ fn cmd_recover(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
         .map_err(vmbackup::Error::from)?;
     let lv = Libvirt::open(&cfg.connect)?;
     vmbackup::recover::check_names(&lv, &cfg.qemu_dir, &vms)?;
-    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    let repo = open_repo(cfg)?;
     let state = vmbackup::state::State::open(&cfg.state_dir).map_err(vmbackup::Error::from)?;
     let r = vmbackup::recover::recover(
         &lv,
@@ -725,6 +760,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
     // This binary guards the plain QEMU guests it freezes (see thaw_guard).
     cfg.backup.thaw_guard = std::env::current_exe().ok();
     match &cli.command {
+        C::Init { encrypt } => cmd_init(&cfg, *encrypt),
         C::Check { domains } => cmd_check(&cfg, domains),
         C::Backup {
             domains,
@@ -740,9 +776,9 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             new_macs,
         } => {
             let vm = as_name.clone().or_else(|| {
-                Repository::open(&cfg.repo)
-                    .and_then(|r| r.load(id))
+                open_repo(&cfg)
                     .ok()
+                    .and_then(|r| r.load(id).ok())
                     .map(|m| m.vm_name)
             });
             let job = JobRecord::start(&cfg, "restore", vm.as_deref());
@@ -752,9 +788,9 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             r
         }
         C::Delete { id } => {
-            let vm = Repository::open(&cfg.repo)
-                .and_then(|r| r.load(id))
+            let vm = open_repo(&cfg)
                 .ok()
+                .and_then(|r| r.load(id).ok())
                 .map(|m| m.vm_name);
             let job = JobRecord::start(&cfg, "delete", vm.as_deref());
             let r = cmd_delete(&cfg, id).with_context(|| format!("delete {id}"));
@@ -768,7 +804,15 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             to,
             vm,
             since,
-        } => cmd_sync(from, to, vm.as_deref(), since.as_deref()),
+            from_key_file,
+            to_key_file,
+        } => cmd_sync(
+            &cfg,
+            [from, to],
+            [from_key_file.as_deref(), to_key_file.as_deref()],
+            vm.as_deref(),
+            since.as_deref(),
+        ),
         C::Prune => cli_schedule::cmd_prune(&cfg),
         C::Recover { domains } => cmd_recover(&cfg, domains),
         C::ThawGuard { .. } => unreachable!("handled before the configuration is read"),

@@ -95,7 +95,8 @@ fn synced_backups_restore_from_the_target_and_a_killed_sync_is_finished_by_the_n
     assert_eq!(again.json["sync"]["chunks_copied"], 0);
 
     // Restored from the target, the guest reads what it held at the first backup.
-    vm.write_file("/mnt/vdb/marker", b"after the backups").unwrap();
+    vm.write_file("/mnt/vdb/marker", b"after the backups")
+        .unwrap();
     vm.dom().destroy().unwrap();
     let r = vmbackup(&shared, &["restore", &first]);
     assert_eq!(r.code, 0, "{}", r.stderr);

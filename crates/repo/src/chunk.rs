@@ -20,8 +20,25 @@ const FLAG_ZSTD: u8 = 1;
 const WORTH: f64 = 0.90;
 const SAMPLE: usize = 64 << 10;
 
+/// The plain chunk name: SHA-256 of the content (unencrypted repositories).
 pub fn digest(data: &[u8]) -> Digest {
     Sha256::digest(data).into()
+}
+
+/// How a repository names its chunks: plain SHA-256, or keyed (an encrypted repository,
+/// whose store never sees content hashes).
+pub enum Namer {
+    Sha256,
+    Keyed(std::sync::Arc<crate::crypt::Keys>),
+}
+
+impl Namer {
+    pub fn digest(&self, data: &[u8]) -> Digest {
+        match self {
+            Namer::Sha256 => digest(data),
+            Namer::Keyed(k) => k.chunk_digest(data),
+        }
+    }
 }
 
 pub fn hex(d: &Digest) -> String {
@@ -69,8 +86,8 @@ pub fn encode(data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Decodes a chunk file and checks it against its digest.
-pub fn decode(bytes: &[u8], expect: &Digest) -> Result<Vec<u8>> {
+/// Decodes a chunk file and checks it against its digest (made by `namer`).
+pub fn decode(bytes: &[u8], expect: &Digest, namer: &Namer) -> Result<Vec<u8>> {
     let corrupt = || RepoError::Corrupt {
         digest: hex(expect),
     };
@@ -83,7 +100,7 @@ pub fn decode(bytes: &[u8], expect: &Digest) -> Result<Vec<u8>> {
         FLAG_ZSTD => zstd::bulk::decompress(&bytes[HEADER..], len).map_err(|_| corrupt())?,
         _ => return Err(corrupt()),
     };
-    if data.len() != len || digest(&data) != *expect {
+    if data.len() != len || namer.digest(&data) != *expect {
         return Err(corrupt());
     }
     Ok(data)
@@ -108,6 +125,7 @@ pub fn holds(bytes: &[u8], data: &[u8]) -> bool {
 
 pub struct ChunkStore<'a> {
     store: &'a dyn ObjectStore,
+    namer: &'a Namer,
     /// The chunks already found intact or written; `None`: every reuse is checked.
     checked: Option<&'a Mutex<HashSet<Digest>>>,
     /// The chunks known to be in the store (see `Repository::seed_known`): reused without
@@ -117,9 +135,10 @@ pub struct ChunkStore<'a> {
 
 impl<'a> ChunkStore<'a> {
     /// A chunk store that checks an existing chunk every time it is reused.
-    pub fn new(store: &'a dyn ObjectStore) -> Self {
+    pub fn new(store: &'a dyn ObjectStore, namer: &'a Namer) -> Self {
         ChunkStore {
             store,
+            namer,
             checked: None,
             known: None,
         }
@@ -127,9 +146,14 @@ impl<'a> ChunkStore<'a> {
 
     /// A chunk store that checks an existing chunk the first time it is reused, and
     /// remembers in `checked` the chunks it found intact or wrote.
-    pub fn checked_once(store: &'a dyn ObjectStore, checked: &'a Mutex<HashSet<Digest>>) -> Self {
+    pub fn checked_once(
+        store: &'a dyn ObjectStore,
+        namer: &'a Namer,
+        checked: &'a Mutex<HashSet<Digest>>,
+    ) -> Self {
         ChunkStore {
             store,
+            namer,
             checked: Some(checked),
             known: None,
         }
@@ -139,11 +163,13 @@ impl<'a> ChunkStore<'a> {
     /// to it every chunk it found intact or wrote.
     pub fn with_known(
         store: &'a dyn ObjectStore,
+        namer: &'a Namer,
         checked: &'a Mutex<HashSet<Digest>>,
         known: &'a Mutex<HashSet<Digest>>,
     ) -> Self {
         ChunkStore {
             store,
+            namer,
             checked: Some(checked),
             known: Some(known),
         }
@@ -168,7 +194,7 @@ impl<'a> ChunkStore<'a> {
     }
 
     pub fn put(&self, data: &[u8]) -> Result<PutOutcome> {
-        let d = digest(data);
+        let d = self.namer.digest(data);
         self.put_with_digest(data, d)
     }
 
@@ -232,15 +258,25 @@ impl<'a> ChunkStore<'a> {
         self.remember(d);
         Ok(PutOutcome {
             digest: d,
-            stored_bytes: enc.len() as u64,
+            // What the store holds: sealing adds its header and tag.
+            stored_bytes: enc.len() as u64
+                + match self.namer {
+                    Namer::Keyed(_) => crate::crypt::OVERHEAD as u64,
+                    Namer::Sha256 => 0,
+                },
             new: true,
             repaired,
         })
     }
 
+    /// Chunk `d`, checked against its digest; a damaged one (or, encrypted, one that fails
+    /// authentication) is `RepoError::Corrupt`.
     pub fn get(&self, d: &Digest) -> Result<Vec<u8>> {
-        let bytes = self.store.get(&object_name(d))?;
-        decode(&bytes, d)
+        let bytes = self.store.get(&object_name(d)).map_err(|e| match e {
+            RepoError::Tampered { .. } => RepoError::Corrupt { digest: hex(d) },
+            e => e,
+        })?;
+        decode(&bytes, d, self.namer)
     }
 }
 
@@ -265,7 +301,7 @@ mod tests {
     fn round_trip_dedup_and_compression_choice() {
         let d = tempfile::tempdir().unwrap();
         let s = LocalDir::new(d.path());
-        let c = ChunkStore::new(&s);
+        let c = ChunkStore::new(&s, &Namer::Sha256);
         let text = b"the same line again and again\n".repeat(10_000);
         let a = c.put(&text).unwrap();
         assert!(
@@ -292,7 +328,7 @@ mod tests {
     fn a_flipped_byte_is_reported_as_corrupt() {
         let d = tempfile::tempdir().unwrap();
         let s = LocalDir::new(d.path());
-        let c = ChunkStore::new(&s);
+        let c = ChunkStore::new(&s, &Namer::Sha256);
         for data in [noise(4096), b"abc".repeat(5000)] {
             let p = c.put(&data).unwrap();
             s.sync().unwrap();

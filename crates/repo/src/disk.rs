@@ -291,7 +291,7 @@ fn for_each_data_chunk(
     write: impl Fn(u64, &[u8]) -> Result<()> + Sync,
 ) -> Result<()> {
     let done = AtomicU64::new(0);
-    let chunks = ChunkStore::new(repo.store());
+    let chunks = ChunkStore::new(repo.store(), repo.namer());
     for_each_parallel(index.chunks.len(), threads, |i| {
         if let Some(d) = &index.chunks[i] {
             write(i as u64 * index.chunk_size, &chunks.get(d)?)?;
@@ -370,7 +370,7 @@ pub fn restore_disk_qcow2(
 
 /// The digests of the distinct chunks of `index` that are missing or damaged.
 pub fn verify_disk(repo: &Repository, index: &DiskIndex) -> Result<Vec<String>> {
-    let chunks = ChunkStore::new(repo.store());
+    let chunks = ChunkStore::new(repo.store(), repo.namer());
     let mut bad = Vec::new();
     let mut seen = std::collections::HashSet::new();
     // Each distinct chunk once, however often the disk uses it.

@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod chunk;
+pub mod crypt;
 pub mod digest;
 pub mod disk;
 pub mod failpoint;
@@ -22,6 +23,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crypt::{CryptError, EncryptionConfig, Keys, Passphrase, Sealed, Unlock};
 use manifest::Manifest;
 use storage::{LocalDir, ObjectStore};
 
@@ -46,9 +48,13 @@ pub enum RepoError {
     BadManifest {
         id: String,
         #[source]
-        source: serde_json::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("{} is a repository of format {found}, this program reads format {}", path.display(), FORMAT)]
+    #[error("object {object} fails authentication: it was changed or damaged")]
+    Tampered { object: String },
+    #[error(transparent)]
+    Crypt(#[from] CryptError),
+    #[error("{} is a repository of format {found}, this program reads formats {} and {}", path.display(), FORMAT, FORMAT_ENCRYPTED)]
     Format { path: PathBuf, found: u32 },
     #[error("source disk")]
     Source(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -72,12 +78,27 @@ pub enum RepoError {
 
 pub type Result<T, E = RepoError> = std::result::Result<T, E>;
 
-/// The repository format this program writes.
+/// The repository format this program writes (unencrypted repositories).
 pub const FORMAT: u32 = 1;
+/// The format of encrypted repositories (FORMAT.md): older programs refuse them.
+pub const FORMAT_ENCRYPTED: u32 = 2;
+
+/// What `vmbackup init` makes.
+#[derive(Default)]
+pub struct InitOptions {
+    pub encrypt: bool,
+    /// Where the master key is written too (a new file, 0600).
+    pub key_file: Option<PathBuf>,
+    /// The passphrase that wraps the master key in the repository; `None` with a key file:
+    /// the key is kept only there.
+    pub passphrase: Option<Passphrase>,
+}
 
 pub struct Repository {
     path: PathBuf,
     store: Arc<dyn ObjectStore>,
+    /// How chunks are named: SHA-256, or keyed in an encrypted repository.
+    namer: chunk::Namer,
     /// Chunks found intact (or written) by this process: reused without another check.
     checked: Mutex<HashSet<chunk::Digest>>,
     /// Chunks known to be in the store while this process holds its backup lock (seeded
@@ -104,6 +125,106 @@ impl Repository {
     /// Opens the repository in `dir`, creating it (mode 0700) on first use: in a folder that
     /// does not exist or is empty. A folder with other content is refused, and left as it is.
     pub fn open(dir: &Path) -> Result<Repository> {
+        Repository::open_unlocked(dir, &Unlock::none())
+    }
+
+    /// Like `open`, with what unlocks an encrypted repository. With a key given explicitly,
+    /// no repository is created (`init` does) and an unencrypted one is refused.
+    pub fn open_unlocked(dir: &Path, unlock: &Unlock) -> Result<Repository> {
+        if unlock.explicit && !dir.join("config.json").exists() {
+            return Err(CryptError::NoRepository(dir.to_path_buf()).into());
+        }
+        Repository::prepare_dir(dir)?;
+        Repository::open_with_unlock(dir, Box::new(LocalDir::new(dir)), unlock)
+    }
+
+    /// Creates a new repository in `dir` (`vmbackup init`): a folder that does not exist or
+    /// is empty. Refuses (`CryptError::Initialized`) a repository, and changes nothing.
+    pub fn init(dir: &Path, o: &InitOptions) -> Result<()> {
+        if dir.join("config.json").exists() {
+            return Err(CryptError::Initialized(dir.to_path_buf()).into());
+        }
+        if let Some(k) = &o.key_file {
+            if k.symlink_metadata().is_ok() {
+                return Err(CryptError::KeyFile {
+                    path: k.clone(),
+                    why: "exists already; it is never overwritten".into(),
+                }
+                .into());
+            }
+        }
+        Repository::prepare_dir(dir)?;
+        Repository::init_with(dir, Box::new(LocalDir::new(dir)), o)
+    }
+
+    /// Creates a new repository in `store` (see `init`).
+    pub fn init_with(dir: &Path, store: Box<dyn ObjectStore>, o: &InitOptions) -> Result<()> {
+        let initialized = |e| match e {
+            RepoError::Exists(_) => RepoError::from(CryptError::Initialized(dir.to_path_buf())),
+            e => e,
+        };
+        if store.exists("config.json")? {
+            return Err(CryptError::Initialized(dir.to_path_buf()).into());
+        }
+        if !o.encrypt {
+            let cfg = serde_json::json!({"format": FORMAT, "chunk_digest": "sha256"});
+            return store
+                .put_new("config.json", cfg.to_string().as_bytes())
+                .map_err(initialized);
+        }
+        if o.key_file.is_none() && o.passphrase.is_none() {
+            return Err(CryptError::Passphrase(
+                "none given, and no key file: the key would be lost".into(),
+            )
+            .into());
+        }
+        let master = crypt::MasterKey::generate()?;
+        let mut id = [0u8; 16];
+        crypt::random(&mut id)?;
+        let enc = EncryptionConfig {
+            version: 1,
+            cipher: crypt::CIPHER.into(),
+            repository: crypt::hex(&id),
+            key_check: master.check_value(&crypt::hex(&id)),
+        };
+        let wrapped = match &o.passphrase {
+            Some(p) => Some(crypt::wrap(&master, &p.0, &enc.repository)?),
+            None => None,
+        };
+        if let Some(k) = &o.key_file {
+            crypt::write_key_file(k, &enc.repository, &master)?;
+        }
+        let cfg = serde_json::json!({
+            "format": FORMAT_ENCRYPTED,
+            "chunk_digest": "hmac-sha256",
+            "encryption": enc,
+        });
+        let mut wrote_wrapped = false;
+        let written = (|| {
+            if let Some(w) = &wrapped {
+                let text = serde_json::to_vec_pretty(w)
+                    .map_err(|e| CryptError::Internal(e.to_string()))?;
+                store.put_new(crypt::PASSPHRASE_OBJECT, &text)?;
+                wrote_wrapped = true;
+            }
+            // Last: the repository exists once its config does.
+            store.put_new("config.json", cfg.to_string().as_bytes())
+        })();
+        if let Err(e) = written {
+            if let Some(k) = &o.key_file {
+                let _ = std::fs::remove_file(k);
+            }
+            if wrote_wrapped {
+                let _ = store.delete(crypt::PASSPHRASE_OBJECT);
+            }
+            return Err(initialized(e));
+        }
+        Ok(())
+    }
+
+    /// Makes `dir` ready to hold a repository: creates it (0700) when it does not exist;
+    /// refuses a folder that is neither empty nor a repository, and leaves it as it is.
+    fn prepare_dir(dir: &Path) -> Result<()> {
         use std::os::unix::fs::DirBuilderExt;
         if !dir.exists() {
             std::fs::DirBuilder::new()
@@ -134,36 +255,90 @@ impl Repository {
                 }
             }
         }
-        Repository::open_with(dir, Box::new(LocalDir::new(dir)))
+        Ok(())
     }
 
     /// Opens the repository held by `store`, whose files (the lock) are in `dir`; creates
-    /// its config when `store` has none.
+    /// its config when `store` has none. An encrypted one is refused (`KeyNeeded`).
     pub fn open_with(dir: &Path, store: Box<dyn ObjectStore>) -> Result<Repository> {
-        let repo = Repository {
+        Repository::open_with_unlock(dir, store, &Unlock::none())
+    }
+
+    /// Opens the repository held by `store`: reads its config; an encrypted one is unlocked
+    /// with `unlock` (nothing is written before), its store wrapped to seal and open every
+    /// object, and its chunks named with a key.
+    pub fn open_with_unlock(
+        dir: &Path,
+        store: Box<dyn ObjectStore>,
+        unlock: &Unlock,
+    ) -> Result<Repository> {
+        let plain = |store| Repository {
             path: dir.to_path_buf(),
             store: Arc::from(store),
+            namer: chunk::Namer::Sha256,
             checked: Mutex::new(HashSet::new()),
             known: Mutex::new(HashSet::new()),
         };
-        match repo.store.get("config.json") {
-            Ok(bytes) => {
-                let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-                let found = v["format"].as_u64().unwrap_or(0) as u32;
-                if found != FORMAT {
-                    return Err(RepoError::Format {
-                        path: dir.to_path_buf(),
-                        found,
-                    });
-                }
+        let bytes = match store.get("config.json") {
+            Ok(bytes) => bytes,
+            Err(RepoError::NotFound(_)) if unlock.explicit => {
+                return Err(CryptError::NoRepository(dir.to_path_buf()).into())
             }
             Err(RepoError::NotFound(_)) => {
                 let cfg = serde_json::json!({"format": FORMAT, "chunk_digest": "sha256"});
-                repo.store.put("config.json", cfg.to_string().as_bytes())?;
+                store.put("config.json", cfg.to_string().as_bytes())?;
+                return Ok(plain(store));
             }
             Err(e) => return Err(e),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        let found = v["format"].as_u64().unwrap_or(0) as u32;
+        match found {
+            FORMAT if unlock.explicit => Err(CryptError::NotEncrypted(dir.to_path_buf()).into()),
+            FORMAT => Ok(plain(store)),
+            FORMAT_ENCRYPTED => {
+                let enc: EncryptionConfig = serde_json::from_value(v["encryption"].clone())
+                    .map_err(|e| CryptError::Config(e.to_string()))?;
+                if enc.version != 1
+                    || enc.cipher != crypt::CIPHER
+                    || v["chunk_digest"] != "hmac-sha256"
+                {
+                    return Err(CryptError::Config(format!(
+                        "unknown encryption (version {}, cipher {})",
+                        enc.version, enc.cipher
+                    ))
+                    .into());
+                }
+                let master = unlock.master_key(dir, store.as_ref(), &enc)?;
+                let keys = Arc::new(Keys::new(&master));
+                Ok(Repository {
+                    path: dir.to_path_buf(),
+                    store: Arc::new(Sealed::new(store, keys.clone())),
+                    namer: chunk::Namer::Keyed(keys),
+                    checked: Mutex::new(HashSet::new()),
+                    known: Mutex::new(HashSet::new()),
+                })
+            }
+            _ => Err(RepoError::Format {
+                path: dir.to_path_buf(),
+                found,
+            }),
         }
-        Ok(repo)
+    }
+
+    /// Whether the repository is encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        matches!(self.namer, chunk::Namer::Keyed(_))
+    }
+
+    /// How this repository names chunks.
+    pub fn namer(&self) -> &chunk::Namer {
+        &self.namer
+    }
+
+    /// The name (digest) this repository gives a chunk of content `data`.
+    pub fn chunk_digest(&self, data: &[u8]) -> chunk::Digest {
+        self.namer.digest(data)
     }
 
     /// Drops the writes not yet synced (those of a backup that failed; a process runs one
@@ -219,7 +394,7 @@ impl Repository {
     /// The chunks of this repository, each existing one checked once by this process before
     /// a backup reuses it, unless it is known to be there (`seed_known`).
     pub fn chunks(&self) -> chunk::ChunkStore<'_> {
-        chunk::ChunkStore::with_known(self.store(), &self.checked, &self.known)
+        chunk::ChunkStore::with_known(self.store(), &self.namer, &self.checked, &self.known)
     }
 
     pub fn path(&self) -> &Path {
@@ -274,6 +449,9 @@ impl Repository {
         match self.store.get(&d.index_object) {
             Ok(b) => disk::DiskIndex::decode(&b).map_err(|e| damaged(format!("is damaged ({e})"))),
             Err(RepoError::NotFound(_)) => Err(damaged("is missing".into())),
+            Err(RepoError::Tampered { .. }) => Err(damaged(
+                "fails authentication: it was changed or damaged".into(),
+            )),
             Err(e) => Err(e),
         }
     }
@@ -296,6 +474,9 @@ impl Repository {
         let bytes = match self.store.get(&f.object) {
             Ok(b) => b,
             Err(RepoError::NotFound(_)) => return Err(damaged("is missing")),
+            Err(RepoError::Tampered { .. }) => {
+                return Err(damaged("fails authentication: it was changed or damaged"))
+            }
             Err(e) => return Err(e),
         };
         if bytes.len() as u64 != f.size || digest::sha256_hex(&bytes) != f.sha256 {
@@ -357,7 +538,7 @@ impl Repository {
     pub fn publish(&self, m: &Manifest) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(m).map_err(|source| RepoError::BadManifest {
             id: m.id.clone(),
-            source,
+            source: source.into(),
         })?;
         crate::failpoint::point("backup-before-manifest-rename");
         self.store.put_new(&manifest_name(&m.id), &bytes)
@@ -367,11 +548,15 @@ impl Repository {
         storage::check_name(id)?;
         let bytes = self.store.get(&manifest_name(id)).map_err(|e| match e {
             RepoError::NotFound(_) => RepoError::NotFound(id.to_string()),
+            e @ RepoError::Tampered { .. } => RepoError::BadManifest {
+                id: id.to_string(),
+                source: e.into(),
+            },
             e => e,
         })?;
         serde_json::from_slice(&bytes).map_err(|source| RepoError::BadManifest {
             id: id.to_string(),
-            source,
+            source: source.into(),
         })
     }
 

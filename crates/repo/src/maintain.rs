@@ -81,8 +81,18 @@ impl Repository {
         };
         crate::failpoint::point("verify-loaded");
         let mut damaged = Vec::new();
-        if m.domain_xml_object.is_empty() || !self.store().exists(&m.domain_xml_object)? {
-            damaged.push(format!("domain XML {} is missing", m.domain_xml_object));
+        if m.domain_xml_object.is_empty() {
+            damaged.push("domain XML  is missing".to_string());
+        } else {
+            // Read whole: in an encrypted repository that checks it was not changed.
+            match self.store().get(&m.domain_xml_object) {
+                Ok(_) => {}
+                Err(RepoError::NotFound(_)) => {
+                    damaged.push(format!("domain XML {} is missing", m.domain_xml_object))
+                }
+                Err(e @ RepoError::Tampered { .. }) => damaged.push(format!("domain XML: {e}")),
+                Err(e) => return Err(e),
+            }
         }
         for f in Repository::state_files(&m) {
             match self.get_state_file(&m.id, f) {

@@ -173,15 +173,17 @@ fn copy_backup(
 }
 
 impl Repository {
-    /// The digest this repository names a chunk of `data` by.
-    pub fn chunk_digest(&self, data: &[u8]) -> Digest {
-        chunk::digest(data)
-    }
-
     /// Which function names this repository's chunks: two repositories with the same one
-    /// share chunk names.
+    /// (both unencrypted, or encrypted with the same key) share chunk names. Not secret: a
+    /// keyed name of a constant.
     pub fn chunk_naming(&self) -> String {
-        "sha256".into()
+        match self.namer() {
+            chunk::Namer::Sha256 => "sha256".into(),
+            chunk::Namer::Keyed(_) => format!(
+                "hmac-sha256:{}",
+                chunk::hex(&self.chunk_digest(b"vmbackup: the key that names chunks"))
+            ),
+        }
     }
 }
 
@@ -291,6 +293,57 @@ mod tests {
         let s = sync(&a, &b, &SyncFilter::default(), &none).unwrap();
         assert!(s.copied.is_empty() && s.chunks_copied == 0, "{s:?}");
         assert_eq!(s.present.len(), 3);
+    }
+
+    fn encrypted(dir: &std::path::Path, name: &str) -> Repository {
+        let repo = dir.join(name);
+        let key = dir.join(format!("{name}.key"));
+        Repository::init(
+            &repo,
+            &crate::InitOptions {
+                encrypt: true,
+                key_file: Some(key.clone()),
+                passphrase: None,
+            },
+        )
+        .unwrap();
+        Repository::open_unlocked(&repo, &crate::crypt::Unlock::key_file(&key)).unwrap()
+    }
+
+    /// Between repositories that name chunks otherwise (another key, or none), every chunk is
+    /// read, named the target's way, and the indexes written with those names.
+    #[test]
+    fn copies_between_keys_rename_chunks_and_restore_the_same_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        let plain = Repository::open(&d.path().join("plain")).unwrap();
+        let k1 = encrypted(d.path(), "k1");
+        let k2 = encrypted(d.path(), "k2");
+        assert_ne!(k1.chunk_naming(), k2.chunk_naming());
+        assert_ne!(k1.chunk_naming(), plain.chunk_naming());
+        back_up(&plain, "web-1", "web", "2026-11-01T00:00:00Z", 1);
+        back_up(&plain, "web-2", "web", "2026-11-02T00:00:00Z", 2);
+        let want = disk_bytes(&plain, "web-1");
+        let all = SyncFilter::default();
+        let s = sync(&plain, &k1, &all, &|_| {}).unwrap();
+        assert_eq!(s.copied.len(), 2);
+        // The chunk of 7s both share is written once.
+        assert_eq!((s.chunks_copied, s.chunks_present), (3, 1));
+        let s = sync(&k1, &k2, &all, &|_| {}).unwrap();
+        assert_eq!((s.copied.len(), s.chunks_copied), (2, 3));
+        let back = Repository::open(&d.path().join("back")).unwrap();
+        sync(&k2, &back, &all, &|_| {}).unwrap();
+        for r in [&k1, &k2, &back] {
+            assert_eq!(disk_bytes(r, "web-1"), want);
+            assert!(r.verify("web-2").unwrap().ok);
+        }
+        // Back unencrypted, the chunks have their plain names again.
+        let idx = |r: &Repository| {
+            let m = r.load("web-1").unwrap();
+            r.get_index("web-1", &m.disks[0]).unwrap().chunks
+        };
+        assert_eq!(idx(&back), idx(&plain));
+        assert_ne!(idx(&k1), idx(&plain));
+        assert_ne!(idx(&k1), idx(&k2));
     }
 
     #[test]
