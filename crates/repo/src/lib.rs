@@ -7,9 +7,11 @@ pub mod disk;
 pub mod failpoint;
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod faults;
+pub mod location;
 pub mod maintain;
 pub mod manifest;
 pub mod qcow2;
+pub mod s3;
 pub mod source;
 pub mod storage;
 
@@ -61,6 +63,17 @@ pub enum RepoError {
         ids.join(", ")
     )]
     UnreadableManifests { ids: Vec<String> },
+    /// A bad repository location or S3 setting, or an S3 store that refuses or is unknown
+    /// when first reached: bad input, nothing was written.
+    #[error(transparent)]
+    Location(#[from] location::LocationError),
+    /// An S3 request that failed (after its retries).
+    #[error("S3: cannot {what} {name}: {detail}")]
+    Store {
+        what: &'static str,
+        name: String,
+        detail: String,
+    },
 }
 
 pub type Result<T, E = RepoError> = std::result::Result<T, E>;
@@ -69,7 +82,10 @@ pub type Result<T, E = RepoError> = std::result::Result<T, E>;
 pub const FORMAT: u32 = 1;
 
 pub struct Repository {
+    /// The repository's folder; for a remote one, a local folder for its local files.
     path: PathBuf,
+    /// `s3://bucket/prefix/` for a repository on an object store.
+    remote: Option<String>,
     store: Box<dyn ObjectStore>,
     /// Chunks found intact (or written) by this process: reused without another check.
     checked: Mutex<HashSet<chunk::Digest>>,
@@ -125,11 +141,57 @@ impl Repository {
         Repository::open_with(dir, Box::new(LocalDir::new(dir)))
     }
 
+    /// Opens the repository at `loc`: a folder (as `open`), or `s3://BUCKET/PREFIX` reached
+    /// with `s3`, whose local files (its lock) are in a folder under `state_dir`. An unknown
+    /// bucket, a wrong endpoint or refused credentials are `RepoError::Location`, with nothing
+    /// written; so is a prefix that holds other objects but no repository.
+    pub fn open_location(
+        loc: &location::Location,
+        s3: &location::S3Settings,
+        state_dir: &Path,
+    ) -> Result<Repository> {
+        let (bucket, prefix) = match loc {
+            location::Location::Local(dir) => return Repository::open(dir),
+            location::Location::S3 { bucket, prefix } => (bucket, prefix),
+        };
+        let store = s3::S3Store::open(bucket, prefix, s3)?;
+        let shown = store.location().to_string();
+        if !store.exists("config.json")? && !store.list("")?.is_empty() {
+            return Err(RepoError::NotARepository(shown.into()));
+        }
+        let mut local = state_dir.join("s3").join(bucket);
+        if !prefix.is_empty() {
+            local.push(prefix);
+        }
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&local)
+                .map_err(|source| RepoError::Io {
+                    what: "create folder",
+                    path: local.clone(),
+                    source,
+                })?;
+        }
+        let mut repo = Repository::open_with(&local, Box::new(store)).map_err(|e| match e {
+            RepoError::Format { found, .. } => RepoError::Format {
+                path: shown.clone().into(),
+                found,
+            },
+            e => e,
+        })?;
+        repo.remote = Some(shown);
+        Ok(repo)
+    }
+
     /// Opens the repository held by `store`, whose files (the lock) are in `dir`; creates
     /// its config when `store` has none.
     pub fn open_with(dir: &Path, store: Box<dyn ObjectStore>) -> Result<Repository> {
         let repo = Repository {
             path: dir.to_path_buf(),
+            remote: None,
             store,
             checked: Mutex::new(HashSet::new()),
         };
@@ -169,8 +231,23 @@ impl Repository {
         chunk::ChunkStore::checked_once(self.store(), &self.checked)
     }
 
+    /// The repository's folder; for one on an object store, the local folder of its local
+    /// files (see `remote`).
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// `s3://bucket/prefix/` for a repository on an object store, `None` for a folder.
+    pub fn remote(&self) -> Option<&str> {
+        self.remote.as_deref()
+    }
+
+    /// Where the repository is, for people: its folder or its `s3://` location.
+    pub fn location(&self) -> String {
+        match &self.remote {
+            Some(r) => r.clone(),
+            None => self.path.display().to_string(),
+        }
     }
 
     pub fn store(&self) -> &dyn ObjectStore {
