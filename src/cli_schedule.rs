@@ -435,7 +435,7 @@ pub fn cmd_history(cfg: &Config, days: u32, all: bool, vm: Option<&str>) -> anyh
 }
 
 pub fn cmd_pin(cfg: &Config, id: &str, pin: bool) -> anyhow::Result<Output> {
-    let repo = vmbackup::repository::Repository::open(&cfg.repo).map_err(Error::from)?;
+    let repo = cfg.open_repo().map_err(Error::from)?;
     repo.load(id).map_err(Error::from)?;
     let state = State::open(&cfg.state_dir).map_err(Error::from)?;
     if pin {
@@ -458,7 +458,7 @@ pub fn cmd_pin(cfg: &Config, id: &str, pin: bool) -> anyhow::Result<Output> {
 }
 
 pub fn cmd_prune(cfg: &Config) -> anyhow::Result<Output> {
-    let repo = vmbackup::repository::Repository::open(&cfg.repo).map_err(Error::from)?;
+    let repo = cfg.open_repo().map_err(Error::from)?;
     let all = run::prune_all(&cfg.state_dir, &repo, Timestamp::now())?;
     let deleted: Vec<&String> = all.iter().flat_map(|p| &p.deleted).collect();
     let errors: Vec<&String> = all.iter().flat_map(|p| &p.errors).collect();

@@ -19,7 +19,6 @@ use vmbackup::error::{chain, exit};
 use vmbackup::hypervisor::libvirt::Libvirt;
 use vmbackup::hypervisor::open::Hypervisors;
 use vmbackup::preflight::gib;
-use vmbackup::repository::Repository;
 use vmbackup::settings::Quiesce;
 use vmbackup::vm_ref::VmRef;
 
@@ -234,7 +233,7 @@ fn cmd_check(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
             .map_err(vmbackup::Error::from)
             .and_then(|vm| {
                 hv.with_vm(&vm, |h| {
-                    backup::survey(h, &cfg.repo, &cfg.backup).map(|s| s.report)
+                    backup::survey(h, cfg.repo.local(), &cfg.backup).map(|s| s.report)
                 })
             });
         match report {
@@ -281,7 +280,7 @@ fn cmd_backup(
     full: bool,
 ) -> anyhow::Result<Output> {
     let hv = Hypervisors::new(&cfg.connect, &cfg.qemu_dir);
-    let repo = Repository::open(&cfg.repo)?;
+    let repo = cfg.open_repo()?;
     let state = vmbackup::state::State::open(&cfg.state_dir)?;
     let mut opts = cfg.backup.clone();
     opts.quiesce = match quiesce {
@@ -356,7 +355,7 @@ fn cmd_list(cfg: &Config, domain: Option<&str>) -> anyhow::Result<Output> {
         .map(str::parse::<VmRef>)
         .transpose()
         .map_err(vmbackup::Error::from)?;
-    let repo = Repository::open(&cfg.repo)?;
+    let repo = cfg.open_repo()?;
     let scan = repo.scan()?;
     let list: Vec<_> = scan
         .backups
@@ -416,7 +415,7 @@ fn cmd_list(cfg: &Config, domain: Option<&str>) -> anyhow::Result<Output> {
 }
 
 fn cmd_show(cfg: &Config, id: &str) -> anyhow::Result<Output> {
-    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    let repo = cfg.open_repo().map_err(vmbackup::Error::from)?;
     let m = repo.load(id).map_err(vmbackup::Error::from)?;
     let v = serde_json::to_value(&m)?;
     // What the backup holds besides disks, in words (old backups: none recorded).
@@ -436,7 +435,7 @@ fn cmd_restore(
     new_macs: bool,
 ) -> anyhow::Result<Output> {
     let lv = Libvirt::open(&cfg.connect)?;
-    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    let repo = cfg.open_repo().map_err(vmbackup::Error::from)?;
     let progress = Progress::new();
     let opts = vmbackup::restore::Options {
         power_off,
@@ -471,7 +470,7 @@ fn cmd_restore(
 }
 
 fn cmd_delete(cfg: &Config, id: &str) -> anyhow::Result<Output> {
-    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    let repo = cfg.open_repo().map_err(vmbackup::Error::from)?;
     repo.delete(id).map_err(vmbackup::Error::from)?;
     Ok(Output {
         json: json!({"ok": true, "deleted": id}),
@@ -481,7 +480,7 @@ fn cmd_delete(cfg: &Config, id: &str) -> anyhow::Result<Output> {
 }
 
 fn cmd_verify(cfg: &Config, ids: &[String]) -> anyhow::Result<Output> {
-    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    let repo = cfg.open_repo().map_err(vmbackup::Error::from)?;
     let all = ids.is_empty();
     let ids: Vec<String> = if all {
         let scan = repo.scan().map_err(vmbackup::Error::from)?;
@@ -522,7 +521,7 @@ fn cmd_verify(cfg: &Config, ids: &[String]) -> anyhow::Result<Output> {
 }
 
 fn cmd_gc(cfg: &Config) -> anyhow::Result<Output> {
-    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    let repo = cfg.open_repo().map_err(vmbackup::Error::from)?;
     match repo.gc().map_err(vmbackup::Error::from)? {
         Some(c) => Ok(Output {
             text: format!(
@@ -546,7 +545,7 @@ fn cmd_recover(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
         .map_err(vmbackup::Error::from)?;
     let lv = Libvirt::open(&cfg.connect)?;
     vmbackup::recover::check_names(&lv, &cfg.qemu_dir, &vms)?;
-    let repo = Repository::open(&cfg.repo).map_err(vmbackup::Error::from)?;
+    let repo = cfg.open_repo().map_err(vmbackup::Error::from)?;
     let state = vmbackup::state::State::open(&cfg.state_dir).map_err(vmbackup::Error::from)?;
     let r = vmbackup::recover::recover(
         &lv,
@@ -650,7 +649,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             new_macs,
         } => {
             let vm = as_name.clone().or_else(|| {
-                Repository::open(&cfg.repo)
+                cfg.open_repo()
                     .and_then(|r| r.load(id))
                     .ok()
                     .map(|m| m.vm_name)
@@ -662,7 +661,8 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             r
         }
         C::Delete { id } => {
-            let vm = Repository::open(&cfg.repo)
+            let vm = cfg
+                .open_repo()
                 .and_then(|r| r.load(id))
                 .ok()
                 .map(|m| m.vm_name);

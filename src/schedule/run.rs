@@ -250,7 +250,7 @@ pub fn run_due(
             // Opened before the claim: a repository that cannot be opened fails this run-due
             // with nothing claimed, so the next one tries the occurrence again.
             if repo.is_none() {
-                repo = Some(Repository::open(&cfg.repo)?);
+                repo = Some(cfg.open_repo()?);
             }
             let repo = repo.as_ref().expect("opened above");
             let vm_text = vm.to_string();
