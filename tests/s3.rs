@@ -60,7 +60,8 @@ fn a_vm_in_garage_is_backed_up_listed_verified_restored_incrementally_and_pruned
         .disk("vdb", Format::Qcow2, 64 * MIB)
         .start()
         .expect("guest boots");
-    let payload: Vec<u8> = (0..300_000u32).map(|i| (i * 13 % 251) as u8).collect();
+    vm.wait_agent(Duration::from_secs(180)).unwrap();
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i * 13 % 251) as u8).collect();
     vm.write_file("/mnt/vdb/data", &payload).unwrap();
     let place = S3Place::new("round");
     let mut printed = Printed::default();
@@ -103,13 +104,14 @@ fn a_vm_in_garage_is_backed_up_listed_verified_restored_incrementally_and_pruned
     ok(&b2, "second backup");
     let second = &b2.json["results"][0]["backup"];
     let id2 = second["id"].as_str().unwrap().to_string();
-    let modes: Vec<&Value> = second["disks"]
+    let vdb = second["disks"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|d| &d["mode"])
-        .collect();
-    assert!(modes.iter().all(|m| *m == "incremental"), "{second}");
+        .find(|d| d["target"] == "vdb")
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(vdb["mode"], "incremental", "{second}");
     assert!(
         second["requests"]["put"].as_u64().unwrap() < req["put"].as_u64().unwrap(),
         "an incremental backup uploads less: {second} vs {first}"
@@ -163,15 +165,21 @@ fn a_vm_in_garage_is_backed_up_listed_verified_restored_incrementally_and_pruned
     );
     printed.add(&add);
     ok(&add, "schedule add");
-    let due = place.run(bin, &["run-due", "--now", "2027-01-04T02:30:00Z"]);
+    let scheduled = |day: &str| {
+        let due = place.run(bin, &["run-due", "--now", &format!("{day}T02:59:30Z")]);
+        assert_eq!(due.code, 0, "run-due {day}: {}\n{}", due.json, due.stderr);
+        let r = &due.json["run"]["jobs"][0]["results"][0];
+        assert_eq!(r["status"], "ok", "{}", due.json);
+        (r["backup_id"].as_str().unwrap().to_string(), due)
+    };
+    let (day1, due) = scheduled("2027-01-04");
     printed.add(&due);
-    ok(&due, "run-due");
+    let (day2, due) = scheduled("2027-01-05");
+    printed.add(&due);
+    // The schedule keeps its newest backup; the manual one is not the schedule's to prune.
     let left = ids(&place.run(bin, &["list"]));
-    assert_eq!(left.len(), 1, "{left:?}: {}", due.json);
-    assert_ne!(
-        left[0], id1,
-        "the scheduled backup is kept, the older one pruned"
-    );
+    assert_eq!(left, vec![id1.clone(), day2.clone()], "{}", due.json);
+    assert_ne!(day1, day2);
     let p = place.run(bin, &["prune"]);
     printed.add(&p);
     ok(&p, "prune");
@@ -201,9 +209,12 @@ fn bad_s3_settings_are_exit_2_with_a_clear_message_and_write_nothing() {
     };
 
     // Unknown bucket.
-    let r = place.run(
+    let r = place.run_at(
         bin,
-        &["--repo", "s3://no-such-bucket-vmbt/x", "backup", "some-vm"],
+        "s3://no-such-bucket-vmbt/x",
+        &["backup", "some-vm"],
+        &[],
+        &[],
     );
     printed.add(&r);
     expect(
@@ -260,7 +271,7 @@ fn bad_s3_settings_are_exit_2_with_a_clear_message_and_write_nothing() {
     expect(&r, "no credentials", "no S3 credentials");
     // Bad forms of the location.
     for repo in ["s3://Bad_Bucket/x", "s3:/vmbackup-test", "gs://b/p"] {
-        let r = place.run(bin, &["--repo", repo, "list"]);
+        let r = place.run_at(bin, repo, &["list"], &[], &[]);
         printed.add(&r);
         expect(&r, repo, "s3://BUCKET/PREFIX");
     }

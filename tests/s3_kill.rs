@@ -35,8 +35,10 @@ fn garage_killed_mid_backup_fails_it_cleanly_and_the_next_backup_works() {
         .disk("vdb", Format::Qcow2, 64 * MIB)
         .start()
         .expect("guest boots");
-    let payload: Vec<u8> = (0..2_000_000u32).map(|i| (i * 31 % 253) as u8).collect();
-    vm.write_file("/mnt/vdb/data", &payload).unwrap();
+    vm.wait_agent(std::time::Duration::from_secs(180)).unwrap();
+    // 12 MiB of new data: several chunks to upload.
+    vm.sh("dd if=/dev/urandom of=/mnt/vdb/data bs=1M count=12 2>/dev/null && sync")
+        .unwrap();
     let images: Vec<String> = vm
         .disk_paths()
         .iter()

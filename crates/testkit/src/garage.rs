@@ -185,10 +185,22 @@ impl S3Place {
         env: &[(&str, &str)],
         remove: &[&str],
     ) -> Run {
+        self.run_at(binary, &self.url(), args, env, remove)
+    }
+
+    /// As `run_env`, on repository `repo` (another location) with this place's state folder.
+    pub fn run_at(
+        &self,
+        binary: &Path,
+        repo: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        remove: &[&str],
+    ) -> Run {
         let mut cmd = Command::new(binary);
         cmd.arg("--json")
             .arg("--repo")
-            .arg(self.url())
+            .arg(repo)
             .arg("--state-dir")
             .arg(self.state())
             .args(args)
