@@ -153,7 +153,9 @@ pub struct Survey {
 
 /// Describes the VM and runs the pre-flight checks; nothing is changed. `--quiesce
 /// required` on a running VM without a guest agent is a refusal too.
-pub fn survey(vm: &dyn VmHandle, repo_dir: &Path, s: &BackupSettings) -> Result<Survey> {
+/// `repo_dir`: the repository's folder, `None` for one on an object store (no free space to
+/// check).
+pub fn survey(vm: &dyn VmHandle, repo_dir: Option<&Path>, s: &BackupSettings) -> Result<Survey> {
     let shape = vm.describe()?;
     // An id as long as the real one, so that an overlay name that would not fit is refused
     // before anything is touched.
@@ -174,7 +176,7 @@ pub fn survey(vm: &dyn VmHandle, repo_dir: &Path, s: &BackupSettings) -> Result<
         disks: shape.disks.iter().map(|d| d.facts.clone()).collect(),
         overlay_spaces,
         overlay_folders,
-        repository: free_space(repo_dir)?,
+        repository: repo_dir.map(free_space).transpose()?,
     };
     let mut report = preflight::evaluate(&facts, &s.limits);
     if s.quiesce == Quiesce::Required && shape.running && !shape.agent {
@@ -206,6 +208,9 @@ pub struct Outcome {
     pub skipped_disks: Vec<preflight::SkippedDisk>,
     /// How each disk was read.
     pub disks: Vec<DiskOutcome>,
+    /// The requests this backup made to an object store, by kind (none for a folder).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests: Option<crate::repository::storage::RequestCounts>,
 }
 
 /// How one disk of a backup was read.
@@ -333,6 +338,7 @@ pub fn backup(
 ) -> Result<Outcome> {
     let started = Instant::now();
     let started_at = now_utc();
+    let requests_before = repo.store().requests().unwrap_or_default();
     let vm_ref = vm.vm();
     let _lock = lock_vm(state_dir, vm_ref)?;
     crate::fault::point("backup-locked");
@@ -369,7 +375,13 @@ pub fn backup(
             tracing::warn!(vm = %vm_ref, id = %id, error = %chain(&e), "cannot close the run's journal entry");
         }
     }
-    result
+    result.map(|mut o| {
+        o.requests = repo
+            .store()
+            .requests()
+            .map(|now| now.since(&requests_before));
+        o
+    })
 }
 
 fn run_phases(
@@ -382,7 +394,7 @@ fn run_phases(
 ) -> Result<Outcome> {
     let vm = run.vm;
     let vm_ref = vm.vm();
-    let Survey { shape, report } = survey(vm, repo.path(), s)?;
+    let Survey { shape, report } = survey(vm, repo.remote().is_none().then(|| repo.path()), s)?;
     if !report.ok {
         return Err(Error::Refused(Box::new(report)));
     }
@@ -613,6 +625,7 @@ fn run_phases(
                 read: d.read.clone(),
             })
             .collect(),
+        requests: None,
     })
 }
 

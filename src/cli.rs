@@ -26,9 +26,11 @@ pub struct Global {
     /// libvirt connection URI [default: qemu:///system]
     #[arg(long, global = true, env = "VMBACKUP_CONNECT")]
     pub connect: Option<String>,
-    /// Backup repository directory [default: /var/lib/vmbackup/repo]
+    /// Backup repository: a folder, or s3://BUCKET/PREFIX (S3 settings: AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION, VMBACKUP_S3_ENDPOINT, VMBACKUP_S3_PATH_STYLE, or
+    /// [s3] in config.toml) [default: /var/lib/vmbackup/repo]
     #[arg(long, global = true, env = "VMBACKUP_REPO")]
-    pub repo: Option<PathBuf>,
+    pub repo: Option<String>,
     /// Key file of an encrypted repository (`init --encrypt`: where its key is written)
     #[arg(long, global = true, env = "VMBACKUP_KEY_FILE")]
     pub key_file: Option<PathBuf>,
@@ -74,6 +76,7 @@ impl Global {
             connect: self.connect.clone(),
             repo: self.repo.clone(),
             key_file: self.key_file.clone(),
+            s3: vmbackup::config::S3Env::from_env(),
             state_dir: self.state_dir.clone(),
             overlay_dir: self.overlay_dir.clone(),
             overlay_headroom: self.overlay_headroom,

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::preflight::{Limits, GIB};
+use crate::repository::location::{self, Location, S3Settings, Secret};
 use crate::settings::BackupSettings;
 
 /// The config file's keys; every one optional.
@@ -16,7 +17,8 @@ use crate::settings::BackupSettings;
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub connect: Option<String>,
-    pub repo: Option<PathBuf>,
+    /// A folder or `s3://BUCKET/PREFIX`.
+    pub repo: Option<String>,
     /// The key file of an encrypted repository.
     pub key_file: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
@@ -25,6 +27,8 @@ pub struct FileConfig {
     pub max_disk_gib: Option<u64>,
     pub max_total_gib: Option<u64>,
     pub freeze_timeout_secs: Option<u64>,
+    /// How an `s3://` repository is reached.
+    pub s3: Option<S3File>,
     /// Longest a commit back may go on without progress.
     pub commit_timeout_secs: Option<u64>,
     /// A disk is read whole at least every this many days.
@@ -37,6 +41,44 @@ pub struct FileConfig {
     pub catch_up_minutes: Option<u64>,
     /// Where job reports go.
     pub report: Option<crate::notify::ReportConfig>,
+}
+
+/// The `[s3]` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3File {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub path_style: Option<bool>,
+    /// A file (mode 0600) of AWS shared-credentials format.
+    pub credentials_file: Option<PathBuf>,
+    /// How long a failing request is retried.
+    pub retry_timeout_secs: Option<u64>,
+}
+
+/// The S3 settings of the environment, named as S3 tools name them (`AWS_...`), and ours.
+#[derive(Debug, Default, Clone)]
+pub struct S3Env {
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    pub region: Option<String>,
+    pub endpoint: Option<String>,
+    pub path_style: Option<String>,
+    pub retry_secs: Option<String>,
+}
+
+impl S3Env {
+    pub fn from_env() -> S3Env {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        S3Env {
+            access_key_id: var("AWS_ACCESS_KEY_ID"),
+            secret_access_key: var("AWS_SECRET_ACCESS_KEY").map(Secret::new),
+            region: var("AWS_REGION").or_else(|| var("AWS_DEFAULT_REGION")),
+            endpoint: var("VMBACKUP_S3_ENDPOINT"),
+            path_style: var("VMBACKUP_S3_PATH_STYLE"),
+            retry_secs: var("VMBACKUP_S3_RETRY_SECS"),
+        }
+    }
 }
 
 pub const DEFAULT_CONFIG: &str = "/etc/vmbackup/config.toml";
@@ -63,7 +105,9 @@ impl FileConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub connect: String,
-    pub repo: PathBuf,
+    pub repo: Location,
+    /// How an `s3://` repository is reached (its credentials are checked when it is).
+    pub s3: S3Settings,
     /// The key file of an encrypted repository (`init --encrypt`: where the key is written).
     pub key_file: Option<PathBuf>,
     pub state_dir: PathBuf,
@@ -81,7 +125,8 @@ pub struct Config {
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub connect: Option<String>,
-    pub repo: Option<PathBuf>,
+    pub repo: Option<String>,
+    pub s3: S3Env,
     /// The key file of an encrypted repository.
     pub key_file: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
@@ -142,6 +187,20 @@ impl Config {
                 .unwrap_or(dl.max_total_bytes),
             overlay_headroom_ratio: headroom.unwrap_or(dl.overlay_headroom_ratio),
         };
+        let repo = Location::parse(
+            &o.repo
+                .or(f.repo)
+                .unwrap_or_else(|| "/var/lib/vmbackup/repo".into()),
+        )
+        .map_err(|e| Error::Config {
+            key: "repo".into(),
+            detail: e.to_string(),
+        })?;
+        let s3 = s3_settings(
+            o.s3,
+            f.s3.unwrap_or_default(),
+            matches!(repo, Location::S3 { .. }),
+        )?;
         let report = f.report.unwrap_or_default();
         report.check().map_err(|e| Error::Config {
             key: "report".into(),
@@ -152,10 +211,8 @@ impl Config {
                 .connect
                 .or(f.connect)
                 .unwrap_or_else(|| "qemu:///system".into()),
-            repo: o
-                .repo
-                .or(f.repo)
-                .unwrap_or_else(|| PathBuf::from("/var/lib/vmbackup/repo")),
+            repo,
+            s3,
             key_file: o.key_file.or(f.key_file),
             state_dir: o
                 .state_dir
@@ -190,6 +247,63 @@ impl Config {
     }
 }
 
+/// The S3 settings: the environment wins over the `[s3]` section. The credentials file is
+/// read (and its mode checked) only for an `s3://` repository.
+fn s3_settings(e: S3Env, f: S3File, used: bool) -> Result<S3Settings> {
+    let bad = |key: &str, detail: String| Error::Config {
+        key: key.into(),
+        detail,
+    };
+    let d = S3Settings::default();
+    let path_style = match e.path_style.as_deref() {
+        None => f.path_style.unwrap_or(d.path_style),
+        Some("1" | "true" | "yes") => true,
+        Some("0" | "false" | "no") => false,
+        Some(v) => {
+            return Err(bad(
+                "VMBACKUP_S3_PATH_STYLE",
+                format!("{v:?} is not true or false"),
+            ))
+        }
+    };
+    let retry_secs = match e.retry_secs.as_deref() {
+        None => f.retry_timeout_secs,
+        Some(v) => Some(v.parse::<u64>().map_err(|_| {
+            bad(
+                "VMBACKUP_S3_RETRY_SECS",
+                format!("{v:?} is not a number of seconds"),
+            )
+        })?),
+    };
+    if retry_secs == Some(0) {
+        return Err(bad("s3 retry_timeout_secs", "0 is not allowed".into()));
+    }
+    let endpoint = e.endpoint.or(f.endpoint);
+    if let (Some(ep), true) = (&endpoint, used) {
+        location::check_endpoint(ep).map_err(|e| bad("s3 endpoint", e.to_string()))?;
+    }
+    let (mut id, mut secret) = (e.access_key_id, e.secret_access_key);
+    if used && (id.is_none() || secret.is_none()) {
+        if let Some(p) = &f.credentials_file {
+            let (i, s) = location::read_credentials_file(p)
+                .map_err(|e| bad("s3 credentials_file", e.to_string()))?;
+            id = id.or(Some(i));
+            secret = secret.or(Some(s));
+        }
+    }
+    Ok(S3Settings {
+        endpoint,
+        region: e.region.or(f.region).unwrap_or(d.region),
+        path_style,
+        access_key_id: id,
+        secret_access_key: secret,
+        retry_timeout: retry_secs
+            .map(Duration::from_secs)
+            .unwrap_or(d.retry_timeout),
+        parallel_uploads: d.parallel_uploads,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,7 +319,7 @@ mod tests {
             ..Overrides::default()
         };
         let c = Config::resolve(o, f).unwrap();
-        assert_eq!(c.repo, PathBuf::from("/flag/repo"));
+        assert_eq!(c.repo, Location::Local("/flag/repo".into()));
         assert_eq!(c.connect, "qemu:///session");
         assert_eq!(c.backup.limits.max_disk_bytes, 100 * GIB);
         assert_eq!(c.backup.limits.max_total_bytes, 4000 * GIB);

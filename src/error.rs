@@ -135,9 +135,10 @@ fn state_code(e: &StateError) -> i32 {
 
 fn repo_code(e: &RepoError) -> i32 {
     match e {
-        RepoError::NotFound(_) | RepoError::BadName(_) | RepoError::NotARepository(_) => {
-            exit::BAD_INPUT
-        }
+        RepoError::NotFound(_)
+        | RepoError::BadName(_)
+        | RepoError::NotARepository(_)
+        | RepoError::Location(_) => exit::BAD_INPUT,
         // A missing or wrong key, an `init` of an existing repository.
         RepoError::Crypt(c) => match c {
             crate::repository::crypt::CryptError::Internal(_) => exit::FAILED,

@@ -260,7 +260,7 @@ fn cmd_check(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
             .map_err(vmbackup::Error::from)
             .and_then(|vm| {
                 hv.with_vm(&vm, |h| {
-                    backup::survey(h, &cfg.repo, &cfg.backup).map(|s| s.report)
+                    backup::survey(h, cfg.repo.local(), &cfg.backup).map(|s| s.report)
                 })
             });
         match report {
@@ -590,30 +590,36 @@ fn cmd_sync(
         vm: vm.map(str::to_string),
         since: since.map(parse_since).transpose()?,
     };
-    let (from_path, to_path) = (std::path::PathBuf::from(from), std::path::PathBuf::from(to));
-    if !vmbackup::repository::maintain::is_repository(&from_path) {
-        return Err(vmbackup::Error::Invalid(format!(
-            "--from {from}: not a vmbackup repository (no config.json)"
-        ))
-        .into());
-    }
-    let same = |a: &std::path::Path, b: &std::path::Path| {
-        std::fs::canonicalize(a)
-            .ok()
-            .is_some_and(|a| std::fs::canonicalize(b).ok() == Some(a))
+    use vmbackup::repository::location::Location;
+    use vmbackup::repository::Repository;
+    let parse = |flag: &str, s: &str| {
+        Location::parse(s).map_err(|e| vmbackup::Error::Invalid(format!("{flag} {s}: {e}")))
     };
-    if same(&from_path, &to_path) {
+    let (from_loc, to_loc) = (parse("--from", from)?, parse("--to", to)?);
+    let same = match (from_loc.local(), to_loc.local()) {
+        (Some(a), Some(b)) => std::fs::canonicalize(a)
+            .ok()
+            .is_some_and(|a| std::fs::canonicalize(b).ok() == Some(a)),
+        _ => from_loc.to_string() == to_loc.to_string(),
+    };
+    if same {
         return Err(vmbackup::Error::Invalid(format!(
             "--from and --to are the same repository ({from})"
         ))
         .into());
     }
-    let open = |path: &std::path::Path, key: Option<&std::path::Path>| {
-        vmbackup::repository::Repository::open_unlocked(path, &unlock_other(cfg, path, key))
+    if !Repository::is_repository_at(&from_loc, &cfg.s3).map_err(vmbackup::Error::from)? {
+        return Err(vmbackup::Error::Invalid(format!(
+            "--from {from}: not a vmbackup repository (no config.json)"
+        ))
+        .into());
+    }
+    let open = |loc: &Location, key: Option<&std::path::Path>| {
+        Repository::open_location(loc, &cfg.s3, &cfg.state_dir, &unlock_other(cfg, loc, key))
             .map_err(vmbackup::Error::from)
     };
-    let source = open(&from_path, from_key)?;
-    let target = open(&to_path, to_key)?;
+    let source = open(&from_loc, from_key)?;
+    let target = open(&to_loc, to_key)?;
     let progress = |m: &vmbackup::repository::manifest::Manifest| {
         tracing::info!(backup = %m.id, vm = %m.vm_name, "copying");
     };

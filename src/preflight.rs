@@ -121,7 +121,8 @@ pub struct Facts {
     pub overlay_spaces: Vec<Space>,
     /// Each distinct folder the overlays will be created in (as `overlay_spaces`).
     pub overlay_folders: Vec<Folder>,
-    pub repository: Space,
+    /// `None` for a repository on an object store.
+    pub repository: Option<Space>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -334,8 +335,17 @@ pub fn evaluate(f: &Facts, limits: &Limits) -> Report {
     let estimate: u64 = backed_up.iter().map(|d| d.allocated_size).sum();
     // The repository on the file system of overlays: the copy fills what the overlays need
     // to grow into (and a full overlay pauses the VM), so both must fit at once.
+    let Some(repository) = &f.repository else {
+        return Report {
+            vm: f.vm.clone(),
+            ok: checks.iter().all(|c| c.ok),
+            checks,
+            skipped_disks: skipped,
+            disks: backed_up.iter().map(|d| d.target.clone()).collect(),
+        };
+    };
     for s in &f.overlay_spaces {
-        if s.device.is_none() || s.device != f.repository.device {
+        if s.device.is_none() || s.device != repository.device {
             continue;
         }
         let need = headroom.saturating_add(estimate);
@@ -349,7 +359,7 @@ pub fn evaluate(f: &Facts, limits: &Limits) -> Report {
                 "the repository {} and the snapshot overlays in {} share one file system with \
                  {} free, {} the {} they need together ({} of overlay headroom plus {} for \
                  the backup)",
-                f.repository.path,
+                repository.path,
                 s.path,
                 gib(s.free_bytes),
                 if ok { "within" } else { "less than" },
@@ -359,16 +369,16 @@ pub fn evaluate(f: &Facts, limits: &Limits) -> Report {
             ),
         });
     }
-    let ok = f.repository.free_bytes >= estimate;
+    let ok = repository.free_bytes >= estimate;
     checks.push(Check {
         name: "repository-space".into(),
         ok,
-        found: f.repository.free_bytes,
+        found: repository.free_bytes,
         limit: estimate,
         message: format!(
             "free space in the repository {}: {}, {} {} (the disks' allocated size)",
-            f.repository.path,
-            gib(f.repository.free_bytes),
+            repository.path,
+            gib(repository.free_bytes),
             if ok { "needs at most" } else { "less than the" },
             gib(estimate)
         ),
@@ -416,11 +426,11 @@ mod tests {
                 owner: 0,
                 mode: 0o711,
             }],
-            repository: Space {
+            repository: Some(Space {
                 path: "/repo".into(),
                 free_bytes: 10_000 * GIB,
                 device: Some(2),
-            },
+            }),
         }
     }
 
@@ -495,9 +505,9 @@ mod tests {
     #[test]
     fn repository_space_uses_allocated_sizes() {
         let mut f = facts(vec![disk("vda", 100 * GIB)], GIB);
-        f.repository.free_bytes = 10 * GIB;
+        f.repository.as_mut().unwrap().free_bytes = 10 * GIB;
         assert!(evaluate(&f, &Limits::default()).ok);
-        f.repository.free_bytes = 10 * GIB - 1;
+        f.repository.as_mut().unwrap().free_bytes = 10 * GIB - 1;
         assert_eq!(
             failed(&evaluate(&f, &Limits::default())),
             ["repository-space"]
@@ -511,11 +521,11 @@ mod tests {
         let headroom = (12 * GIB) as f64 * 0.2;
         let need = headroom.ceil() as u64 + GIB;
         f.overlay_spaces[0].free_bytes = need - 1;
-        f.repository.free_bytes = need - 1;
+        f.repository.as_mut().unwrap().free_bytes = need - 1;
         // Apart, each has enough.
         assert!(evaluate(&f, &Limits::default()).ok);
         // On one file system, the sum does not fit.
-        f.repository.device = f.overlay_spaces[0].device;
+        f.repository.as_mut().unwrap().device = f.overlay_spaces[0].device;
         let r = evaluate(&f, &Limits::default());
         assert_eq!(failed(&r), ["shared-space"]);
         assert!(
@@ -528,7 +538,7 @@ mod tests {
         // An unknown file system is not taken for the repository's.
         f.overlay_spaces[0].free_bytes = need - 1;
         f.overlay_spaces[0].device = None;
-        f.repository.device = None;
+        f.repository.as_mut().unwrap().device = None;
         assert!(evaluate(&f, &Limits::default()).ok);
     }
 

@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::repository::crypt::{CryptError, Passphrase, Unlock};
+use crate::repository::location::Location;
 use crate::repository::{InitOptions, RepoError, Repository};
 
 pub const PASSPHRASE_FILE_ENV: &str = "VMBACKUP_PASSPHRASE_FILE";
@@ -97,13 +98,13 @@ fn prompt_once(prompt: &str) -> Result<Vec<u8>, RepoError> {
     Ok(line)
 }
 
-fn from_terminal(repo: &Path, confirm: bool) -> Result<Passphrase, RepoError> {
+fn from_terminal(repo: &str, confirm: bool) -> Result<Passphrase, RepoError> {
     let mut typed = TYPED.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(p) = typed.as_ref() {
         return Ok(Passphrase(p.clone()));
     }
     let p = trimmed(
-        prompt_once(&format!("Passphrase of repository {}: ", repo.display()))?,
+        prompt_once(&format!("Passphrase of repository {repo}: "))?,
         "the terminal",
     )?;
     if confirm {
@@ -125,7 +126,7 @@ fn passphrase_given() -> bool {
 /// when standard input is one; `None` when there is none.
 #[allow(clippy::type_complexity)]
 fn passphrase_source(
-    repo: &Path,
+    repo: &str,
     confirm: bool,
 ) -> Option<Box<dyn Fn() -> Result<Passphrase, RepoError> + Send + Sync>> {
     if let Some(f) = env(PASSPHRASE_FILE_ENV) {
@@ -135,7 +136,7 @@ fn passphrase_source(
         return Some(Box::new(move || from_command(&c)));
     }
     if std::io::stdin().is_terminal() {
-        let repo = repo.to_path_buf();
+        let repo = repo.to_string();
         return Some(Box::new(move || from_terminal(&repo, confirm)));
     }
     None
@@ -145,25 +146,25 @@ fn passphrase_source(
 pub fn unlock(cfg: &Config) -> Unlock {
     Unlock {
         key_file: cfg.key_file.clone(),
-        passphrase: passphrase_source(&cfg.repo, false),
+        passphrase: passphrase_source(&cfg.repo.to_string(), false),
         explicit: cfg.key_file.is_some() || passphrase_given(),
     }
 }
 
 /// What unlocks the repository at `repo` with `key_file` (else `cfg`'s), for a command that
 /// opens two (`sync`).
-pub fn unlock_other(cfg: &Config, repo: &Path, key_file: Option<&Path>) -> Unlock {
+pub fn unlock_other(cfg: &Config, repo: &Location, key_file: Option<&Path>) -> Unlock {
     let key_file = key_file.map(Path::to_path_buf).or(cfg.key_file.clone());
     Unlock {
         explicit: key_file.is_some() || passphrase_given(),
         key_file,
-        passphrase: passphrase_source(repo, false),
+        passphrase: passphrase_source(&repo.to_string(), false),
     }
 }
 
 /// Opens `cfg`'s repository, unlocking an encrypted one (see the module's comment).
 pub fn open_repo(cfg: &Config) -> Result<Repository> {
-    Repository::open_unlocked(&cfg.repo, &unlock(cfg)).map_err(Error::from)
+    Repository::open_location(&cfg.repo, &cfg.s3, &cfg.state_dir, &unlock(cfg)).map_err(Error::from)
 }
 
 /// What `init` made.
@@ -188,10 +189,11 @@ pub fn init(cfg: &Config, encrypt: bool) -> Result<Initialized> {
     let passphrase = if !encrypt || (cfg.key_file.is_some() && !passphrase_given()) {
         None
     } else {
-        if cfg.repo.join("config.json").exists() {
-            return Err(RepoError::from(CryptError::Initialized(cfg.repo.clone())).into());
+        // Before asking for a passphrase (S3: `init_location` checks).
+        if let Some(dir) = cfg.repo.local().filter(|d| d.join("config.json").exists()) {
+            return Err(RepoError::from(CryptError::Initialized(dir.to_path_buf())).into());
         }
-        let Some(get) = passphrase_source(&cfg.repo, true) else {
+        let Some(get) = passphrase_source(&cfg.repo.to_string(), true) else {
             return Err(Error::Invalid(
                 "an encrypted repository needs a passphrase (VMBACKUP_PASSPHRASE_FILE, VMBACKUP_PASSPHRASE_COMMAND, or a terminal) or --key-file"
                     .into(),
@@ -200,8 +202,9 @@ pub fn init(cfg: &Config, encrypt: bool) -> Result<Initialized> {
         Some(get()?)
     };
     let with_passphrase = passphrase.is_some();
-    Repository::init(
+    Repository::init_location(
         &cfg.repo,
+        &cfg.s3,
         &InitOptions {
             encrypt,
             key_file: cfg.key_file.clone(),
@@ -209,7 +212,7 @@ pub fn init(cfg: &Config, encrypt: bool) -> Result<Initialized> {
         },
     )?;
     Ok(Initialized {
-        repo: cfg.repo.display().to_string(),
+        repo: cfg.repo.to_string(),
         encrypted: encrypt,
         key_file: cfg.key_file.as_ref().map(|k| k.display().to_string()),
         passphrase: with_passphrase,

@@ -251,6 +251,9 @@ impl ObjectStore for Sealed {
     fn list_lag(&self) -> std::time::Duration {
         self.inner.list_lag()
     }
+    fn requests(&self) -> Option<crate::storage::RequestCounts> {
+        self.inner.requests()
+    }
 }
 
 /// The `encryption` block of an encrypted repository's config.json.

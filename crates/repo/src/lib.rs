@@ -9,10 +9,12 @@ pub mod disk;
 pub mod failpoint;
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod faults;
+pub mod location;
 pub mod locks;
 pub mod maintain;
 pub mod manifest;
 pub mod qcow2;
+pub mod s3;
 pub mod source;
 pub mod storage;
 pub mod sync;
@@ -74,6 +76,17 @@ pub enum RepoError {
     UnreadableManifests { ids: Vec<String> },
     #[error("the repository lock was lost ({0}): another host may have taken it for stale; nothing was published")]
     LockLost(String),
+    /// A bad repository location or S3 setting, or an S3 store that refuses or is unknown
+    /// when first reached: bad input, nothing was written.
+    #[error(transparent)]
+    Location(#[from] location::LocationError),
+    /// An S3 request that failed (after its retries).
+    #[error("S3: cannot {what} {name}: {detail}")]
+    Store {
+        what: &'static str,
+        name: String,
+        detail: String,
+    },
 }
 
 pub type Result<T, E = RepoError> = std::result::Result<T, E>;
@@ -95,7 +108,10 @@ pub struct InitOptions {
 }
 
 pub struct Repository {
+    /// The repository's folder; for a remote one, a local folder for its local files.
     path: PathBuf,
+    /// `s3://bucket/prefix/` for a repository on an object store.
+    remote: Option<String>,
     store: Arc<dyn ObjectStore>,
     /// How chunks are named: SHA-256, or keyed in an encrypted repository.
     namer: chunk::Namer,
@@ -258,6 +274,99 @@ impl Repository {
         Ok(())
     }
 
+    /// Opens the repository at `loc`: a folder (as `open`), or `s3://BUCKET/PREFIX` reached
+    /// with `s3`, whose local files (its lock) are in a folder under `state_dir`. An unknown
+    /// bucket, a wrong endpoint or refused credentials are `RepoError::Location`, with nothing
+    /// written; so is a prefix that holds other objects but no repository.
+    pub fn open_location(
+        loc: &location::Location,
+        s3: &location::S3Settings,
+        state_dir: &Path,
+        unlock: &Unlock,
+    ) -> Result<Repository> {
+        let (bucket, prefix) = match loc {
+            location::Location::Local(dir) => return Repository::open_unlocked(dir, unlock),
+            location::Location::S3 { bucket, prefix } => (bucket, prefix),
+        };
+        let store = s3::S3Store::open(bucket, prefix, s3)?;
+        let shown = store.location().to_string();
+        let has_config = store.exists("config.json")?;
+        if !has_config && unlock.explicit {
+            return Err(CryptError::NoRepository(shown.into()).into());
+        }
+        if !has_config && !store.list("")?.is_empty() {
+            return Err(RepoError::NotARepository(shown.into()));
+        }
+        let local = Repository::s3_local_dir(state_dir, bucket, prefix)?;
+        let mut repo =
+            Repository::open_with_unlock(&local, Box::new(store), unlock).map_err(|e| match e {
+                RepoError::Format { found, .. } => RepoError::Format {
+                    path: shown.clone().into(),
+                    found,
+                },
+                e => e,
+            })?;
+        repo.remote = Some(shown);
+        Ok(repo)
+    }
+
+    /// Whether `loc` holds a repository (its config), without making one.
+    pub fn is_repository_at(loc: &location::Location, s3: &location::S3Settings) -> Result<bool> {
+        match loc {
+            location::Location::Local(dir) => Ok(dir.join("config.json").is_file()),
+            location::Location::S3 { bucket, prefix } => {
+                s3::S3Store::open(bucket, prefix, s3)?.exists("config.json")
+            }
+        }
+    }
+
+    /// The local folder of a repository on S3 (under the state folder): what needs a local
+    /// file.
+    fn s3_local_dir(state_dir: &Path, bucket: &str, prefix: &str) -> Result<PathBuf> {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut local = state_dir.join("s3").join(bucket);
+        if !prefix.is_empty() {
+            local.push(prefix);
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&local)
+            .map_err(|source| RepoError::Io {
+                what: "create folder",
+                path: local.clone(),
+                source,
+            })?;
+        Ok(local)
+    }
+
+    /// Creates a new repository at `loc` (`vmbackup init`); see `init`.
+    pub fn init_location(
+        loc: &location::Location,
+        s3: &location::S3Settings,
+        o: &InitOptions,
+    ) -> Result<()> {
+        let (bucket, prefix) = match loc {
+            location::Location::Local(dir) => return Repository::init(dir, o),
+            location::Location::S3 { bucket, prefix } => (bucket, prefix),
+        };
+        let store = s3::S3Store::open(bucket, prefix, s3)?;
+        let shown = PathBuf::from(store.location().to_string());
+        if !store.exists("config.json")? && !store.list("")?.is_empty() {
+            return Err(RepoError::NotARepository(shown));
+        }
+        if let Some(k) = &o.key_file {
+            if k.symlink_metadata().is_ok() {
+                return Err(CryptError::KeyFile {
+                    path: k.clone(),
+                    why: "exists already; it is never overwritten".into(),
+                }
+                .into());
+            }
+        }
+        Repository::init_with(&shown, Box::new(store), o)
+    }
+
     /// Opens the repository held by `store`, whose files (the lock) are in `dir`; creates
     /// its config when `store` has none. An encrypted one is refused (`KeyNeeded`).
     pub fn open_with(dir: &Path, store: Box<dyn ObjectStore>) -> Result<Repository> {
@@ -274,6 +383,7 @@ impl Repository {
     ) -> Result<Repository> {
         let plain = |store| Repository {
             path: dir.to_path_buf(),
+            remote: None,
             store: Arc::from(store),
             namer: chunk::Namer::Sha256,
             checked: Mutex::new(HashSet::new()),
@@ -313,6 +423,7 @@ impl Repository {
                 let keys = Arc::new(Keys::new(&master));
                 Ok(Repository {
                     path: dir.to_path_buf(),
+                    remote: None,
                     store: Arc::new(Sealed::new(store, keys.clone())),
                     namer: chunk::Namer::Keyed(keys),
                     checked: Mutex::new(HashSet::new()),
@@ -397,8 +508,23 @@ impl Repository {
         chunk::ChunkStore::with_known(self.store(), &self.namer, &self.checked, &self.known)
     }
 
+    /// The repository's folder; for one on an object store, the local folder of its local
+    /// files (see `remote`).
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// `s3://bucket/prefix/` for a repository on an object store, `None` for a folder.
+    pub fn remote(&self) -> Option<&str> {
+        self.remote.as_deref()
+    }
+
+    /// Where the repository is, for people: its folder or its `s3://` location.
+    pub fn location(&self) -> String {
+        match &self.remote {
+            Some(r) => r.clone(),
+            None => self.path.display().to_string(),
+        }
     }
 
     pub fn store(&self) -> &dyn ObjectStore {

@@ -41,6 +41,34 @@ pub trait ObjectStore: Send + Sync {
     fn list_lag(&self) -> std::time::Duration {
         std::time::Duration::from_secs(1)
     }
+    /// The requests this store made to a remote service so far, by kind (`None`: a local
+    /// store, which makes none).
+    fn requests(&self) -> Option<RequestCounts> {
+        None
+    }
+}
+
+/// Requests made to an object store, by kind; retries count as requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RequestCounts {
+    pub get: u64,
+    pub put: u64,
+    pub head: u64,
+    pub list: u64,
+    pub delete: u64,
+}
+
+impl RequestCounts {
+    /// What was made between `earlier` and `self`.
+    pub fn since(&self, earlier: &RequestCounts) -> RequestCounts {
+        RequestCounts {
+            get: self.get.saturating_sub(earlier.get),
+            put: self.put.saturating_sub(earlier.put),
+            head: self.head.saturating_sub(earlier.head),
+            list: self.list.saturating_sub(earlier.list),
+            delete: self.delete.saturating_sub(earlier.delete),
+        }
+    }
 }
 
 /// Object names are relative '/'-separated paths of `[A-Za-z0-9._+@-]` components (`@`: the

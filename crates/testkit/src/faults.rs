@@ -48,6 +48,18 @@ impl FaultRun {
         failpoints: &str,
         env: &[(&str, &str)],
     ) -> FaultRun {
+        FaultRun::start_at(binary, &place.repo(), &place.state(), args, failpoints, env)
+    }
+
+    /// As `start`, with any `--repo` (an `s3://` one too) and state folder.
+    pub fn start_at(
+        binary: &Path,
+        repo: &Path,
+        state: &Path,
+        args: &[&str],
+        failpoints: &str,
+        env: &[(&str, &str)],
+    ) -> FaultRun {
         let dir = tempfile::Builder::new()
             .prefix("vmbt-log-")
             .tempdir_in("/var/tmp")
@@ -56,9 +68,9 @@ impl FaultRun {
         let mut cmd = Command::new(binary);
         cmd.arg("--json")
             .arg("--repo")
-            .arg(place.repo())
+            .arg(repo)
             .arg("--state-dir")
-            .arg(place.state())
+            .arg(state)
             .args(args)
             .env_remove("VMBACKUP_CONFIG")
             .env("VMBACKUP_LOG", "info")

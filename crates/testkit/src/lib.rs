@@ -10,6 +10,7 @@
 //! - `cli`: running the `vmbackup` binary with `--json`, throwaway repositories;
 //! - `faults`: runs broken at fail points (SIGKILL of the process group) and the invariants
 //!   they must leave;
+//! - `garage`: the Garage (S3) node of `scripts/garage`, a test prefix of its bucket each;
 //! - `smtp`: a real SMTP server on loopback (aiosmtpd) for the report tests;
 //! - `error`: the kit's own error type (`KitError`).
 
@@ -17,6 +18,7 @@ pub mod cli;
 pub mod error;
 pub mod faults;
 pub mod firmware;
+pub mod garage;
 pub mod guest;
 pub mod libvirt_vm;
 pub mod qemu_vm;

@@ -1,0 +1,723 @@
+//! `S3Store`: the objects of a repository on an S3-compatible store (AWS, Garage, MinIO...),
+//! through the `object_store` crate, under `s3://BUCKET/PREFIX/`.
+//!
+//! - The trait is synchronous and its callers are plain threads: the store has its own tokio
+//!   runtime and each call waits on it.
+//! - `put` is one PUT: atomic, durable and visible on its 200.
+//! - `put_unsynced` queues the PUT (at most `parallel_uploads` in flight; the caller waits
+//!   for a free slot) and `sync` waits for all of them; a failed upload fails `sync`, and
+//!   every `put_unsynced` after it. An object being uploaded is visible to this store at once
+//!   (from memory); to others once its PUT is done, whole (S3 has no half-written objects),
+//!   possibly before the `sync`. An upload that never reaches its `sync` may thus be left
+//!   behind, whole and unreferenced: gc removes it.
+//! - `put_new` is HEAD then PUT: conditional PUTs are not relied on (Garage ignores
+//!   `If-None-Match`), so two writers racing on one new name is prevented by the names
+//!   themselves (backup ids are unique), not by the store.
+//! - `remove_temporaries` has nothing to do: no multipart uploads, no temporaries.
+//! - Requests that fail with a 5xx, a throttling answer or a connection error are retried
+//!   with exponential backoff for `retry_timeout`, then fail cleanly.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::client::{
+    ClientOptions, HttpClient, HttpConnector, HttpError, HttpRequest, HttpResponse, HttpService,
+    ReqwestConnector,
+};
+use object_store::path::Path as ObjPath;
+use object_store::{BackoffConfig, ObjectStore as _, ObjectStoreExt as _, RetryConfig};
+
+use crate::location::{LocationError, S3Settings};
+use crate::storage::{check_name, ObjectStore, RequestCounts};
+use crate::{RepoError, Result};
+
+/// Requests made, by kind (every attempt, retries included).
+#[derive(Debug, Default)]
+struct Counters {
+    get: AtomicU64,
+    put: AtomicU64,
+    head: AtomicU64,
+    list: AtomicU64,
+    delete: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> RequestCounts {
+        RequestCounts {
+            get: self.get.load(Ordering::Relaxed),
+            put: self.put.load(Ordering::Relaxed),
+            head: self.head.load(Ordering::Relaxed),
+            list: self.list.load(Ordering::Relaxed),
+            delete: self.delete.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Counts each HTTP request by kind, then hands it to reqwest.
+#[derive(Debug)]
+struct Counting {
+    inner: HttpClient,
+    counts: Arc<Counters>,
+}
+
+#[async_trait::async_trait]
+impl HttpService for Counting {
+    async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let c = &self.counts;
+        let counter = match *req.method() {
+            http::Method::GET if req.uri().query().is_some_and(|q| q.contains("list-type")) => {
+                &c.list
+            }
+            http::Method::GET => &c.get,
+            http::Method::PUT => &c.put,
+            http::Method::HEAD => &c.head,
+            http::Method::DELETE | http::Method::POST => &c.delete,
+            _ => &c.get,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.inner.execute(req).await
+    }
+}
+
+#[derive(Debug)]
+struct CountingConnector(Arc<Counters>);
+
+impl HttpConnector for CountingConnector {
+    fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
+        let inner = ReqwestConnector::default().connect(options)?;
+        Ok(HttpClient::new(Counting {
+            inner,
+            counts: self.0.clone(),
+        }))
+    }
+}
+
+/// Uploads queued by `put_unsynced` and not yet synced.
+#[derive(Default)]
+struct Unsynced {
+    /// Name -> (upload number, data), while its upload runs.
+    data: HashMap<String, (u64, Bytes)>,
+    tasks: tokio::task::JoinSet<Result<()>>,
+    /// The first upload that failed since the last `sync`.
+    failed: Option<RepoError>,
+    next: u64,
+}
+
+pub struct S3Store {
+    runtime: Option<tokio::runtime::Runtime>,
+    client: Arc<AmazonS3>,
+    /// `""` or `"a/b/"`.
+    prefix: String,
+    /// `s3://bucket/prefix/`, for messages.
+    location: String,
+    slots: Arc<tokio::sync::Semaphore>,
+    unsynced: Arc<Mutex<Unsynced>>,
+    counts: Arc<Counters>,
+}
+
+fn store_error(what: &'static str, name: &str, e: object_store::Error) -> RepoError {
+    match e {
+        object_store::Error::NotFound { .. } => RepoError::NotFound(name.to_string()),
+        e => RepoError::Store {
+            what,
+            name: name.to_string(),
+            detail: crate::error_chain(&e),
+        },
+    }
+}
+
+fn build(
+    bucket: &str,
+    s: &S3Settings,
+    retry_timeout: Duration,
+    max_retries: usize,
+    counts: Arc<Counters>,
+) -> Result<AmazonS3, LocationError> {
+    let (Some(id), Some(secret)) = (&s.access_key_id, &s.secret_access_key) else {
+        // Without keys the client would ask the cloud's instance metadata service: never.
+        return Err(LocationError::NoCredentials);
+    };
+    let mut b = AmazonS3Builder::new()
+        .with_bucket_name(bucket)
+        .with_region(&s.region)
+        .with_access_key_id(id)
+        .with_secret_access_key(secret.expose())
+        .with_virtual_hosted_style_request(!s.path_style)
+        .with_http_connector(CountingConnector(counts))
+        .with_client_options(
+            ClientOptions::new()
+                .with_connect_timeout(Duration::from_secs(5))
+                .with_timeout(Duration::from_secs(60)),
+        )
+        .with_retry(RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(10),
+                base: 2.0,
+            },
+            max_retries,
+            retry_timeout,
+        });
+    if let Some(e) = &s.endpoint {
+        let e = crate::location::check_endpoint(e)?;
+        b = b.with_allow_http(e.starts_with("http://"));
+        b = if s.path_style {
+            b.with_endpoint(e)
+        } else {
+            // Virtual-host addressing: the bucket is the first label of the host.
+            let (scheme, host) = e.split_once("://").unwrap_or(("https", &e));
+            b.with_endpoint(format!("{scheme}://{bucket}.{host}"))
+        };
+    }
+    b.build().map_err(|e| LocationError::Setting(e.to_string()))
+}
+
+impl S3Store {
+    /// Connects to `s3://bucket/prefix` and checks, with one listing, that the bucket exists
+    /// and the credentials are accepted: an unknown bucket, a wrong endpoint or refused
+    /// credentials are `RepoError::Location` (bad input), and nothing is written.
+    pub fn open(bucket: &str, prefix: &str, s: &S3Settings) -> Result<S3Store> {
+        // One process-wide TLS provider; a second install (another store) is refused, harmlessly.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let counts = Arc::new(Counters::default());
+        let client = build(bucket, s, s.retry_timeout, 10, counts.clone())?;
+        // The first contact retries briefly: a wrong endpoint is reported in seconds.
+        let probe = build(
+            bucket,
+            s,
+            s.retry_timeout.min(Duration::from_secs(4)),
+            2,
+            counts.clone(),
+        )?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("vmbackup-s3")
+            .enable_all()
+            .build()
+            .map_err(|source| RepoError::Io {
+                what: "start the S3 client",
+                path: "s3".into(),
+                source,
+            })?;
+        let prefix = if prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{prefix}/")
+        };
+        let store = S3Store {
+            runtime: Some(runtime),
+            client: Arc::new(client),
+            location: format!("s3://{bucket}/{prefix}"),
+            prefix,
+            slots: Arc::new(tokio::sync::Semaphore::new(s.parallel_uploads.max(1))),
+            unsynced: Arc::new(Mutex::new(Unsynced::default())),
+            counts,
+        };
+        let endpoint = s
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| format!("AWS S3 ({})", s.region));
+        let at =
+            (!store.prefix.is_empty()).then(|| ObjPath::from(store.prefix.trim_end_matches('/')));
+        let listed = store.run(async { probe.list_with_delimiter(at.as_ref()).await });
+        if let Err(e) = listed {
+            let detail = crate::error_chain(&e);
+            let key_id = s.access_key_id.clone().unwrap_or_default();
+            return Err(match e {
+                object_store::Error::NotFound { .. } => LocationError::NoBucket {
+                    bucket: bucket.into(),
+                    endpoint,
+                },
+                object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. } => LocationError::Denied {
+                    bucket: bucket.into(),
+                    endpoint,
+                    key_id,
+                    detail,
+                },
+                _ if detail.contains("NoSuchBucket") => LocationError::NoBucket {
+                    bucket: bucket.into(),
+                    endpoint,
+                },
+                _ if detail.contains("AccessDenied")
+                    || detail.contains("InvalidAccessKeyId")
+                    || detail.contains("SignatureDoesNotMatch")
+                    || detail.contains("AuthorizationHeaderMalformed")
+                    || detail.contains("Forbidden") =>
+                {
+                    LocationError::Denied {
+                        bucket: bucket.into(),
+                        endpoint,
+                        key_id,
+                        detail,
+                    }
+                }
+                _ => LocationError::Unreachable { endpoint, detail },
+            }
+            .into());
+        }
+        Ok(store)
+    }
+
+    /// Where this store is, `s3://bucket/prefix/`.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("present until dropped")
+    }
+
+    /// Waits for `f` on this store's runtime; from a thread that is itself inside a runtime
+    /// (which may not block), on a helper thread.
+    fn run<F: Future + Send>(&self, f: F) -> F::Output
+    where
+        F::Output: Send,
+    {
+        let rt = self.runtime();
+        if tokio::runtime::Handle::try_current().is_ok() {
+            std::thread::scope(|s| {
+                s.spawn(|| rt.block_on(f))
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+            })
+        } else {
+            rt.block_on(f)
+        }
+    }
+
+    fn path(&self, name: &str) -> Result<ObjPath> {
+        check_name(name)?;
+        ObjPath::parse(format!("{}{name}", self.prefix))
+            .map_err(|_| RepoError::BadName(name.to_string()))
+    }
+
+    fn unsynced(&self) -> std::sync::MutexGuard<'_, Unsynced> {
+        self.unsynced.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn put_now(&self, name: &str, data: &[u8]) -> Result<()> {
+        let path = self.path(name)?;
+        let payload = Bytes::copy_from_slice(data);
+        self.run(async { self.client.put(&path, payload.into()).await })
+            .map(|_| ())
+            .map_err(|e| store_error("upload", name, e))
+    }
+}
+
+impl Drop for S3Store {
+    fn drop(&mut self) {
+        // Uploads never synced are abandoned (see the module's comment).
+        self.unsynced().tasks.abort_all();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl ObjectStore for S3Store {
+    fn put(&self, name: &str, data: &[u8]) -> Result<()> {
+        self.put_now(name, data)
+    }
+
+    fn put_new(&self, name: &str, data: &[u8]) -> Result<()> {
+        if self.exists(name)? {
+            return Err(RepoError::Exists(name.to_string()));
+        }
+        self.put_now(name, data)
+    }
+
+    fn put_unsynced(&self, name: &str, data: &[u8]) -> Result<()> {
+        let path = self.path(name)?;
+        let check = |u: &mut Unsynced| -> Result<bool> {
+            // Reap the uploads that are done, keeping the first failure.
+            while let Some(done) = u.tasks.try_join_next() {
+                match done {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        u.failed.get_or_insert(e);
+                    }
+                    Err(e) if e.is_cancelled() => {}
+                    Err(e) => std::panic::resume_unwind(e.into_panic()),
+                }
+            }
+            // A failed upload fails the backup: no point queueing more behind it.
+            if let Some(e) = &u.failed {
+                return Err(RepoError::Store {
+                    what: "upload",
+                    name: name.to_string(),
+                    detail: format!("an earlier upload failed: {}", crate::error_chain(e)),
+                });
+            }
+            Ok(u.data.contains_key(name))
+        };
+        if check(&mut self.unsynced())? {
+            return Ok(());
+        }
+        // Waits while `parallel_uploads` are in flight.
+        let permit = self
+            .run(self.slots.clone().acquire_owned())
+            .expect("the semaphore is never closed");
+        let payload = Bytes::copy_from_slice(data);
+        let mut u = self.unsynced();
+        if check(&mut u)? {
+            return Ok(());
+        }
+        let n = u.next;
+        u.next += 1;
+        u.data.insert(name.to_string(), (n, payload.clone()));
+        let client = self.client.clone();
+        let shared = self.unsynced.clone();
+        let name = name.to_string();
+        let handle = self.runtime().handle().clone();
+        u.tasks.spawn_on(
+            async move {
+                let r = client.put(&path, payload.into()).await;
+                drop(permit);
+                let mut u = shared.lock().unwrap_or_else(|e| e.into_inner());
+                // Done (or failed): from now on the store answers for it.
+                if u.data.get(&name).is_some_and(|(m, _)| *m == n) {
+                    u.data.remove(&name);
+                }
+                r.map(|_| ()).map_err(|e| store_error("upload", &name, e))
+            },
+            &handle,
+        );
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        let (mut tasks, failed) = {
+            let mut u = self.unsynced();
+            (std::mem::take(&mut u.tasks), u.failed.take())
+        };
+        let mut first = failed;
+        self.run(async {
+            while let Some(done) = tasks.join_next().await {
+                match done {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        if first.is_none() {
+                            first = Some(e);
+                            // The backup fails: the rest need not finish.
+                            tasks.abort_all();
+                        }
+                    }
+                    Err(e) if e.is_cancelled() => {}
+                    Err(e) => std::panic::resume_unwind(e.into_panic()),
+                }
+            }
+        });
+        self.unsynced().data.clear();
+        match first {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn forget_unsynced(&self) {
+        let mut u = self.unsynced();
+        u.tasks.abort_all();
+        u.data.clear();
+        u.failed = None;
+    }
+
+    fn remove_temporaries(&self) -> Result<usize> {
+        Ok(0)
+    }
+
+    fn get(&self, name: &str) -> Result<Vec<u8>> {
+        if let Some((_, d)) = self.unsynced().data.get(name) {
+            return Ok(d.to_vec());
+        }
+        let path = self.path(name)?;
+        self.run(async {
+            let r = self.client.get(&path).await?;
+            r.bytes().await
+        })
+        .map(|b| b.to_vec())
+        .map_err(|e| store_error("download", name, e))
+    }
+
+    fn exists(&self, name: &str) -> Result<bool> {
+        if self.unsynced().data.contains_key(name) {
+            return Ok(true);
+        }
+        let path = self.path(name)?;
+        match self.run(async { self.client.head(&path).await }) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(store_error("look up", name, e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let under = prefix.trim_end_matches('/');
+        let full = format!("{}{under}", self.prefix);
+        let at = if full.is_empty() {
+            None
+        } else {
+            check_name(full.trim_end_matches('/'))?;
+            Some(ObjPath::from(full.trim_end_matches('/')))
+        };
+        let mut out = self.run(async {
+            let mut stream = self.client.list(at.as_ref());
+            let mut out = Vec::new();
+            while let Some(meta) = stream.next().await {
+                let meta = meta?;
+                if let Some(n) = meta.location.as_ref().strip_prefix(self.prefix.as_str()) {
+                    out.push(n.to_string());
+                }
+            }
+            Ok::<_, object_store::Error>(out)
+        });
+        if let Err(object_store::Error::NotFound { .. }) = out {
+            out = Ok(Vec::new());
+        }
+        let mut out = out.map_err(|e| store_error("list", prefix, e))?;
+        out.sort();
+        Ok(out)
+    }
+
+    fn delete(&self, name: &str) -> Result<()> {
+        let path = self.path(name)?;
+        self.unsynced().data.remove(name);
+        match self.run(async { self.client.delete(&path).await }) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_error("delete", name, e)),
+        }
+    }
+
+    fn requests(&self) -> Option<RequestCounts> {
+        Some(self.counts.snapshot())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against the Garage node of `scripts/garage` (its settings from the environment, else
+    //! from its env file): never skipped.
+    use super::*;
+    use crate::location::Secret;
+
+    fn settings() -> S3Settings {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let file = std::path::PathBuf::from(
+            var("GARAGE_DIR").unwrap_or_else(|| "/var/tmp/vmbackup-garage".into()),
+        )
+        .join("env");
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let get = |k: &str| {
+            var(k).or_else(|| {
+                text.lines()
+                    .filter_map(|l| {
+                        l.trim()
+                            .strip_prefix("export ")
+                            .unwrap_or(l)
+                            .split_once('=')
+                    })
+                    .find(|(key, _)| key.trim() == k)
+                    .map(|(_, v)| v.trim().to_string())
+            })
+        };
+        let endpoint = get("VMBACKUP_S3_ENDPOINT").unwrap_or_else(|| {
+            panic!(
+                "no VMBACKUP_S3_ENDPOINT and no {}: run scripts/garage start",
+                file.display()
+            )
+        });
+        S3Settings {
+            endpoint: Some(endpoint),
+            region: get("AWS_REGION").unwrap_or_else(|| "garage".into()),
+            access_key_id: get("AWS_ACCESS_KEY_ID"),
+            secret_access_key: get("AWS_SECRET_ACCESS_KEY").map(Secret::new),
+            retry_timeout: Duration::from_secs(5),
+            ..S3Settings::default()
+        }
+    }
+
+    /// A store on a prefix of its own, emptied when dropped.
+    struct Scratch(S3Store);
+    impl Scratch {
+        fn new(label: &str) -> Scratch {
+            static N: AtomicU64 = AtomicU64::new(0);
+            let prefix = format!(
+                "unit-{label}-{}-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_micros(),
+                N.fetch_add(1, Ordering::Relaxed)
+            );
+            Scratch(S3Store::open("vmbackup-test", &prefix, &settings()).unwrap())
+        }
+    }
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            for n in self.0.list("").unwrap_or_default() {
+                let _ = self.0.delete(&n);
+            }
+        }
+    }
+
+    #[test]
+    fn put_get_exists_delete_and_put_new() {
+        let s = Scratch::new("basic");
+        let s = &s.0;
+        assert!(!s.exists("a/b").unwrap());
+        assert!(matches!(s.get("a/b"), Err(RepoError::NotFound(_))));
+        s.put("a/b", b"one").unwrap();
+        assert!(s.exists("a/b").unwrap());
+        assert_eq!(s.get("a/b").unwrap(), b"one");
+        assert!(matches!(
+            s.put_new("a/b", b"two"),
+            Err(RepoError::Exists(_))
+        ));
+        assert_eq!(s.get("a/b").unwrap(), b"one", "put_new never replaces");
+        s.put_new("a/c", b"new").unwrap();
+        assert_eq!(s.list("a/").unwrap(), ["a/b", "a/c"]);
+        assert_eq!(s.list("").unwrap(), ["a/b", "a/c"]);
+        assert!(s.list("nothing/").unwrap().is_empty());
+        s.delete("a/b").unwrap();
+        s.delete("a/b").unwrap();
+        assert!(!s.exists("a/b").unwrap());
+        assert!(s.check_name_escapes());
+        let r = s.requests().unwrap();
+        assert!(
+            r.put >= 2 && r.head >= 3 && r.list >= 3 && r.delete >= 2,
+            "{r:?}"
+        );
+    }
+
+    impl S3Store {
+        fn check_name_escapes(&self) -> bool {
+            ["../x", "/x", "a//b"]
+                .iter()
+                .all(|n| matches!(self.put(n, b""), Err(RepoError::BadName(_))))
+        }
+    }
+
+    #[test]
+    fn unsynced_writes_are_seen_here_at_once_and_all_stored_by_sync() {
+        let s = Scratch::new("sync");
+        let s = &s.0;
+        let data = |i: usize| format!("chunk {i}").repeat(100).into_bytes();
+        for i in 0..40 {
+            s.put_unsynced(&format!("chunks/{:02x}/c{i}", i % 7), &data(i))
+                .unwrap();
+            // Visible to this store at once, whether its upload is done or not.
+            assert!(s.exists(&format!("chunks/{:02x}/c{i}", i % 7)).unwrap());
+        }
+        assert_eq!(s.get("chunks/00/c0").unwrap(), data(0));
+        s.sync().unwrap();
+        // After sync, another store (another host) sees every object, whole.
+        let other =
+            S3Store::open("vmbackup-test", s.prefix.trim_end_matches('/'), &settings()).unwrap();
+        let names = other.list("chunks/").unwrap();
+        assert_eq!(names.len(), 40);
+        for i in 0..40 {
+            assert_eq!(
+                other.get(&format!("chunks/{:02x}/c{i}", i % 7)).unwrap(),
+                data(i)
+            );
+        }
+        assert_eq!(s.remove_temporaries().unwrap(), 0);
+    }
+
+    #[test]
+    fn a_listing_pages_past_a_thousand_keys() {
+        let s = Scratch::new("paging");
+        let s = &s.0;
+        for i in 0..1100 {
+            s.put_unsynced(&format!("chunks/{:02x}/k{i:04}", i % 16), b"x")
+                .unwrap();
+        }
+        s.sync().unwrap();
+        let before = s.requests().unwrap();
+        let names = s.list("chunks/").unwrap();
+        let lists = s.requests().unwrap().since(&before).list;
+        assert_eq!(names.len(), 1100);
+        assert_eq!(
+            names
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            1100
+        );
+        assert!(lists >= 2, "1100 keys in {lists} listing request(s)");
+    }
+
+    #[test]
+    fn a_failed_upload_fails_sync_and_what_follows() {
+        let mut scratch = Scratch::new("fail");
+        let good = scratch.0.client.clone();
+        // The store goes away: its client now reaches a closed port, retried for a second.
+        let mut gone = settings();
+        gone.endpoint = Some("http://127.0.0.1:9".into());
+        let counts = scratch.0.counts.clone();
+        scratch.0.client =
+            Arc::new(build("vmbackup-test", &gone, Duration::from_secs(1), 3, counts).unwrap());
+        let s = &scratch.0;
+        s.put_unsynced("chunks/a", b"data").unwrap();
+        let started = std::time::Instant::now();
+        let e = s.sync().expect_err("the upload cannot succeed");
+        assert!(e.to_string().contains("upload chunks/a"), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
+        // Later writes fail at once, until a sync reported the failure.
+        s.put_unsynced("chunks/b", b"data").unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(s.put_unsynced("chunks/c", b"data").is_err());
+        assert!(s.sync().is_err());
+        // Back: the store works again.
+        scratch.0.client = good;
+        let s = &scratch.0;
+        s.put_unsynced("chunks/ok", b"ok").unwrap();
+        s.sync().unwrap();
+        assert_eq!(s.get("chunks/ok").unwrap(), b"ok");
+        assert!(!s.exists("chunks/a").unwrap());
+    }
+
+    #[test]
+    fn unknown_bucket_wrong_endpoint_and_bad_credentials_are_location_errors() {
+        let good = settings();
+        let e = S3Store::open("no-such-bucket-vmbackup", "p", &good)
+            .err()
+            .unwrap();
+        assert!(
+            matches!(e, RepoError::Location(LocationError::NoBucket { .. })),
+            "{e}"
+        );
+        let mut bad_key = good.clone();
+        bad_key.secret_access_key = Some(Secret::new("wrong-secret-value".into()));
+        let e = S3Store::open("vmbackup-test", "p", &bad_key).err().unwrap();
+        assert!(
+            matches!(e, RepoError::Location(LocationError::Denied { .. })),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("wrong-secret-value"), "{e}");
+        let mut closed = good.clone();
+        closed.endpoint = Some("http://127.0.0.1:9".into());
+        let started = std::time::Instant::now();
+        let e = S3Store::open("vmbackup-test", "p", &closed).err().unwrap();
+        assert!(
+            matches!(e, RepoError::Location(LocationError::Unreachable { .. })),
+            "{e}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}
