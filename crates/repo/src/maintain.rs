@@ -208,6 +208,7 @@ pub fn is_repository(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chunk;
     use crate::disk::backup_disk;
     use crate::manifest::{DiskEntry, Manifest};
     use crate::source::memory::MemorySource;
