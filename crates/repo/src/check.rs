@@ -10,19 +10,6 @@ use super::chunk::{self, Digest};
 use super::maintain::Verified;
 use super::{error_chain, manifest_name, RepoError, Repository, Result};
 
-/// The digest a chunk object's name stands for (`chunks/abcd/abcd...`), if it is one.
-pub(crate) fn digest_of_object(name: &str) -> Option<Digest> {
-    let hex = name.strip_prefix("chunks/")?.split('/').nth(1)?;
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut d = [0u8; 32];
-    for (i, byte) in d.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    (chunk::object_name(&d) == name).then_some(d)
-}
-
 impl Repository {
     /// The chunks the store holds, by digest.
     pub fn stored_chunks(&self) -> Result<HashSet<Digest>> {
@@ -30,7 +17,7 @@ impl Repository {
             .store()
             .list("chunks/")?
             .iter()
-            .filter_map(|n| digest_of_object(n))
+            .filter_map(|n| chunk::digest_of_object(n))
             .collect())
     }
 
@@ -214,13 +201,16 @@ mod tests {
     #[test]
     fn chunk_object_names_give_back_their_digest_and_nothing_else_does() {
         let d = chunk::digest(b"some data");
-        assert_eq!(digest_of_object(&chunk::object_name(&d)), Some(d));
+        assert_eq!(chunk::digest_of_object(&chunk::object_name(&d)), Some(d));
         let name = chunk::object_name(&d);
-        assert_eq!(digest_of_object(&name.replace("chunks/", "backups/")), None);
-        assert_eq!(digest_of_object(&format!("{name}.tmp")), None);
+        assert_eq!(
+            chunk::digest_of_object(&name.replace("chunks/", "backups/")),
+            None
+        );
+        assert_eq!(chunk::digest_of_object(&format!("{name}.tmp")), None);
         // The folder must be the name's first four digits.
         let wrong = format!("chunks/0000/{}", &name[12..]);
-        assert_eq!(digest_of_object(&wrong), None);
-        assert_eq!(digest_of_object("chunks/abcd/xyz"), None);
+        assert_eq!(chunk::digest_of_object(&wrong), None);
+        assert_eq!(chunk::digest_of_object("chunks/abcd/xyz"), None);
     }
 }

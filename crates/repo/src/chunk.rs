@@ -50,6 +50,19 @@ pub fn object_name(d: &Digest) -> String {
     format!("chunks/{}/{}", &h[..4], h)
 }
 
+/// The digest a chunk object's name stands for (`chunks/abcd/abcd...`), if it is one.
+pub fn digest_of_object(name: &str) -> Option<Digest> {
+    let hex = name.strip_prefix("chunks/")?.split('/').nth(1)?;
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut d = [0u8; 32];
+    for (i, byte) in d.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    (object_name(&d) == name).then_some(d)
+}
+
 /// What `ChunkStore::put` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PutOutcome {

@@ -165,7 +165,7 @@ impl Repository {
         // Names are matched as digests: a set of 1,000,000 names would take ~100 MiB more.
         let (mut removed, mut bytes) = (0u64, 0u64);
         for name in self.store().list("chunks/")? {
-            let used = crate::check::digest_of_object(&name).is_some_and(|d| live.contains(&d));
+            let used = crate::chunk::digest_of_object(&name).is_some_and(|d| live.contains(&d));
             if !used {
                 bytes += std::fs::metadata(self.path().join(&name))
                     .map(|m| m.len())
