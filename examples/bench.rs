@@ -78,6 +78,16 @@ fn measure(program: &str, args: &[&str]) -> Result<Measured> {
     })
 }
 
+/// Removes every object under `prefix` of the Garage test bucket.
+fn empty_prefix(garage: &vmbackup_testkit::garage::Garage, prefix: &str) -> Result<()> {
+    use vmbackup::repository::storage::ObjectStore;
+    let store = garage.store(prefix);
+    for name in store.list("")? {
+        store.delete(&name)?;
+    }
+    Ok(())
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
@@ -219,6 +229,35 @@ fn bench_restore(
         .context("backup id")?
         .to_string();
     forget_vmbackup_checkpoints(vm)?;
+    // The same backup in the loopback Garage bucket, restored in each round too.
+    let garage = vmbackup_testkit::garage::Garage::get();
+    let prefix = format!("bench-restore-{}", std::process::id());
+    let s3 = format!("s3://{}/{prefix}", vmbackup_testkit::garage::BUCKET);
+    let s3_common = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "--json",
+            "--repo",
+            &s3,
+            "--state-dir",
+            state.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let args = s3_common(&["backup", name]);
+    let m = measure(
+        vmbackup,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    let v: serde_json::Value = serde_json::from_str(m.stdout.trim())?;
+    let s3_id = v["results"][0]["backup"]["id"]
+        .as_str()
+        .context("backup id")?
+        .to_string();
+    forget_vmbackup_checkpoints(vm)?;
     let vnb = base.join("virtnbdbackup");
     let _ = std::fs::remove_dir_all(&vnb);
     measure(
@@ -237,6 +276,7 @@ fn bench_restore(
     vm.shutdown(Duration::from_secs(60))?;
 
     let (mut t_vmb, mut t_vnr, mut t_dd) = (Vec::new(), Vec::new(), Vec::new());
+    let mut t_s3 = Vec::new();
     let (mut rss_vmb, mut rss_vnr) = (0u64, 0u64);
     for round in 1..=rounds {
         let args = common(&["restore", &id]);
@@ -251,6 +291,16 @@ fn bench_restore(
         );
         t_vmb.push(m.secs);
         rss_vmb = rss_vmb.max(m.max_rss_kib);
+        let args = s3_common(&["restore", &s3_id]);
+        let m = measure(
+            vmbackup,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )?;
+        eprintln!(
+            "bench: round {round}: vmbackup restore from Garage {:.2}s",
+            m.secs
+        );
+        t_s3.push(m.secs);
         let out = base.join("virtnbdrestore");
         fresh(&out)?;
         let m = measure(
@@ -287,12 +337,18 @@ fn bench_restore(
         "  virtnbdrestore           {mn:7.2} s   peak RSS {:5} MiB",
         rss_vnr / 1024
     );
+    let ms3 = median(&mut t_s3);
+    println!(
+        "  vmbackup restore, Garage {ms3:7.2} s   speed {:.2}x of the local folder (target >= 0.7x)",
+        mv / ms3
+    );
     println!("  dd write+fsync, same bytes {md:7.2} s   (the disk's floor for a durable restore)");
     println!(
         "  speed-up vs virtnbdrestore  {:.2}x (target >= 3x); vmbackup / floor {:.2}x",
         mn / mv,
         mv / md
     );
+    empty_prefix(&garage, &prefix)?;
     let _ = std::fs::remove_dir_all(base);
     Ok(())
 }
@@ -895,6 +951,8 @@ fn main() -> Result<()> {
 
     let (mut t_vmb, mut t_vnb, mut t_conv) = (Vec::new(), Vec::new(), Vec::new());
     let mut t_enc = Vec::new();
+    let (mut t_s3, mut s3_requests) = (Vec::new(), serde_json::Value::Null);
+    let garage = vmbackup_testkit::garage::Garage::get();
     let (mut t_vnb_sync, mut t_floor, mut guest_freezes) = (Vec::new(), Vec::new(), Vec::new());
     let (mut rss_vmb, mut rss_vnb, mut rss_conv) = (0u64, 0u64, 0u64);
     let mut freezes = Vec::new();
@@ -962,6 +1020,31 @@ fn main() -> Result<()> {
         t_enc.push(m.secs);
         forget_vmbackup_checkpoints(&vm)?;
         let _ = std::fs::remove_dir_all(&enc);
+
+        // The same backup into a fresh prefix of the loopback Garage bucket.
+        let prefix = format!("bench-{}-{round}", std::process::id());
+        let s3 = format!("s3://{}/{prefix}", vmbackup_testkit::garage::BUCKET);
+        let m = measure(
+            &vmbackup,
+            &[
+                "--json",
+                "--repo",
+                &s3,
+                "--state-dir",
+                state.to_str().unwrap(),
+                "backup",
+                name.as_str(),
+            ],
+        )?;
+        let v: serde_json::Value = serde_json::from_str(m.stdout.trim())?;
+        s3_requests = v["results"][0]["backup"]["requests"].clone();
+        eprintln!(
+            "bench: round {round}: vmbackup into Garage {:.2}s, requests {s3_requests}",
+            m.secs
+        );
+        t_s3.push(m.secs);
+        forget_vmbackup_checkpoints(&vm)?;
+        empty_prefix(&garage, &prefix)?;
 
         // Floors measured in the same round: the disk writing the stored bytes durably, and
         // the guest freezing and thawing its filesystems with nothing in between.
@@ -1074,6 +1157,7 @@ fn main() -> Result<()> {
     let (mns, mfl) = (median(&mut t_vnb_sync), median(&mut t_floor));
     let mgf = median(&mut guest_freezes);
     let me = median(&mut t_enc);
+    let ms3 = median(&mut t_s3);
     let mf = if freezes.is_empty() {
         f64::NAN
     } else {
@@ -1096,6 +1180,10 @@ fn main() -> Result<()> {
     println!(
         "  vmbackup backup, encrypted {me:5.2} s   speed {:.2}x of unencrypted (target >= 0.8x)",
         mv / me
+    );
+    println!(
+        "  vmbackup backup, Garage  {ms3:7.2} s   speed {:.2}x of the local folder (target >= 0.7x); requests {s3_requests}",
+        mv / ms3
     );
     println!(
         "  dd write+fsync, stored   {mfl:7.2} s   (the disk's floor for the bytes vmbackup stores)"
