@@ -10,11 +10,12 @@
 //! - two hosts back up VMs whose disks share data at once: the shared data is stored once,
 //!   and each host lists, verifies and restores the other's backups.
 //!
-//! The repository location is a parameter (`Location`): a local folder here; an S3 bucket
-//! joins as a second location.
+//! The repository location is a parameter (`Location`): each case runs on a local folder and
+//! on a prefix of the Garage node of `scripts/garage` (S3 on loopback).
 
 mod common;
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,12 +25,15 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 use vmbackup::hypervisor::vm::VmSpec;
+use vmbackup_testkit::garage::S3Place;
 use vmbackup_testkit::libvirt_vm::TestVmBuilder;
 
 /// Where the shared repository is.
 enum Location {
     /// A folder on this machine.
     Local(PathBuf),
+    /// A prefix of its own in the Garage test bucket (`s3://vmbackup-test/<unique>/`).
+    S3(S3Place),
 }
 
 impl Location {
@@ -37,10 +41,23 @@ impl Location {
         Location::Local(place.repo())
     }
 
+    fn garage(label: &str) -> Location {
+        Location::S3(S3Place::new(label))
+    }
+
     /// What `--repo` is given.
-    fn arg(&self) -> PathBuf {
+    fn arg(&self) -> OsString {
         match self {
-            Location::Local(p) => p.clone(),
+            Location::Local(p) => p.clone().into_os_string(),
+            Location::S3(p) => p.url().into(),
+        }
+    }
+
+    /// The environment a run needs to reach it (the S3 settings).
+    fn env(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Location::Local(_) => Vec::new(),
+            Location::S3(p) => p.garage.env(),
         }
     }
 
@@ -48,6 +65,33 @@ impl Location {
     fn objects(&self, prefix: &str) -> usize {
         match self {
             Location::Local(p) => files_below(&p.join(prefix)),
+            Location::S3(p) => p.objects().iter().filter(|o| o.starts_with(prefix)).count(),
+        }
+    }
+
+    /// The lock stale time of the paused-backup case, in seconds.
+    fn stale_secs(&self) -> u64 {
+        match self {
+            Location::Local(_) => 3,
+            Location::S3(_) => 8,
+        }
+    }
+
+    /// The backups that have anything stored under `backups/` (published or not), sorted.
+    fn backup_folders(&self) -> Vec<String> {
+        match self {
+            Location::Local(p) => files_in(&p.join("backups")),
+            Location::S3(p) => {
+                let mut ids: Vec<String> = p
+                    .objects()
+                    .iter()
+                    .filter_map(|o| o.strip_prefix("backups/")?.split_once('/'))
+                    .map(|(id, _)| id.to_string())
+                    .collect();
+                ids.sort();
+                ids.dedup();
+                ids
+            }
         }
     }
 }
@@ -95,6 +139,7 @@ impl<'a> Host<'a> {
             .args(args)
             .env_remove("VMBACKUP_CONFIG")
             .env("VMBACKUP_LOG", "info")
+            .envs(self.repo.env())
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -202,8 +247,10 @@ fn resume(child: Child) -> Run {
 /// 4, busy), nothing freed; A publishes and everything verifies. A backup killed there: its
 /// lock is stale at once, and gc removes what it left (and nothing else). A backup paused
 /// past the stale time: gc takes over, and the backup fails without publishing.
-#[test]
-fn gc_on_another_host_never_frees_what_a_running_backup_will_reference() {
+fn gc_on_another_host_never_frees_what_a_running_backup_will_reference(
+    repo: &Location,
+    place: &Place,
+) {
     let (_f1, one) = filled_disk("vdb", 64 * MIB, 12);
     let kept = TestVmBuilder::new("mh-kept")
         .disk_spec(one)
@@ -214,10 +261,8 @@ fn gc_on_another_host_never_frees_what_a_running_backup_will_reference() {
         .disk_spec(two)
         .define()
         .expect("VM defined");
-    let place = Place::new();
-    let repo = Location::local(&place);
-    let a = Host::new(&place, &repo, "host-a");
-    let b = Host::new(&place, &repo, "host-b");
+    let a = Host::new(place, repo, "host-a");
+    let b = Host::new(place, repo, "host-b");
 
     // 1. A's first backup, held after its chunks and index, before its manifest: every chunk
     //    it wrote is referenced by nothing published yet.
@@ -277,13 +322,16 @@ fn gc_on_another_host_never_frees_what_a_running_backup_will_reference() {
     );
     assert_eq!(repo.objects("chunks/"), written);
     assert_eq!(repo.objects("locks/"), 0);
-    assert_eq!(files_in(&place.repo().join("backups")), vec![first.clone()]);
+    assert_eq!(repo.backup_folders(), vec![first.clone()]);
     assert_eq!(a.listed(), vec![first.clone()]);
     a.verified();
 
-    // 3. A's backup paused past the stale time (3 s here): gc on B takes its lock for stale
-    //    and frees its chunks; A, let go, finds its lock lost and publishes nothing.
-    let stale = ("VMBACKUP_LOCK_STALE_SECS", "3".to_string());
+    // 3. A's backup paused past the stale time (3 s here, 8 s on S3: a gc there waits a
+    //    listing's lag (1 s) in each of its 3 attempts, and so could itself outlast 3 s): gc
+    //    on B takes its lock for stale and frees its chunks; A, let go, finds its lock lost
+    //    and publishes nothing.
+    let stale_secs = repo.stale_secs();
+    let stale = ("VMBACKUP_LOCK_STALE_SECS", stale_secs.to_string());
     let a = Host {
         env: vec![stale.clone()],
         ..a
@@ -296,7 +344,7 @@ fn gc_on_another_host_never_frees_what_a_running_backup_will_reference() {
     assert!(repo.objects("chunks/") > written);
     let gc = b.run(&["gc"]);
     assert_eq!(gc.code, 4, "not stale yet: {}", gc.stderr);
-    std::thread::sleep(Duration::from_secs(4));
+    std::thread::sleep(Duration::from_secs(stale_secs + 1));
     let gc = b.run(&["gc"]);
     assert_eq!(gc.code, 0, "{}", gc.stderr);
     assert!(gc.stderr.contains("not refreshed for"), "{}", gc.stderr);
@@ -309,13 +357,31 @@ fn gc_on_another_host_never_frees_what_a_running_backup_will_reference() {
     assert_eq!(r.code, 1, "{} {}", r.json, r.stderr);
     assert!(r.json.to_string().contains("lock was lost"), "{}", r.json);
     assert_eq!(b.listed(), vec![first.clone()], "nothing published");
-    assert_eq!(files_in(&place.repo().join("backups")), vec![first.clone()]);
+    assert_eq!(repo.backup_folders(), vec![first.clone()]);
     b.verified();
     assert_eq!(repo.objects("locks/"), 0);
     // The next backup of that VM is whole again.
     let id = a.backup(other.name());
     assert_eq!(b.verified().len(), 2);
     assert!(b.listed().contains(&id));
+}
+
+#[test]
+fn gc_on_another_host_during_a_backup_into_a_local_repository() {
+    let place = Place::new();
+    gc_on_another_host_never_frees_what_a_running_backup_will_reference(
+        &Location::local(&place),
+        &place,
+    );
+}
+
+#[test]
+fn gc_on_another_host_during_a_backup_into_garage() {
+    let place = Place::new();
+    gc_on_another_host_never_frees_what_a_running_backup_will_reference(
+        &Location::garage("hosts-gc"),
+        &place,
+    );
 }
 
 /// Two hosts back up, at the same moment, two VMs whose disks hold the same 48 MiB: the
@@ -420,6 +486,12 @@ fn two_hosts_back_up_at_once(repo: &Location, place: &Place) {
 fn two_hosts_back_up_into_one_local_repository_at_once() {
     let place = Place::new();
     two_hosts_back_up_at_once(&Location::local(&place), &place);
+}
+
+#[test]
+fn two_hosts_back_up_into_one_garage_prefix_at_once() {
+    let place = Place::new();
+    two_hosts_back_up_at_once(&Location::garage("hosts-two"), &place);
 }
 
 /// Destroys and undefines a domain the test made by restoring, whatever happens.

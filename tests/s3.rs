@@ -333,3 +333,105 @@ fn bad_s3_settings_are_exit_2_with_a_clear_message_and_write_nothing() {
         "the secret key leaked"
     );
 }
+
+/// All of a backup's S3 requests, whatever their kind.
+fn total_requests(backup: &Value) -> u64 {
+    let r = &backup["requests"];
+    ["get", "put", "head", "list", "delete"]
+        .iter()
+        .map(|k| {
+            r[k].as_u64()
+                .unwrap_or_else(|| panic!("no {k} count: {backup}"))
+        })
+        .sum()
+}
+
+fn mode_of(backup: &Value, target: &str) -> String {
+    backup["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["target"] == target)
+        .and_then(|d| d["mode"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The second backup of an unchanged (shut-off) VM, and a third that reads the disk whole
+/// (asked to, as after a restore), make as many S3 requests for a disk of 64 chunks as for one of
+/// 16: the chunks the previous backup of the disk refers to are trusted without a request
+/// (its index is read under the backup lock, which keeps gc out), so what is left is per
+/// backup (lock, listing, manifests, one index, the new index and manifest), never per chunk.
+#[test]
+fn backups_of_an_unchanged_disk_make_requests_per_backup_not_per_chunk() {
+    let bin = binary();
+    // (chunks referenced, requests of the unchanged backup, of the whole-disk one)
+    let mut seen = Vec::new();
+    for (label, size, data_mib) in [("small", 64 * MIB, 8), ("large", 256 * MIB, 160)] {
+        let (_fill, spec) = filled_disk("vdb", size, data_mib);
+        let vm = TestVmBuilder::new(&format!("s3-req-{label}"))
+            .disk_spec(spec)
+            .define()
+            .expect("VM defined");
+        let place = S3Place::new(&format!("req-{label}"));
+        let first = place.run(bin, &["backup", vm.name()]);
+        ok(&first, "first backup");
+        let first = &first.json["results"][0]["backup"];
+
+        let again = place.run(bin, &["backup", vm.name()]);
+        ok(&again, "backup of the unchanged VM");
+        let again = &again.json["results"][0]["backup"];
+        assert_eq!(mode_of(again, "vdb"), "incremental", "{again}");
+
+        // As after a restore or a failed spot check: a request to read the disk whole.
+        let marker = place
+            .state()
+            .join("full-read")
+            .join(format!("{}.vdb", vm.name()));
+        std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
+        std::fs::write(&marker, "asked by the test").unwrap();
+        let whole = place.run(bin, &["backup", vm.name()]);
+        ok(&whole, "backup reading the disk whole");
+        let whole = &whole.json["results"][0]["backup"];
+        assert_eq!(mode_of(whole, "vdb"), "full", "{whole}");
+
+        let v = place.run(bin, &["verify"]);
+        ok(&v, "verify");
+        let chunks: Vec<u64> = v.json["backups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                assert_eq!(b["ok"], true, "{b}");
+                b["chunks"].as_u64().unwrap()
+            })
+            .collect();
+        assert_eq!(chunks.len(), 3);
+        assert!(chunks.iter().all(|c| *c == chunks[0]), "{chunks:?}");
+        eprintln!(
+            "{label}: {} chunks; requests: first {} {}, unchanged {} {}, whole-disk {} {}",
+            chunks[0],
+            total_requests(first),
+            first["requests"],
+            total_requests(again),
+            again["requests"],
+            total_requests(whole),
+            whole["requests"]
+        );
+        seen.push((chunks[0], total_requests(again), total_requests(whole)));
+    }
+    let (small, large) = (seen[0], seen[1]);
+    assert!(
+        large.0 >= 3 * small.0,
+        "the large disk has many more chunks: {seen:?}"
+    );
+    // The same requests for 4 times the chunks (a lock refresh may add one or two).
+    assert!(
+        large.1 <= small.1 + 2 && large.2 <= small.2 + 2,
+        "requests grow with the chunks: {seen:?}"
+    );
+    assert!(
+        large.1 < large.0 / 2 && large.2 < large.0 / 2,
+        "far fewer requests than chunks: {seen:?}"
+    );
+}

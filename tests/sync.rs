@@ -1,5 +1,5 @@
-//! `vmbackup sync`: backups copied to another repository restore the guest's bytes from there;
-//! a second sync copies nothing; a sync killed before a manifest leaves nothing listed and the
+//! `vmbackup sync`: backups copied to another repository (a local folder; an encrypted one on
+//! S3, the Garage node) restore the guest's bytes from there; a second sync copies nothing; a sync killed before a manifest leaves nothing listed and the
 //! next one finishes; bad input changes nothing.
 
 mod common;
@@ -7,7 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use vmbackup::repository::storage::ObjectStore;
 use vmbackup_testkit::faults::{repo_violations, FaultRun, Reached};
+use vmbackup_testkit::garage::S3Place;
 use vmbackup_testkit::libvirt_vm::TestVmBuilder;
 
 const MIB: u64 = 1 << 20;
@@ -104,4 +106,41 @@ fn synced_backups_restore_from_the_target_and_a_killed_sync_is_finished_by_the_n
     vm.dom().start().unwrap();
     vm.wait_agent(Duration::from_secs(120)).unwrap();
     assert_eq!(vm.read_file("/mnt/vdb/marker").unwrap(), b"first backup");
+
+    // The local repository synced to a shared one on S3 (Garage), encrypted there.
+    let s3 = S3Place::new("sync");
+    let url = s3.url();
+    let key = s3.dir.path().join("shared.key");
+    let key = key.to_str().unwrap();
+    let i = s3.run(binary(), &["init", "--encrypt", "--key-file", key]);
+    assert_eq!(i.code, 0, "{}", i.stderr);
+    let to_s3 = ["sync", "--from", a, "--to", &url, "--to-key-file", key];
+    let r = s3.run(binary(), &to_s3);
+    assert_eq!(r.code, 0, "{} {}", r.json, r.stderr);
+    assert_eq!(r.json["sync"]["copied"], serde_json::json!([first, second]));
+    assert!(r.json["sync"]["chunks_copied"].as_u64().unwrap() > 0);
+    // Encrypted there: its chunks are named with a key, and nothing opens it without one.
+    let config = s3.garage.store(&s3.prefix).get("config.json").unwrap();
+    let config: serde_json::Value = serde_json::from_slice(&config).unwrap();
+    assert_eq!(config["chunk_digest"], "hmac-sha256", "{config}");
+    let keyless = s3.run(binary(), &["list"]);
+    assert_eq!(keyless.code, 2, "{}", keyless.stderr);
+    let listed = s3.run(binary(), &["list", "--key-file", key]);
+    assert_eq!(ids(&listed), vec![first.clone(), second.clone()]);
+    let verified = s3.run(binary(), &["verify", "--key-file", key]);
+    assert_eq!(verified.code, 0, "{} {}", verified.json, verified.stderr);
+    let again = s3.run(binary(), &to_s3);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(again.json["sync"]["copied"], serde_json::json!([]));
+    assert_eq!(again.json["sync"]["chunks_copied"], 0);
+
+    // Restored from the S3 copy, the guest reads what it held at the second backup.
+    vm.write_file("/mnt/vdb/marker", b"after the sync").unwrap();
+    vm.dom().destroy().unwrap();
+    let r = s3.run(binary(), &["restore", &second, "--key-file", key]);
+    assert_eq!(r.code, 0, "{} {}", r.json, r.stderr);
+    vm.reconnect().unwrap();
+    vm.dom().start().unwrap();
+    vm.wait_agent(Duration::from_secs(120)).unwrap();
+    assert_eq!(vm.read_file("/mnt/vdb/marker").unwrap(), b"second backup");
 }
