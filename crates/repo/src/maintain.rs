@@ -210,7 +210,7 @@ mod tests {
     use super::*;
     use crate::chunk;
     use crate::disk::backup_disk;
-    use crate::manifest::{DiskEntry, Manifest};
+    use crate::manifest::Manifest;
     use crate::source::memory::MemorySource;
 
     /// An 8 MiB disk: 2 MiB of `pattern`, then zeros.
@@ -224,42 +224,8 @@ mod tests {
     }
 
     fn back_up(repo: &Repository, id: &str, src: &MemorySource) {
-        let b = backup_disk(repo, src, 1 << 20, 2, &|_, _| {}).unwrap();
-        let index_object = repo.put_index(id, "vda", &b.index).unwrap();
-        let domain_xml_object = repo.put_domain_xml(id, "<domain/>").unwrap();
-        repo.publish(&Manifest {
-            format_version: 1,
-            id: id.into(),
-            vm_name: "vm".into(),
-            vm_uuid: "u".into(),
-            started_at: format!("2026-01-01T00:00:0{}Z", id.len()),
-            ended_at: String::new(),
-            consistency: "application".into(),
-            consistency_reason: None,
-            freeze_ms: None,
-            vcpus: 1,
-            memory_bytes: 1,
-            disks: vec![DiskEntry {
-                target: "vda".into(),
-                format: "raw".into(),
-                virtual_size: 8 << 20,
-                allocated_size: 0,
-                source: "memory".into(),
-                chunk_size: 1 << 20,
-                index_object,
-                logical_bytes: b.logical_bytes,
-                stored_bytes: b.stored_bytes_new,
-                read: None,
-            }],
-            nics: vec![],
-            domain_xml_object,
-            schedule: None,
-            scheduled_for: None,
-            stored_bytes: b.stored_bytes_new,
-            logical_bytes: b.logical_bytes,
-            vm_state: None,
-        })
-        .unwrap();
+        let started = format!("2026-01-01T00:00:0{}Z", id.len());
+        crate::teststores::publish_backup(repo, id, "vm", &started, src, 1 << 20);
     }
 
     #[test]
@@ -441,42 +407,7 @@ mod tests {
     }
 
     fn publish_disk(repo: &Repository, id: &str, src: &MemorySource, started: &str) {
-        let b = backup_disk(repo, src, 1 << 16, 2, &|_, _| {}).unwrap();
-        let index_object = repo.put_index(id, "vda", &b.index).unwrap();
-        let domain_xml_object = repo.put_domain_xml(id, "<domain/>").unwrap();
-        repo.publish(&Manifest {
-            format_version: 1,
-            id: id.into(),
-            vm_name: "vm".into(),
-            vm_uuid: "u".into(),
-            started_at: started.into(),
-            ended_at: String::new(),
-            consistency: "crash".into(),
-            consistency_reason: None,
-            freeze_ms: None,
-            vcpus: 1,
-            memory_bytes: 1,
-            disks: vec![DiskEntry {
-                target: "vda".into(),
-                format: "raw".into(),
-                virtual_size: src.data.len() as u64,
-                allocated_size: 0,
-                source: "memory".into(),
-                chunk_size: 1 << 16,
-                index_object,
-                logical_bytes: b.logical_bytes,
-                stored_bytes: b.stored_bytes_new,
-                read: None,
-            }],
-            nics: vec![],
-            domain_xml_object,
-            schedule: None,
-            scheduled_for: None,
-            stored_bytes: b.stored_bytes_new,
-            logical_bytes: b.logical_bytes,
-            vm_state: None,
-        })
-        .unwrap();
+        crate::teststores::publish_backup(repo, id, "vm", started, src, 1 << 16);
     }
 
     /// The store requests of a whole-disk backup of an unchanged `n`-chunk disk, made by a new

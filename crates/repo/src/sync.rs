@@ -190,8 +190,6 @@ impl Repository {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::backup_disk;
-    use crate::manifest::DiskEntry;
     use crate::source::memory::MemorySource;
 
     fn back_up(repo: &Repository, id: &str, vm: &str, started: &str, pattern: u8) {
@@ -202,44 +200,7 @@ mod tests {
             data,
             zero: std::iter::once(2 << 20..4 << 20).collect(),
         };
-        let b = backup_disk(repo, &src, 1 << 20, 2, &|_, _| {}).unwrap();
-        let index_object = repo.put_index(id, "vda", &b.index).unwrap();
-        let domain_xml_object = repo
-            .put_domain_xml(id, &format!("<domain>{vm}</domain>"))
-            .unwrap();
-        repo.publish(&Manifest {
-            format_version: 1,
-            id: id.into(),
-            vm_name: vm.into(),
-            vm_uuid: "u".into(),
-            started_at: started.into(),
-            ended_at: started.into(),
-            consistency: "crash".into(),
-            consistency_reason: None,
-            freeze_ms: None,
-            vcpus: 1,
-            memory_bytes: 1,
-            disks: vec![DiskEntry {
-                target: "vda".into(),
-                format: "raw".into(),
-                virtual_size: 4 << 20,
-                allocated_size: 0,
-                source: "memory".into(),
-                chunk_size: 1 << 20,
-                index_object,
-                logical_bytes: b.logical_bytes,
-                stored_bytes: b.stored_bytes_new,
-                read: None,
-            }],
-            nics: vec![],
-            domain_xml_object,
-            schedule: None,
-            scheduled_for: None,
-            stored_bytes: b.stored_bytes_new,
-            logical_bytes: b.logical_bytes,
-            vm_state: None,
-        })
-        .unwrap();
+        crate::teststores::publish_backup(repo, id, vm, started, &src, 1 << 20);
     }
 
     fn disk_bytes(repo: &Repository, id: &str) -> Vec<u8> {

@@ -1,5 +1,6 @@
-//! Stores for unit tests: one that counts requests, and one whose `list` shows new objects
-//! only after a while (an eventually consistent listing), both around a `LocalDir`.
+//! For unit tests: a store that counts requests, and one whose `list` shows new objects
+//! only after a while (an eventually consistent listing), both around a `LocalDir`; and a
+//! published one-disk backup of a source in memory.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -160,4 +161,55 @@ impl ObjectStore for TestStore {
             Duration::ZERO
         }
     }
+}
+
+/// Backs `src` up (chunks of `chunk_size`) as the one disk `vda` of backup `id` of VM `vm`,
+/// started at `started`, and publishes it.
+pub fn publish_backup(
+    repo: &crate::Repository,
+    id: &str,
+    vm: &str,
+    started: &str,
+    src: &crate::source::memory::MemorySource,
+    chunk_size: u64,
+) {
+    use crate::manifest::{DiskEntry, Manifest};
+    let b = crate::disk::backup_disk(repo, src, chunk_size, 2, &|_, _| {}).unwrap();
+    let index_object = repo.put_index(id, "vda", &b.index).unwrap();
+    let domain_xml_object = repo
+        .put_domain_xml(id, &format!("<domain><name>{vm}</name></domain>"))
+        .unwrap();
+    repo.publish(&Manifest {
+        format_version: 1,
+        id: id.into(),
+        vm_name: vm.into(),
+        vm_uuid: "u".into(),
+        started_at: started.into(),
+        ended_at: started.into(),
+        consistency: "crash".into(),
+        consistency_reason: None,
+        freeze_ms: None,
+        vcpus: 1,
+        memory_bytes: 1,
+        disks: vec![DiskEntry {
+            target: "vda".into(),
+            format: "raw".into(),
+            virtual_size: src.data.len() as u64,
+            allocated_size: 0,
+            source: "memory".into(),
+            chunk_size,
+            index_object,
+            logical_bytes: b.logical_bytes,
+            stored_bytes: b.stored_bytes_new,
+            read: None,
+        }],
+        nics: vec![],
+        domain_xml_object,
+        schedule: None,
+        scheduled_for: None,
+        stored_bytes: b.stored_bytes_new,
+        logical_bytes: b.logical_bytes,
+        vm_state: None,
+    })
+    .unwrap();
 }
