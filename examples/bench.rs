@@ -190,6 +190,29 @@ fn make_fill(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `--json --repo REPO --state-dir STATE EXTRA...`
+fn repo_args(repo: &str, state: &str, extra: &[&str]) -> Vec<String> {
+    ["--json", "--repo", repo, "--state-dir", state]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// Backs VM `name` up into `repo` (timed like every run) and returns the backup's id.
+fn backed_up(vmbackup: &str, repo: &str, state: &str, name: &str) -> Result<String> {
+    let args = repo_args(repo, state, &["backup", name]);
+    let m = measure(
+        vmbackup,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    let v: serde_json::Value = serde_json::from_str(m.stdout.trim())?;
+    Ok(v["results"][0]["backup"]["id"]
+        .as_str()
+        .context("backup id")?
+        .to_string())
+}
+
 /// `vmbackup restore` of the benchmark VM against `virtnbdrestore` of a full backup of the
 /// same VM, alternating; the VM is shut off, as both tools require.
 fn bench_restore(
@@ -204,59 +227,16 @@ fn bench_restore(
     let state = base.join("state");
     fresh(&repo)?;
     fresh(&state)?;
-    let common = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "--json",
-            "--repo",
-            repo.to_str().unwrap(),
-            "--state-dir",
-            state.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
-    let args = common(&["backup", name]);
-    let m = measure(
-        vmbackup,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    )?;
-    let v: serde_json::Value = serde_json::from_str(m.stdout.trim())?;
-    let id = v["results"][0]["backup"]["id"]
-        .as_str()
-        .context("backup id")?
-        .to_string();
+    let (repo_s, state_s) = (repo.to_str().unwrap(), state.to_str().unwrap());
+    let common = |extra: &[&str]| repo_args(repo_s, state_s, extra);
+    let id = backed_up(vmbackup, repo_s, state_s, name)?;
     forget_vmbackup_checkpoints(vm)?;
     // The same backup in the loopback Garage bucket, restored in each round too.
     let garage = vmbackup_testkit::garage::Garage::get();
     let prefix = format!("bench-restore-{}", std::process::id());
     let s3 = format!("s3://{}/{prefix}", vmbackup_testkit::garage::BUCKET);
-    let s3_common = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "--json",
-            "--repo",
-            &s3,
-            "--state-dir",
-            state.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
-    let args = s3_common(&["backup", name]);
-    let m = measure(
-        vmbackup,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    )?;
-    let v: serde_json::Value = serde_json::from_str(m.stdout.trim())?;
-    let s3_id = v["results"][0]["backup"]["id"]
-        .as_str()
-        .context("backup id")?
-        .to_string();
+    let s3_common = |extra: &[&str]| repo_args(&s3, state_s, extra);
+    let s3_id = backed_up(vmbackup, &s3, state_s, name)?;
     forget_vmbackup_checkpoints(vm)?;
     let vnb = base.join("virtnbdbackup");
     let _ = std::fs::remove_dir_all(&vnb);
