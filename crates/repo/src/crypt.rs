@@ -6,9 +6,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use hmac::{Hmac, Mac};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use sha2::Sha256;
 
 use super::storage::ObjectStore;
@@ -111,10 +110,50 @@ impl Drop for MasterKey {
     }
 }
 
+/// AES-256-GCM under `key` (ring's implementation: about three times the speed of the
+/// RustCrypto one on this hardware, and already built for rustls).
+fn aes_gcm(key: &[u8; 32]) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("a 32-byte key"))
+}
+
+/// Seals `buf[from..]` in place under `nonce` (which must never repeat under `key`) and appends
+/// the tag.
+fn seal_in_place(
+    key: &LessSafeKey,
+    nonce: [u8; NONCE],
+    aad: &[u8],
+    buf: &mut Vec<u8>,
+    from: usize,
+) -> std::result::Result<(), ring::error::Unspecified> {
+    let tag = key.seal_in_place_separate_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(aad),
+        &mut buf[from..],
+    )?;
+    buf.extend_from_slice(tag.as_ref());
+    Ok(())
+}
+
+/// Opens `sealed` (ciphertext then tag): the plaintext, or an error if it is not exactly what
+/// `key` sealed with `nonce` and `aad`.
+fn open_sealed(
+    key: &LessSafeKey,
+    nonce: [u8; NONCE],
+    aad: &[u8],
+    sealed: &[u8],
+) -> std::result::Result<Vec<u8>, ring::error::Unspecified> {
+    let mut buf = sealed.to_vec();
+    let len = key
+        .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)?
+        .len();
+    buf.truncate(len);
+    Ok(buf)
+}
+
 /// The keys derived from a master key: the object key (AES-256-GCM) and the chunk-name key
 /// (HMAC-SHA256).
 pub struct Keys {
-    cipher: Aes256Gcm,
+    cipher: LessSafeKey,
     chunk_names: Hmac<Sha256>,
 }
 
@@ -123,7 +162,7 @@ impl Keys {
         let mut object = master.subkey(b"vmbackup object key v1");
         let mut names = master.subkey(b"vmbackup chunk name key v1");
         let keys = Keys {
-            cipher: Aes256Gcm::new(&object.into()),
+            cipher: aes_gcm(&object),
             chunk_names: <Hmac<Sha256> as Mac>::new_from_slice(&names).expect("HMAC takes any key"),
         };
         object.fill(0);
@@ -155,15 +194,8 @@ impl Keys {
         out.push(VERSION);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(plain);
-        let tag = self
-            .cipher
-            .encrypt_in_place_detached(
-                Nonce::from_slice(&nonce),
-                &Keys::aad(name),
-                &mut out[HEADER..],
-            )
+        seal_in_place(&self.cipher, nonce, &Keys::aad(name), &mut out, HEADER)
             .map_err(|_| CryptError::Internal(format!("cannot seal {name}")))?;
-        out.extend_from_slice(&tag);
         Ok(out)
     }
 
@@ -176,13 +208,9 @@ impl Keys {
         if sealed.len() < OVERHEAD || &sealed[..4] != MAGIC || sealed[4] != VERSION {
             return Err(tampered());
         }
-        let nonce = Nonce::from_slice(&sealed[5..HEADER]);
-        let (body, tag) = sealed[HEADER..].split_at(sealed.len() - OVERHEAD);
-        let mut plain = body.to_vec();
-        self.cipher
-            .decrypt_in_place_detached(nonce, &Keys::aad(name), &mut plain, Tag::from_slice(tag))
-            .map_err(|_| tampered())?;
-        Ok(plain)
+        let mut nonce = [0u8; NONCE];
+        nonce.copy_from_slice(&sealed[5..HEADER]);
+        open_sealed(&self.cipher, nonce, &Keys::aad(name), &sealed[HEADER..]).map_err(|_| tampered())
     }
 }
 
@@ -379,13 +407,11 @@ pub fn wrap(key: &MasterKey, passphrase: &[u8], repository: &str) -> Result<Wrap
     random(&mut salt)?;
     random(&mut nonce)?;
     let mut kek = kdf(passphrase, &salt, KDF_MEMORY_KIB, KDF_PASSES, KDF_LANES)?;
-    let cipher = Aes256Gcm::new(&kek.into());
+    let cipher = aes_gcm(&kek);
     kek.fill(0);
     let mut buf = key.0.to_vec();
-    let tag = cipher
-        .encrypt_in_place_detached(Nonce::from_slice(&nonce), &wrap_aad(repository), &mut buf)
+    seal_in_place(&cipher, nonce, &wrap_aad(repository), &mut buf, 0)
         .map_err(|_| CryptError::Internal("cannot wrap the key".into()))?;
-    buf.extend_from_slice(&tag);
     let w = Wrapped {
         version: 1,
         kdf: "argon2id".into(),
@@ -418,25 +444,21 @@ pub fn unwrap(
     if w.memory_kib > 4 * 1024 * 1024 || w.passes > 64 || w.lanes > 64 {
         return Err(bad("Argon2 parameters out of bounds"));
     }
-    let (Some(salt), Some(nonce), Some(mut buf)) =
+    let (Some(salt), Some(nonce), Some(wrapped)) =
         (unhex(&w.salt), unhex(&w.nonce), unhex(&w.wrapped))
     else {
         return Err(bad("not hex"));
     };
-    if nonce.len() != NONCE || buf.len() != 32 + TAG || salt.len() < 8 {
+    let Ok(nonce) = <[u8; NONCE]>::try_from(nonce.as_slice()) else {
+        return Err(bad("wrong lengths"));
+    };
+    if wrapped.len() != 32 + TAG || salt.len() < 8 {
         return Err(bad("wrong lengths"));
     }
     let mut kek = kdf(passphrase, &salt, w.memory_kib, w.passes, w.lanes)?;
-    let cipher = Aes256Gcm::new(&kek.into());
+    let cipher = aes_gcm(&kek);
     kek.fill(0);
-    let tag = buf.split_off(32);
-    cipher
-        .decrypt_in_place_detached(
-            Nonce::from_slice(&nonce),
-            &wrap_aad(&enc.repository),
-            &mut buf,
-            Tag::from_slice(&tag),
-        )
+    let mut buf = open_sealed(&cipher, nonce, &wrap_aad(&enc.repository), &wrapped)
         .map_err(|_| CryptError::WrongKey(repo.to_path_buf()))?;
     let mut k = [0u8; 32];
     k.copy_from_slice(&buf);
@@ -524,6 +546,50 @@ mod tests {
 
     fn keys() -> Keys {
         Keys::new(&MasterKey([7; 32]))
+    }
+
+    /// Objects sealed and a key wrapped by the earlier implementation (the RustCrypto
+    /// `aes-gcm` crate) open unchanged: the format is AES-256-GCM, whoever computes it.
+    #[test]
+    fn objects_and_wrapped_keys_of_the_earlier_implementation_open() {
+        let sealed = unhex(
+            "564d4245015c5bcc3527f7214685e3cfc502018b43b2913c278e825167ac4cdfd2203cdd0670775cca9253cea43aa55efff1e8",
+        )
+        .unwrap();
+        let name = "backups/vm/2026/manifest.json";
+        assert_eq!(keys().open(name, &sealed).unwrap(), b"sealed before ring");
+        assert!(keys().open("backups/vm/2027/manifest.json", &sealed).is_err());
+        let w: Wrapped = serde_json::from_str(
+            r#"{"version":1,"kdf":"argon2id","argon2_version":19,"memory_kib":65536,"passes":3,"lanes":1,"salt":"b5fe097fe1f4c96921f903f64195ff73","cipher":"aes-256-gcm","nonce":"6e4109563e001dc7d1af7d10","wrapped":"3001293e3c19cfd251ac7e6c37d5f6b75f0512553c46e531a9939007a814386ba67e248f0cbf5e293c784a941a69e77b"}"#,
+        )
+        .unwrap();
+        let enc = EncryptionConfig {
+            version: 1,
+            cipher: CIPHER.into(),
+            repository: "r1".into(),
+            key_check: MasterKey([9; 32]).check_value("r1"),
+        };
+        let key = unwrap(&w, b"pass", Path::new("/r"), &enc).unwrap();
+        assert_eq!(key.0, [9; 32]);
+        assert!(unwrap(&w, b"wrong", Path::new("/r"), &enc).is_err());
+    }
+
+    /// AES-256-GCM as specified: test case 16 of McGrew and Viega's GCM specification (the
+    /// 96-bit nonce, associated data and a partial last block).
+    #[test]
+    fn aes_gcm_matches_the_specification_vector() {
+        let b = |h: &str| unhex(h).unwrap();
+        let key: [u8; 32] = b("feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308")
+            .try_into()
+            .unwrap();
+        let nonce: [u8; NONCE] = b("cafebabefacedbaddecaf888").try_into().unwrap();
+        let aad = b("feedfacedeadbeeffeedfacedeadbeefabaddad2");
+        let plain = b("d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a721c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b39");
+        let expect = b("522dc1f099567d07f47f37a32a84427d643a8cdcbfe5c0c97598a2bd2555d1aa8cb08e48590dbb3da7b08b1056828838c5f61e6393ba7a0abcc9f66276fc6ece0f4e1768cddf8853bb2d551b");
+        let mut buf = plain.clone();
+        seal_in_place(&aes_gcm(&key), nonce, &aad, &mut buf, 0).unwrap();
+        assert_eq!(hex(&buf), hex(&expect));
+        assert_eq!(open_sealed(&aes_gcm(&key), nonce, &aad, &buf).unwrap(), plain);
     }
 
     #[test]
