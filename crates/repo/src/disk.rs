@@ -292,6 +292,7 @@ fn for_each_data_chunk(
 ) -> Result<()> {
     let done = AtomicU64::new(0);
     let chunks = ChunkStore::new(repo.store(), repo.namer());
+    let threads = threads.max(repo.store().parallel_reads());
     for_each_parallel(index.chunks.len(), threads, |i| {
         if let Some(d) = &index.chunks[i] {
             write(i as u64 * index.chunk_size, &chunks.get(d)?)?;

@@ -146,6 +146,14 @@ impl<S: ObjectStore> ObjectStore for FaultyStore<S> {
     fn list_lag(&self) -> std::time::Duration {
         self.inner.list_lag()
     }
+
+    fn requests(&self) -> Option<crate::storage::RequestCounts> {
+        self.inner.requests()
+    }
+
+    fn parallel_reads(&self) -> usize {
+        self.inner.parallel_reads()
+    }
 }
 
 /// What a power cut keeps of a folder tree: see the module's documentation.

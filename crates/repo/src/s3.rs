@@ -14,6 +14,12 @@
 //!   `If-None-Match`), so two writers racing on one new name is prevented by the names
 //!   themselves (backup ids are unique), not by the store.
 //! - `remove_temporaries` has nothing to do: no multipart uploads, no temporaries.
+//! - Chunks are uploaded with an unsigned payload (`UNSIGNED-PAYLOAD`; the request itself is
+//!   signed): a chunk's name is the digest of its content (keyed, and the content sealed, in
+//!   an encrypted repository), checked on every read, so hashing each body for the signature
+//!   (here, and again by the store to check it) would only spend CPU. Every other object is
+//!   signed with its payload's hash.
+//! - Readers keep `PARALLEL_READS` downloads in flight (`parallel_reads`).
 //! - Requests that fail with a 5xx, a throttling answer or a connection error are retried
 //!   with exponential backoff for `retry_timeout`, then fail cleanly.
 
@@ -36,6 +42,15 @@ use object_store::{BackoffConfig, ObjectStore as _, ObjectStoreExt as _, RetryCo
 use crate::location::{LocationError, S3Settings};
 use crate::storage::{check_name, ObjectStore, RequestCounts};
 use crate::{RepoError, Result};
+
+/// Downloads a reader such as a restore keeps in flight: each costs one decoded chunk of
+/// memory (4 MiB by default) in its thread.
+const PARALLEL_READS: usize = 8;
+
+/// Whether object `name` is uploaded with an unsigned payload (see the module's comment).
+fn unsigned_payload(name: &str) -> bool {
+    name.starts_with("chunks/")
+}
 
 /// Requests made, by kind (every attempt, retries included).
 #[derive(Debug, Default)]
@@ -112,6 +127,8 @@ struct Unsynced {
 pub struct S3Store {
     runtime: Option<tokio::runtime::Runtime>,
     client: Arc<AmazonS3>,
+    /// The same, uploading with an unsigned payload: for chunks.
+    chunk_client: Arc<AmazonS3>,
     /// `""` or `"a/b/"`.
     prefix: String,
     /// `s3://bucket/prefix/`, for messages.
@@ -138,6 +155,7 @@ fn build(
     retry_timeout: Duration,
     max_retries: usize,
     counts: Arc<Counters>,
+    unsigned_payload: bool,
 ) -> Result<AmazonS3, LocationError> {
     let (Some(id), Some(secret)) = (&s.access_key_id, &s.secret_access_key) else {
         // Without keys the client would ask the cloud's instance metadata service: never.
@@ -149,6 +167,7 @@ fn build(
         .with_access_key_id(id)
         .with_secret_access_key(secret.expose())
         .with_virtual_hosted_style_request(!s.path_style)
+        .with_unsigned_payload(unsigned_payload)
         .with_http_connector(CountingConnector(counts))
         .with_client_options(
             ClientOptions::new()
@@ -186,7 +205,8 @@ impl S3Store {
         // One process-wide TLS provider; a second install (another store) is refused, harmlessly.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let counts = Arc::new(Counters::default());
-        let client = build(bucket, s, s.retry_timeout, 10, counts.clone())?;
+        let client = build(bucket, s, s.retry_timeout, 10, counts.clone(), false)?;
+        let chunk_client = build(bucket, s, s.retry_timeout, 10, counts.clone(), true)?;
         // The first contact retries briefly: a wrong endpoint is reported in seconds.
         let probe = build(
             bucket,
@@ -194,6 +214,7 @@ impl S3Store {
             s.retry_timeout.min(Duration::from_secs(4)),
             2,
             counts.clone(),
+            false,
         )?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -213,6 +234,7 @@ impl S3Store {
         let store = S3Store {
             runtime: Some(runtime),
             client: Arc::new(client),
+            chunk_client: Arc::new(chunk_client),
             location: format!("s3://{bucket}/{prefix}"),
             prefix,
             slots: Arc::new(tokio::sync::Semaphore::new(s.parallel_uploads.max(1))),
@@ -302,10 +324,20 @@ impl S3Store {
         self.unsynced.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The client that uploads `name`.
+    fn uploader(&self, name: &str) -> &Arc<AmazonS3> {
+        if unsigned_payload(name) {
+            &self.chunk_client
+        } else {
+            &self.client
+        }
+    }
+
     fn put_now(&self, name: &str, data: &[u8]) -> Result<()> {
         let path = self.path(name)?;
         let payload = Bytes::copy_from_slice(data);
-        self.run(async { self.client.put(&path, payload.into()).await })
+        let client = self.uploader(name);
+        self.run(async { client.put(&path, payload.into()).await })
             .map(|_| ())
             .map_err(|e| store_error("upload", name, e))
     }
@@ -372,7 +404,7 @@ impl ObjectStore for S3Store {
         let n = u.next;
         u.next += 1;
         u.data.insert(name.to_string(), (n, payload.clone()));
-        let client = self.client.clone();
+        let client = self.uploader(name).clone();
         let shared = self.unsynced.clone();
         let name = name.to_string();
         let handle = self.runtime().handle().clone();
@@ -441,7 +473,8 @@ impl ObjectStore for S3Store {
             let r = self.client.get(&path).await?;
             r.bytes().await
         })
-        .map(|b| b.to_vec())
+        // (No copy when the buffer is not shared, as a whole download's is not.)
+        .map(Vec::from)
         .map_err(|e| store_error("download", name, e))
     }
 
@@ -496,6 +529,10 @@ impl ObjectStore for S3Store {
 
     fn requests(&self) -> Option<RequestCounts> {
         Some(self.counts.snapshot())
+    }
+
+    fn parallel_reads(&self) -> usize {
+        PARALLEL_READS
     }
 }
 
@@ -657,13 +694,23 @@ mod tests {
     #[test]
     fn a_failed_upload_fails_sync_and_what_follows() {
         let mut scratch = Scratch::new("fail");
-        let good = scratch.0.client.clone();
-        // The store goes away: its client now reaches a closed port, retried for a second.
+        let good = (scratch.0.client.clone(), scratch.0.chunk_client.clone());
+        // The store goes away: its clients now reach a closed port, retried for a second.
         let mut gone = settings();
         gone.endpoint = Some("http://127.0.0.1:9".into());
-        let counts = scratch.0.counts.clone();
-        scratch.0.client =
-            Arc::new(build("vmbackup-test", &gone, Duration::from_secs(1), 3, counts).unwrap());
+        let counts = &scratch.0.counts;
+        let to_gone = |unsigned| {
+            let c = build(
+                "vmbackup-test",
+                &gone,
+                Duration::from_secs(1),
+                3,
+                counts.clone(),
+                unsigned,
+            );
+            Arc::new(c.unwrap())
+        };
+        (scratch.0.client, scratch.0.chunk_client) = (to_gone(false), to_gone(true));
         let s = &scratch.0;
         s.put_unsynced("chunks/a", b"data").unwrap();
         let started = std::time::Instant::now();
@@ -680,7 +727,7 @@ mod tests {
         assert!(s.put_unsynced("chunks/c", b"data").is_err());
         assert!(s.sync().is_err());
         // Back: the store works again.
-        scratch.0.client = good;
+        (scratch.0.client, scratch.0.chunk_client) = good;
         let s = &scratch.0;
         s.put_unsynced("chunks/ok", b"ok").unwrap();
         s.sync().unwrap();

@@ -46,6 +46,11 @@ pub trait ObjectStore: Send + Sync {
     fn requests(&self) -> Option<RequestCounts> {
         None
     }
+    /// How many reads a reader such as a restore should keep in flight: a remote store
+    /// answers each after a round trip, so more than the CPUs pay off.
+    fn parallel_reads(&self) -> usize {
+        1
+    }
 }
 
 /// Requests made to an object store, by kind; retries count as requests.
