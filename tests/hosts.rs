@@ -163,28 +163,8 @@ impl<'a> Host<'a> {
     /// Starts `ARGS`, returning once it stopped itself (SIGSTOP) at fail point `point`.
     fn stopped_at(&self, point: &str, args: &[&str]) -> Child {
         let mut child = self.spawn(point, "stop", args);
-        let stat = format!("/proc/{}/stat", child.id());
-        let start = Instant::now();
-        loop {
-            let s = std::fs::read_to_string(&stat).unwrap_or_default();
-            if s.rsplit_once(") ")
-                .is_some_and(|(_, rest)| rest.starts_with('T'))
-            {
-                return child;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                let out = child.wait_with_output().unwrap();
-                panic!(
-                    "{args:?} ended ({status}) before {point}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(180),
-                "{args:?} never reached {point}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_stopped(&mut child, point, args);
+        child
     }
 
     fn backup(&self, vm: &str) -> String {
@@ -235,6 +215,33 @@ fn parse(out: std::process::Output) -> Run {
         code: out.status.code().unwrap_or(-1),
         json,
         stderr,
+    }
+}
+
+/// Waits until `child` (started with `ARGS` and fail point `point` set to `stop`) stopped
+/// itself there (SIGSTOP).
+fn wait_stopped(child: &mut Child, point: &str, args: &[&str]) {
+    let stat = format!("/proc/{}/stat", child.id());
+    let start = Instant::now();
+    loop {
+        let s = std::fs::read_to_string(&stat).unwrap_or_default();
+        if s.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('T'))
+        {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            panic!("{args:?} ended ({status}) before {point}: {err}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "{args:?} never reached {point}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -402,23 +409,25 @@ fn two_hosts_back_up_at_once(repo: &Location, place: &Place) {
     let a = Host::new(place, repo, "host-a");
     let b = Host::new(place, repo, "host-b");
 
-    // Both held a while after their chunks, so that their locks overlap for sure.
-    let hold = ("backup-published-index", "sleep(2500)");
-    let started = [
-        a.spawn(hold.0, hold.1, &["backup", vm_a.name()]),
-        b.spawn(hold.0, hold.1, &["backup", vm_b.name()]),
+    // Both start at once; each stops itself after its chunks and index, before its manifest,
+    // so that their locks are seen held at once whatever the machine's load; then both go on.
+    let point = "backup-published-index";
+    let (args_a, args_b) = (["backup", vm_a.name()], ["backup", vm_b.name()]);
+    let mut started = [
+        a.spawn(point, "stop", &args_a),
+        b.spawn(point, "stop", &args_b),
     ];
-    let t = Instant::now();
-    let mut both = false;
-    while t.elapsed() < Duration::from_secs(120) && !both {
-        both = repo.objects("locks/") == 2;
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(both, "both backups held their shared locks at once");
+    wait_stopped(&mut started[0], point, &args_a);
+    wait_stopped(&mut started[1], point, &args_b);
+    assert_eq!(
+        repo.objects("locks/"),
+        2,
+        "both backups hold their shared locks at once"
+    );
     let ids: Vec<String> = started
         .into_iter()
         .map(|c| {
-            let r = parse(c.wait_with_output().unwrap());
+            let r = resume(c);
             assert_eq!(r.code, 0, "{} {}", r.json, r.stderr);
             r.json["results"][0]["backup"]["id"]
                 .as_str()
