@@ -34,7 +34,7 @@ fn a_backup_verify_and_restore_succeed_while_a_third_of_requests_are_throttled_o
         .start()
         .expect("guest boots");
     vm.wait_agent(Duration::from_secs(180)).unwrap();
-    let payload: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 253) as u8).collect();
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 253) as u8).collect();
     vm.write_file("/mnt/vdb/data", &payload).unwrap();
     let place = S3Place::new("retry");
     // The first request of each kind, and every third after it, gets 503, 500, 429 in turn.
