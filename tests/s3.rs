@@ -41,19 +41,6 @@ fn all_files(dir: &std::path::Path, out: &mut String) {
     }
 }
 
-fn ok(r: &Run, what: &str) {
-    assert_eq!(r.code, 0, "{what}: {}\n{}", r.json, r.stderr);
-}
-
-fn ids(list: &Run) -> Vec<String> {
-    list.json["backups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["id"].as_str().unwrap().to_string())
-        .collect()
-}
-
 #[test]
 fn a_vm_in_garage_is_backed_up_listed_verified_restored_incrementally_and_pruned() {
     let vm = TestVmBuilder::new("s3-round")

@@ -18,17 +18,6 @@ use vmbackup_testkit::faults::{vm_violations, FaultRun};
 use vmbackup_testkit::garage::{Garage, S3Place};
 use vmbackup_testkit::libvirt_vm::{Format, TestVmBuilder};
 
-/// Whether process `pid` is stopped (SIGSTOP).
-fn stopped(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, r)| r.trim_start().starts_with('T'))
-        })
-        .unwrap_or(false)
-}
-
 #[test]
 fn garage_killed_mid_backup_fails_it_cleanly_and_the_next_backup_works() {
     let vm = TestVmBuilder::new("s3-kill")
@@ -62,20 +51,7 @@ fn garage_killed_mid_backup_fails_it_cleanly_and_the_next_backup_works() {
         &env,
     );
     let pid = run.child.id();
-    let start = Instant::now();
-    while !stopped(pid) {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "the backup never reached its fail point: {}",
-            run.stderr()
-        );
-        assert!(
-            run.child.try_wait().unwrap().is_none(),
-            "the backup ended early: {}",
-            run.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    run.wait_stopped(Duration::from_secs(120));
 
     // The store goes away; the backup goes on.
     let garage = Garage::pid().expect("scripts/garage's pid file");

@@ -32,6 +32,21 @@ pub fn backup_id(place: &Place, args: &[&str]) -> String {
         .to_string()
 }
 
+/// Asserts that run `r` (of `what`) succeeded.
+pub fn ok(r: &Run, what: &str) {
+    assert_eq!(r.code, 0, "{what}: {}\n{}", r.json, r.stderr);
+}
+
+/// The ids of a `list --json`.
+pub fn ids(list: &Run) -> Vec<String> {
+    list.json["backups"]
+        .as_array()
+        .expect("a list of backups")
+        .iter()
+        .map(|b| b["id"].as_str().expect("a backup id").to_string())
+        .collect()
+}
+
 pub fn vmbackup_at(repo: &Path, state: &Path, args: &[&str]) -> Run {
     vmbackup_testkit::cli::run_json(binary(), repo, state, args)
 }

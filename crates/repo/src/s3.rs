@@ -20,8 +20,11 @@
 //!   (here, and again by the store to check it) would only spend CPU. Every other object is
 //!   signed with its payload's hash.
 //! - Readers keep `PARALLEL_READS` downloads in flight (`parallel_reads`).
-//! - Requests that fail with a 5xx, a throttling answer or a connection error are retried
-//!   with exponential backoff for `retry_timeout`, then fail cleanly.
+//! - Requests that fail with a 5xx, a 429, an S3 error in a 200's body, or a connection error
+//!   are retried with exponential backoff (0.1 s growing to 10 s, jittered) for
+//!   `retry_timeout`, then fail cleanly (`RepoError::Store`). The first contact gives up on a
+//!   wrong endpoint within seconds (bad input), but a store that answers 5xx or 429 to it is
+//!   retried as long as any request and is then a failure of the store, not bad input.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -149,6 +152,37 @@ fn store_error(what: &'static str, name: &str, e: object_store::Error) -> RepoEr
     }
 }
 
+/// Each wait is drawn between 0.1 s and 3 times the previous one (object_store's
+/// "decorrelated jitter"), at most 10 s: about 1.5 times longer each retry on average (with
+/// the factor 2 it grew by only 50 ms a retry). `max_retries` is set high for the requests
+/// of a backup, so that `retry_timeout` is what bounds them: with 10 retries a store that
+/// throttled for longer than ~20 s failed the backup whatever `retry_timeout` said.
+fn retry_config(retry_timeout: Duration, max_retries: usize) -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+            base: 3.0,
+        },
+        max_retries,
+        retry_timeout,
+    }
+}
+
+/// As many retries as `retry_timeout` may take (waits of at least 0.1 s each): the timeout,
+/// not a count, ends them.
+fn retries_within(retry_timeout: Duration) -> usize {
+    (retry_timeout.as_millis() / 100).clamp(10, 100_000) as usize
+}
+
+/// Whether a failed request's error says the store answered with a 5xx or a 429 (after its
+/// retries): it is there and the credentials were not refused, it is failing or throttling.
+fn store_failing(detail: &str) -> bool {
+    ["status code: 5", "status code: 429"]
+        .iter()
+        .any(|s| detail.contains(s))
+}
+
 fn build(
     bucket: &str,
     s: &S3Settings,
@@ -174,15 +208,7 @@ fn build(
                 .with_connect_timeout(Duration::from_secs(5))
                 .with_timeout(Duration::from_secs(60)),
         )
-        .with_retry(RetryConfig {
-            backoff: BackoffConfig {
-                init_backoff: Duration::from_millis(100),
-                max_backoff: Duration::from_secs(10),
-                base: 2.0,
-            },
-            max_retries,
-            retry_timeout,
-        });
+        .with_retry(retry_config(retry_timeout, max_retries));
     if let Some(e) = &s.endpoint {
         let e = crate::location::check_endpoint(e)?;
         b = b.with_allow_http(e.starts_with("http://"));
@@ -205,8 +231,9 @@ impl S3Store {
         // One process-wide TLS provider; a second install (another store) is refused, harmlessly.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let counts = Arc::new(Counters::default());
-        let client = build(bucket, s, s.retry_timeout, 10, counts.clone(), false)?;
-        let chunk_client = build(bucket, s, s.retry_timeout, 10, counts.clone(), true)?;
+        let retries = retries_within(s.retry_timeout);
+        let client = build(bucket, s, s.retry_timeout, retries, counts.clone(), false)?;
+        let chunk_client = build(bucket, s, s.retry_timeout, retries, counts.clone(), true)?;
         // The first contact retries briefly: a wrong endpoint is reported in seconds.
         let probe = build(
             bucket,
@@ -247,7 +274,17 @@ impl S3Store {
             .unwrap_or_else(|| format!("AWS S3 ({})", s.region));
         let at =
             (!store.prefix.is_empty()).then(|| ObjPath::from(store.prefix.trim_end_matches('/')));
-        let listed = store.run(async { probe.list_with_delimiter(at.as_ref()).await });
+        let mut listed = store.run(async { probe.list_with_delimiter(at.as_ref()).await });
+        if let Err(e) = &listed {
+            if store_failing(&crate::error_chain(e)) {
+                // Reached, but throttling or failing: retried as long as any request, then
+                // a store error (the operation failed), not a bad setting.
+                listed = store.run(async { store.client.list_with_delimiter(at.as_ref()).await });
+                if let Err(e) = listed {
+                    return Err(store_error("list", &store.location, e));
+                }
+            }
+        }
         if let Err(e) = listed {
             let detail = crate::error_chain(&e);
             let key_id = s.access_key_id.clone().unwrap_or_default();
@@ -577,6 +614,29 @@ mod tests {
             retry_timeout: Duration::from_secs(5),
             ..S3Settings::default()
         }
+    }
+
+    #[test]
+    fn throttling_and_5xx_are_told_from_other_failures_and_retried_for_the_timeout() {
+        let e = "Generic S3 error: Error performing list request: Error performing GET \
+                 http://127.0.0.1:1/b?list-type=2 in 2s, after 2 retries - Server returned \
+                 non-2xx status code: 503 Service Unavailable: <Error><Code>SlowDown</Code>";
+        assert!(store_failing(e));
+        assert!(store_failing(
+            "Server returned non-2xx status code: 429 Too Many Requests"
+        ));
+        assert!(store_failing(
+            "Server returned non-2xx status code: 500 Internal Server Error"
+        ));
+        assert!(!store_failing(
+            "Server returned non-2xx status code: 404 Not Found"
+        ));
+        assert!(!store_failing("error sending request: Connection refused"));
+        // The timeout, not the count, ends the retries: even at the shortest wait.
+        assert!(retries_within(Duration::from_secs(120)) >= 1200);
+        assert_eq!(retries_within(Duration::from_secs(0)), 10);
+        let c = retry_config(Duration::from_secs(3), 30);
+        assert!(c.backoff.base > 2.0 && c.backoff.max_backoff == Duration::from_secs(10));
     }
 
     /// A store on a prefix of its own, emptied when dropped.

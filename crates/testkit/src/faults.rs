@@ -146,6 +146,25 @@ impl FaultRun {
         let _ = nix::sys::signal::kill(pid, signal);
     }
 
+    /// Waits until the run is stopped (SIGSTOP, by a `stop` fail point), at most `within`;
+    /// panics, with its stderr, if it ends or takes longer.
+    pub fn wait_stopped(&mut self, within: Duration) {
+        let start = Instant::now();
+        while !is_stopped(self.child.id()) {
+            assert!(
+                start.elapsed() < within,
+                "the run never reached its fail point: {}",
+                self.stderr()
+            );
+            assert!(
+                matches!(self.child.try_wait(), Ok(None)),
+                "the run ended early: {}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits for the run to end, at most `timeout`; its exit code (-1: by a signal).
     pub fn wait(&mut self, timeout: Duration) -> i32 {
         let start = Instant::now();
@@ -171,6 +190,17 @@ impl Drop for FaultRun {
             self.kill_group();
         }
     }
+}
+
+/// Whether process `pid` is stopped (SIGSTOP).
+pub fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('T'))
+        })
+        .unwrap_or(false)
 }
 
 /// The disk sources (in definition order) of a domain XML.

@@ -11,6 +11,8 @@
 //! - `faults`: runs broken at fail points (SIGKILL of the process group) and the invariants
 //!   they must leave;
 //! - `garage`: the Garage (S3) node of `scripts/garage`, a test prefix of its bucket each;
+//! - `s3_proxy`: a fault-injecting HTTP proxy in front of the Garage node (503 SlowDown, 500,
+//!   429 by policy), counting what it injected and forwarded;
 //! - `smtp`: a real SMTP server on loopback (aiosmtpd) for the report tests;
 //! - `error`: the kit's own error type (`KitError`).
 
@@ -22,6 +24,7 @@ pub mod garage;
 pub mod guest;
 pub mod libvirt_vm;
 pub mod qemu_vm;
+pub mod s3_proxy;
 pub mod smtp;
 
 pub use error::{KitError, Result};
