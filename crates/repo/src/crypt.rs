@@ -144,7 +144,11 @@ fn open_sealed(
 ) -> std::result::Result<Vec<u8>, ring::error::Unspecified> {
     let mut buf = sealed.to_vec();
     let len = key
-        .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)?
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            &mut buf,
+        )?
         .len();
     buf.truncate(len);
     Ok(buf)
@@ -210,7 +214,8 @@ impl Keys {
         }
         let mut nonce = [0u8; NONCE];
         nonce.copy_from_slice(&sealed[5..HEADER]);
-        open_sealed(&self.cipher, nonce, &Keys::aad(name), &sealed[HEADER..]).map_err(|_| tampered())
+        open_sealed(&self.cipher, nonce, &Keys::aad(name), &sealed[HEADER..])
+            .map_err(|_| tampered())
     }
 }
 
@@ -558,7 +563,9 @@ mod tests {
         .unwrap();
         let name = "backups/vm/2026/manifest.json";
         assert_eq!(keys().open(name, &sealed).unwrap(), b"sealed before ring");
-        assert!(keys().open("backups/vm/2027/manifest.json", &sealed).is_err());
+        assert!(keys()
+            .open("backups/vm/2027/manifest.json", &sealed)
+            .is_err());
         let w: Wrapped = serde_json::from_str(
             r#"{"version":1,"kdf":"argon2id","argon2_version":19,"memory_kib":65536,"passes":3,"lanes":1,"salt":"b5fe097fe1f4c96921f903f64195ff73","cipher":"aes-256-gcm","nonce":"6e4109563e001dc7d1af7d10","wrapped":"3001293e3c19cfd251ac7e6c37d5f6b75f0512553c46e531a9939007a814386ba67e248f0cbf5e293c784a941a69e77b"}"#,
         )
@@ -589,7 +596,10 @@ mod tests {
         let mut buf = plain.clone();
         seal_in_place(&aes_gcm(&key), nonce, &aad, &mut buf, 0).unwrap();
         assert_eq!(hex(&buf), hex(&expect));
-        assert_eq!(open_sealed(&aes_gcm(&key), nonce, &aad, &buf).unwrap(), plain);
+        assert_eq!(
+            open_sealed(&aes_gcm(&key), nonce, &aad, &buf).unwrap(),
+            plain
+        );
     }
 
     #[test]
