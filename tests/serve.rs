@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 use vmbackup::repository::chunk;
+use vmbackup::repository::crypt::Unlock;
 use vmbackup::repository::disk::restore_disk;
 use vmbackup::repository::Repository;
 use vmbackup_testkit::libvirt_vm::{Format, TestVmBuilder};
@@ -124,14 +125,23 @@ fn assert_identical(image: &Path, uri: &str) {
 
 /// The disks of backup `id` as raw files in `dir`, written by the restore path.
 fn restored(place: &Place, id: &str, dir: &Path) -> Vec<(String, PathBuf)> {
-    let repo = Repository::open(&place.repo()).unwrap();
+    restored_from(&Repository::open(&place.repo()).unwrap(), id, dir)
+}
+
+fn restored_from(repo: &Repository, id: &str, dir: &Path) -> Vec<(String, PathBuf)> {
     let m = repo.load(id).unwrap();
     m.disks
         .iter()
         .map(|d| {
             let out = dir.join(format!("{}.raw", d.target));
             let index = repo.get_index(id, d).unwrap();
-            restore_disk(&repo, &index, &out, 2, &|_, _| {}).unwrap();
+            let t = Instant::now();
+            restore_disk(repo, &index, &out, 2, &|_, _| {}).unwrap();
+            eprintln!(
+                "restore of {} (library, 2 threads): {:?}",
+                d.target,
+                t.elapsed()
+            );
             (d.target.clone(), out)
         })
         .collect()
@@ -149,12 +159,7 @@ fn a_served_backup_reads_as_the_restored_disks_and_a_damaged_chunk_is_an_io_erro
     let place = Place::new();
     let id = backup_id(&place, &[vm.name()]);
     let work = tempfile::tempdir_in("/var/tmp").unwrap();
-    let t = Instant::now();
     let disks = restored(&place, &id, work.path());
-    eprintln!(
-        "restore of both disks (library, 2 threads): {:?}",
-        t.elapsed()
-    );
 
     // The default socket, in the state folder, 0600.
     let s = Server::start(&place, &work.path().join("serve.log"), &[&id]);
@@ -365,4 +370,37 @@ fn bad_input_is_refused_with_exit_2_and_an_idle_server_stops_by_itself() {
         .filter(|f| f.ends_with(".sock"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn an_encrypted_backup_is_served_decrypted_and_checked() {
+    let vm = TestVmBuilder::new("serve-enc")
+        .disk("vdb", Format::Qcow2, 32 * MIB)
+        .start()
+        .expect("guest boots");
+    let place = Place::new();
+    let key = place.dir.path().join("repo.key");
+    let key_arg = key.to_str().unwrap();
+    let i = vmbackup(&place, &["init", "--encrypt", "--key-file", key_arg]);
+    assert_eq!(i.code, 0, "{}", i.stderr);
+    let id = backup_id(&place, &[vm.name(), "--key-file", key_arg]);
+    let work = tempfile::tempdir_in("/var/tmp").unwrap();
+    let repo = Repository::open_unlocked(&place.repo(), &Unlock::key_file(&key)).unwrap();
+    let disks = restored_from(&repo, &id, work.path());
+    drop(repo);
+    let sock = work.path().join("enc.sock");
+    let s = Server::start(
+        &place,
+        &work.path().join("enc.log"),
+        &[
+            &id,
+            "--key-file",
+            key_arg,
+            "--socket",
+            &sock.to_string_lossy(),
+        ],
+    );
+    assert_identical(&disks[0].1, &s.uri("vdb"));
+    assert_eq!(s.terminate(), 143);
+    assert!(!sock.exists());
 }
