@@ -153,7 +153,8 @@ pub enum Command {
         /// [default: STATE_DIR/serve-PID.sock]
         #[arg(long, value_name = "PATH", conflicts_with = "port")]
         socket: Option<PathBuf>,
-        /// Listen on this TCP port of 127.0.0.1 instead (0: any free one)
+        /// Listen on this TCP port of 127.0.0.1 instead (0: any free one); every local user
+        /// can connect to it
         #[arg(long)]
         port: Option<u16>,
         /// Stop after this many seconds without a client
