@@ -142,6 +142,25 @@ pub enum Command {
     },
     /// Delete a backup
     Delete { id: String },
+    /// Serve a backup's disks read-only over NBD (one export per disk, named after its
+    /// target, e.g. vda) until SIGINT/SIGTERM or --idle-timeout; prints what to connect to
+    Serve {
+        id: String,
+        /// Only this disk (repeat for several) [default: all]
+        #[arg(long = "disk", value_name = "TARGET")]
+        disks: Vec<String>,
+        /// The UNIX socket to listen on (must not exist; made 0600)
+        /// [default: STATE_DIR/serve-PID.sock]
+        #[arg(long, value_name = "PATH", conflicts_with = "port")]
+        socket: Option<PathBuf>,
+        /// Listen on this TCP port of 127.0.0.1 instead (0: any free one); every local user
+        /// can connect to it
+        #[arg(long)]
+        port: Option<u16>,
+        /// Stop after this many seconds without a client
+        #[arg(long, value_name = "SECS")]
+        idle_timeout: Option<u64>,
+    },
     /// Re-read backups and check every chunk against its digest
     Verify {
         ids: Vec<String>,

@@ -7,7 +7,7 @@
 //! - storage: `repository` (crate `vmbackup-repo`), `state`, `image`, `locks`, `vm_state`
 //!   (NVRAM and TPM state files);
 //! - adapters: `hypervisor` (libvirt, QMP and their `VmHandle`s), `guest_agent`, `thaw_guard`;
-//! - operations: `backup` (the one pipeline), `restore`, `recover`, `journal`,
+//! - operations: `backup` (the one pipeline), `restore`, `serve` (NBD), `recover`, `journal`,
 //!   `schedule::run`; `error` is their aggregate error and maps errors to exit codes;
 //! - `notify` (job reports) and `config` (settings resolved from flags, environment, file).
 
@@ -30,6 +30,7 @@ pub mod qcow2_bitmaps;
 pub mod recover;
 pub mod restore;
 pub mod schedule;
+pub mod serve;
 pub mod settings;
 pub mod state;
 pub mod thaw_guard;

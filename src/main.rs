@@ -89,6 +89,7 @@ fn abandon(json: bool) {
     *printed = true;
     // No `Drop` runs: the repository locks this process holds go now, not when they are stale.
     vmbackup::repository::locks::release_all();
+    vmbackup::serve::remove_socket_now();
     std::process::exit(code);
 }
 
@@ -496,6 +497,47 @@ fn cmd_restore(
     })
 }
 
+fn cmd_serve(
+    cfg: &Config,
+    id: &str,
+    disks: &[String],
+    endpoint: vmbackup::serve::Endpoint,
+    idle_timeout: Option<u64>,
+    json: bool,
+) -> anyhow::Result<Output> {
+    if idle_timeout == Some(0) {
+        return Err(vmbackup::Error::Invalid("--idle-timeout must be at least 1".into()).into());
+    }
+    let repo = open_repo(cfg)?;
+    let opts = vmbackup::serve::Options {
+        id: id.to_string(),
+        disks: disks.to_vec(),
+        endpoint,
+        idle_timeout: idle_timeout.map(Duration::from_secs),
+    };
+    // What to connect to is printed (the command's one document) as soon as it listens.
+    let ready = |s: &vmbackup::serve::Serving| {
+        if json {
+            println!("{}", json!({"ok": true, "serve": s}));
+        } else {
+            println!(
+                "serving backup {} of {} read-only over NBD; SIGINT or SIGTERM stops it",
+                s.backup, s.vm
+            );
+            for e in &s.exports {
+                println!("{:<6} {:>10}  {}", e.name, human_bytes(e.size), e.uri);
+            }
+        }
+        let _ = std::io::stdout().flush();
+    };
+    vmbackup::serve::serve(repo, &opts, &ready)?;
+    Ok(Output {
+        json: Value::Null,
+        text: String::new(),
+        code: exit::OK,
+    })
+}
+
 fn cmd_delete(cfg: &Config, id: &str) -> anyhow::Result<Output> {
     let repo = open_repo(cfg)?;
     repo.delete(id).map_err(vmbackup::Error::from)?;
@@ -793,6 +835,27 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             job.finish_result(&r, Some(id));
             r
         }
+        C::Serve {
+            id,
+            disks,
+            socket,
+            port,
+            idle_timeout,
+        } => {
+            let endpoint = match (socket, port) {
+                (_, Some(p)) => vmbackup::serve::Endpoint::Tcp(*p),
+                (Some(s), None) => vmbackup::serve::Endpoint::Unix(s.clone()),
+                (None, None) => {
+                    vmbackup::serve::Endpoint::Unix(vmbackup::serve::default_socket(&cfg.state_dir))
+                }
+            };
+            if matches!(endpoint, vmbackup::serve::Endpoint::Unix(_)) && socket.is_none() {
+                std::fs::create_dir_all(&cfg.state_dir)
+                    .with_context(|| format!("create {}", cfg.state_dir.display()))?;
+            }
+            cmd_serve(&cfg, id, disks, endpoint, *idle_timeout, cli.global.json)
+                .with_context(|| format!("serve {id}"))
+        }
         C::Delete { id } => {
             let vm = open_repo(&cfg)
                 .ok()
@@ -876,7 +939,9 @@ fn main() -> ExitCode {
                         o.insert("interrupted".into(), signal_name());
                     }
                 }
-                println!("{}", out.json);
+                if !out.json.is_null() {
+                    println!("{}", out.json);
+                }
             } else {
                 print!("{}", out.text);
             }

@@ -24,6 +24,8 @@
 //!   connect included.
 //! - `disconnect` sends `NBD_CMD_DISC`; dropping an open client does the same.
 //!
+//! `server` is the other side: the read-only server of `vmbackup serve`.
+//!
 //! What `qemu-nbd` 7.2 does (seen in the tests): block sizes 1 / 4096 / 32 MiB; a block status
 //! reply covers exactly the requested length (never more, though the protocol allows the
 //! last extent to run past it) but holds at most 2^17 extents, so a fragmented dirty bitmap
@@ -34,11 +36,14 @@
 mod error;
 mod handshake;
 mod read;
+pub mod server;
 mod status;
 mod wire;
 
 #[cfg(test)]
 mod fake_tests;
+#[cfg(test)]
+mod server_tests;
 #[cfg(test)]
 mod tests;
 
