@@ -17,7 +17,7 @@ use vmbackup_testkit::cli::Run;
 use vmbackup_testkit::faults::{vm_violations, FaultRun};
 use vmbackup_testkit::garage::S3Place;
 use vmbackup_testkit::libvirt_vm::{Format, TestVmBuilder};
-use vmbackup_testkit::s3_proxy::{Injected, Kind, Policy, S3Proxy};
+use vmbackup_testkit::s3_proxy::{Injected, Kind, Policy, S3Proxy, Seen};
 
 /// `place.run`, through `proxy`, with `extra` settings.
 fn through(place: &S3Place, proxy: &S3Proxy, args: &[&str], extra: &[(&str, &str)]) -> Run {
@@ -93,6 +93,27 @@ fn a_backup_verify_and_restore_succeed_while_a_third_of_requests_are_throttled_o
     let failed: u64 = injected.values().sum();
     assert!(failed * 4 > all, "about a third failed: {failed} of {all}");
     assert!(proxy.problems().is_empty(), "{:?}", proxy.problems());
+    // Chunks go up with an unsigned payload (their names check them); everything else is
+    // signed with its body's hash.
+    let puts: Vec<_> = proxy
+        .log()
+        .into_iter()
+        .filter(|s| s.method == "PUT")
+        .collect();
+    let is_chunk = |s: &&Seen| s.target.contains("/chunks/");
+    assert!(puts.iter().any(is_chunk) && !puts.iter().all(is_chunk));
+    for s in &puts {
+        let hash = s.payload_hash.as_deref().unwrap_or_default();
+        if is_chunk(&s) {
+            assert_eq!(hash, "UNSIGNED-PAYLOAD", "{}", s.target);
+        } else {
+            assert!(
+                hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{}: {hash}",
+                s.target
+            );
+        }
+    }
     // The repository, read straight from Garage, is whole.
     let v = place.run(binary(), &["verify"]);
     ok(&v, "verify straight from Garage");

@@ -116,6 +116,8 @@ pub struct Seen {
     pub target: String,
     /// `None`: forwarded to the store.
     pub injected: Option<Injected>,
+    /// Its `x-amz-content-sha256` header: the body's SHA-256 (hex), or `UNSIGNED-PAYLOAD`.
+    pub payload_hash: Option<String>,
 }
 
 #[derive(Default)]
@@ -431,6 +433,7 @@ fn serve(s: &Shared, conn: TcpStream) -> std::io::Result<()> {
             method: method.clone(),
             target: target.clone(),
             injected,
+            payload_hash: head.header("x-amz-content-sha256").map(str::to_string),
         });
         injected
     };
