@@ -144,7 +144,11 @@ fn open_sealed(
 ) -> std::result::Result<Vec<u8>, ring::error::Unspecified> {
     let mut buf = sealed.to_vec();
     let len = key
-        .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)?
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            &mut buf,
+        )?
         .len();
     buf.truncate(len);
     Ok(buf)
@@ -210,7 +214,8 @@ impl Keys {
         }
         let mut nonce = [0u8; NONCE];
         nonce.copy_from_slice(&sealed[5..HEADER]);
-        open_sealed(&self.cipher, nonce, &Keys::aad(name), &sealed[HEADER..]).map_err(|_| tampered())
+        open_sealed(&self.cipher, nonce, &Keys::aad(name), &sealed[HEADER..])
+            .map_err(|_| tampered())
     }
 }
 
@@ -275,6 +280,16 @@ impl ObjectStore for Sealed {
     }
     fn delete(&self, name: &str) -> Result<()> {
         self.inner.delete(name)
+    }
+    /// The sealed sizes: what the objects take in the store beneath.
+    fn list_sized(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        self.inner.list_sized(prefix)
+    }
+    fn delete_many(&self, names: &[String]) -> Result<()> {
+        self.inner.delete_many(names)
+    }
+    fn delete_batch(&self) -> usize {
+        self.inner.delete_batch()
     }
     fn list_lag(&self) -> std::time::Duration {
         self.inner.list_lag()
@@ -558,7 +573,9 @@ mod tests {
         .unwrap();
         let name = "backups/vm/2026/manifest.json";
         assert_eq!(keys().open(name, &sealed).unwrap(), b"sealed before ring");
-        assert!(keys().open("backups/vm/2027/manifest.json", &sealed).is_err());
+        assert!(keys()
+            .open("backups/vm/2027/manifest.json", &sealed)
+            .is_err());
         let w: Wrapped = serde_json::from_str(
             r#"{"version":1,"kdf":"argon2id","argon2_version":19,"memory_kib":65536,"passes":3,"lanes":1,"salt":"b5fe097fe1f4c96921f903f64195ff73","cipher":"aes-256-gcm","nonce":"6e4109563e001dc7d1af7d10","wrapped":"3001293e3c19cfd251ac7e6c37d5f6b75f0512553c46e531a9939007a814386ba67e248f0cbf5e293c784a941a69e77b"}"#,
         )
@@ -572,6 +589,34 @@ mod tests {
         let key = unwrap(&w, b"pass", Path::new("/r"), &enc).unwrap();
         assert_eq!(key.0, [9; 32]);
         assert!(unwrap(&w, b"wrong", Path::new("/r"), &enc).is_err());
+    }
+
+    /// A sealed store lists the sizes of the sealed objects (what deleting them frees) and
+    /// deletes many through its inner store, in that store's batches.
+    #[test]
+    fn sealed_sizes_and_deletes_of_many_are_the_inner_stores() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Sealed::new(Box::new(LocalDir::new(d.path())), Arc::new(keys()));
+        s.put("chunks/00/a", &[1; 100]).unwrap();
+        s.put("config.json", b"{}").unwrap();
+        let sized = s.list_sized("").unwrap();
+        assert_eq!(
+            sized,
+            [
+                ("chunks/00/a".to_string(), (100 + OVERHEAD) as u64),
+                ("config.json".to_string(), 2)
+            ]
+        );
+        assert_eq!(
+            std::fs::metadata(d.path().join("chunks/00/a"))
+                .unwrap()
+                .len(),
+            (100 + OVERHEAD) as u64
+        );
+        assert_eq!(s.delete_batch(), 1);
+        s.delete_many(&["chunks/00/a".to_string(), "config.json".to_string()])
+            .unwrap();
+        assert!(s.list("").unwrap().is_empty());
     }
 
     /// AES-256-GCM as specified: test case 16 of McGrew and Viega's GCM specification (the
@@ -589,7 +634,10 @@ mod tests {
         let mut buf = plain.clone();
         seal_in_place(&aes_gcm(&key), nonce, &aad, &mut buf, 0).unwrap();
         assert_eq!(hex(&buf), hex(&expect));
-        assert_eq!(open_sealed(&aes_gcm(&key), nonce, &aad, &buf).unwrap(), plain);
+        assert_eq!(
+            open_sealed(&aes_gcm(&key), nonce, &aad, &buf).unwrap(),
+            plain
+        );
     }
 
     #[test]
