@@ -285,7 +285,7 @@ impl Locker {
                     attempt = attempt + 1,
                     took_ms = age.as_millis() as u64,
                     stale_after_s = self.stale_after.as_secs(),
-                    "taking the repository lock took about its stale time: withdrawn, taken again"
+                    "taking the repository lock took about its stale time: withdrawn (another attempt follows unless it was the last)"
                 );
                 if attempt + 1 == self.attempts.max(1) {
                     return Err(RepoError::LockLost(format!(
