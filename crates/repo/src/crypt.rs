@@ -281,6 +281,16 @@ impl ObjectStore for Sealed {
     fn delete(&self, name: &str) -> Result<()> {
         self.inner.delete(name)
     }
+    /// The sealed sizes: what the objects take in the store beneath.
+    fn list_sized(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        self.inner.list_sized(prefix)
+    }
+    fn delete_many(&self, names: &[String]) -> Result<()> {
+        self.inner.delete_many(names)
+    }
+    fn delete_batch(&self) -> usize {
+        self.inner.delete_batch()
+    }
     fn list_lag(&self) -> std::time::Duration {
         self.inner.list_lag()
     }
@@ -582,6 +592,34 @@ mod tests {
         let key = unwrap(&w, b"pass", Path::new("/r"), &enc).unwrap();
         assert_eq!(key.0, [9; 32]);
         assert!(unwrap(&w, b"wrong", Path::new("/r"), &enc).is_err());
+    }
+
+    /// A sealed store lists the sizes of the sealed objects (what deleting them frees) and
+    /// deletes many through its inner store, in that store's batches.
+    #[test]
+    fn sealed_sizes_and_deletes_of_many_are_the_inner_stores() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Sealed::new(Box::new(LocalDir::new(d.path())), Arc::new(keys()));
+        s.put("chunks/00/a", &[1; 100]).unwrap();
+        s.put("config.json", b"{}").unwrap();
+        let sized = s.list_sized("").unwrap();
+        assert_eq!(
+            sized,
+            [
+                ("chunks/00/a".to_string(), (100 + OVERHEAD) as u64),
+                ("config.json".to_string(), 2)
+            ]
+        );
+        assert_eq!(
+            std::fs::metadata(d.path().join("chunks/00/a"))
+                .unwrap()
+                .len(),
+            (100 + OVERHEAD) as u64
+        );
+        assert_eq!(s.delete_batch(), 1);
+        s.delete_many(&["chunks/00/a".to_string(), "config.json".to_string()])
+            .unwrap();
+        assert!(s.list("").unwrap().is_empty());
     }
 
     /// AES-256-GCM as specified: test case 16 of McGrew and Viega's GCM specification (the

@@ -143,6 +143,22 @@ impl<S: ObjectStore> ObjectStore for FaultyStore<S> {
         self.inner.delete(name)
     }
 
+    fn list_sized(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        self.inner.list_sized(prefix)
+    }
+
+    fn delete_many(&self, names: &[String]) -> Result<()> {
+        self.inner.delete_many(names)
+    }
+
+    fn delete_batch(&self) -> usize {
+        self.inner.delete_batch()
+    }
+
+    fn requests(&self) -> Option<crate::storage::RequestCounts> {
+        self.inner.requests()
+    }
+
     fn list_lag(&self) -> std::time::Duration {
         self.inner.list_lag()
     }

@@ -74,7 +74,7 @@ pub enum RepoError {
         ids.join(", ")
     )]
     UnreadableManifests { ids: Vec<String> },
-    #[error("the repository lock was lost ({0}): another host may have taken it for stale; nothing was published")]
+    #[error("the repository lock was lost ({0}): another host may have taken it for stale; stopped (a backup publishes nothing, a gc deletes nothing more)")]
     LockLost(String),
     /// A bad repository location or S3 setting, or an S3 store that refuses or is unknown
     /// when first reached: bad input, nothing was written.
@@ -737,20 +737,20 @@ impl Repository {
     /// `in_progress`.
     pub fn remove_incomplete(&self, in_progress: &[&str]) -> Result<usize> {
         let names = self.store.list("backups/")?;
-        let mut removed = 0;
-        for name in &names {
-            let Some(id) = name
-                .strip_prefix("backups/")
-                .and_then(|r| r.split('/').next())
-            else {
-                continue;
-            };
-            if in_progress.contains(&id) || names.contains(&manifest_name(id)) {
-                continue;
-            }
-            self.store.delete(name)?;
-            removed += 1;
-        }
+        let listed: HashSet<&str> = names.iter().map(String::as_str).collect();
+        let leftovers: Vec<String> = names
+            .iter()
+            .filter(|name| {
+                name.strip_prefix("backups/")
+                    .and_then(|r| r.split('/').next())
+                    .is_some_and(|id| {
+                        !in_progress.contains(&id) && !listed.contains(manifest_name(id).as_str())
+                    })
+            })
+            .cloned()
+            .collect();
+        self.store.delete_many(&leftovers)?;
+        let mut removed = leftovers.len();
         removed += self.store.remove_temporaries()?;
         // A folder whose objects were all temporaries (or never written) is left empty.
         if let Ok(dirs) = std::fs::read_dir(self.path.join("backups")) {

@@ -190,33 +190,42 @@ impl Locker {
         let mut removed = 0;
         for (name, info) in self.others(store, "")? {
             let Some(info) = info else { continue };
-            if self.stale(&info).is_none() {
-                continue;
+            if self.take_over(store, &name, &info)? {
+                removed += 1;
             }
-            let again = match store.get(&name) {
-                Ok(b) => serde_json::from_slice::<LockInfo>(&b).ok(),
-                Err(RepoError::NotFound(_)) => continue,
-                Err(e) => return Err(e),
-            };
-            let Some(again) = again.filter(|a| *a == info) else {
-                continue;
-            };
-            let Some(why) = self.stale(&again) else {
-                continue;
-            };
-            store.delete(&name)?;
-            removed += 1;
-            tracing::warn!(
-                lock = %name,
-                host = %again.host,
-                pid = again.pid,
-                exclusive = again.exclusive,
-                created = %again.created,
-                refreshed = %again.refreshed,
-                "removed a stale repository lock: {why}"
-            );
         }
         Ok(removed)
+    }
+
+    /// Removes lock `name`, read as `info`, if it is stale: read again right before it is
+    /// deleted, and deleted only if it is unchanged and still stale; logged. Whether it went
+    /// (gone already, changed, or valid: `false`).
+    fn take_over(&self, store: &dyn ObjectStore, name: &str, info: &LockInfo) -> Result<bool> {
+        if self.stale(info).is_none() {
+            return Ok(false);
+        }
+        let again = match store.get(name) {
+            Ok(b) => serde_json::from_slice::<LockInfo>(&b).ok(),
+            Err(RepoError::NotFound(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let Some(again) = again.filter(|a| a == info) else {
+            return Ok(false);
+        };
+        let Some(why) = self.stale(&again) else {
+            return Ok(false);
+        };
+        store.delete(name)?;
+        tracing::warn!(
+            lock = %name,
+            host = %again.host,
+            pid = again.pid,
+            exclusive = again.exclusive,
+            created = %again.created,
+            refreshed = %again.refreshed,
+            "removed a stale repository lock: {why}"
+        );
+        Ok(true)
     }
 
     /// Takes a lock of `store`, exclusive or shared; `None` when a conflicting lock is held.
@@ -249,11 +258,42 @@ impl Locker {
             let mut conflicts = Vec::new();
             for (other, theirs) in self.others(store.as_ref(), &name)? {
                 match theirs {
+                    // Stale by now, or not listed yet when the stale ones were removed (a
+                    // lagging listing): taken over, as those were. One that changed meanwhile
+                    // (refreshed after all) is judged again by the next attempt.
+                    Some(l) if self.stale(&l).is_some() => {
+                        if !self.take_over(store.as_ref(), &other, &l)?
+                            && l.conflicts_with(exclusive)
+                            && store.exists(&other)?
+                        {
+                            conflicts.push(l.describe());
+                        }
+                    }
                     Some(l) if !l.conflicts_with(exclusive) => {}
-                    Some(l) if self.stale(&l).is_some() => {}
                     Some(l) => conflicts.push(l.describe()),
                     None => conflicts.push(format!("{other}, which cannot be read")),
                 }
+            }
+            // Our own lock must still be valid when its refresh thread first runs: an attempt
+            // that took about the stale time (a slow store, a paused process) may have seen
+            // its lock taken for stale by others. It starts again with a fresh one.
+            let age = written.elapsed();
+            if age + refresh_every(self.stale_after) >= self.stale_after {
+                drop(own);
+                tracing::warn!(
+                    exclusive,
+                    attempt = attempt + 1,
+                    took_ms = age.as_millis() as u64,
+                    stale_after_s = self.stale_after.as_secs(),
+                    "taking the repository lock took about its stale time: withdrawn (another attempt follows unless it was the last)"
+                );
+                if attempt + 1 == self.attempts.max(1) {
+                    return Err(RepoError::LockLost(format!(
+                        "taking it took {}ms, about its stale time",
+                        age.as_millis()
+                    )));
+                }
+                continue;
             }
             if conflicts.is_empty() {
                 own.name = None;
@@ -280,6 +320,11 @@ impl Locker {
         }
         Ok(None)
     }
+}
+
+/// How often a held lock is rewritten.
+fn refresh_every(stale_after: Duration) -> Duration {
+    (stale_after / 6).max(Duration::from_millis(100))
 }
 
 /// A lock object written by an attempt, deleted when dropped unless `name` was taken.
@@ -417,7 +462,7 @@ impl RepoLock {
             h.push(held.clone());
         }
         let (tx, rx) = mpsc::channel::<()>();
-        let every = (stale_after / 6).max(Duration::from_millis(100));
+        let every = refresh_every(stale_after);
         let h = held.clone();
         let thread = std::thread::Builder::new()
             .name("repo-lock".into())
@@ -689,6 +734,98 @@ mod tests {
         s.put("locks/garbage", b"not json").unwrap();
         assert!(me.acquire(&s, true).unwrap().is_none());
         assert!(s.exists("locks/garbage").unwrap());
+    }
+
+    /// What `f` logs through tracing (on this thread), and what it returns.
+    fn logged<T>(f: impl FnOnce() -> T) -> (String, T) {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let w = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || w.clone())
+            .finish();
+        let out = tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
+        (text, out)
+    }
+
+    /// A stale lock that the first listing of an acquire does not show yet (a listing that
+    /// lags) is found stale by its conflict check: taken over (removed) and logged there, not
+    /// passed over and left behind.
+    #[test]
+    fn a_lock_found_stale_mid_acquire_is_taken_over_and_logged() {
+        let d = tempfile::tempdir().unwrap();
+        let s: Arc<dyn ObjectStore> = Arc::new(TestStore::lagging(
+            d.path(),
+            Duration::from_millis(300),
+            true,
+        ));
+        for exclusive in [true, false] {
+            let old = foreign(&s, "there", 1, true, STALE_AFTER.as_secs() + 60);
+            let me = locker("here");
+            let (log, held) = logged(|| me.acquire(&s, exclusive).unwrap());
+            let held = held.expect("the stale lock does not block");
+            assert!(!s.exists(&old).unwrap(), "taken over, not left behind");
+            assert!(
+                log.contains("removed a stale repository lock") && log.contains(&old),
+                "{log}"
+            );
+            assert!(log.contains("host=there"), "{log}");
+            held.check().unwrap();
+            drop(held);
+            assert!(std::fs::read_dir(d.path().join("locks"))
+                .unwrap()
+                .next()
+                .is_none());
+        }
+    }
+
+    /// An acquire whose own lock is about stale by the time it would hand it over (here: a
+    /// listing lag near the stale time) withdraws it and tries again with a fresh one; when
+    /// every attempt is that slow it fails (`LockLost`), logged, and leaves no lock behind.
+    #[test]
+    fn an_acquire_that_takes_about_the_stale_time_withdraws_its_lock() {
+        let d = tempfile::tempdir().unwrap();
+        // list_lag: 500 ms; a refresh every 100 ms: the lock would be late at its first.
+        let s: Arc<dyn ObjectStore> = Arc::new(TestStore::lagging(
+            d.path(),
+            Duration::from_millis(400),
+            true,
+        ));
+        let slow = Locker {
+            stale_after: Duration::from_millis(550),
+            attempts: 2,
+            ..locker("a")
+        };
+        let (log, got) = logged(|| slow.acquire(&s, true));
+        assert!(
+            matches!(got, Err(RepoError::LockLost(_))),
+            "{:?}",
+            got.map(|l| l.is_some())
+        );
+        assert_eq!(log.matches("took about its stale time").count(), 2, "{log}");
+        assert!(std::fs::read_dir(d.path().join("locks"))
+            .unwrap()
+            .next()
+            .is_none());
+        // With time to spare, the same store gives the lock.
+        let patient = Locker {
+            stale_after: Duration::from_secs(5),
+            ..slow
+        };
+        let held = patient.acquire(&s, true).unwrap().expect("taken");
+        held.check().unwrap();
     }
 
     #[test]

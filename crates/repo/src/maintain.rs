@@ -48,10 +48,8 @@ impl Repository {
         }
         self.store().delete(&manifest)?;
         crate::failpoint::point("prune-deleted-one");
-        for name in self.store().list(&format!("backups/{id}/"))? {
-            self.store().delete(&name)?;
-        }
-        Ok(())
+        let rest = self.store().list(&format!("backups/{id}/"))?;
+        self.store().delete_many(&rest)
     }
 
     /// Re-reads every chunk of backup `id` and checks it against its digest; checks that
@@ -130,7 +128,7 @@ impl Repository {
     /// folders without a manifest. Runs only while no backup holds the repository lock
     /// (`Ok(None)` otherwise: busy), so none of those is being written.
     pub fn gc(&self) -> Result<Option<Collected>> {
-        let Some(_lock) = lock(self, true)? else {
+        let Some(lock) = lock(self, true)? else {
             return Ok(None);
         };
         crate::failpoint::point("gc-locked");
@@ -163,17 +161,30 @@ impl Repository {
             }
         }
         // Names are matched as digests: a set of 1,000,000 names would take ~100 MiB more.
-        let (mut removed, mut bytes) = (0u64, 0u64);
-        for name in self.store().list("chunks/")? {
+        // The sizes are those of the listing: as stored (sealed, in an encrypted repository).
+        let (mut garbage, mut sizes) = (Vec::new(), Vec::new());
+        for (name, size) in self.store().list_sized("chunks/")? {
             let used = crate::chunk::digest_of_object(&name).is_some_and(|d| live.contains(&d));
             if !used {
-                bytes += std::fs::metadata(self.path().join(&name))
-                    .map(|m| m.len())
-                    .unwrap_or(0);
-                self.store().delete(&name)?;
-                removed += 1;
-                crate::failpoint::point("gc-deleted-some");
+                garbage.push(name);
+                sizes.push(size);
             }
+        }
+        // In the store's batches (one request each: up to 1000 chunks on S3, one in a folder).
+        // The lock is checked again every 1000 chunks or so: a gc that lost it (paused past
+        // the stale time, its lock taken over by a backup that may reuse these chunks)
+        // deletes nothing more.
+        let batch = self.store().delete_batch().clamp(1, 1000);
+        let check_every = (1000 / batch).max(1);
+        let (mut removed, mut bytes) = (0u64, 0u64);
+        for (i, (names, sizes)) in garbage.chunks(batch).zip(sizes.chunks(batch)).enumerate() {
+            if i % check_every == 0 {
+                lock.check()?;
+            }
+            self.store().delete_many(names)?;
+            removed += names.len() as u64;
+            bytes += sizes.iter().sum::<u64>();
+            crate::failpoint::point("gc-deleted-some");
         }
         Ok(Some(Collected {
             removed_chunks: removed,
@@ -408,6 +419,79 @@ mod tests {
 
     fn publish_disk(repo: &Repository, id: &str, src: &MemorySource, started: &str) {
         crate::teststores::publish_backup(repo, id, "vm", started, src, 1 << 16);
+    }
+
+    /// The bytes gc reports freed are what the deleted chunks took in the store: their files'
+    /// sizes, sealed ones in an encrypted repository; the stored bytes of the backup deleted.
+    #[test]
+    fn gc_reports_the_bytes_the_deleted_chunks_took_plain_and_encrypted() {
+        for encrypted in [false, true] {
+            let d = tempfile::tempdir().unwrap();
+            let root = d.path().join("repo");
+            let repo = if encrypted {
+                let key = d.path().join("key");
+                let o = crate::InitOptions {
+                    encrypt: true,
+                    key_file: Some(key.clone()),
+                    passphrase: None,
+                };
+                Repository::init(&root, &o).unwrap();
+                Repository::open_unlocked(&root, &crate::Unlock::key_file(&key)).unwrap()
+            } else {
+                Repository::open(&root).unwrap()
+            };
+            publish_disk(&repo, "keep", &chunks(3), "2026-01-01T00:00:00Z");
+            // Its first 3 chunks are keep's; 5 are its own.
+            publish_disk(&repo, "drop", &chunks(8), "2026-01-02T00:00:00Z");
+            let stored = repo.load("drop").unwrap().stored_bytes;
+            let before: Vec<(String, u64)> = repo
+                .store()
+                .list("chunks/")
+                .unwrap()
+                .into_iter()
+                .map(|n| {
+                    let len = std::fs::metadata(root.join(&n)).unwrap().len();
+                    (n, len)
+                })
+                .collect();
+            repo.delete("drop").unwrap();
+            let c = repo.gc().unwrap().unwrap();
+            let after = repo.store().list("chunks/").unwrap();
+            let freed: u64 = before
+                .iter()
+                .filter(|(n, _)| !after.contains(n))
+                .map(|(_, len)| len)
+                .sum();
+            assert_eq!((c.removed_chunks, c.kept_chunks), (5, 3));
+            assert!(freed > 0);
+            assert_eq!(c.removed_bytes, freed, "encrypted: {encrypted}");
+            // It stored its 5 own chunks (keep's 3 were reused).
+            assert_eq!(c.removed_bytes, stored, "encrypted: {encrypted}");
+            assert!(repo.verify("keep").unwrap().ok);
+        }
+    }
+
+    /// gc deletes in the store's batches, one request each, and stops at the first that fails.
+    #[test]
+    fn gc_deletes_in_the_stores_batches() {
+        use crate::teststores::TestStore;
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("repo");
+        std::fs::create_dir(&root).unwrap();
+        let store = TestStore::batched(&root, 3);
+        let counts = store.counts.clone();
+        let repo = Repository::open_with(&root, Box::new(store)).unwrap();
+        publish_disk(&repo, "drop", &chunks(8), "2026-01-01T00:00:00Z");
+        repo.delete("drop").unwrap();
+        counts.reset();
+        let c = repo.gc().unwrap().unwrap();
+        assert_eq!(c.removed_chunks, 8);
+        assert!(repo.store().list("chunks/").unwrap().is_empty());
+        // 3 + 3 + 2 chunks, and the lock's own object when it is released.
+        assert_eq!(
+            counts.delete.load(std::sync::atomic::Ordering::SeqCst),
+            3 + 1
+        );
     }
 
     /// The store requests of a whole-disk backup of an unchanged `n`-chunk disk, made by a new

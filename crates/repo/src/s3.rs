@@ -20,6 +20,8 @@
 //!   (here, and again by the store to check it) would only spend CPU. Every other object is
 //!   signed with its payload's hash.
 //! - Readers keep `PARALLEL_READS` downloads in flight (`parallel_reads`).
+//! - `delete_many` is DeleteObjects requests of up to 1000 keys; `list_sized` takes the sizes
+//!   from the listing.
 //! - Requests that fail with a 5xx, a 429, an S3 error in a 200's body, or a connection error
 //!   are retried with exponential backoff (0.1 s growing to 10 s, jittered) for
 //!   `retry_timeout`, then fail cleanly (`RepoError::Store`). The first contact gives up on a
@@ -528,6 +530,15 @@ impl ObjectStore for S3Store {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        Ok(self
+            .list_sized(prefix)?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect())
+    }
+
+    /// The sizes come with the listing (ListObjectsV2): no request per object.
+    fn list_sized(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
         let under = prefix.trim_end_matches('/');
         let full = format!("{}{under}", self.prefix);
         let at = if full.is_empty() {
@@ -542,7 +553,7 @@ impl ObjectStore for S3Store {
             while let Some(meta) = stream.next().await {
                 let meta = meta?;
                 if let Some(n) = meta.location.as_ref().strip_prefix(self.prefix.as_str()) {
-                    out.push(n.to_string());
+                    out.push((n.to_string(), meta.size));
                 }
             }
             Ok::<_, object_store::Error>(out)
@@ -562,6 +573,51 @@ impl ObjectStore for S3Store {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(store_error("delete", name, e)),
         }
+    }
+
+    /// DeleteObjects requests of up to 1000 keys (several at once), through `object_store`.
+    fn delete_many(&self, names: &[String]) -> Result<()> {
+        let paths = names
+            .iter()
+            .map(|n| self.path(n))
+            .collect::<Result<Vec<_>>>()?;
+        {
+            let mut u = self.unsynced();
+            for n in names {
+                u.data.remove(n.as_str());
+            }
+        }
+        let results: Vec<object_store::Result<ObjPath>> = self.run(async {
+            let input = futures_util::stream::iter(paths.into_iter().map(Ok)).boxed();
+            self.client.delete_stream(input).collect().await
+        });
+        for r in results {
+            match r {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => {
+                    // A failed request names all its keys: keep the message short.
+                    let mut detail = crate::error_chain(&e);
+                    if detail.len() > 300 {
+                        let mut cut = 300;
+                        while !detail.is_char_boundary(cut) {
+                            cut -= 1;
+                        }
+                        detail.truncate(cut);
+                        detail.push_str("...");
+                    }
+                    return Err(RepoError::Store {
+                        what: "delete",
+                        name: format!("{} objects, from {}", names.len(), names[0]),
+                        detail,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_batch(&self) -> usize {
+        1000
     }
 
     fn requests(&self) -> Option<RequestCounts> {
@@ -658,9 +714,7 @@ mod tests {
     }
     impl Drop for Scratch {
         fn drop(&mut self) {
-            for n in self.0.list("").unwrap_or_default() {
-                let _ = self.0.delete(&n);
-            }
+            let _ = self.0.delete_many(&self.0.list("").unwrap_or_default());
         }
     }
 
@@ -749,6 +803,108 @@ mod tests {
             1100
         );
         assert!(lists >= 2, "1100 keys in {lists} listing request(s)");
+    }
+
+    /// `list_sized` has the sizes Garage stores; `delete_many` removes 2500 objects (and a
+    /// name that is not there) in 3 DeleteObjects requests.
+    #[test]
+    fn sized_listing_and_bulk_delete() {
+        let s = Scratch::new("bulk");
+        let s = &s.0;
+        let names: Vec<String> = (0..2500)
+            .map(|i| format!("chunks/{:02x}/o{i:04}", i % 16))
+            .collect();
+        for (i, n) in names.iter().enumerate() {
+            s.put_unsynced(n, &vec![b'x'; i % 7]).unwrap();
+        }
+        s.put("other", b"abc").unwrap();
+        s.sync().unwrap();
+        let sized = s.list_sized("chunks/").unwrap();
+        assert_eq!(sized.len(), 2500);
+        for (n, size) in &sized {
+            let i: usize = n.rsplit_once('o').unwrap().1.parse().unwrap();
+            assert_eq!(*size, (i % 7) as u64, "{n}");
+        }
+        assert!(s
+            .list_sized("")
+            .unwrap()
+            .contains(&("other".to_string(), 3)));
+        assert_eq!(s.delete_batch(), 1000);
+        let mut doomed = names.clone();
+        doomed.push("chunks/00/never-written".into());
+        let before = s.requests().unwrap();
+        s.delete_many(&doomed).unwrap();
+        let made = s.requests().unwrap().since(&before);
+        assert_eq!(made.delete, 3, "{made:?}");
+        assert!(s.list("chunks/").unwrap().is_empty());
+        assert_eq!(s.list("").unwrap(), ["other"]);
+        s.delete_many(&[]).unwrap();
+        assert_eq!(s.requests().unwrap().since(&before).delete, 3);
+    }
+
+    /// gc of a repository on Garage: the bytes it reports freed are the sizes Garage listed
+    /// for the chunks that went (and the deleted backup's stored bytes), and its N chunks go
+    /// in ceil(N/1000) DeleteObjects requests, not N.
+    #[test]
+    fn gc_on_garage_frees_the_listed_bytes_in_bulk_deletes() {
+        use crate::source::memory::MemorySource;
+        let scratch = Scratch::new("gc");
+        let d = tempfile::tempdir().unwrap();
+        let prefix = scratch.0.prefix.trim_end_matches('/').to_string();
+        let store = S3Store::open("vmbackup-test", &prefix, &settings()).unwrap();
+        let repo = crate::Repository::open_with(d.path(), Box::new(store)).unwrap();
+        // Small chunks, each its own: 4 KiB, numbered.
+        let disk = |n: usize, seed: u8| {
+            let mut data = vec![seed; n << 12];
+            for (i, c) in data.chunks_mut(1 << 12).enumerate() {
+                c[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            }
+            MemorySource { data, zero: vec![] }
+        };
+        const N: usize = 2300;
+        crate::teststores::publish_backup(
+            &repo,
+            "keep",
+            "vm",
+            "2026-01-01T00:00:00Z",
+            &disk(40, 1),
+            1 << 12,
+        );
+        crate::teststores::publish_backup(
+            &repo,
+            "drop",
+            "vm",
+            "2026-01-02T00:00:00Z",
+            &disk(N, 2),
+            1 << 12,
+        );
+        let stored = repo.load("drop").unwrap().stored_bytes;
+        // What Garage lists, through another client.
+        let other = S3Store::open("vmbackup-test", &prefix, &settings()).unwrap();
+        let listed = other.list_sized("chunks/").unwrap();
+        assert_eq!(listed.len(), 40 + N);
+        repo.delete("drop").unwrap();
+        let before = repo.store().requests().unwrap();
+        let started = std::time::Instant::now();
+        let c = repo.gc().unwrap().unwrap();
+        let took = started.elapsed();
+        let made = repo.store().requests().unwrap().since(&before);
+        let left: std::collections::HashSet<String> =
+            other.list("chunks/").unwrap().into_iter().collect();
+        let freed: u64 = listed
+            .iter()
+            .filter(|(n, _)| !left.contains(n))
+            .map(|(_, s)| s)
+            .sum();
+        assert_eq!((c.removed_chunks, c.kept_chunks), (N as u64, 40));
+        assert_eq!(left.len(), 40);
+        assert!(freed > 0);
+        assert_eq!(c.removed_bytes, freed);
+        assert_eq!(c.removed_bytes, stored);
+        // ceil(2300/1000) = 3 DeleteObjects, and the lock's own DELETE when released.
+        assert_eq!(made.delete, N.div_ceil(1000) as u64 + 1, "{made:?}");
+        eprintln!("gc of {N} chunks on Garage: {took:?}, requests {made:?}");
+        assert!(repo.verify("keep").unwrap().ok);
     }
 
     #[test]

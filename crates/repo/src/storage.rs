@@ -35,6 +35,35 @@ pub trait ObjectStore: Send + Sync {
     /// The names directly or indirectly under `prefix` (a folder, '/'-terminated or empty).
     fn list(&self, prefix: &str) -> Result<Vec<String>>;
     fn delete(&self, name: &str) -> Result<()>;
+    /// The names under `prefix` (as `list`), each with the size of its object as stored: for
+    /// a wrapper that changes what it stores (the encryption's `Sealed`), the size in the
+    /// store beneath it. The default reads every object; a store that knows sizes from its
+    /// listing (a folder, S3) says so, and a wrapper forwards it.
+    fn list_sized(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        for name in self.list(prefix)? {
+            match self.get(&name) {
+                Ok(data) => out.push((name, data.len() as u64)),
+                // Deleted since the listing.
+                Err(RepoError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+    /// Deletes every object of `names` (a missing one is no error), in requests of up to
+    /// `delete_batch` names. On an error some may be deleted already. The default deletes
+    /// them one by one.
+    fn delete_many(&self, names: &[String]) -> Result<()> {
+        for name in names {
+            self.delete(name)?;
+        }
+        Ok(())
+    }
+    /// How many objects one request of `delete_many` deletes at most (1: a request each).
+    fn delete_batch(&self) -> usize {
+        1
+    }
     /// How long a new object may stay missing from `list` after its `put` returned (an
     /// eventually consistent listing). The repository locks wait this long before they list.
     /// Cautious by default; a store that lists what it wrote at once says zero.
@@ -53,7 +82,8 @@ pub trait ObjectStore: Send + Sync {
     }
 }
 
-/// Requests made to an object store, by kind; retries count as requests.
+/// Requests made to an object store, by kind; retries count as requests. `delete` counts the
+/// deletes of one object and the bulk deletes (S3 DeleteObjects, up to 1000 objects each).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RequestCounts {
     pub get: u64,
@@ -530,6 +560,19 @@ impl ObjectStore for LocalDir {
         Ok(out)
     }
 
+    fn list_sized(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        for name in self.list(prefix)? {
+            let path = self.path(&name)?;
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) => out.push((name, m.len())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("list", &path)(e)),
+            }
+        }
+        Ok(out)
+    }
+
     fn delete(&self, name: &str) -> Result<()> {
         let path = self.path(name)?;
         if let Some(tmp) = self.pending().remove(name) {
@@ -575,6 +618,99 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         s.delete("a/b/c.json").unwrap();
         assert!(matches!(s.get("a/b/c.json"), Err(RepoError::NotFound(_))));
+    }
+
+    /// A store that implements only what it must, to try the trait's defaults.
+    struct Plain(LocalDir);
+
+    impl ObjectStore for Plain {
+        fn put(&self, name: &str, data: &[u8]) -> Result<()> {
+            self.0.put(name, data)
+        }
+        fn put_new(&self, name: &str, data: &[u8]) -> Result<()> {
+            self.0.put_new(name, data)
+        }
+        fn put_unsynced(&self, name: &str, data: &[u8]) -> Result<()> {
+            self.0.put_unsynced(name, data)
+        }
+        fn sync(&self) -> Result<()> {
+            self.0.sync()
+        }
+        fn forget_unsynced(&self) {
+            self.0.forget_unsynced()
+        }
+        fn remove_temporaries(&self) -> Result<usize> {
+            self.0.remove_temporaries()
+        }
+        fn get(&self, name: &str) -> Result<Vec<u8>> {
+            self.0.get(name)
+        }
+        fn exists(&self, name: &str) -> Result<bool> {
+            self.0.exists(name)
+        }
+        fn list(&self, prefix: &str) -> Result<Vec<String>> {
+            self.0.list(prefix)
+        }
+        fn delete(&self, name: &str) -> Result<()> {
+            self.0.delete(name)
+        }
+    }
+
+    /// `list_sized` gives each object's size as stored, `delete_many` deletes all it is given
+    /// (missing names too), for a folder, the trait's defaults, and the test wrappers.
+    #[test]
+    fn sized_listings_and_deletes_of_many() {
+        let d = tempfile::tempdir().unwrap();
+        for f in ["a", "b", "c", "e"] {
+            std::fs::create_dir(d.path().join(f)).unwrap();
+        }
+        let stores: Vec<(&str, Box<dyn ObjectStore>)> = vec![
+            ("folder", Box::new(LocalDir::new(&d.path().join("a")))),
+            (
+                "defaults",
+                Box::new(Plain(LocalDir::new(&d.path().join("b")))),
+            ),
+            (
+                "test store",
+                Box::new(crate::teststores::TestStore::new(&d.path().join("c"))),
+            ),
+            (
+                "faulty",
+                Box::new(crate::faults::FaultyStore::new(
+                    LocalDir::new(&d.path().join("e")),
+                    "manifest.json",
+                )),
+            ),
+        ];
+        for (what, s) in stores {
+            s.put("chunks/00/a", b"1").unwrap();
+            s.put("chunks/01/b", &[7; 300]).unwrap();
+            s.put_unsynced("chunks/02/c", &[1; 20]).unwrap();
+            s.sync().unwrap();
+            s.put("other/x", b"xx").unwrap();
+            assert_eq!(
+                s.list_sized("chunks/").unwrap(),
+                [
+                    ("chunks/00/a".to_string(), 1),
+                    ("chunks/01/b".to_string(), 300),
+                    ("chunks/02/c".to_string(), 20)
+                ],
+                "{what}"
+            );
+            assert_eq!(s.list_sized("none/").unwrap(), [], "{what}");
+            assert_eq!(s.delete_batch(), 1, "{what}: one at a time");
+            let names = ["chunks/00/a", "chunks/02/c", "chunks/09/missing"].map(String::from);
+            s.delete_many(&names).unwrap();
+            s.delete_many(&[]).unwrap();
+            assert_eq!(s.list("").unwrap(), ["chunks/01/b", "other/x"], "{what}");
+            assert!(
+                matches!(
+                    s.delete_many(&["../x".to_string()]),
+                    Err(RepoError::BadName(_))
+                ),
+                "{what}"
+            );
+        }
     }
 
     fn temporaries(root: &Path) -> Vec<String> {

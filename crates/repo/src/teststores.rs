@@ -46,6 +46,8 @@ pub struct TestStore {
     honest: bool,
     written: Mutex<HashMap<String, Instant>>,
     pub fail_puts: Arc<AtomicBool>,
+    /// What `delete_batch` says (a folder's 1 when `None`).
+    batch: Option<usize>,
 }
 
 impl TestStore {
@@ -57,6 +59,15 @@ impl TestStore {
             honest: true,
             written: Mutex::default(),
             fail_puts: Arc::default(),
+            batch: None,
+        }
+    }
+
+    /// Says it deletes `batch` objects per `delete_many` request (as S3's bulk delete).
+    pub fn batched(root: &Path, batch: usize) -> TestStore {
+        TestStore {
+            batch: Some(batch),
+            ..TestStore::new(root)
         }
     }
 
@@ -77,6 +88,12 @@ impl TestStore {
         if let Ok(mut w) = self.written.lock() {
             w.insert(name.to_string(), Instant::now());
         }
+    }
+
+    /// Whether `list` shows `name` yet.
+    fn listed(&self, name: &str) -> bool {
+        let w = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        w.get(name).is_none_or(|t| t.elapsed() >= self.lag)
     }
 
     fn put_allowed(&self, name: &str) -> Result<()> {
@@ -141,16 +158,30 @@ impl ObjectStore for TestStore {
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
         self.count(&self.counts.list, prefix);
         let all = self.inner.list(prefix)?;
-        let w = self.written.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(all
-            .into_iter()
-            .filter(|n| w.get(n).is_none_or(|t| t.elapsed() >= self.lag))
-            .collect())
+        Ok(all.into_iter().filter(|n| self.listed(n)).collect())
+    }
+
+    fn list_sized(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        self.count(&self.counts.list, prefix);
+        let all = self.inner.list_sized(prefix)?;
+        Ok(all.into_iter().filter(|(n, _)| self.listed(n)).collect())
     }
 
     fn delete(&self, name: &str) -> Result<()> {
         self.count(&self.counts.delete, name);
         self.inner.delete(name)
+    }
+
+    /// One request per call (as a bulk delete), none for no names.
+    fn delete_many(&self, names: &[String]) -> Result<()> {
+        if !names.is_empty() {
+            self.count(&self.counts.delete, "");
+        }
+        self.inner.delete_many(names)
+    }
+
+    fn delete_batch(&self) -> usize {
+        self.batch.unwrap_or_else(|| self.inner.delete_batch())
     }
 
     fn list_lag(&self) -> Duration {
