@@ -100,11 +100,11 @@ fn a_backup_verify_and_restore_succeed_while_a_third_of_requests_are_throttled_o
         .into_iter()
         .filter(|s| s.method == "PUT")
         .collect();
-    let is_chunk = |s: &&Seen| s.target.contains("/chunks/");
+    let is_chunk = |s: &Seen| s.target.contains("/chunks/");
     assert!(puts.iter().any(is_chunk) && !puts.iter().all(is_chunk));
     for s in &puts {
         let hash = s.payload_hash.as_deref().unwrap_or_default();
-        if is_chunk(&s) {
+        if is_chunk(s) {
             assert_eq!(hash, "UNSIGNED-PAYLOAD", "{}", s.target);
         } else {
             assert!(

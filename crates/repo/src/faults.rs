@@ -163,10 +163,6 @@ impl<S: ObjectStore> ObjectStore for FaultyStore<S> {
         self.inner.list_lag()
     }
 
-    fn requests(&self) -> Option<crate::storage::RequestCounts> {
-        self.inner.requests()
-    }
-
     fn parallel_reads(&self) -> usize {
         self.inner.parallel_reads()
     }
