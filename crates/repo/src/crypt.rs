@@ -288,6 +288,9 @@ impl ObjectStore for Sealed {
     fn delete_many(&self, names: &[String]) -> Result<()> {
         self.inner.delete_many(names)
     }
+    fn listing_has_sizes(&self) -> bool {
+        self.inner.listing_has_sizes()
+    }
     fn delete_batch(&self) -> usize {
         self.inner.delete_batch()
     }

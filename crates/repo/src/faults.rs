@@ -155,6 +155,10 @@ impl<S: ObjectStore> ObjectStore for FaultyStore<S> {
         self.inner.delete_batch()
     }
 
+    fn listing_has_sizes(&self) -> bool {
+        self.inner.listing_has_sizes()
+    }
+
     fn requests(&self) -> Option<crate::storage::RequestCounts> {
         self.inner.requests()
     }

@@ -161,15 +161,35 @@ impl Repository {
             }
         }
         // Names are matched as digests: a set of 1,000,000 names would take ~100 MiB more.
-        // The sizes are those of the listing: as stored (sealed, in an encrypted repository).
+        // The sizes are as stored (sealed, in an encrypted repository): from the listing
+        // where it has them (S3), else of the chunks to delete only (a folder: one stat each).
+        let store = self.store();
         let (mut garbage, mut sizes) = (Vec::new(), Vec::new());
-        for (name, size) in self.store().list_sized("chunks/")? {
+        let mut consider = |name: String, size: Option<u64>| {
             let used = crate::chunk::digest_of_object(&name).is_some_and(|d| live.contains(&d));
             if !used {
                 garbage.push(name);
                 sizes.push(size);
             }
+        };
+        if store.listing_has_sizes() {
+            for (name, size) in store.list_sized("chunks/")? {
+                consider(name, Some(size));
+            }
+        } else {
+            for name in store.list("chunks/")? {
+                consider(name, None);
+            }
         }
+        let sizes: Vec<u64> = sizes
+            .into_iter()
+            .zip(&garbage)
+            .map(|(size, name)| {
+                size.unwrap_or_else(|| {
+                    std::fs::symlink_metadata(self.path().join(name)).map_or(0, |m| m.len())
+                })
+            })
+            .collect();
         // In the store's batches (one request each: up to 1000 chunks on S3, one in a folder).
         // The lock is checked again every 1000 chunks or so: a gc that lost it (paused past
         // the stale time, its lock taken over by a backup that may reuse these chunks)

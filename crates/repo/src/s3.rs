@@ -620,6 +620,10 @@ impl ObjectStore for S3Store {
         1000
     }
 
+    fn listing_has_sizes(&self) -> bool {
+        true
+    }
+
     fn requests(&self) -> Option<RequestCounts> {
         Some(self.counts.snapshot())
     }

@@ -60,6 +60,12 @@ pub trait ObjectStore: Send + Sync {
         }
         Ok(())
     }
+    /// Whether `list_sized` costs no more than `list`: the sizes come with the listing (S3).
+    /// In a folder they cost a stat of every object, which a gc of 1,000,000 chunks should
+    /// not pay for the few it deletes.
+    fn listing_has_sizes(&self) -> bool {
+        false
+    }
     /// How many objects one request of `delete_many` deletes at most (1: a request each).
     fn delete_batch(&self) -> usize {
         1

@@ -184,6 +184,10 @@ impl ObjectStore for TestStore {
         self.batch.unwrap_or_else(|| self.inner.delete_batch())
     }
 
+    fn listing_has_sizes(&self) -> bool {
+        self.inner.listing_has_sizes()
+    }
+
     fn list_lag(&self) -> Duration {
         if self.honest {
             // A little more than the lag: `list` runs after the wait.
