@@ -8,7 +8,8 @@
 //! `vmbackup-boottest-<vm>-<pid>`, made from the backup's domain XML: same vCPUs, memory,
 //! machine type, firmware and boot order; a new UUID; no network interfaces, host devices or
 //! graphics; its per-VM files (NVRAM, console logs, sockets) in the temporary folder (the
-//! NVRAM a copy of the backed-up one), so the original VM, running or not, is not touched.
+//! NVRAM a copy of the backed-up one); its TPM state a copy of the backed-up one in libvirt's
+//! folder for the new UUID. So the original VM, running or not, is not touched.
 //!
 //! The VM is destroyed and the folder removed on every path: when the test ends, fails,
 //! errs, or a stop signal comes (the `Throwaway` guard; `cleanup_now` for a process that
@@ -26,6 +27,7 @@ use serde_json::{json, Value};
 use crate::error::{Error, Result};
 use crate::hypervisor::libvirt::{Dom, Libvirt, PowerState};
 use crate::hypervisor::xml_edit::{self, escape_attr, XmlError};
+use crate::repository::manifest::{StateFile, TpmState};
 use crate::repository::Repository;
 use crate::vm_ref::VmRef;
 
@@ -394,6 +396,17 @@ pub fn boot_test(repo: Arc<Repository>, opts: &Options) -> Result<BootTest> {
         Some(f) => Some(repo.get_state_file(&m.id, f)?),
         None => None,
     };
+    // The TPM state: copied into the throwaway VM's own state folder (named by its UUID).
+    let tpm = match m.vm_state.as_ref().and_then(|s| s.tpm.as_ref()) {
+        Some(t) => {
+            let mut files = Vec::new();
+            for f in &t.files {
+                files.push((f.clone(), repo.get_state_file(&m.id, f)?));
+            }
+            Some((t.clone(), files))
+        }
+        None => None,
+    };
     let lv = Libvirt::open(&opts.connect)?;
     let mut out = BootTest {
         backup: m.id.clone(),
@@ -406,7 +419,11 @@ pub fn boot_test(repo: Arc<Repository>, opts: &Options) -> Result<BootTest> {
         error: None,
         seconds: 0.0,
     };
-    let r = run(&lv, repo, &m, &xml, nvram.as_deref(), opts, &mut out);
+    let state = State {
+        nvram: nvram.as_deref(),
+        tpm: tpm.as_ref(),
+    };
+    let r = run(&lv, repo, &m, &xml, &state, opts, &mut out);
     out.seconds = started.elapsed().as_secs_f64();
     match r {
         Err(Error::Interrupted) => Err(Error::Interrupted),
@@ -418,12 +435,45 @@ pub fn boot_test(repo: Arc<Repository>, opts: &Options) -> Result<BootTest> {
     }
 }
 
+/// A backup's TPM state: its description and its files' bytes.
+type Tpm = (TpmState, Vec<(StateFile, Vec<u8>)>);
+
+/// The backed-up NVRAM and TPM state, read before anything is made.
+struct State<'a> {
+    nvram: Option<&'a [u8]>,
+    tpm: Option<&'a Tpm>,
+}
+
+/// Writes the backed-up TPM state into `dir`, the throwaway VM's state folder, with the
+/// recorded owners and modes.
+fn copy_tpm(t: &TpmState, files: &[(StateFile, Vec<u8>)], dir: &Path) -> Result<()> {
+    let moved = |p: &str| -> PathBuf {
+        match Path::new(p).strip_prefix(&t.dir) {
+            Ok(rel) => dir.join(rel),
+            Err(_) => dir.join(Path::new(p).file_name().unwrap_or_default()),
+        }
+    };
+    for d in &t.dirs {
+        let to = moved(&d.path);
+        std::fs::create_dir_all(&to).map_err(|e| Error::io("create", &to, e))?;
+        crate::restore::set_owner(&to, &d.owner)?;
+    }
+    for (f, bytes) in files {
+        let to = moved(&f.path);
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
+        }
+        crate::restore::write_state_file(&to, bytes, &f.owner)?;
+    }
+    Ok(())
+}
+
 fn run(
     lv: &Libvirt,
     repo: Arc<Repository>,
     m: &crate::repository::manifest::Manifest,
     xml: &str,
-    nvram: Option<&[u8]>,
+    state: &State,
     opts: &Options,
     out: &mut BootTest,
 ) -> Result<()> {
@@ -492,13 +542,18 @@ fn run(
         });
     }
     let (xml, nvram_path) = throwaway_xml(xml, &out.domain, &uuid, &overlays, &dir)?;
-    if let (Some(bytes), Some(p)) = (nvram, &nvram_path) {
+    if let (Some(bytes), Some(p)) = (state.nvram, &nvram_path) {
         std::fs::write(p, bytes).map_err(|e| Error::io("write", p, e))?;
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| Error::io("set the mode of", p, e))?;
         chown(p, owner)?;
     }
 
+    if let Some((t, files)) = state.tpm {
+        if xml.contains("<tpm") {
+            copy_tpm(t, files, &crate::vm_state::tpm_dir(&uuid))?;
+        }
+    }
     tracing::info!(domain = %out.domain, backup = %m.id, "starting the throwaway VM");
     let t0 = Instant::now();
     let dom = lv.create_transient(&xml)?;

@@ -200,3 +200,69 @@ fn a_stop_signal_during_a_boot_test_removes_the_throwaway_vm() {
     assert_nothing_left(&vm);
     assert!(vm.dom().is_active().unwrap());
 }
+
+/// Every file under `dir` with its content.
+fn tree(dir: &std::path::Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(tree(&p));
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap_or_default()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_uefi_tpm_vm_boot_tests_on_copies_of_its_nvram_and_tpm_state() {
+    let t = Instant::now();
+    let vm = TestVmBuilder::new("boottest-uefi")
+        .uefi_tpm()
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .start()
+        .expect("guest boots");
+    let normal_boot = t.elapsed();
+    let place = Place::new();
+    let id = backup_id(&place, &[vm.name()]);
+    let show = vmbackup(&place, &["show", &id]);
+    let st = &show.json["manifest"]["vm_state"];
+    assert!(st["nvram"].is_object() && st["tpm"].is_object(), "{st}");
+    let xml = vm.dom().inactive_xml().unwrap();
+    let nvram = PathBuf::from(st["nvram"]["path"].as_str().unwrap());
+    let tpm_dir = PathBuf::from(st["tpm"]["dir"].as_str().unwrap());
+    let swtpm = tpm_dir.parent().unwrap().to_path_buf();
+    let nvram_before = std::fs::read(&nvram).unwrap();
+    let tpm_before = tree(&tpm_dir);
+    let swtpm_before = files_in(&swtpm);
+
+    let r = vmbackup(
+        &place,
+        &[
+            "boot-test",
+            &id,
+            "--timeout",
+            "180",
+            "--command",
+            "test -d /sys/firmware/efi",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}\n{}", r.json, r.stderr);
+    assert_eq!(r.json["boot_test"]["command"]["exit_code"], 0);
+    eprintln!(
+        "UEFI boot test: agent after {} s; the guest's own start took {:.1} s",
+        r.json["boot_test"]["seconds_to_agent"],
+        normal_boot.as_secs_f64()
+    );
+    // The original's NVRAM and TPM state are as they were; no TPM state folder is left.
+    assert!(vm.dom().is_active().unwrap());
+    assert_eq!(vm.dom().inactive_xml().unwrap(), xml);
+    assert_eq!(std::fs::read(&nvram).unwrap(), nvram_before);
+    assert_eq!(tree(&tpm_dir), tpm_before);
+    assert_eq!(files_in(&swtpm), swtpm_before);
+    assert_nothing_left(&vm);
+}
