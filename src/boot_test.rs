@@ -328,6 +328,17 @@ fn set_overlay(xml: &str, d: &Overlay) -> std::result::Result<String, XmlError> 
     Ok(format!("{}{new}{}", &xml[..r.start], &xml[r.end..]))
 }
 
+/// Whether domain `xml` has the guest agent's virtio channel.
+fn has_agent_channel(xml: &str) -> bool {
+    roxmltree::Document::parse(xml).is_ok_and(|d| {
+        d.descendants().any(|n| {
+            n.has_tag_name("target")
+                && n.attribute("name") == Some("org.qemu.guest_agent.0")
+                && n.parent().is_some_and(|p| p.has_tag_name("channel"))
+        })
+    })
+}
+
 fn new_uuid() -> Result<String> {
     use std::io::Read;
     let mut b = [0u8; 16];
@@ -392,6 +403,13 @@ pub fn boot_test(repo: Arc<Repository>, opts: &Options) -> Result<BootTest> {
     }
     repo.check_complete(&m)?;
     let xml = repo.get_domain_xml(&m.id)?;
+    if !has_agent_channel(&xml) {
+        return Err(Error::Invalid(format!(
+            "backup {}: its VM has no guest agent channel (org.qemu.guest_agent.0), and a boot \
+             test waits for the agent",
+            m.id
+        )));
+    }
     let nvram = match m.vm_state.as_ref().and_then(|s| s.nvram.as_ref()) {
         Some(f) => Some(repo.get_state_file(&m.id, f)?),
         None => None,
@@ -713,6 +731,8 @@ mod tests {
         assert!(x.contains("socket='/tmp/vmbackup-boottest-1-x/nbd.sock'"));
         assert!(x.contains("<boot order='1'/>"));
         assert!(x.contains("<target dev='vda' bus='virtio'/>"));
+        assert!(has_agent_channel(&x));
+        assert!(!has_agent_channel(&x.replace("guest_agent", "other")));
         // NVRAM and console log in the folder; no path of the original is left.
         assert_eq!(
             nvram.unwrap(),
