@@ -161,6 +161,18 @@ pub enum Command {
         #[arg(long, value_name = "SECS")]
         idle_timeout: Option<u64>,
     },
+    /// Boot a backup in a throwaway VM (no network; disks: overlays on the backup served
+    /// over NBD, nothing copied) and wait for its guest agent; removed afterwards
+    BootTest {
+        id: String,
+        /// Seconds the guest agent has to answer (and then the command to end)
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        timeout: u64,
+        /// A command line run in the guest by `/bin/sh -c` once the agent answers; it must
+        /// exit 0
+        #[arg(long, value_name = "CMD")]
+        command: Option<String>,
+    },
     /// Re-read backups and check every chunk against its digest
     Verify {
         ids: Vec<String>,

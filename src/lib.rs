@@ -12,6 +12,7 @@
 //! - `notify` (job reports) and `config` (settings resolved from flags, environment, file).
 
 pub mod backup;
+pub mod boot_test;
 pub mod changes;
 pub mod config;
 pub mod error;

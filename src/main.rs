@@ -90,6 +90,7 @@ fn abandon(json: bool) {
     // No `Drop` runs: the repository locks this process holds go now, not when they are stale.
     vmbackup::repository::locks::release_all();
     vmbackup::serve::remove_socket_now();
+    vmbackup::boot_test::cleanup_now();
     std::process::exit(code);
 }
 
@@ -402,8 +403,25 @@ fn cmd_list(cfg: &Config, domain: Option<&str>) -> anyhow::Result<Output> {
         "{:<40} {:<16} {:<24} {:<24} {:>10} {:>10} {:<6} {}\n",
         "ID", "VM", "START (UTC)", "END (UTC)", "LOGICAL", "STORED", "DISKS", "CONSISTENCY"
     );
+    // The backups that have a boot test: one listing, then one read per such backup.
+    let tested: std::collections::HashSet<String> = repo
+        .store()
+        .list("backups/")
+        .map_err(vmbackup::Error::from)?
+        .into_iter()
+        .filter_map(|n| {
+            n.strip_prefix("backups/")?
+                .strip_suffix("/boot-test.json")
+                .map(str::to_string)
+        })
+        .collect();
     let mut rows = Vec::new();
     for m in &list {
+        let boot = if tested.contains(&m.id) {
+            repo.boot_test(&m.id).map_err(vmbackup::Error::from)?
+        } else {
+            None
+        };
         let disks: Vec<&str> = m.disks.iter().map(|d| d.target.as_str()).collect();
         text.push_str(&format!(
             "{:<40} {:<16} {:<24} {:<24} {:>10} {:>10} {:<6} {}\n",
@@ -420,13 +438,24 @@ fn cmd_list(cfg: &Config, domain: Option<&str>) -> anyhow::Result<Output> {
             text.pop();
             text.push_str(" (pinned)\n");
         }
+        if let Some(b) = &boot {
+            text.pop();
+            text.push_str(&format!(
+                " (boot test: {})\n",
+                if b.booted && b.error.is_none() {
+                    "ok"
+                } else {
+                    "FAILED"
+                }
+            ));
+        }
         rows.push(json!({
             "id": m.id, "vm_name": m.vm_name, "vm_uuid": m.vm_uuid,
             "started_at": m.started_at, "ended_at": m.ended_at,
             "logical_bytes": m.logical_bytes, "stored_bytes": m.stored_bytes,
             "disks": disks, "consistency": m.consistency, "freeze_ms": m.freeze_ms,
             "schedule": m.schedule, "scheduled_for": m.scheduled_for,
-            "pinned": pinned.contains(&m.id),
+            "pinned": pinned.contains(&m.id), "boot_test": boot,
         }));
     }
     // Backups whose manifest cannot be read: listed apart (whatever VM they were of).
@@ -442,15 +471,47 @@ fn cmd_list(cfg: &Config, domain: Option<&str>) -> anyhow::Result<Output> {
     })
 }
 
+/// The last boot test of a backup, in words.
+fn boot_test_words(t: Option<&vmbackup::repository::BootTestRecord>) -> String {
+    let Some(t) = t else {
+        return "none".into();
+    };
+    let mut w = if t.booted {
+        format!(
+            "{} booted, agent after {:.1} s",
+            t.at,
+            t.seconds_to_agent.unwrap_or_default()
+        )
+    } else {
+        format!("{} did NOT boot", t.at)
+    };
+    if let Some(c) = &t.command {
+        match t.command_exit_code {
+            Some(x) => w.push_str(&format!(", command {c:?} exit {x}")),
+            None => w.push_str(&format!(", command {c:?} did not end")),
+        }
+    }
+    if let Some(e) = &t.error {
+        w.push_str(&format!(" ({e})"));
+    }
+    w
+}
+
 fn cmd_show(cfg: &Config, id: &str) -> anyhow::Result<Output> {
     let repo = open_repo(cfg)?;
     let m = repo.load(id).map_err(vmbackup::Error::from)?;
     let v = serde_json::to_value(&m)?;
     // What the backup holds besides disks, in words (old backups: none recorded).
     let state = vmbackup::vm_state::describe(&m);
+    let boot = repo.boot_test(id).map_err(vmbackup::Error::from)?;
+    let mut text = serde_json::to_string_pretty(&v)? + "\n" + &state.join("\n") + "\n";
+    text.push_str(&format!(
+        "last boot test: {}\n",
+        boot_test_words(boot.as_ref())
+    ));
     Ok(Output {
-        text: serde_json::to_string_pretty(&v)? + "\n" + &state.join("\n") + "\n",
-        json: json!({"ok": true, "manifest": v, "vm_state": state}),
+        text,
+        json: json!({"ok": true, "manifest": v, "vm_state": state, "boot_test": boot}),
         code: exit::OK,
     })
 }
@@ -535,6 +596,78 @@ fn cmd_serve(
         json: Value::Null,
         text: String::new(),
         code: exit::OK,
+    })
+}
+
+fn cmd_boot_test(
+    cfg: &Config,
+    id: &str,
+    timeout: u64,
+    command: Option<&str>,
+) -> anyhow::Result<Output> {
+    if timeout == 0 {
+        return Err(vmbackup::Error::Invalid("--timeout must be at least 1".into()).into());
+    }
+    let repo = std::sync::Arc::new(open_repo(cfg)?);
+    let opts = vmbackup::boot_test::Options {
+        id: id.to_string(),
+        timeout: Duration::from_secs(timeout),
+        command: command.map(str::to_string),
+        connect: cfg.connect.clone(),
+    };
+    let t = vmbackup::boot_test::boot_test(repo.clone(), &opts)?;
+    let at = jiff::Timestamp::now()
+        .round(jiff::Unit::Second)?
+        .to_string();
+    if let Err(e) = repo.put_boot_test(&t.backup, &t.record(at)) {
+        tracing::warn!(
+            "the boot test was not recorded with the backup: {}",
+            chain(&e)
+        );
+    }
+    let mut text = if t.passed() {
+        format!(
+            "backup {} of {} boots: the guest agent answered after {:.1} s",
+            t.backup,
+            t.vm,
+            t.seconds_to_agent.unwrap_or_default()
+        )
+    } else {
+        format!(
+            "backup {} of {} FAILED its boot test: {}",
+            t.backup,
+            t.vm,
+            t.error.as_deref().unwrap_or("?")
+        )
+    };
+    if let Some(name) =
+        t.os.as_ref()
+            .and_then(|o| o.get("pretty-name").or(o.get("name")))
+            .and_then(Value::as_str)
+    {
+        text.push_str(&format!(" ({name})"));
+    }
+    text.push('\n');
+    if let Some(c) = &t.command {
+        text.push_str(&format!(
+            "command {:?}: {}\n",
+            c.cmd,
+            c.exit_code
+                .map(|x| format!("exit {x}"))
+                .unwrap_or_else(|| "did not end".into())
+        ));
+        if !c.stdout.is_empty() {
+            text.push_str(&c.stdout);
+            if !c.stdout.ends_with('\n') {
+                text.push('\n');
+            }
+        }
+    }
+    let ok = t.passed();
+    Ok(Output {
+        json: json!({"ok": ok, "boot_test": t}),
+        text,
+        code: if ok { exit::OK } else { exit::FAILED },
     })
 }
 
@@ -855,6 +988,26 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             }
             cmd_serve(&cfg, id, disks, endpoint, *idle_timeout, cli.global.json)
                 .with_context(|| format!("serve {id}"))
+        }
+        C::BootTest {
+            id,
+            timeout,
+            command,
+        } => {
+            let vm = open_repo(&cfg)
+                .ok()
+                .and_then(|r| r.load(id).ok())
+                .map(|m| m.vm_name);
+            let job = JobRecord::start(&cfg, "boot-test", vm.as_deref());
+            let r = cmd_boot_test(&cfg, id, *timeout, command.as_deref())
+                .with_context(|| format!("boot-test {id}"));
+            match &r {
+                Ok(o) if o.code != exit::OK => {
+                    job.finish("failed", Some(id), o.json["boot_test"]["error"].as_str())
+                }
+                r => job.finish_result(r, Some(id)),
+            }
+            r
         }
         C::Delete { id } => {
             let vm = open_repo(&cfg)

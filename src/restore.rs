@@ -1036,7 +1036,7 @@ fn new_uuid() -> Result<String> {
 
 /// Gives `path` the recorded owner (by name when the host knows it, else by number) and
 /// mode. Without the right to change the owner (not root), the owner stays ours.
-fn set_owner(path: &Path, o: &Owner) -> Result<()> {
+pub(crate) fn set_owner(path: &Path, o: &Owner) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let uid = o
         .user
@@ -1060,7 +1060,7 @@ fn set_owner(path: &Path, o: &Owner) -> Result<()> {
 }
 
 /// Writes a state file's temporary: new (0600), content, recorded owner and mode, synced.
-fn write_state_file(tmp: &Path, bytes: &[u8], owner: &Owner) -> Result<()> {
+pub(crate) fn write_state_file(tmp: &Path, bytes: &[u8], owner: &Owner) -> Result<()> {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new()
         .write(true)

@@ -331,6 +331,16 @@ fn bind_unix(path: &Path) -> Result<(Listener, SocketFile)> {
 /// Serves backup `opts.id` of `repo` until stopped; `ready` is told where, once the server
 /// listens. Returns why it stopped.
 pub fn serve(repo: Repository, opts: &Options, ready: &dyn Fn(&Serving)) -> Result<Stopped> {
+    serve_until(Arc::new(repo), opts, ready, &crate::interrupt::requested)
+}
+
+/// `serve`, stopping when `stop()` is true (checked every 100 ms) instead of at a signal.
+pub fn serve_until(
+    repo: Arc<Repository>,
+    opts: &Options,
+    ready: &dyn Fn(&Serving),
+    stop: &dyn Fn() -> bool,
+) -> Result<Stopped> {
     let m = repo.load(&opts.id)?;
     for d in &opts.disks {
         if !m.disks.iter().any(|x| &x.target == d) {
@@ -366,7 +376,6 @@ pub fn serve(repo: Repository, opts: &Options, ready: &dyn Fn(&Serving)) -> Resu
     let _lock = repo
         .lock_for_backup()?
         .ok_or_else(|| Error::Busy("a gc holds the repository".into()))?;
-    let repo = Arc::new(repo);
     let cache = Arc::new(ChunkCache::new(CACHE_BYTES));
     let exports: Vec<Export> = indexes
         .into_iter()
@@ -422,13 +431,8 @@ pub fn serve(repo: Repository, opts: &Options, ready: &dyn Fn(&Serving)) -> Resu
     };
     ready(&serving);
     tracing::info!(backup = %m.id, exports = exports.len(), "serving over NBD, read-only");
-    let why = server::run(
-        &listener,
-        Arc::new(exports),
-        opts.idle_timeout,
-        &crate::interrupt::requested,
-    )
-    .map_err(|e| Error::io("serve on", socket.clone().unwrap_or_default(), e))?;
+    let why = server::run(&listener, Arc::new(exports), opts.idle_timeout, stop)
+        .map_err(|e| Error::io("serve on", socket.clone().unwrap_or_default(), e))?;
     match why {
         Stopped::Idle => tracing::info!("no NBD client for the idle timeout: stopping"),
         Stopped::Asked => tracing::info!("stopping the NBD server"),

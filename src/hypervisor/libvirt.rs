@@ -137,6 +137,24 @@ impl Libvirt {
         Ok(Dom { dom, name })
     }
 
+    /// Creates and starts a transient domain from XML: it is gone once destroyed.
+    pub fn create_transient(&self, xml: &str) -> Result<Dom> {
+        let dom = self
+            .conn
+            .create_domain_xml(xml, 0)
+            .map_err(|source| Error::Libvirt {
+                op: "create",
+                domain: String::from("(new)"),
+                source,
+            })?;
+        let name = dom.name().map_err(|source| Error::Libvirt {
+            op: "name",
+            domain: String::from("(new)"),
+            source,
+        })?;
+        Ok(Dom { dom, name })
+    }
+
     /// A libvirt network's XML and whether it is active; `None` when there is no such network.
     pub fn network_xml(&self, name: &str) -> Result<Option<(String, bool)>> {
         let err = |op, source| Error::Libvirt {

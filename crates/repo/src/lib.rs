@@ -124,6 +124,30 @@ pub struct Repository {
     known: Mutex<HashSet<chunk::Digest>>,
 }
 
+/// The last boot test of a backup (`backups/<id>/boot-test.json`): see FORMAT.md.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BootTestRecord {
+    /// When the test ended (UTC, RFC 3339).
+    pub at: String,
+    /// The guest agent answered.
+    pub booted: bool,
+    /// Seconds from the start of the VM to the agent's first answer.
+    #[serde(default)]
+    pub seconds_to_agent: Option<f64>,
+    /// The command run in the guest, if any, and its exit status (`None`: it did not end).
+    #[serde(default)]
+    pub command: Option<String>,
+    #[serde(default)]
+    pub command_exit_code: Option<i64>,
+    /// Why the test failed; `None` when it passed.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+fn boot_test_name(id: &str) -> String {
+    format!("backups/{id}/boot-test.json")
+}
+
 /// What `Repository::scan` found under `backups/`.
 #[derive(Debug, Default)]
 pub struct Listing {
@@ -611,6 +635,33 @@ impl Repository {
         Ok(bytes)
     }
 
+    /// Records `t`, the result of a boot test of backup `id`, as `backups/<id>/boot-test.json`
+    /// (replacing the previous one: it is the last boot test). The manifest is not touched; a
+    /// backup that does not exist is `RepoError::NotFound`.
+    pub fn put_boot_test(&self, id: &str, t: &BootTestRecord) -> Result<()> {
+        storage::check_name(id)?;
+        if !self.store.exists(&manifest_name(id))? {
+            return Err(RepoError::NotFound(id.to_string()));
+        }
+        let bytes = serde_json::to_vec_pretty(t).map_err(|e| RepoError::BadManifest {
+            id: id.to_string(),
+            source: e.into(),
+        })?;
+        self.store.put(&boot_test_name(id), &bytes)
+    }
+
+    /// The last boot test of backup `id`, `None` when it has none (or its record does not
+    /// read: logged).
+    pub fn boot_test(&self, id: &str) -> Result<Option<BootTestRecord>> {
+        match self.store.get(&boot_test_name(id)) {
+            Ok(b) => Ok(serde_json::from_slice(&b)
+                .map_err(|e| tracing::warn!(backup = id, "boot-test.json does not read: {e}"))
+                .ok()),
+            Err(RepoError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The state files (NVRAM, TPM) backup `m` recorded.
     pub fn state_files(m: &Manifest) -> Vec<&manifest::StateFile> {
         let Some(s) = &m.vm_state else {
@@ -824,6 +875,37 @@ mod tests {
             logical_bytes: 0,
             vm_state: None,
         }
+    }
+
+    #[test]
+    fn the_last_boot_test_is_kept_beside_the_unchanged_manifest_and_goes_with_the_backup() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Repository::open(d.path()).unwrap();
+        r.put_domain_xml("b1", "<domain/>").unwrap();
+        r.publish(&manifest("b1", "2026-01-01T00:00:00Z")).unwrap();
+        let before = r.store().get("backups/b1/manifest.json").unwrap();
+        assert_eq!(r.boot_test("b1").unwrap(), None);
+        let mut t = BootTestRecord {
+            at: "2026-01-02T00:00:00Z".into(),
+            booted: true,
+            seconds_to_agent: Some(3.5),
+            command: Some("true".into()),
+            command_exit_code: Some(0),
+            error: None,
+        };
+        r.put_boot_test("b1", &t).unwrap();
+        t.booted = false;
+        t.error = Some("no answer".into());
+        r.put_boot_test("b1", &t).unwrap();
+        assert_eq!(r.boot_test("b1").unwrap(), Some(t.clone()), "the last one");
+        assert_eq!(r.store().get("backups/b1/manifest.json").unwrap(), before);
+        assert!(matches!(
+            r.put_boot_test("nosuch", &t),
+            Err(RepoError::NotFound(_))
+        ));
+        assert!(!r.store().exists("backups/nosuch/boot-test.json").unwrap());
+        r.delete("b1").unwrap();
+        assert!(r.store().list("backups/b1/").unwrap().is_empty());
     }
 
     #[test]

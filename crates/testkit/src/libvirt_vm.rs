@@ -107,6 +107,16 @@ pub enum GuestKind {
     /// The Debian guest on a q35 machine with OVMF (pflash loader, a per-VM NVRAM file made
     /// from Debian's variables template, SMM) and an emulated TPM 2.0 (`tpm-crb`, swtpm).
     DebianUefiTpm,
+    /// The busybox guest on that q35 machine with OVMF and a TPM 2.0 (direct kernel boot
+    /// through the firmware).
+    BusyboxUefiTpm,
+}
+
+impl GuestKind {
+    /// OVMF, a per-VM NVRAM file and an emulated TPM.
+    pub fn uefi_tpm(self) -> bool {
+        matches!(self, GuestKind::DebianUefiTpm | GuestKind::BusyboxUefiTpm)
+    }
 }
 
 /// OVMF as Debian's `ovmf` package installs it.
@@ -173,6 +183,11 @@ impl TestVmBuilder {
     pub fn debian(mut self) -> Self {
         self.guest = GuestKind::Debian;
         self.memory_mib = 1024;
+        self
+    }
+    /// Boots the busybox guest with UEFI and a TPM 2.0 (see `GuestKind::BusyboxUefiTpm`).
+    pub fn uefi_tpm(mut self) -> Self {
+        self.guest = GuestKind::BusyboxUefiTpm;
         self
     }
     /// Boots the Debian guest with UEFI and a TPM 2.0 (see `GuestKind::DebianUefiTpm`).
@@ -281,7 +296,7 @@ impl TestVmBuilder {
             owns_dir: true,
         };
         let image = match self.guest {
-            GuestKind::Busybox => guest::staged_guest()?,
+            GuestKind::Busybox | GuestKind::BusyboxUefiTpm => guest::staged_guest()?,
             GuestKind::Debian | GuestKind::DebianUefiTpm => {
                 if self.disks.iter().any(|d| d.target == "vda") {
                     return Err(KitError::Setup(
@@ -457,7 +472,7 @@ impl TestVm {
     fn domain_xml(&self, image: &guest::GuestImage) -> String {
         let kvm = std::env::var("VMBACKUP_TEST_KVM").is_ok_and(|v| v == "1");
         let s = &self.spec;
-        let uefi = s.guest == GuestKind::DebianUefiTpm;
+        let uefi = s.guest.uefi_tpm();
         let (machine, firmware, features) = if uefi {
             (
                 "q35",
@@ -471,7 +486,7 @@ impl TestVm {
             ("pc", String::new(), "<acpi/>")
         };
         let root = match s.guest {
-            GuestKind::Busybox => "",
+            GuestKind::Busybox | GuestKind::BusyboxUefiTpm => "",
             GuestKind::Debian | GuestKind::DebianUefiTpm => "root=/dev/vda rw ",
         };
         let mut x = String::new();
@@ -692,7 +707,7 @@ impl TestVm {
             let _ = dom.destroy();
             let _ = dom.undefine();
         }
-        if self.spec.guest == GuestKind::DebianUefiTpm {
+        if self.spec.guest.uefi_tpm() {
             // What libvirt may leave of the TPM: the state (when the code under test defined
             // the domain with persistent state) and swtpm's log.
             if let Some(uuid) = uuid.filter(|u| !u.is_empty() && !u.contains('/')) {
