@@ -339,25 +339,6 @@ fn has_agent_channel(xml: &str) -> bool {
     })
 }
 
-fn new_uuid() -> Result<String> {
-    use std::io::Read;
-    let mut b = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .map_err(|e| Error::io("read", "/dev/urandom", e))?;
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    Ok(format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    ))
-}
-
 /// Makes the private temporary folder: 0700, owned by QEMU's user.
 fn make_dir(owner: Option<(u32, u32)>) -> Result<PathBuf> {
     let base = std::env::temp_dir();
@@ -496,7 +477,7 @@ fn run(
     out: &mut BootTest,
 ) -> Result<()> {
     let owner = qemu_owner();
-    let uuid = new_uuid()?;
+    let uuid = crate::restore::new_uuid()?;
     let dir = make_dir(owner)?;
     let stop = Arc::new(AtomicBool::new(false));
     set_current(Some((

@@ -1015,7 +1015,7 @@ fn plan_copy_state(
 }
 
 /// A random (version 4) UUID.
-fn new_uuid() -> Result<String> {
+pub(crate) fn new_uuid() -> Result<String> {
     use std::io::Read;
     let mut b = [0u8; 16];
     std::fs::File::open("/dev/urandom")

@@ -221,13 +221,9 @@ fn parse(out: std::process::Output) -> Run {
 /// Waits until `child` (started with `ARGS` and fail point `point` set to `stop`) stopped
 /// itself there (SIGSTOP).
 fn wait_stopped(child: &mut Child, point: &str, args: &[&str]) {
-    let stat = format!("/proc/{}/stat", child.id());
     let start = Instant::now();
     loop {
-        let s = std::fs::read_to_string(&stat).unwrap_or_default();
-        if s.rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('T'))
-        {
+        if vmbackup_testkit::faults::is_stopped(child.id()) {
             return;
         }
         if let Ok(Some(status)) = child.try_wait() {

@@ -300,14 +300,9 @@ fn run_stopped_at(place: &Place, point: &str, args: &[&str], meanwhile: impl FnO
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("run vmbackup");
-    let stat = format!("/proc/{}/stat", child.id());
     let start = Instant::now();
     loop {
-        let s = std::fs::read_to_string(&stat).unwrap_or_default();
-        // "pid (comm) STATE ...": T is stopped.
-        if s.rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('T'))
-        {
+        if vmbackup_testkit::faults::is_stopped(child.id()) {
             break;
         }
         let exited = child.try_wait().unwrap();

@@ -53,6 +53,22 @@ pub enum LibvirtError {
 use LibvirtError as Error;
 pub type Result<T, E = LibvirtError> = std::result::Result<T, E>;
 
+/// The domain that `op` (define, create) made, with its name.
+fn new_dom(op: &'static str, made: std::result::Result<Domain, virt::error::Error>) -> Result<Dom> {
+    let domain = || String::from("(new)");
+    let dom = made.map_err(|source| Error::Libvirt {
+        op,
+        domain: domain(),
+        source,
+    })?;
+    let name = dom.name().map_err(|source| Error::Libvirt {
+        op: "name",
+        domain: domain(),
+        source,
+    })?;
+    Ok(Dom { dom, name })
+}
+
 /// An open connection to libvirt.
 pub struct Libvirt {
     conn: Connect,
@@ -121,38 +137,12 @@ impl Libvirt {
 
     /// Defines (or redefines) a persistent domain from XML.
     pub fn define(&self, xml: &str) -> Result<Dom> {
-        let dom = self
-            .conn
-            .define_domain_xml(xml)
-            .map_err(|source| Error::Libvirt {
-                op: "define",
-                domain: String::from("(new)"),
-                source,
-            })?;
-        let name = dom.name().map_err(|source| Error::Libvirt {
-            op: "name",
-            domain: String::from("(new)"),
-            source,
-        })?;
-        Ok(Dom { dom, name })
+        new_dom("define", self.conn.define_domain_xml(xml))
     }
 
     /// Creates and starts a transient domain from XML: it is gone once destroyed.
     pub fn create_transient(&self, xml: &str) -> Result<Dom> {
-        let dom = self
-            .conn
-            .create_domain_xml(xml, 0)
-            .map_err(|source| Error::Libvirt {
-                op: "create",
-                domain: String::from("(new)"),
-                source,
-            })?;
-        let name = dom.name().map_err(|source| Error::Libvirt {
-            op: "name",
-            domain: String::from("(new)"),
-            source,
-        })?;
-        Ok(Dom { dom, name })
+        new_dom("create", self.conn.create_domain_xml(xml, 0))
     }
 
     /// A libvirt network's XML and whether it is active; `None` when there is no such network.
