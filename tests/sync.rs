@@ -143,4 +143,37 @@ fn synced_backups_restore_from_the_target_and_a_killed_sync_is_finished_by_the_n
     vm.dom().start().unwrap();
     vm.wait_agent(Duration::from_secs(120)).unwrap();
     assert_eq!(vm.read_file("/mnt/vdb/marker").unwrap(), b"second backup");
+
+    // A flipped byte in a sealed chunk on S3: verify names the chunk and the backups that use
+    // it; a restore of one of them fails naming it, and leaves the VM's images alone.
+    let store = s3.garage.store(&s3.prefix);
+    let victim = store.list("chunks/").unwrap().into_iter().next().unwrap();
+    let victim_hex = victim.rsplit('/').next().unwrap().to_string();
+    let good = store.get(&victim).unwrap();
+    let mut bad = good.clone();
+    bad[good.len() / 2] ^= 1;
+    store.put(&victim, &bad).unwrap();
+    let v = s3.run(binary(), &["verify", "--key-file", key]);
+    assert_eq!(v.code, 1, "{} {}", v.json, v.stderr);
+    assert!(v.json.to_string().contains(&victim_hex), "{}", v.json);
+    let damaged: Vec<String> = v.json["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["ok"] == false)
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!damaged.is_empty(), "{}", v.json);
+    vm.dom().destroy().unwrap();
+    let images = vm.disk_paths();
+    let before: Vec<Vec<u8>> = images.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let r = s3.run(binary(), &["restore", &damaged[0], "--key-file", key]);
+    assert_eq!(r.code, 1, "{} {}", r.json, r.stderr);
+    let err = r.json["error"].as_str().unwrap_or_default();
+    assert!(err.contains(&victim_hex), "{err}");
+    let after: Vec<Vec<u8>> = images.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    assert!(before == after, "a failed restore changed the VM's images");
+    store.put(&victim, &good).unwrap();
+    let v = s3.run(binary(), &["verify", "--key-file", key]);
+    assert_eq!(v.code, 0, "{} {}", v.json, v.stderr);
 }
