@@ -339,11 +339,13 @@ fn has_agent_channel(xml: &str) -> bool {
     })
 }
 
-/// Makes the private temporary folder: 0700, owned by QEMU's user.
-fn make_dir(owner: Option<(u32, u32)>) -> Result<PathBuf> {
+/// Makes the private temporary folder of the throwaway VM `domain` (named after it): 0700,
+/// owned by QEMU's user.
+fn make_dir(domain: &str, owner: Option<(u32, u32)>) -> Result<PathBuf> {
     let base = std::env::temp_dir();
+    debug_assert!(domain.starts_with(DIR_PREFIX));
     let dir = tempfile::Builder::new()
-        .prefix(&format!("{DIR_PREFIX}{}-", std::process::id()))
+        .prefix(&format!("{domain}-"))
         .tempdir_in(&base)
         .map_err(|e| Error::io("create a folder in", &base, e))?
         .keep();
@@ -478,7 +480,7 @@ fn run(
 ) -> Result<()> {
     let owner = qemu_owner();
     let uuid = crate::restore::new_uuid()?;
-    let dir = make_dir(owner)?;
+    let dir = make_dir(&out.domain, owner)?;
     let stop = Arc::new(AtomicBool::new(false));
     set_current(Some((
         lv.uri().to_string(),

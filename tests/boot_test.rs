@@ -11,12 +11,14 @@ use vmbackup_testkit::libvirt_vm::{Format, TestVm, TestVmBuilder};
 
 /// What a boot test may leave: none of it, ever.
 fn leftovers(vm: &TestVm) -> (Vec<String>, Vec<PathBuf>) {
+    // This VM's only: the tests run side by side.
+    let prefix = format!("vmbackup-boottest-{}-", vm.name());
     let domains = vm
         .libvirt()
         .domain_names()
         .unwrap()
         .into_iter()
-        .filter(|n| n.starts_with("vmbackup-boottest-"))
+        .filter(|n| n.starts_with(&prefix))
         .collect();
     let folders = std::fs::read_dir(std::env::temp_dir())
         .unwrap()
@@ -26,7 +28,7 @@ fn leftovers(vm: &TestVm) -> (Vec<String>, Vec<PathBuf>) {
             p.file_name()
                 .unwrap()
                 .to_string_lossy()
-                .starts_with("vmbackup-boottest-")
+                .starts_with(&prefix)
         })
         .collect();
     (domains, folders)
