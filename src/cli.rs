@@ -304,6 +304,22 @@ pub struct ScheduleFields {
     /// Freeze the guest's filesystems [default: preferred]
     #[arg(long, value_enum)]
     pub quiesce: Option<Quiesce>,
+    /// Boot-test each new backup in a throwaway VM (as `vmbackup boot-test`); a backup that
+    /// fails it deletes no older backup by retention
+    #[arg(long)]
+    pub boot_test: bool,
+    /// Boot-test only after every N-th successful backup of each VM (implies --boot-test)
+    #[arg(long, value_name = "N")]
+    pub boot_test_every: Option<u32>,
+    /// Seconds the boot test's guest agent has to answer [default: 300]
+    #[arg(long, value_name = "SECS")]
+    pub boot_test_timeout: Option<u64>,
+    /// A command the boot test runs in the guest by `/bin/sh -c`; it must exit 0
+    #[arg(long, value_name = "CMD")]
+    pub boot_test_command: Option<String>,
+    /// No boot tests (on edit, drops the rule)
+    #[arg(long, conflicts_with_all = ["boot_test", "boot_test_every", "boot_test_timeout", "boot_test_command"])]
+    pub no_boot_test: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use vmbackup::config::Config;
 use vmbackup::error::exit;
 use vmbackup::schedule::calendar::{parse_ordinal, parse_weekday, weekday_name};
-use vmbackup::schedule::{self, run, Recurrence, Retention, Spec};
+use vmbackup::schedule::{self, run, BootTestRule, Recurrence, Retention, Spec};
 use vmbackup::state::State;
 use vmbackup::Error;
 
@@ -152,6 +152,7 @@ fn build(
             .map(|o| o.quiesce.clone())
             .unwrap_or_else(|| "preferred".into()),
     };
+    let boot_test = boot_test_rule(f, old.as_ref().and_then(|o| o.boot_test.as_ref()));
     let vms = if f.vms.is_empty() {
         old.as_ref().map(|o| o.vms.clone()).unwrap_or_default()
     } else {
@@ -174,9 +175,36 @@ fn build(
         retention,
         enabled: old.as_ref().is_none_or(|o| o.enabled),
         quiesce,
+        boot_test,
     };
     spec.validate().map_err(invalid)?;
     Ok((spec, auto))
+}
+
+/// The boot test rule the fields describe, taking what they leave out from `old`: any
+/// `--boot-test*` option turns it on; `--no-boot-test` off.
+fn boot_test_rule(f: &ScheduleFields, old: Option<&BootTestRule>) -> Option<BootTestRule> {
+    if f.no_boot_test {
+        return None;
+    }
+    let asked = f.boot_test
+        || f.boot_test_every.is_some()
+        || f.boot_test_timeout.is_some()
+        || f.boot_test_command.is_some();
+    if !asked {
+        return old.cloned();
+    }
+    Some(BootTestRule {
+        every: f.boot_test_every.or(old.map(|o| o.every)).unwrap_or(1),
+        timeout_secs: f
+            .boot_test_timeout
+            .or(old.map(|o| o.timeout_secs))
+            .unwrap_or(BootTestRule::TIMEOUT_SECS),
+        command: f
+            .boot_test_command
+            .clone()
+            .or_else(|| old.and_then(|o| o.command.clone())),
+    })
 }
 
 /// Refuses VM names libvirt does not know (plain QEMU VMs are checked when they run).
@@ -253,7 +281,13 @@ pub fn cmd_schedule(cfg: &Config, c: &ScheduleCommand) -> anyhow::Result<Output>
             .collect())
     };
     let saved = |verb: &str, spec: &Spec| Output {
-        text: format!("{verb} {}", HEADER) + &spec_line(spec, now),
+        text: format!("{verb} {}", HEADER)
+            + &spec_line(spec, now)
+            + &spec
+                .boot_test
+                .as_ref()
+                .map(|b| format!("{}\n", b.describe()))
+                .unwrap_or_default(),
         json: json!({"ok": true, "schedule": spec_json(spec, now)}),
         code: exit::OK,
     };
@@ -359,8 +393,18 @@ pub fn cmd_run_due(cfg: &Config, now: Option<&str>, dry_run: bool) -> anyhow::Re
         for v in &j.results {
             let what = match (&v.backup_id, &v.error) {
                 (Some(id), _) => format!(
-                    "{id}, {} stored{}",
+                    "{id}, {} stored{}{}",
                     human_bytes(v.stored_bytes.unwrap_or(0)),
+                    match &v.boot_test {
+                        None => String::new(),
+                        Some(t) => match (&t.error, t.seconds_to_agent) {
+                            (None, s) => format!(
+                                ", boot test passed (agent after {:.1} s)",
+                                s.unwrap_or_default()
+                            ),
+                            (Some(e), _) => format!(", boot test FAILED: {e}"),
+                        },
+                    },
                     if v.pruned.is_empty() {
                         String::new()
                     } else {
@@ -383,9 +427,11 @@ pub fn cmd_run_due(cfg: &Config, now: Option<&str>, dry_run: bool) -> anyhow::Re
         text.push_str(&format!("report not sent: {e}\n"));
     }
     let failed = r.failed();
-    let code = match (failed, r.succeeded()) {
-        (0, _) => exit::OK,
-        (_, 0) => exit::FAILED,
+    // A backup that does not boot is made, but the job did not do what was asked: a run with
+    // only such failures is partial, like one with a failed backup beside good ones.
+    let code = match (failed, r.succeeded(), r.boot_tests_failed()) {
+        (0, _, 0) => exit::OK,
+        (_, 0, _) => exit::FAILED,
         _ => exit::PARTIAL,
     };
     Ok(Output {

@@ -135,13 +135,19 @@ pub fn render(job: &JobReport) -> (String, String) {
     let ok = job.count("ok");
     let failed = job.count("failed");
     let other = job.results.len() - ok - failed;
+    let boot_failed = job.boot_tests_failed();
     let subject = format!(
-        "vmbackup {}: {} ok, {} failed{}",
+        "vmbackup {}: {} ok, {} failed{}{}",
         job.schedule,
         ok,
         failed,
         if other > 0 {
             format!(", {other} skipped or missed")
+        } else {
+            String::new()
+        },
+        if boot_failed > 0 {
+            format!(", {boot_failed} did not pass the boot test")
         } else {
             String::new()
         }
@@ -165,6 +171,15 @@ pub fn render(job: &JobReport) -> (String, String) {
                         s.push_str(&format!(", frozen {f} ms"));
                     }
                     s.push(')');
+                }
+                if let Some(t) = &r.boot_test {
+                    match (&t.error, t.seconds_to_agent) {
+                        (None, Some(secs)) => {
+                            s.push_str(&format!("; boot test passed (agent after {secs:.1} s)"))
+                        }
+                        (None, None) => s.push_str("; boot test passed"),
+                        (Some(e), _) => s.push_str(&format!("; boot test FAILED: {e}")),
+                    }
                 }
                 if !r.pruned.is_empty() {
                     s.push_str(&format!("; pruned {}", r.pruned.join(", ")));
@@ -416,6 +431,7 @@ mod tests {
             error: err.map(str::to_string),
             pruned: vec![],
             prune_errors: vec![],
+            boot_test: None,
         };
         JobReport {
             schedule: "nightly".into(),
@@ -444,6 +460,38 @@ mod tests {
         );
         assert!(body.contains("db01"));
         assert!(body.contains("the guest agent does not answer"));
+    }
+
+    #[test]
+    fn a_failed_boot_test_is_in_the_subject_and_in_its_row() {
+        let mut j = job();
+        j.results[0].boot_test = Some(crate::repository::BootTestRecord {
+            at: "2027-01-04T02:11:30Z".into(),
+            booted: false,
+            seconds_to_agent: None,
+            command: None,
+            command_exit_code: None,
+            error: Some("no guest agent answer within 300 s".into()),
+        });
+        let (subject, body) = render(&j);
+        assert_eq!(
+            subject,
+            "vmbackup nightly: 1 ok, 1 failed, 1 did not pass the boot test"
+        );
+        assert!(
+            body.contains("boot test FAILED: no guest agent answer within 300 s"),
+            "{body}"
+        );
+        let t = j.results[0].boot_test.as_mut().unwrap();
+        t.error = None;
+        t.booted = true;
+        t.seconds_to_agent = Some(7.25);
+        let (subject, body) = render(&j);
+        assert_eq!(subject, "vmbackup nightly: 1 ok, 1 failed");
+        assert!(
+            body.contains("boot test passed (agent after 7.2 s)"),
+            "{body}"
+        );
     }
 
     #[test]

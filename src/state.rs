@@ -491,6 +491,20 @@ impl State {
         Ok(())
     }
 
+    /// How many successful backups schedule `schedule` made of `vm` since its last boot test
+    /// of that VM (all of them when it never ran one).
+    pub fn backups_since_boot_test(&self, schedule: &str, vm: &str) -> Result<u32> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*) FROM jobs WHERE kind = 'backup' AND status = 'ok' \
+                 AND schedule = ?1 AND vm = ?2 AND id > COALESCE((SELECT MAX(id) FROM jobs \
+                 WHERE kind = 'boot-test' AND schedule = ?1 AND vm = ?2), 0)",
+                params![schedule, vm],
+                |r| r.get::<_, u32>(0),
+            )
+            .map_err(|e| self.sql(e))
+    }
+
     /// Records a job that did not run (`skipped`, `missed`) in one step.
     pub fn record_job(&self, j: &NewJob, status: &str, error: &str) -> Result<i64> {
         let id = self.start_job(j)?;
@@ -712,5 +726,35 @@ mod tests {
             .execute("UPDATE jobs SET pid = 999999999", [])
             .unwrap();
         assert_eq!(s.jobs(None).unwrap()[0].status, "interrupted");
+    }
+
+    #[test]
+    fn backups_are_counted_from_the_last_boot_test_of_their_schedule_and_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = State::open(dir.path()).unwrap();
+        let job = |kind: &'static str, schedule: &'static str, vm: &'static str, status| {
+            let id = s
+                .start_job(&NewJob {
+                    kind,
+                    vm: Some(vm),
+                    schedule: Some(schedule),
+                    due_ms: None,
+                })
+                .unwrap();
+            s.finish_job(id, status, None, None, None).unwrap();
+        };
+        assert_eq!(s.backups_since_boot_test("n", "a").unwrap(), 0);
+        job("backup", "n", "a", "ok");
+        job("backup", "n", "a", "failed");
+        job("backup", "n", "b", "ok");
+        job("backup", "other", "a", "ok");
+        job("backup", "n", "a", "ok");
+        assert_eq!(s.backups_since_boot_test("n", "a").unwrap(), 2);
+        // A boot test, passed or failed, starts the count again; only its own VM's.
+        job("boot-test", "n", "a", "failed");
+        assert_eq!(s.backups_since_boot_test("n", "a").unwrap(), 0);
+        assert_eq!(s.backups_since_boot_test("n", "b").unwrap(), 1);
+        job("backup", "n", "a", "ok");
+        assert_eq!(s.backups_since_boot_test("n", "a").unwrap(), 1);
     }
 }

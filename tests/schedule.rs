@@ -401,6 +401,159 @@ fn a_failing_scheduled_backup_is_recorded_deletes_nothing_and_is_reported_by_mai
     }
 }
 
+#[test]
+fn a_schedule_boot_tests_every_nth_backup_and_keeps_older_backups_when_one_does_not_pass() {
+    let vm = TestVmBuilder::new("sch-boot")
+        .disk("vdb", Format::Qcow2, 64 * MIB)
+        .start()
+        .expect("guest starts");
+    vm.write_file("/mnt/vdb/marker", b"scheduled\n").unwrap();
+    let place = Place::new();
+    let hook_out = place.dir.path().join("hook.json");
+    let config = place.dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[report]\ncommand = [\"/usr/bin/tee\", \"{}\"]\n",
+            hook_out.display()
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_string_lossy().into_owned();
+    let add = vmbackup(
+        &place,
+        &[
+            "schedule",
+            "add",
+            "tested",
+            "--vm",
+            vm.name(),
+            "--type",
+            "daily",
+            "--slot",
+            "3",
+            "--tz",
+            "UTC",
+            "--start",
+            "2027-03-01",
+            "--keep",
+            "1",
+            "--boot-test-every",
+            "2",
+            "--boot-test-timeout",
+            "120",
+            "--boot-test-command",
+            "grep -q scheduled /mnt/vdb/marker",
+        ],
+    );
+    assert_eq!(add.code, 0, "{}", add.stderr);
+    let rule = &add.json["schedule"]["boot_test"];
+    assert_eq!(rule["every"], 2, "{rule}");
+    assert_eq!(rule["timeout_secs"], 120);
+
+    // Day 1: the first backup of two: no boot test yet.
+    let r = run_due_at(&place, &cfg, "2027-03-01T04:00:00Z");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let first = &r.json["run"]["jobs"][0]["results"][0];
+    assert_eq!(first["status"], "ok", "{first}");
+    assert!(first["boot_test"].is_null(), "{first}");
+
+    // Day 2: the second: boot-tested (the command reads the backed-up file), kept with the
+    // backup, in the history and the report; retention then deletes the first.
+    let r = run_due_at(&place, &cfg, "2027-03-02T04:00:00Z");
+    assert_eq!(r.code, 0, "{}\n{}", r.json, r.stderr);
+    let second = &r.json["run"]["jobs"][0]["results"][0];
+    assert_eq!(second["boot_test"]["booted"], true, "{second}");
+    assert!(second["boot_test"]["error"].is_null(), "{second}");
+    assert_eq!(second["boot_test"]["command_exit_code"], 0);
+    assert_eq!(second["pruned"].as_array().unwrap().len(), 1, "{second}");
+    let second_id = second["backup_id"].as_str().unwrap().to_string();
+    let show = vmbackup(&place, &["show", &second_id]);
+    assert_eq!(show.json["boot_test"]["booted"], true, "{}", show.json);
+    let hook: Value = serde_json::from_slice(&std::fs::read(&hook_out).unwrap()).unwrap();
+    assert_eq!(hook["results"][0]["boot_test"]["booted"], true, "{hook}");
+    let jobs = history(&place);
+    let tests = jobs_where(&jobs, "boot-test", "ok");
+    assert_eq!(tests.len(), 1, "{jobs:?}");
+    assert_eq!(tests[0]["schedule"], "tested");
+    assert_eq!(tests[0]["backup_id"], second_id.as_str());
+
+    // Day 3, every backup tested, with a command that fails: the backup is made and kept,
+    // the run is partial (exit 5), and retention deletes nothing (the older backup may be
+    // the last one that boots).
+    let edit = vmbackup(
+        &place,
+        &[
+            "schedule",
+            "edit",
+            "tested",
+            "--boot-test-every",
+            "1",
+            "--boot-test-command",
+            "exit 3",
+        ],
+    );
+    assert_eq!(edit.code, 0, "{}", edit.stderr);
+    let r = run_due_at(&place, &cfg, "2027-03-03T04:00:00Z");
+    assert_eq!(r.code, 5, "{}\n{}", r.json, r.stderr);
+    let third = &r.json["run"]["jobs"][0]["results"][0];
+    assert_eq!(third["status"], "ok", "{third}");
+    assert_eq!(third["boot_test"]["command_exit_code"], 3, "{third}");
+    assert!(third["pruned"].as_array().unwrap().is_empty(), "{third}");
+    let why = third["prune_errors"][0].as_str().unwrap_or_default();
+    assert!(why.contains("boot test"), "{third}");
+    let list = vmbackup(&place, &["list"]);
+    assert_eq!(list.json["backups"].as_array().unwrap().len(), 2);
+    let hook: Value = serde_json::from_slice(&std::fs::read(&hook_out).unwrap()).unwrap();
+    assert!(
+        hook["results"][0]["boot_test"]["error"].is_string(),
+        "{hook}"
+    );
+    let jobs = history(&place);
+    assert_eq!(
+        jobs_where(&jobs, "boot-test", "failed").len(),
+        1,
+        "{jobs:?}"
+    );
+    // The throwaway VMs are gone.
+    let prefix = format!("vmbackup-boottest-{}-", vm.name());
+    let left: Vec<String> = vm
+        .libvirt()
+        .domain_names()
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // `--no-boot-test` drops the rule; a rule with a plain QEMU VM, or every 0, is refused.
+    let edit = vmbackup(&place, &["schedule", "edit", "tested", "--no-boot-test"]);
+    assert_eq!(edit.code, 0, "{}", edit.stderr);
+    assert!(edit.json["schedule"]["boot_test"].is_null());
+    for bad in [
+        &[
+            "schedule",
+            "add",
+            "q",
+            "--vm",
+            "qemu:x",
+            "--type",
+            "daily",
+            "--slot",
+            "1",
+            "--boot-test",
+        ][..],
+        &["schedule", "edit", "tested", "--boot-test-every", "0"][..],
+        &["schedule", "edit", "tested", "--boot-test-timeout", "0"][..],
+    ] {
+        let r = vmbackup(&place, bad);
+        assert_eq!(r.code, 2, "{bad:?}: {}", r.stderr);
+    }
+    let show = vmbackup(&place, &["schedule", "show", "tested"]);
+    assert!(show.json["schedule"]["boot_test"].is_null(), "unchanged");
+    assert_eq!(schedule_names(&place), vec!["tested".to_string()]);
+}
+
 fn run_due_at(place: &Place, config: &str, now: &str) -> Run {
     vmbackup(place, &["--config", config, "run-due", "--now", now])
 }

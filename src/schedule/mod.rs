@@ -44,6 +44,35 @@ pub struct Spec {
     pub enabled: bool,
     /// `required`, `preferred` or `off`.
     pub quiesce: String,
+    /// Boot-test the new backup after every N-th successful backup of each VM (schedules
+    /// stored before this field existed have none).
+    #[serde(default)]
+    pub boot_test: Option<BootTestRule>,
+}
+
+/// When and how a schedule boot-tests its backups (`vmbackup boot-test`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BootTestRule {
+    /// After every `every`-th successful backup of a VM (1: after each).
+    pub every: u32,
+    /// Seconds the guest agent has to answer (and the command to end).
+    pub timeout_secs: u64,
+    /// Run in the guest by `/bin/sh -c`; it must exit 0.
+    #[serde(default)]
+    pub command: Option<String>,
+}
+
+impl BootTestRule {
+    /// The default timeout, as `vmbackup boot-test`'s.
+    pub const TIMEOUT_SECS: u64 = 300;
+
+    /// `boot test after each backup`, `boot test after every 3 backups`.
+    pub fn describe(&self) -> String {
+        match self.every {
+            1 => "boot test after each backup".into(),
+            n => format!("boot test after every {n} backups"),
+        }
+    }
 }
 
 impl Spec {
@@ -71,6 +100,23 @@ impl Spec {
         }
         if let Some(Retention::Days { days: 0 }) = self.retention {
             return Err("--keep-days must be at least 1".into());
+        }
+        if let Some(b) = &self.boot_test {
+            if b.every == 0 {
+                return Err("--boot-test-every must be at least 1".into());
+            }
+            if b.timeout_secs == 0 {
+                return Err("--boot-test-timeout must be at least 1".into());
+            }
+            if b.command.as_deref().is_some_and(|c| c.trim().is_empty()) {
+                return Err("--boot-test-command is empty".into());
+            }
+            if let Some(v) = self.vms.iter().find(|v| v.is_qemu()) {
+                return Err(format!(
+                    "{v} is a plain QEMU VM: its backups have no domain XML to boot, so a \
+                     schedule with it cannot boot-test (make a separate schedule for it)"
+                ));
+            }
         }
         Ok(())
     }
@@ -127,6 +173,7 @@ impl Spec {
             retention: None,
             enabled: true,
             quiesce: "preferred".into(),
+            boot_test: None,
         }
     }
 }

@@ -2,6 +2,8 @@
 
 use serde::Serialize;
 
+use crate::repository::BootTestRecord;
+
 /// The outcome of one VM's occurrence.
 #[derive(Debug, Clone, Serialize)]
 pub struct VmResult {
@@ -20,6 +22,8 @@ pub struct VmResult {
     /// Backups removed by retention after this one succeeded.
     pub pruned: Vec<String>,
     pub prune_errors: Vec<String>,
+    /// The boot test run after this backup (the schedule's `boot_test` rule), if one ran.
+    pub boot_test: Option<BootTestRecord>,
 }
 
 /// One schedule's part of a run: the job a report is sent for.
@@ -35,5 +39,11 @@ pub struct JobReport {
 impl JobReport {
     pub fn count(&self, status: &str) -> usize {
         self.results.iter().filter(|r| r.status == status).count()
+    }
+    pub fn boot_tests_failed(&self) -> usize {
+        self.results
+            .iter()
+            .filter(|r| r.boot_test.as_ref().is_some_and(|t| t.error.is_some()))
+            .count()
     }
 }

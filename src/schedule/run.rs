@@ -16,6 +16,7 @@
 //! window runs it.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -23,12 +24,13 @@ use serde::Serialize;
 
 use super::report::{JobReport, VmResult};
 use super::retention::{self, Kept};
-use super::Spec;
+use super::{BootTestRule, Spec};
 use crate::backup;
+use crate::boot_test;
 use crate::config::Config;
-use crate::error::{chain, Result};
+use crate::error::{chain, Error, Result};
 use crate::hypervisor::open::Hypervisors;
-use crate::repository::Repository;
+use crate::repository::{BootTestRecord, Repository};
 use crate::settings::Quiesce;
 use crate::state::{fmt_ms, NewJob, State};
 use crate::vm_ref::VmRef;
@@ -56,6 +58,10 @@ impl RunDue {
     }
     pub fn succeeded(&self) -> usize {
         self.jobs.iter().map(|j| j.count("ok")).sum()
+    }
+    /// Boot tests that ran and failed (their backups count as succeeded).
+    pub fn boot_tests_failed(&self) -> usize {
+        self.jobs.iter().map(JobReport::boot_tests_failed).sum()
     }
 }
 
@@ -131,6 +137,7 @@ fn empty_result(vm: &VmRef, due: i64, status: &str) -> VmResult {
         error: None,
         pruned: Vec::new(),
         prune_errors: Vec::new(),
+        boot_test: None,
     }
 }
 
@@ -206,7 +213,8 @@ pub fn run_due(
     if !o.dry_run {
         finish_interrupted(cfg, &state, &hv, &mut out)?;
     }
-    let mut repo: Option<Repository> = None;
+    // Shared: a boot test serves the backup from it on its own threads.
+    let mut repo: Option<Arc<Repository>> = None;
     for (spec, created_ms) in state.schedules()? {
         if !spec.enabled {
             continue;
@@ -250,7 +258,7 @@ pub fn run_due(
             // Opened before the claim: a repository that cannot be opened fails this run-due
             // with nothing claimed, so the next one tries the occurrence again.
             if repo.is_none() {
-                repo = Some(crate::unlock::open_repo(cfg)?);
+                repo = Some(Arc::new(crate::unlock::open_repo(cfg)?));
             }
             let repo = repo.as_ref().expect("opened above");
             let vm_text = vm.to_string();
@@ -304,7 +312,7 @@ fn run_one(
     cfg: &Config,
     state: &State,
     hv: &Hypervisors,
-    repo: &Repository,
+    repo: &Arc<Repository>,
     spec: &Spec,
     vm: &VmRef,
     (due, job_id): (i64, i64),
@@ -337,7 +345,21 @@ fn run_one(
             r.freeze_ms = b.freeze_ms;
             r.stored_bytes = Some(b.stored_bytes);
             r.ended = Some(Timestamp::now().to_string());
-            if let Some(rule) = spec.retention {
+            if let Some(rule) = &spec.boot_test {
+                r.boot_test = boot_test_after(cfg, state, repo, spec, vm, &b.id, rule)?;
+            }
+            let failed_boot = r.boot_test.as_ref().is_some_and(|t| t.error.is_some());
+            if failed_boot && spec.retention.is_some() {
+                // The older backups may be the last ones that boot: none is deleted for one
+                // that does not.
+                let msg = format!(
+                    "retention not applied: backup {} failed its boot test, so no older backup \
+                     is deleted",
+                    b.id
+                );
+                tracing::warn!(schedule = %spec.name, vm = %vm, "{msg}");
+                r.prune_errors.push(msg);
+            } else if let Some(rule) = spec.retention {
                 // A retention pass that fails is reported with this result; it never stops
                 // the run-due (the other schedules, the reports).
                 match prune(state, repo, &spec.name, vm, rule, o.now) {
@@ -374,6 +396,79 @@ fn run_one(
         }
     }
     Ok(r)
+}
+
+/// Boot-tests backup `id` of `vm` when `rule` says it is time (its `every`-th successful
+/// backup since the last boot test): kept with the backup and recorded as a `boot-test` job.
+/// A boot test that cannot start (the VM has no agent channel, say) is a failed boot test;
+/// only an interruption is an error.
+fn boot_test_after(
+    cfg: &Config,
+    state: &State,
+    repo: &Arc<Repository>,
+    spec: &Spec,
+    vm: &VmRef,
+    id: &str,
+    rule: &BootTestRule,
+) -> Result<Option<BootTestRecord>> {
+    let vm_text = vm.to_string();
+    let since = state.backups_since_boot_test(&spec.name, &vm_text)?;
+    if since < rule.every {
+        tracing::info!(schedule = %spec.name, vm = %vm, "boot test: {since} of every {} backups made", rule.every);
+        return Ok(None);
+    }
+    let job = state.start_job(&NewJob {
+        kind: "boot-test",
+        vm: Some(&vm_text),
+        schedule: Some(&spec.name),
+        due_ms: None,
+    })?;
+    tracing::info!(schedule = %spec.name, vm = %vm, id, "boot test");
+    let opts = boot_test::Options {
+        id: id.to_string(),
+        timeout: Duration::from_secs(rule.timeout_secs),
+        command: rule.command.clone(),
+        connect: cfg.connect.clone(),
+    };
+    let at = || {
+        Timestamp::now()
+            .round(jiff::Unit::Second)
+            .unwrap_or(Timestamp::now())
+            .to_string()
+    };
+    let record = match boot_test::boot_test(repo.clone(), &opts) {
+        Ok(t) => t.record(at()),
+        Err(Error::Interrupted) => {
+            state.finish_job(job, "interrupted", Some(id), Some("interrupted"), None)?;
+            return Err(Error::Interrupted);
+        }
+        Err(e) => BootTestRecord {
+            at: at(),
+            booted: false,
+            seconds_to_agent: None,
+            command: rule.command.clone(),
+            command_exit_code: None,
+            error: Some(chain(&e)),
+        },
+    };
+    if let Err(e) = repo.put_boot_test(id, &record) {
+        tracing::warn!(
+            id,
+            "the boot test was not recorded with the backup: {}",
+            chain(&e)
+        );
+    }
+    match &record.error {
+        None => {
+            tracing::info!(schedule = %spec.name, vm = %vm, id, "boot test passed");
+            state.finish_job(job, "ok", Some(id), None, None)?;
+        }
+        Some(e) => {
+            tracing::error!(schedule = %spec.name, vm = %vm, id, "boot test failed: {e}");
+            state.finish_job(job, "failed", Some(id), Some(e), None)?;
+        }
+    }
+    Ok(Some(record))
 }
 
 /// What a retention pass removed, and what it could not.

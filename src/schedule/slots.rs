@@ -126,6 +126,7 @@ mod tests {
             retention: None,
             enabled: true,
             quiesce: "preferred".into(),
+            boot_test: None,
         }
     }
 
