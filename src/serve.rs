@@ -373,7 +373,7 @@ pub fn serve_until(
         .iter()
         .map(|d| repo.get_index(&m.id, d).map(|i| (d.target.clone(), i)))
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let _lock = repo
+    let lock = repo
         .lock_for_backup()?
         .ok_or_else(|| Error::Busy("a gc holds the repository".into()))?;
     let cache = Arc::new(ChunkCache::new(CACHE_BYTES));
@@ -431,8 +431,22 @@ pub fn serve_until(
     };
     ready(&serving);
     tracing::info!(backup = %m.id, exports = exports.len(), "serving over NBD, read-only");
-    let why = server::run(&listener, Arc::new(exports), opts.idle_timeout, stop)
-        .map_err(|e| Error::io("serve on", socket.clone().unwrap_or_default(), e))?;
+    let why = server::run(
+        &listener,
+        Arc::new(exports),
+        opts.idle_timeout,
+        server::HANDSHAKE_TIMEOUT,
+        // A lost lock (not refreshed in time, removed as stale by another host) no longer
+        // keeps a gc from freeing the chunks served: stop rather than answer EIO later.
+        &|| stop() || lock.is_lost(),
+    )
+    .map_err(|e| Error::io("serve on", socket.clone().unwrap_or_default(), e))?;
+    if lock.is_lost() {
+        return Err(RepoError::LockLost(
+            "stopped serving: a gc may free the chunks of the backup from now on".into(),
+        )
+        .into());
+    }
     match why {
         Stopped::Idle => tracing::info!("no NBD client for the idle timeout: stopping"),
         Stopped::Asked => tracing::info!("stopping the NBD server"),

@@ -15,6 +15,7 @@ use vmbackup::repository::chunk;
 use vmbackup::repository::crypt::Unlock;
 use vmbackup::repository::disk::restore_disk;
 use vmbackup::repository::Repository;
+use vmbackup_testkit::garage::S3Place;
 use vmbackup_testkit::libvirt_vm::{Format, TestVmBuilder};
 
 /// A running `vmbackup serve`, its announcement, and its log in a file.
@@ -26,14 +27,32 @@ struct Server {
 
 impl Server {
     fn start(place: &Place, log: &Path, args: &[&str]) -> Server {
+        Server::start_at(
+            &place.repo().to_string_lossy(),
+            &place.state(),
+            &[],
+            log,
+            args,
+        )
+    }
+
+    /// On repository `repo` (a folder or an `s3://` URL), with `env` set.
+    fn start_at(
+        repo: &str,
+        state: &Path,
+        env: &[(&str, String)],
+        log: &Path,
+        args: &[&str],
+    ) -> Server {
         let mut child = Command::new(binary())
             .arg("--json")
             .arg("--repo")
-            .arg(place.repo())
+            .arg(repo)
             .arg("--state-dir")
-            .arg(place.state())
+            .arg(state)
             .arg("serve")
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env_remove("VMBACKUP_CONFIG")
             .env("VMBACKUP_LOG", "info")
             .stdout(Stdio::piped())
@@ -403,4 +422,52 @@ fn an_encrypted_backup_is_served_decrypted_and_checked() {
     assert_identical(&disks[0].1, &s.uri("vdb"));
     assert_eq!(s.terminate(), 143);
     assert!(!sock.exists());
+}
+
+#[test]
+fn a_backup_in_garage_is_served_with_its_chunks_fetched_on_demand() {
+    let vm = TestVmBuilder::new("serve-s3")
+        .disk("vdb", Format::Qcow2, 32 * MIB)
+        .start()
+        .expect("guest boots");
+    vm.write_file("/mnt/vdb/marker", b"in the bucket\n")
+        .unwrap();
+    let place = S3Place::new("serve");
+    let b = place.run(&binary(), &["backup", vm.name()]);
+    assert_eq!(b.code, 0, "{}", b.stderr);
+    let id = b.json["results"][0]["backup"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{}", b.json))
+        .to_string();
+    let work = tempfile::tempdir_in("/var/tmp").unwrap();
+    // What the restore path makes of it, read from the same bucket.
+    let repo = Repository::open_with(
+        place.dir.path(),
+        Box::new(place.garage.store(&place.prefix)),
+    )
+    .unwrap();
+    let disks = restored_from(&repo, &id, work.path());
+    drop(repo);
+    let sock = work.path().join("s3.sock");
+    let s = Server::start_at(
+        &place.url(),
+        &place.state(),
+        &place.garage.env(),
+        &work.path().join("s3.log"),
+        &[&id, "--socket", &sock.to_string_lossy()],
+    );
+    for (target, image) in &disks {
+        assert_identical(image, &s.uri(target));
+    }
+    // The shared lock is held in the bucket while serving: a gc is refused (busy).
+    let gc = place.run(&binary(), &["gc"]);
+    assert_eq!(gc.code, 4, "{}", gc.stderr);
+    assert_eq!(s.terminate(), 143);
+    assert!(!sock.exists());
+    let locks: Vec<String> = place
+        .objects()
+        .into_iter()
+        .filter(|o| o.starts_with("locks/"))
+        .collect();
+    assert!(locks.is_empty(), "locks left in the bucket: {locks:?}");
 }

@@ -130,6 +130,13 @@ impl Socket {
         };
     }
 
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Socket::Unix(s) => s.set_read_timeout(t),
+            Socket::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
     fn set_blocking(&self) -> io::Result<()> {
         match self {
             Socket::Unix(s) => s.set_nonblocking(false),
@@ -193,13 +200,20 @@ pub enum Stopped {
     Idle,
 }
 
+/// How long a client has for its handshake (from its connection to `NBD_OPT_GO`): one that
+/// connects and says nothing would otherwise hold a thread, and keep the idle timeout from
+/// ever passing.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Serves `exports` on `listener`, one thread per connection, until `stop()` is true
-/// (checked every 100 ms) or, with `idle`, no client was connected for that long. On the
-/// way out every connection is shut down and its threads are joined.
+/// (checked every 100 ms) or, with `idle`, no client was connected for that long. A client
+/// that has not chosen its export within `handshake` is dropped. On the way out every
+/// connection is shut down and its threads are joined.
 pub fn run(
     listener: &Listener,
     exports: Arc<Vec<Export>>,
     idle: Option<Duration>,
+    handshake: Duration,
     stop: &dyn Fn() -> bool,
 ) -> io::Result<Stopped> {
     listener.set_nonblocking()?;
@@ -231,7 +245,7 @@ pub fn run(
                     .name(format!("nbd-conn-{id}"))
                     .spawn(move || {
                         tracing::debug!(connection = id, "NBD client connected");
-                        if let Err(e) = serve_connection(sock, &exports) {
+                        if let Err(e) = serve_connection(sock, &exports, handshake) {
                             tracing::debug!(connection = id, error = %e, "NBD connection ended");
                         }
                         open.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
@@ -273,13 +287,31 @@ struct Session {
     allocation: bool,
 }
 
-/// Serves one client: the handshake, then its requests until it disconnects.
-pub fn serve_connection(sock: Socket, exports: &[Export]) -> io::Result<()> {
+/// Serves one client: the handshake (within `limit`), then its requests until it
+/// disconnects.
+pub fn serve_connection(sock: Socket, exports: &[Export], limit: Duration) -> io::Result<()> {
+    // The clone shares the socket, and with it the timeout.
+    sock.set_read_timeout(Some(limit))?;
     let mut reader = io::BufReader::with_capacity(64 * 1024, sock.try_clone()?);
     let mut writer = sock;
-    let Some(session) = handshake(&mut reader, &mut writer, exports)? else {
-        return Ok(());
+    let session = match handshake(&mut reader, &mut writer, exports) {
+        Ok(Some(s)) => s,
+        Ok(None) => return Ok(()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            tracing::warn!(
+                "an NBD client did not finish its handshake within {} s: dropped",
+                limit.as_secs_f64()
+            );
+            return Err(e);
+        }
+        Err(e) => return Err(e),
     };
+    writer.set_read_timeout(None)?;
     transmission(reader, writer, session)
 }
 

@@ -59,13 +59,17 @@ struct Running {
 
 impl Running {
     fn start(exports: Vec<Export>, idle: Option<Duration>) -> Running {
+        Running::start_with(exports, idle, server::HANDSHAKE_TIMEOUT)
+    }
+
+    fn start_with(exports: Vec<Export>, idle: Option<Duration>, handshake: Duration) -> Running {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nbd.sock");
         let listener = Listener::Unix(UnixListener::bind(&path).unwrap());
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::spawn(move || {
-            server::run(&listener, Arc::new(exports), idle, &|| {
+            server::run(&listener, Arc::new(exports), idle, handshake, &|| {
                 s.load(Ordering::SeqCst)
             })
             .unwrap()
@@ -455,4 +459,38 @@ fn stops_when_asked_with_clients_connected_and_when_idle() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(r.stop(), Stopped::Idle);
+}
+
+#[test]
+fn a_client_that_does_not_finish_its_handshake_is_dropped_and_then_the_server_goes_idle() {
+    let r = Running::start_with(
+        exports(None),
+        Some(Duration::from_millis(300)),
+        Duration::from_millis(500),
+    );
+    // Greeted, flags sent, then silence.
+    let mut c = Raw::connect(&r, FLAGS);
+    let t = Instant::now();
+    assert!(c.closed(), "the silent client is dropped");
+    let dropped = t.elapsed();
+    assert!(
+        dropped >= Duration::from_millis(400),
+        "not before its time: {dropped:?}"
+    );
+    // With it gone the idle timeout passes.
+    while !r.thread.as_ref().unwrap().is_finished() {
+        assert!(t.elapsed() < Duration::from_secs(5), "no idle stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(r.stop(), Stopped::Idle);
+
+    // A client that finished its handshake may then wait as long as it likes.
+    let r = Running::start_with(exports(None), None, Duration::from_millis(300));
+    let mut c = Raw::connect(&r, FLAGS);
+    c.go("vda");
+    std::thread::sleep(Duration::from_millis(800));
+    c.request(0, 7, 0, 512, &[]);
+    let (error, cookie) = c.simple();
+    assert_eq!((error, cookie), (0, 7));
+    assert_eq!(c.bytes(512), expected("vda")[..512].to_vec());
 }

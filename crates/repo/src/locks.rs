@@ -492,6 +492,13 @@ impl RepoLock {
             .unwrap_or_else(|e| e.into_inner().clone())
     }
 
+    /// Whether this lock is known lost (a refresh found its object gone, or it was not
+    /// refreshed within the stale window), without asking the store: cheap enough to ask
+    /// often. `check` asks the store.
+    pub fn is_lost(&self) -> bool {
+        self.held.lost.load(Ordering::SeqCst) || self.held.late()
+    }
+
     /// Whether this lock still holds: its object is there, it was refreshed within the stale
     /// window, and (for a shared lock) no valid exclusive lock was taken meanwhile.
     /// `RepoError::LockLost` otherwise.
@@ -871,6 +878,7 @@ mod tests {
         // Cut off from the store: the refreshes fail.
         fail.store(true, Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(900));
+        assert!(backup.is_lost(), "known without asking the store");
         assert!(matches!(backup.check(), Err(RepoError::LockLost(_))));
         fail.store(false, Ordering::SeqCst);
         let x = gc
