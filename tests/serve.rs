@@ -433,7 +433,7 @@ fn a_backup_in_garage_is_served_with_its_chunks_fetched_on_demand() {
     vm.write_file("/mnt/vdb/marker", b"in the bucket\n")
         .unwrap();
     let place = S3Place::new("serve");
-    let b = place.run(&binary(), &["backup", vm.name()]);
+    let b = place.run(binary(), &["backup", vm.name()]);
     assert_eq!(b.code, 0, "{}", b.stderr);
     let id = b.json["results"][0]["backup"]["id"]
         .as_str()
@@ -460,7 +460,7 @@ fn a_backup_in_garage_is_served_with_its_chunks_fetched_on_demand() {
         assert_identical(image, &s.uri(target));
     }
     // The shared lock is held in the bucket while serving: a gc is refused (busy).
-    let gc = place.run(&binary(), &["gc"]);
+    let gc = place.run(binary(), &["gc"]);
     assert_eq!(gc.code, 4, "{}", gc.stderr);
     assert_eq!(s.terminate(), 143);
     assert!(!sock.exists());
