@@ -333,6 +333,128 @@ fn bench_restore(
     Ok(())
 }
 
+/// Backups as block devices: a boot test of the benchmark VM's backup against the VM's own
+/// boot (start to guest agent), and reading the backup through `vmbackup serve` with QEMU's
+/// client (`qemu-img convert` of every disk, made durable) against a plain `vmbackup restore`,
+/// alternating; the VM is shut off between its boots, as a restore requires.
+fn bench_blockdev(
+    vm: &vmbackup_testkit::libvirt_vm::TestVm,
+    base: &Path,
+    vmbackup: &str,
+    rounds: usize,
+    allocated: u64,
+) -> Result<()> {
+    let name = vm.name();
+    let repo = base.join("repo");
+    let state = base.join("state");
+    fresh(&repo)?;
+    fresh(&state)?;
+    let (repo_s, state_s) = (repo.to_str().unwrap(), state.to_str().unwrap());
+    let common = |extra: &[&str]| repo_args(repo_s, state_s, extra);
+    let id = backed_up(vmbackup, repo_s, state_s, name)?;
+    forget_vmbackup_checkpoints(vm)?;
+    vm.shutdown(Duration::from_secs(60))?;
+    let disks: Vec<String> = {
+        let m = vmbackup::repository::Repository::open(&repo)?.load(&id)?;
+        m.disks.iter().map(|d| d.target.clone()).collect()
+    };
+    let (mut t_boot, mut t_bt, mut t_bt_agent) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut t_serve, mut t_restore) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        // The VM's own boot: start to the agent's first answer.
+        let t = Instant::now();
+        vm.dom().start()?;
+        vm.wait_agent(Duration::from_secs(300))?;
+        let boot = t.elapsed().as_secs_f64();
+        vm.shutdown(Duration::from_secs(60))?;
+        t_boot.push(boot);
+        // The boot test: the whole command, and its own start-to-agent figure.
+        let args = common(&["boot-test", &id]);
+        let m = measure(
+            vmbackup,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )?;
+        let v: serde_json::Value = serde_json::from_str(m.stdout.trim())?;
+        let agent = v["boot_test"]["seconds_to_agent"]
+            .as_f64()
+            .context("boot test: seconds to agent")?;
+        eprintln!(
+            "bench: round {round}: VM boot {boot:.2}s; boot-test {:.2}s (agent after {agent:.2}s)",
+            m.secs
+        );
+        t_bt.push(m.secs);
+        t_bt_agent.push(agent);
+        // The backup read through NBD by QEMU's client, written and synced as a restore is.
+        let sock = base.join("serve.sock");
+        let _ = std::fs::remove_file(&sock);
+        let args = common(&["serve", &id, "--socket", sock.to_str().unwrap()]);
+        let mut server = Command::new(vmbackup)
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(server.stdout.take().context("serve's stdout")?),
+            &mut line,
+        )?;
+        let out_dir = base.join("served");
+        fresh(&out_dir)?;
+        // SAFETY: sync(2) takes no arguments and cannot fail.
+        unsafe { libc::sync() };
+        let t = Instant::now();
+        for d in &disks {
+            let out = out_dir.join(format!("{d}.raw"));
+            let uri = format!("nbd+unix:///{d}?socket={}", sock.display());
+            let st = Command::new("qemu-img")
+                .args(["convert", "-f", "raw", "-O", "raw", &uri])
+                .arg(&out)
+                .status()?;
+            if !st.success() {
+                bail!("qemu-img convert {uri}: {st}");
+            }
+            std::fs::File::open(&out)?.sync_all()?;
+        }
+        let served = t.elapsed().as_secs_f64();
+        let _ = server.kill();
+        let _ = server.wait();
+        std::fs::remove_dir_all(&out_dir)?;
+        t_serve.push(served);
+        let args = common(&["restore", &id]);
+        let m = measure(
+            vmbackup,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )?;
+        eprintln!(
+            "bench: round {round}: read through serve {served:.2}s; restore {:.2}s",
+            m.secs
+        );
+        t_restore.push(m.secs);
+    }
+    let (boot, bt, agent) = (
+        median(&mut t_boot),
+        median(&mut t_bt),
+        median(&mut t_bt_agent),
+    );
+    let (served, restored) = (median(&mut t_serve), median(&mut t_restore));
+    println!(
+        "benchmark: backups as block devices, a 2-disk VM ({:.2} GiB allocated, 8 GiB virtual), {rounds} rounds, medians",
+        allocated as f64 / GIB as f64
+    );
+    println!("  the VM's own boot (start to agent)   {boot:7.2} s");
+    println!(
+        "  boot-test, whole command             {bt:7.2} s   {:+.2} s vs the VM's boot (target <= +5 s); agent after {agent:.2} s",
+        bt - boot
+    );
+    println!("  vmbackup restore                     {restored:7.2} s");
+    println!(
+        "  qemu-img convert from serve, synced  {served:7.2} s   speed {:.2}x of restore (target >= 0.8x)",
+        restored / served
+    );
+    let _ = std::fs::remove_dir_all(base);
+    Ok(())
+}
+
 /// The files the incremental benchmark's guest rewrites: one per folder, 4 folders on each
 /// data disk (ext4 spreads top-level folders over its block groups), 4 MiB each: 32 MiB.
 const INC_DISKS: [&str; 2] = ["vdb", "vdc"];
@@ -893,8 +1015,8 @@ fn allocated_bytes(vm: &vmbackup_testkit::libvirt_vm::TestVm) -> u64 {
 
 fn main() -> Result<()> {
     let what = std::env::args().nth(1).unwrap_or_else(|| "backup".into());
-    if !["backup", "restore", "incremental"].contains(&what.as_str()) {
-        bail!("unknown benchmark {what:?} (known: backup, restore, incremental)");
+    if !["backup", "restore", "incremental", "blockdev"].contains(&what.as_str()) {
+        bail!("unknown benchmark {what:?} (known: backup, restore, incremental, blockdev)");
     }
     let rounds: usize = std::env::var("BENCH_ROUNDS")
         .ok()
@@ -927,6 +1049,9 @@ fn main() -> Result<()> {
     let name = vm.name().to_string();
     if what == "restore" {
         return bench_restore(&vm, &base, &vmbackup, rounds, allocated);
+    }
+    if what == "blockdev" {
+        return bench_blockdev(&vm, &base, &vmbackup, rounds, allocated);
     }
 
     let (mut t_vmb, mut t_vnb, mut t_conv) = (Vec::new(), Vec::new(), Vec::new());
