@@ -185,6 +185,20 @@ pub enum Command {
     Prune,
     /// Remove chunks that no backup references
     Gc,
+    /// What the backups take, per VM (exclusive and shared bytes, GiB-hours over a period)
+    /// and in all (chunks, stored bytes, deduplication, free space)
+    Usage {
+        /// Only this VM's row (the figures still count every VM's backups)
+        #[arg(long)]
+        vm: Option<String>,
+        /// Start of the GiB-hours period (a date, midnight UTC, or an RFC 3339 time)
+        /// [default: the first of the month]
+        #[arg(long)]
+        from: Option<String>,
+        /// End of the period [default: now]
+        #[arg(long)]
+        to: Option<String>,
+    },
     /// Copy the backups another repository lacks (chunks first, the manifest last)
     Sync {
         /// The repository to copy from (it must exist)

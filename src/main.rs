@@ -4,6 +4,7 @@
 
 mod cli;
 mod cli_schedule;
+mod cli_usage;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -1021,6 +1022,9 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
         }
         C::Verify { ids, metadata } => cmd_verify(&cfg, ids, *metadata),
         C::Gc => cmd_gc(&cfg),
+        C::Usage { vm, from, to } => {
+            cli_usage::cmd_usage(&cfg, vm.as_deref(), from.as_deref(), to.as_deref())
+        }
         C::Sync {
             from,
             to,

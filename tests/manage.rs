@@ -95,3 +95,95 @@ fn verify_names_the_damaged_backup_and_delete_then_gc_free_its_chunks() {
     assert_eq!(vmbackup(&place, &["verify"]).code, 0);
     assert_eq!(vmbackup(&place, &["delete", &idb]).code, 2);
 }
+
+#[test]
+fn usage_splits_stored_bytes_into_each_vms_own_and_shared_and_a_vms_own_is_what_gc_frees() {
+    let (_fa, da) = filled_disk("vdb", 64 * MIB, 8);
+    let (_fb, db) = filled_disk("vdb", 64 * MIB, 9);
+    let (_fc, dc) = filled_disk("vdc", 32 * MIB, 4);
+    let a = TestVmBuilder::new("us-a")
+        .disk_spec(da)
+        .disk_spec(dc.clone())
+        .define()
+        .unwrap();
+    let b = TestVmBuilder::new("us-b")
+        .disk_spec(db)
+        .disk_spec(dc)
+        .define()
+        .unwrap();
+    // vdc: one image, cloned (the VMs are shut off): its chunks are shared.
+    std::fs::copy(&a.disk_paths()[1], &b.disk_paths()[1]).unwrap();
+    let place = Place::new();
+    for vm in [&a, &b] {
+        let r = vmbackup(&place, &["backup", vm.name()]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    }
+    let u = vmbackup(&place, &["usage"]);
+    assert_eq!(u.code, 0, "{}", u.stderr);
+    let usage = &u.json["usage"];
+    let row = |name: &str| {
+        usage["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["vm"] == name)
+            .unwrap_or_else(|| panic!("no row for {name}: {usage}"))
+            .clone()
+    };
+    let (ua, ub) = (row(a.name()), row(b.name()));
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k}: {v}"));
+    // Each VM's 8 MiB of its own random data is its own; the identical root images are shared.
+    assert!(n(&ua, "exclusive_bytes") >= 8 * MIB, "{ua}");
+    assert!(n(&ua, "shared_bytes") > 0, "{ua}");
+    assert_eq!(n(&ua, "shared_bytes"), n(&ub, "shared_bytes"));
+    let r = &usage["repository"];
+    assert_eq!(
+        n(r, "stored_bytes"),
+        n(&ua, "exclusive_bytes")
+            + n(&ub, "exclusive_bytes")
+            + n(&ua, "shared_bytes")
+            + n(r, "unreferenced_bytes"),
+        "{usage}"
+    );
+    assert!(r["dedup_ratio"].as_f64().unwrap() > 1.0, "{r}");
+    assert!(n(r, "free_bytes") > 0);
+    // Made within the hour: one hour begun of its disks' size.
+    let gib = n(&ua, "newest_disk_bytes") as f64 / (1u64 << 30) as f64;
+    assert!(
+        (ua["gib_hours"].as_f64().unwrap() - gib).abs() < 1e-6,
+        "{ua}"
+    );
+    assert_eq!(n(&ua, "added_30d_bytes"), {
+        let list = vmbackup(&place, &["list", a.name()]);
+        list.json["backups"][0]["stored_bytes"].as_u64().unwrap()
+    });
+    // One VM's row; the figures are the same.
+    let only = vmbackup(&place, &["usage", "--vm", a.name()]);
+    assert_eq!(only.json["usage"]["vms"].as_array().unwrap().len(), 1);
+    assert_eq!(only.json["usage"]["vms"][0], ua);
+
+    // Deleting all of a's backups, then a gc, frees exactly its exclusive bytes.
+    let ida = vmbackup(&place, &["list", a.name()]).json["backups"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(vmbackup(&place, &["delete", &ida]).code, 0);
+    let gc = vmbackup(&place, &["gc"]);
+    assert_eq!(gc.code, 0, "{}", gc.stderr);
+    assert_eq!(
+        gc.json["gc"]["removed_bytes"].as_u64().unwrap(),
+        n(&ua, "exclusive_bytes") + n(r, "unreferenced_bytes"),
+        "{}",
+        gc.json
+    );
+
+    // Bad input: exit 2.
+    for bad in [
+        &["usage", "--vm", "no-such-vm"][..],
+        &["usage", "--from", "2027-02-01", "--to", "2027-01-01"][..],
+        &["usage", "--from", "yesterday"][..],
+    ] {
+        let r = vmbackup(&place, bad);
+        assert_eq!(r.code, 2, "{bad:?}: {}", r.stderr);
+    }
+}

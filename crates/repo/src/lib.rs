@@ -20,6 +20,7 @@ pub mod storage;
 pub mod sync;
 #[cfg(test)]
 mod teststores;
+pub mod usage;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
