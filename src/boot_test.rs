@@ -49,6 +49,17 @@ pub struct Options {
     pub command: Option<String>,
     /// Libvirt's connection URI.
     pub connect: String,
+    /// Where to save a screenshot of the VM's screen at the end of the test (passed or not).
+    pub screenshot: Option<PathBuf>,
+}
+
+/// A screenshot taken at the end of a boot test.
+#[derive(Debug, Clone, Serialize)]
+pub struct Screenshot {
+    pub path: String,
+    /// As QEMU made it: `image/png` (QEMU 7.1 and later), else `image/x-portable-pixmap`.
+    pub mime: String,
+    pub bytes: u64,
 }
 
 /// The command run in the guest and what it returned.
@@ -77,6 +88,13 @@ pub struct BootTest {
     pub command: Option<CommandResult>,
     /// Why the test failed; `None` when it passed.
     pub error: Option<String>,
+    /// The screenshot asked for (`--screenshot`), when it could be taken.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub screenshot: Option<Screenshot>,
+    /// Why the screenshot asked for could not be taken (the test's result does not depend
+    /// on it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub screenshot_error: Option<String>,
     /// The whole test, from the first read of the backup to the cleanup's end.
     pub seconds: f64,
 }
@@ -386,6 +404,16 @@ pub fn boot_test(repo: Arc<Repository>, opts: &Options) -> Result<BootTest> {
     }
     repo.check_complete(&m)?;
     let xml = repo.get_domain_xml(&m.id)?;
+    if let Some(p) = &opts.screenshot {
+        check_screenshot_path(p)?;
+        if !xml.contains("<video") {
+            return Err(Error::Invalid(format!(
+                "backup {}: its VM has no video device, so there is no screen to take a \
+                 screenshot of (leave out --screenshot)",
+                m.id
+            )));
+        }
+    }
     if !has_agent_channel(&xml) {
         return Err(Error::Invalid(format!(
             "backup {}: its VM has no guest agent channel (org.qemu.guest_agent.0), and a boot \
@@ -418,6 +446,8 @@ pub fn boot_test(repo: Arc<Repository>, opts: &Options) -> Result<BootTest> {
         os: None,
         command: None,
         error: None,
+        screenshot: None,
+        screenshot_error: None,
         seconds: 0.0,
     };
     let state = State {
@@ -559,6 +589,71 @@ fn run(
     let t0 = Instant::now();
     let dom = lv.create_transient(&xml)?;
     let dom = guard.dom.insert(dom);
+    let r = wait_and_run(dom, t0, opts, out);
+    // Taken whatever happened (a screen stuck at a panic or a boot prompt says why).
+    if let (Some(p), false) = (&opts.screenshot, matches!(r, Err(Error::Interrupted))) {
+        match save_screenshot(lv, dom, p) {
+            Ok(s) => out.screenshot = Some(s),
+            Err(e) => {
+                let why = crate::error::chain(&e);
+                tracing::warn!("no screenshot: {why}");
+                out.screenshot_error = Some(why);
+            }
+        }
+    }
+    r?;
+    drop(guard);
+    Ok(())
+}
+
+/// Checks `--screenshot PATH` before anything is made: a file (new or to replace) in an
+/// existing folder.
+fn check_screenshot_path(p: &Path) -> Result<()> {
+    if p.is_dir() {
+        return Err(Error::Invalid(format!(
+            "--screenshot {}: is a folder (give a file name)",
+            p.display()
+        )));
+    }
+    let parent = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(Error::Invalid(format!(
+            "--screenshot {}: folder {} does not exist",
+            p.display(),
+            parent.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Saves a screenshot of `dom` at `p` (0600: a screen may show what a console shows).
+fn save_screenshot(lv: &Libvirt, dom: &Dom, p: &Path) -> Result<Screenshot> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let (image, mime) = lv.screenshot(dom)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(p)
+        .map_err(|e| Error::io("create", p, e))?;
+    // A file replaced keeps its mode otherwise.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io("set the mode of", p, e))?;
+    std::io::Write::write_all(&mut f, &image).map_err(|e| Error::io("write", p, e))?;
+    tracing::info!(path = %p.display(), bytes = image.len(), "screenshot saved");
+    Ok(Screenshot {
+        path: p.display().to_string(),
+        mime,
+        bytes: image.len() as u64,
+    })
+}
+
+/// Waits for the guest agent of the started throwaway VM, then runs the command.
+fn wait_and_run(dom: &Dom, t0: Instant, opts: &Options, out: &mut BootTest) -> Result<()> {
     let deadline = t0 + opts.timeout;
     loop {
         if crate::interrupt::requested() {
@@ -617,7 +712,6 @@ fn run(
             return Err(Error::Invalid(why));
         }
     }
-    drop(guard);
     Ok(())
 }
 

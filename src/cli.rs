@@ -172,6 +172,10 @@ pub enum Command {
         /// exit 0
         #[arg(long, value_name = "CMD")]
         command: Option<String>,
+        /// Save a screenshot of the VM's screen at the end (passed or not) to FILE (PNG, or
+        /// PPM from QEMU before 7.1; 0600); the VM needs a video device
+        #[arg(long, value_name = "FILE")]
+        screenshot: Option<std::path::PathBuf>,
     },
     /// Re-read backups and check every chunk against its digest
     Verify {

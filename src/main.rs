@@ -605,6 +605,7 @@ fn cmd_boot_test(
     id: &str,
     timeout: u64,
     command: Option<&str>,
+    screenshot: Option<std::path::PathBuf>,
 ) -> anyhow::Result<Output> {
     if timeout == 0 {
         return Err(vmbackup::Error::Invalid("--timeout must be at least 1".into()).into());
@@ -615,6 +616,7 @@ fn cmd_boot_test(
         timeout: Duration::from_secs(timeout),
         command: command.map(str::to_string),
         connect: cfg.connect.clone(),
+        screenshot,
     };
     let t = vmbackup::boot_test::boot_test(repo.clone(), &opts)?;
     let at = jiff::Timestamp::now()
@@ -649,6 +651,16 @@ fn cmd_boot_test(
         text.push_str(&format!(" ({name})"));
     }
     text.push('\n');
+    if let Some(s) = &t.screenshot {
+        text.push_str(&format!(
+            "screenshot: {} ({})\n",
+            s.path,
+            human_bytes(s.bytes)
+        ));
+    }
+    if let Some(e) = &t.screenshot_error {
+        text.push_str(&format!("no screenshot: {e}\n"));
+    }
     if let Some(c) = &t.command {
         text.push_str(&format!(
             "command {:?}: {}\n",
@@ -994,13 +1006,14 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             id,
             timeout,
             command,
+            screenshot,
         } => {
             let vm = open_repo(&cfg)
                 .ok()
                 .and_then(|r| r.load(id).ok())
                 .map(|m| m.vm_name);
             let job = JobRecord::start(&cfg, "boot-test", vm.as_deref());
-            let r = cmd_boot_test(&cfg, id, *timeout, command.as_deref())
+            let r = cmd_boot_test(&cfg, id, *timeout, command.as_deref(), screenshot.clone())
                 .with_context(|| format!("boot-test {id}"));
             match &r {
                 Ok(o) if o.code != exit::OK => {

@@ -158,6 +158,13 @@ fn a_backup_of_a_running_vm_boots_beside_it_and_failures_leave_nothing_behind() 
         &["boot-test", "nosuch-20260101T000000Z-0000"][..],
         &["boot-test", &id, "--timeout", "0"][..],
         &["boot-test", &id, "--timeout", "soon"][..],
+        // No video device: no screen to take.
+        &[
+            "boot-test",
+            &id,
+            "--screenshot",
+            "/var/tmp/vmbt-no-screen.ppm",
+        ][..],
     ] {
         let r = vmbackup(&place, args);
         assert_eq!(r.code, 2, "{args:?}: {}\n{}", r.json, r.stderr);
@@ -266,5 +273,96 @@ fn a_uefi_tpm_vm_boot_tests_on_copies_of_its_nvram_and_tpm_state() {
     assert_eq!(std::fs::read(&nvram).unwrap(), nvram_before);
     assert_eq!(tree(&tpm_dir), tpm_before);
     assert_eq!(files_in(&swtpm), swtpm_before);
+    assert_nothing_left(&vm);
+}
+
+/// The size of a PNG image (its IHDR) or a PPM one (`P6\n<width> <height>\n...`): what
+/// libvirt gives depends on QEMU's version.
+fn image_size(b: &[u8]) -> (u32, u32) {
+    if b.starts_with(b"\x89PNG\r\n\x1a\n") {
+        assert_eq!(&b[12..16], b"IHDR");
+        let be = |i: usize| u32::from_be_bytes(b[i..i + 4].try_into().unwrap());
+        return (be(16), be(20));
+    }
+    let head = String::from_utf8_lossy(&b[..b.len().min(64)]).into_owned();
+    let mut w = head.split_ascii_whitespace();
+    assert_eq!(w.next(), Some("P6"), "neither PNG nor PPM: {head:?}");
+    let width: u32 = w.next().unwrap().parse().unwrap();
+    let height: u32 = w.next().unwrap().parse().unwrap();
+    (width, height)
+}
+
+#[test]
+fn a_screenshot_is_saved_whether_the_vm_passes_or_not() {
+    let vm = TestVmBuilder::new("boottest-shot")
+        .video()
+        .disk("vdb", Format::Qcow2, 32 * MIB)
+        .start()
+        .expect("guest boots");
+    let place = Place::new();
+    let id = backup_id(&place, &[vm.name()]);
+    let work = tempfile::tempdir_in("/var/tmp").unwrap();
+    let shot = work.path().join("screen.png");
+    let r = vmbackup(
+        &place,
+        &[
+            "boot-test",
+            &id,
+            "--timeout",
+            "120",
+            "--screenshot",
+            &shot.to_string_lossy(),
+        ],
+    );
+    assert_eq!(r.code, 0, "{}\n{}", r.json, r.stderr);
+    let s = &r.json["boot_test"]["screenshot"];
+    let mime = s["mime"].as_str().unwrap_or_default();
+    assert!(
+        ["image/png", "image/x-portable-pixmap"].contains(&mime),
+        "{}",
+        r.json
+    );
+    let bytes = std::fs::read(&shot).unwrap();
+    assert_eq!(s["bytes"].as_u64(), Some(bytes.len() as u64));
+    let (w, h) = image_size(&bytes);
+    assert!(w >= 640 && h >= 400, "{w}x{h}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&shot).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_nothing_left(&vm);
+
+    // A test that fails (no agent within 1 s) still leaves its screen, replacing the file.
+    std::fs::remove_file(&shot).unwrap();
+    let r = vmbackup(
+        &place,
+        &[
+            "boot-test",
+            &id,
+            "--timeout",
+            "1",
+            "--screenshot",
+            &shot.to_string_lossy(),
+        ],
+    );
+    assert_eq!(r.code, 1, "{}\n{}", r.json, r.stderr);
+    assert!(
+        r.json["boot_test"]["screenshot"]["bytes"].as_u64().unwrap() > 0,
+        "{}",
+        r.json
+    );
+    image_size(&std::fs::read(&shot).unwrap());
+    assert_nothing_left(&vm);
+
+    // A folder that does not exist: exit 2, nothing made.
+    let r = vmbackup(
+        &place,
+        &[
+            "boot-test",
+            &id,
+            "--screenshot",
+            "/nonexistent-folder/screen.ppm",
+        ],
+    );
+    assert_eq!(r.code, 2, "{}\n{}", r.json, r.stderr);
     assert_nothing_left(&vm);
 }

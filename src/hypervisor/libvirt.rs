@@ -145,6 +145,34 @@ impl Libvirt {
         new_dom("create", self.conn.create_domain_xml(xml, 0))
     }
 
+    /// A screenshot of the first screen of running domain `dom` (libvirt's stream of QEMU's
+    /// `screendump`), whole in memory, and its MIME type (`image/png` from QEMU 7.1 on).
+    pub fn screenshot(&self, dom: &Dom) -> Result<(Vec<u8>, String)> {
+        let err = |op| {
+            let domain = dom.name.clone();
+            move |source| Error::Libvirt { op, domain, source }
+        };
+        let stream = virt::stream::Stream::new(&self.conn, 0).map_err(err("screenshot"))?;
+        let mime = dom
+            .dom
+            .screenshot(&stream, 0, 0)
+            .map_err(err("screenshot"))?;
+        let mut image = Vec::new();
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            match stream.recv(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => image.extend_from_slice(&buf[..n as usize]),
+                Err(e) => {
+                    let _ = stream.abort();
+                    return Err(err("screenshot")(e));
+                }
+            }
+        }
+        stream.finish().map_err(err("screenshot"))?;
+        Ok((image, mime))
+    }
+
     /// A libvirt network's XML and whether it is active; `None` when there is no such network.
     pub fn network_xml(&self, name: &str) -> Result<Option<(String, bool)>> {
         let err = |op, source| Error::Libvirt {

@@ -429,6 +429,7 @@ fn boot_test_after(
         timeout: Duration::from_secs(rule.timeout_secs),
         command: rule.command.clone(),
         connect: cfg.connect.clone(),
+        screenshot: None,
     };
     let at = || {
         Timestamp::now()

@@ -138,6 +138,7 @@ pub struct TestVmBuilder {
     boot_timeout: Duration,
     name_len: Option<usize>,
     file_names: Vec<(String, String)>,
+    video: bool,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -176,6 +177,7 @@ impl TestVmBuilder {
             boot_timeout: Duration::from_secs(180),
             name_len: None,
             file_names: Vec::new(),
+            video: false,
         }
     }
     /// Boots the Debian guest (see `GuestKind::Debian`) with 1 GiB of memory, unless
@@ -244,6 +246,11 @@ impl TestVmBuilder {
     /// Without the guest-agent channel.
     pub fn no_agent(mut self) -> Self {
         self.agent = false;
+        self
+    }
+    /// With a VGA video device (and no graphics: a screen only screenshots see).
+    pub fn video(mut self) -> Self {
+        self.video = true;
         self
     }
     /// Appended to the kernel command line.
@@ -558,6 +565,9 @@ impl TestVm {
                 "    <tpm model='tpm-crb'>\n      <backend type='emulator' version='2.0'/>\n    \
                  </tpm>\n",
             );
+        }
+        if s.video {
+            x.push_str("    <video>\n      <model type='vga'/>\n    </video>\n");
         }
         x.push_str("    <memballoon model='none'/>\n  </devices>\n</domain>\n");
         x
