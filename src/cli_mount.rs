@@ -76,10 +76,7 @@ pub fn cmd_mount(
             vmbackup::mount::describe_skipped(s)
         ));
     }
-    text.push_str(&format!(
-        "undo with: vmbackup umount {}\n",
-        r.dir.display()
-    ));
+    text.push_str(&format!("undo with: vmbackup umount {}\n", r.dir.display()));
     Ok(Output {
         json: json!({
             "ok": true,

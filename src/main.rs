@@ -1015,8 +1015,9 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             cli_mount::cmd_mount(&cfg, cli.global.config.as_deref(), id, dir, disks)
                 .with_context(|| format!("mount {id}"))
         }
-        C::Umount { dir } => cli_mount::cmd_umount(&cfg, dir)
-            .with_context(|| format!("umount {}", dir.display())),
+        C::Umount { dir } => {
+            cli_mount::cmd_umount(&cfg, dir).with_context(|| format!("umount {}", dir.display()))
+        }
         C::MountDaemon { id, at, disks } => cli_mount::cmd_mount_daemon(&cfg, id, at, disks),
         C::Delete { id } => {
             let vm = open_repo(&cfg)

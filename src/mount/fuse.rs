@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEntry, ReplyOpen, Request, FUSE_ROOT_ID,
+    FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
+    ReplyOpen, Request, FUSE_ROOT_ID,
 };
 
 use crate::error::{Error, Result};
@@ -79,7 +79,11 @@ impl DiskFiles {
 impl Filesystem for DiskFiles {
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
         let found = (parent == FUSE_ROOT_ID)
-            .then(|| self.disks.iter().position(|d| OsStr::new(&d.target) == name))
+            .then(|| {
+                self.disks
+                    .iter()
+                    .position(|d| OsStr::new(&d.target) == name)
+            })
             .flatten()
             .and_then(|i| self.attr(i as u64 + 2));
         match found {
@@ -150,8 +154,7 @@ impl Filesystem for DiskFiles {
         for (i, d) in self.disks.iter().enumerate() {
             entries.push((i as u64 + 2, FileType::RegularFile, d.target.clone()));
         }
-        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset.max(0) as usize)
-        {
+        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset.max(0) as usize) {
             if reply.add(ino, i as i64 + 1, kind, name) {
                 break;
             }

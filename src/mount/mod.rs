@@ -164,9 +164,8 @@ fn load(path: &Path) -> Result<Record> {
 
 /// The canonical form of mount folder `dir`, which must exist and be a folder.
 fn canonical_dir(dir: &Path) -> Result<PathBuf> {
-    let meta = std::fs::metadata(dir).map_err(|e| {
-        Error::Invalid(format!("{}: no such folder ({e})", dir.display()))
-    })?;
+    let meta = std::fs::metadata(dir)
+        .map_err(|e| Error::Invalid(format!("{}: no such folder ({e})", dir.display())))?;
     if !meta.is_dir() {
         return Err(Error::Invalid(format!("{}: not a folder", dir.display())));
     }
@@ -276,7 +275,8 @@ pub fn mount(repo: &Repository, state_dir: &Path, opts: &Options) -> Result<Reco
     }
     let dir = canonical_dir(&opts.dir)?;
     std::fs::create_dir_all(state_dir).map_err(|e| Error::io("create", state_dir, e))?;
-    let state_dir = std::fs::canonicalize(state_dir).map_err(|e| Error::io("resolve", state_dir, e))?;
+    let state_dir =
+        std::fs::canonicalize(state_dir).map_err(|e| Error::io("resolve", state_dir, e))?;
     check_dir(&state_dir, &dir)?;
     repo.check_complete(&m)?;
     interrupted()?;
@@ -432,10 +432,7 @@ fn attach_and_mount(
     (offset, size): (u64, u64),
     (fstype, kernel_type, options): (&str, &str, &str),
 ) -> Result<()> {
-    let mountpoint = undo
-        .rec
-        .dir
-        .join(system::mount_name(&d.target, partition));
+    let mountpoint = undo.rec.dir.join(system::mount_name(&d.target, partition));
     let i = undo.rec.filesystems.len();
     undo.rec.filesystems.push(Mounted {
         disk: d.target.clone(),
@@ -546,7 +543,11 @@ fn start_daemon(
     // SAFETY: `setsid` is async-signal-safe and touches no memory of this process; the child
     // becomes the leader of a new session, so the terminal's signals do not reach it.
     unsafe {
-        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
     }
     let mut child = cmd
         .spawn()
@@ -683,7 +684,11 @@ fn teardown(path: &Path, rec: &Record, lazy: bool) -> Result<Vec<String>> {
         done.push(format!(
             "unmounted the backup's disks ({}){}",
             fuse_at.display(),
-            if alive { "" } else { ": their process had died" }
+            if alive {
+                ""
+            } else {
+                ": their process had died"
+            }
         ));
     }
     if let Some(d) = rec.daemon.as_ref().filter(|_| alive) {
@@ -741,7 +746,10 @@ mod tests {
         assert_ne!(a, record_path(s, Path::new("/mnt/b")));
         assert_eq!(a.parent(), Some(s));
         let name = a.file_name().unwrap().to_string_lossy().into_owned();
-        assert!(name.starts_with(PREFIX) && name.ends_with(".json"), "{name}");
+        assert!(
+            name.starts_with(PREFIX) && name.ends_with(".json"),
+            "{name}"
+        );
         assert_eq!(
             private_path(s, Path::new("/mnt/a")).with_extension("json"),
             a

@@ -55,7 +55,11 @@ pub fn how_to_mount(fstype: &str) -> Result<(&'static str, &'static str), String
         "crypto_LUKS" => return Err("encrypted (LUKS)".into()),
         "linux_raid_member" => return Err("a software RAID member".into()),
         "zfs_member" => return Err("a ZFS pool member".into()),
-        other => return Err(format!("a {other} file system, which this host cannot mount")),
+        other => {
+            return Err(format!(
+                "a {other} file system, which this host cannot mount"
+            ))
+        }
     })
 }
 
@@ -119,7 +123,10 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let n = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(n);
             i += 4;
@@ -139,7 +146,10 @@ pub fn mount_points(mountinfo: &str) -> Vec<(PathBuf, String)> {
         .filter_map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
             let sep = f.iter().position(|x| *x == "-")?;
-            Some((PathBuf::from(unescape(f.get(4)?)), f.get(sep + 1)?.to_string()))
+            Some((
+                PathBuf::from(unescape(f.get(4)?)),
+                f.get(sep + 1)?.to_string(),
+            ))
         })
         .collect()
 }

@@ -99,7 +99,8 @@ pub fn read_table(r: &mut ReadAt, disk_size: u64) -> Result<Table, TableError> {
     if entries.iter().any(|e| e.0 == 0xee) {
         return gpt(r, disk_size);
     }
-    let inside = |p: &Partition| p.size > 0 && p.offset.checked_add(p.size).is_some_and(|e| e <= disk_size);
+    let inside =
+        |p: &Partition| p.size > 0 && p.offset.checked_add(p.size).is_some_and(|e| e <= disk_size);
     let mut parts = Vec::new();
     for (i, &(kind, start, sectors)) in entries.iter().enumerate() {
         if kind == 0 || sectors == 0 {
