@@ -189,6 +189,18 @@ fn the_old_files_of_a_backup_are_read_from_a_read_only_mount_and_umount_leaves_n
         assert!(std::fs::read_dir(&other).unwrap().next().is_none());
     }
 
+    // A file system in use: umount refuses (busy) and keeps everything; then it succeeds.
+    let held = std::fs::File::open(at.join("note.txt")).unwrap();
+    let r = vmbackup(&place, &["umount", dir.to_str().unwrap()]);
+    assert_eq!(r.code, 4, "{}\n{}", r.json, r.stderr);
+    assert!(
+        r.json["error"].as_str().unwrap().contains("busy"),
+        "{}",
+        r.json
+    );
+    assert_eq!(std::fs::read(at.join("note.txt")).unwrap(), note);
+    drop(held);
+
     // umount: everything gone, DIR empty as it was; gc may run again.
     let r = vmbackup(&place, &["umount", dir.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}\n{}", r.json, r.stderr);
