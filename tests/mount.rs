@@ -237,6 +237,45 @@ fn the_old_files_of_a_backup_are_read_from_a_read_only_mount_and_umount_leaves_n
         r.json
     );
     assert_nothing_left(&place, &dir);
+
+    // Damaged chunks: reading through the mount is an I/O error, never other data, and the
+    // background process's log names the chunk.
+    let r = vmbackup(&place, &["mount", &id, dir.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}\n{}", r.json, r.stderr);
+    let log = PathBuf::from(r.json["mount"]["log"].as_str().unwrap());
+    let repo = vmbackup::repository::Repository::open(&place.repo()).unwrap();
+    let m = repo.load(&id).unwrap();
+    let d = m.disks.iter().find(|d| d.target == "vdb").unwrap();
+    for c in repo.get_index(&id, d).unwrap().chunks.iter().flatten() {
+        let path = place
+            .repo()
+            .join(vmbackup::repository::chunk::object_name(c));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() - 100;
+        bytes[at] ^= 0x40;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let mut f = std::fs::File::open(at.join("data")).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let err = loop {
+        use std::io::Read;
+        match f.read(&mut buf) {
+            Ok(0) => panic!("the whole file read from damaged chunks"),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_eq!(got, big[..got.len()], "wrong data before the error");
+    drop(f);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("cannot read chunk"), "{text}");
+    ok(
+        &vmbackup(&place, &["umount", dir.to_str().unwrap()]),
+        "umount",
+    );
+    assert_nothing_left(&place, &dir);
 }
 
 /// Writes `image` (a file) into `disk` at `offset`.

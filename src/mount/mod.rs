@@ -677,7 +677,8 @@ fn teardown(path: &Path, rec: &Record, lazy: bool) -> Result<Vec<String>> {
         .daemon
         .as_ref()
         .is_some_and(|d| daemon_alive(d, &rec.private));
-    if system::is_mounted(&fuse_at) {
+    let fuse_mounted = system::is_mounted(&fuse_at);
+    if fuse_mounted {
         if run("umount", &[fuse_at.as_os_str()]).is_err() {
             run("umount", &[OsStr::new("-l"), fuse_at.as_os_str()])?;
         }
@@ -692,7 +693,9 @@ fn teardown(path: &Path, rec: &Record, lazy: bool) -> Result<Vec<String>> {
         ));
     }
     if let Some(d) = rec.daemon.as_ref().filter(|_| alive) {
-        stop_daemon(d, &rec.private);
+        // Once its file system is unmounted it ends by itself; before (a mount being
+        // undone early), it is asked to.
+        stop_daemon(d, &rec.private, fuse_mounted);
         done.push(format!("stopped the background process {}", d.pid));
     }
     if rec.private.exists() {
@@ -705,15 +708,23 @@ fn teardown(path: &Path, rec: &Record, lazy: bool) -> Result<Vec<String>> {
         }
         std::fs::remove_dir_all(&rec.private).map_err(|e| Error::io("remove", &rec.private, e))?;
     }
-    std::fs::remove_file(path).map_err(|e| Error::io("remove", path, e))?;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Error::io("remove", path, e))
+        }
+        _ => {}
+    }
     Ok(done)
 }
 
-/// Waits for the daemon to end (it does once its file system is unmounted); then SIGTERM,
-/// then SIGKILL.
-fn stop_daemon(d: &Daemon, private: &Path) {
+/// Waits for the daemon to end (`ends_itself`: its file system was just unmounted), then
+/// SIGTERM, then SIGKILL.
+fn stop_daemon(d: &Daemon, private: &Path, ends_itself: bool) {
     use nix::sys::signal::{kill, Signal};
     let pid = nix::unistd::Pid::from_raw(d.pid);
+    if !ends_itself {
+        let _ = kill(pid, Signal::SIGTERM);
+    }
     for (wait, then) in [
         (Duration::from_secs(5), Some(Signal::SIGTERM)),
         (Duration::from_secs(5), Some(Signal::SIGKILL)),
