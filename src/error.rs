@@ -10,7 +10,7 @@ use crate::hypervisor::qmp::QmpError;
 use crate::hypervisor::xml_edit::XmlError;
 use crate::image::ImageError;
 use crate::locks::LockError;
-use crate::mount::MountError;
+use crate::mount::error::MountError;
 use crate::names::NameError;
 use crate::notify::NotifyError;
 use crate::repository::RepoError;

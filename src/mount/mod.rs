@@ -22,6 +22,7 @@
 //! daemon (only the process the record names, checked by its start time and command line),
 //! remove the private folder, the mount folders made in DIR and the record.
 
+pub mod error;
 pub mod fuse;
 pub mod system;
 pub mod table;
@@ -38,6 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::repository::Repository;
+pub use error::MountError;
 use system::run;
 
 /// The prefix of a mount's record and private folder in the state folder.
@@ -46,18 +48,6 @@ pub const PREFIX: &str = "mount-";
 pub const DAEMON_COMMAND: &str = "mount-daemon";
 /// How long the background process has to mount its FUSE file system.
 const DAEMON_START: Duration = Duration::from_secs(60);
-
-#[derive(Debug, thiserror::Error)]
-pub enum MountError {
-    #[error("{program}: {detail}")]
-    Tool { program: String, detail: String },
-    #[error("the background process did not start: {0}")]
-    Daemon(String),
-    #[error("nothing mountable in backup {id}: {found}")]
-    NothingMountable { id: String, found: String },
-    #[error("{} is busy: {detail} (close what uses it, then run `vmbackup umount` again)", path.display())]
-    Busy { path: PathBuf, detail: String },
-}
 
 /// What `mount` was asked to do.
 #[derive(Debug, Clone)]

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::MountError;
+use super::error::MountError;
 
 /// Runs `program args` and returns its stdout; its stderr is the error when it fails.
 pub fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<String, MountError> {
