@@ -177,6 +177,27 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         screenshot: Option<std::path::PathBuf>,
     },
+    /// Mount a backup's file systems read-only under DIR, an empty folder (DIR/vdb: the file
+    /// system on disk vdb; DIR/vdap1: partition 1 of vda); `vmbackup umount DIR` undoes it
+    Mount {
+        id: String,
+        dir: PathBuf,
+        /// Only this disk (repeat for several) [default: all]
+        #[arg(long = "disk", value_name = "TARGET")]
+        disks: Vec<String>,
+    },
+    /// Undo `vmbackup mount` at DIR: unmount, detach, stop its background process
+    Umount { dir: PathBuf },
+    /// (internal) The background process of `mount`: the backup's disks as read-only files
+    /// (FUSE) at --at until that is unmounted
+    #[command(hide = true)]
+    MountDaemon {
+        id: String,
+        #[arg(long)]
+        at: PathBuf,
+        #[arg(long = "disk", value_name = "TARGET")]
+        disks: Vec<String>,
+    },
     /// Re-read backups and check every chunk against its digest
     Verify {
         ids: Vec<String>,

@@ -10,6 +10,7 @@ use crate::hypervisor::qmp::QmpError;
 use crate::hypervisor::xml_edit::XmlError;
 use crate::image::ImageError;
 use crate::locks::LockError;
+use crate::mount::error::MountError;
 use crate::names::NameError;
 use crate::notify::NotifyError;
 use crate::repository::RepoError;
@@ -75,6 +76,8 @@ pub enum Error {
     VmState(#[from] VmStateError),
     #[error("report")]
     Notify(#[from] NotifyError),
+    #[error("mount")]
+    Mount(#[from] MountError),
 }
 
 impl Error {
@@ -92,7 +95,7 @@ impl Error {
             | Error::Config { .. }
             | Error::Invalid(_) => exit::BAD_INPUT,
             Error::Refused(_) => exit::REFUSED,
-            Error::Busy(_) => exit::BUSY,
+            Error::Busy(_) | Error::Mount(MountError::Busy { .. }) => exit::BUSY,
             Error::Interrupted => crate::interrupt::exit_code(),
             _ => exit::FAILED,
         }

@@ -7,7 +7,8 @@
 //! - storage: `repository` (crate `vmbackup-repo`), `state`, `image`, `locks`, `vm_state`
 //!   (NVRAM and TPM state files);
 //! - adapters: `hypervisor` (libvirt, QMP and their `VmHandle`s), `guest_agent`, `thaw_guard`;
-//! - operations: `backup` (the one pipeline), `restore`, `serve` (NBD), `recover`, `journal`,
+//! - operations: `backup` (the one pipeline), `restore`, `serve` (NBD), `mount` (FUSE, loop
+//!   devices), `recover`, `journal`,
 //!   `schedule::run`; `error` is their aggregate error and maps errors to exit codes;
 //! - `notify` (job reports) and `config` (settings resolved from flags, environment, file).
 
@@ -23,6 +24,7 @@ pub mod image;
 pub mod interrupt;
 pub mod journal;
 pub mod locks;
+pub mod mount;
 pub mod names;
 pub mod nbd;
 pub mod notify;

@@ -3,6 +3,7 @@
 //! logs, warnings and progress go to stderr.
 
 mod cli;
+mod cli_mount;
 mod cli_schedule;
 mod cli_usage;
 
@@ -92,6 +93,7 @@ fn abandon(json: bool) {
     vmbackup::repository::locks::release_all();
     vmbackup::serve::remove_socket_now();
     vmbackup::boot_test::cleanup_now();
+    vmbackup::mount::cleanup_now();
     std::process::exit(code);
 }
 
@@ -1023,6 +1025,14 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             }
             r
         }
+        C::Mount { id, dir, disks } => {
+            cli_mount::cmd_mount(&cfg, cli.global.config.as_deref(), id, dir, disks)
+                .with_context(|| format!("mount {id}"))
+        }
+        C::Umount { dir } => {
+            cli_mount::cmd_umount(&cfg, dir).with_context(|| format!("umount {}", dir.display()))
+        }
+        C::MountDaemon { id, at, disks } => cli_mount::cmd_mount_daemon(&cfg, id, at, disks),
         C::Delete { id } => {
             let vm = open_repo(&cfg)
                 .ok()

@@ -77,7 +77,7 @@ pub fn default_socket(state_dir: &Path) -> PathBuf {
 type Slot = Arc<Mutex<Option<Arc<Vec<u8>>>>>;
 
 /// The least recently used decoded chunks, at most `capacity` bytes of them.
-struct ChunkCache {
+pub(crate) struct ChunkCache {
     capacity: usize,
     inner: Mutex<CacheInner>,
 }
@@ -89,7 +89,7 @@ struct CacheInner {
 }
 
 impl ChunkCache {
-    fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
         ChunkCache {
             capacity,
             inner: Mutex::default(),
@@ -159,13 +159,13 @@ impl ChunkCache {
     }
 }
 
-/// One disk of a backup, read from the repository.
-struct DiskSource {
-    repo: Arc<Repository>,
-    backup: String,
-    target: String,
-    index: DiskIndex,
-    cache: Arc<ChunkCache>,
+/// One disk of a backup, read from the repository (by `serve` and `mount`).
+pub(crate) struct DiskSource {
+    pub(crate) repo: Arc<Repository>,
+    pub(crate) backup: String,
+    pub(crate) target: String,
+    pub(crate) index: DiskIndex,
+    pub(crate) cache: Arc<ChunkCache>,
 }
 
 impl DiskSource {
@@ -190,7 +190,7 @@ impl DiskSource {
                 chunk = %hex,
                 offset = i as u64 * cs,
                 error = %crate::error::chain(&e),
-                "cannot read chunk {hex}: the NBD client gets an I/O error"
+                "cannot read chunk {hex}: the reader gets an I/O error"
             );
             SourceError(format!(
                 "chunk {hex} of disk {} cannot be read ({})",
@@ -328,6 +328,32 @@ fn bind_unix(path: &Path) -> Result<(Listener, SocketFile)> {
     ))
 }
 
+/// The disks of backup `m` named in `disks` (all when empty); an unknown one is bad input.
+pub(crate) fn chosen_disks<'a>(
+    m: &'a crate::repository::manifest::Manifest,
+    disks: &[String],
+) -> Result<Vec<&'a crate::repository::manifest::DiskEntry>> {
+    for d in disks {
+        if !m.disks.iter().any(|x| &x.target == d) {
+            let have: Vec<&str> = m.disks.iter().map(|x| x.target.as_str()).collect();
+            return Err(Error::Invalid(format!(
+                "backup {} has no disk {d} (it has {})",
+                m.id,
+                have.join(", ")
+            )));
+        }
+    }
+    let chosen: Vec<_> = m
+        .disks
+        .iter()
+        .filter(|d| disks.is_empty() || disks.contains(&d.target))
+        .collect();
+    if chosen.is_empty() {
+        return Err(Error::Invalid(format!("backup {} has no disks", m.id)));
+    }
+    Ok(chosen)
+}
+
 /// Serves backup `opts.id` of `repo` until stopped; `ready` is told where, once the server
 /// listens. Returns why it stopped.
 pub fn serve(repo: Repository, opts: &Options, ready: &dyn Fn(&Serving)) -> Result<Stopped> {
@@ -342,24 +368,7 @@ pub fn serve_until(
     stop: &dyn Fn() -> bool,
 ) -> Result<Stopped> {
     let m = repo.load(&opts.id)?;
-    for d in &opts.disks {
-        if !m.disks.iter().any(|x| &x.target == d) {
-            let have: Vec<&str> = m.disks.iter().map(|x| x.target.as_str()).collect();
-            return Err(Error::Invalid(format!(
-                "backup {} has no disk {d} (it has {})",
-                m.id,
-                have.join(", ")
-            )));
-        }
-    }
-    let chosen: Vec<_> = m
-        .disks
-        .iter()
-        .filter(|d| opts.disks.is_empty() || opts.disks.contains(&d.target))
-        .collect();
-    if chosen.is_empty() {
-        return Err(Error::Invalid(format!("backup {} has no disks", m.id)));
-    }
+    let chosen = chosen_disks(&m, &opts.disks)?;
     if let Endpoint::Unix(p) = &opts.endpoint {
         // Refused before anything is taken or made.
         if std::fs::symlink_metadata(p).is_ok() {
