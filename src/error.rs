@@ -75,6 +75,9 @@ pub enum Error {
     VmState(#[from] VmStateError),
     #[error("report")]
     Notify(#[from] NotifyError),
+    /// An instant restore that could not finish: the VM runs on the backup.
+    #[error("{0}")]
+    Instant(String),
 }
 
 impl Error {
