@@ -162,6 +162,22 @@ pub fn records(state_dir: &Path) -> Vec<Record> {
     out
 }
 
+/// A backup of `vm` while an instant restore of it is unfinished (its disks on overlays over
+/// the backup) is refused: busy, until `recover` finishes the restore.
+pub fn refuse_while_unfinished(state_dir: &Path, vm: &VmRef) -> Result<()> {
+    if vm.is_qemu() {
+        return Ok(());
+    }
+    match records(state_dir).into_iter().find(|r| r.vm == vm.name()) {
+        Some(r) => Err(Error::Busy(format!(
+            "an instant restore of {} (backup {}) is not finished: `vmbackup recover` \
+             finishes it",
+            r.vm, r.backup
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// An empty image of `size` bytes in `format` at `path` (new, 0600).
 pub fn create_empty(path: &Path, format: &str, size: u64) -> Result<()> {
     let f = std::fs::OpenOptions::new()
@@ -563,13 +579,7 @@ pub fn instant_restore(
         )));
     }
     let vm = opts.as_name.clone().unwrap_or_else(|| m.vm_name.clone());
-    if let Some(r) = records(state_dir).into_iter().find(|r| r.vm == vm) {
-        return Err(Error::Busy(format!(
-            "an instant restore of {vm} (backup {}) is not finished: `vmbackup recover` \
-             finishes it",
-            r.backup
-        )));
-    }
+    refuse_while_unfinished(state_dir, &VmRef::libvirt(&vm)?)?;
     let mut hooks = Hooks {
         state_dir,
         serve,

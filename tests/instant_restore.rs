@@ -42,20 +42,26 @@ fn leftovers(vm: &TestVm, place: &Place) -> Vec<String> {
 /// folders, which outlive the test's VM and repository otherwise.
 struct Sweep(String);
 
+/// Kills (SIGKILL) the instant restore servers of VM `vm`.
+fn kill_servers(vm: &str) {
+    let prefix = format!("vmbackup-instant-{vm}-");
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        let pid = p.file_name().to_string_lossy().parse::<i32>();
+        if let (true, Ok(pid)) = (cmd.contains(" serve ") && cmd.contains(&prefix), pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 impl Drop for Sweep {
     fn drop(&mut self) {
+        kill_servers(&self.0);
         let prefix = format!("vmbackup-instant-{}-", self.0);
-        for p in std::fs::read_dir("/proc").unwrap().flatten() {
-            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            let pid = p.file_name().to_string_lossy().parse::<i32>();
-            if let (true, Ok(pid)) = (cmd.contains(" serve ") && cmd.contains(&prefix), pid) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
         for e in std::fs::read_dir(std::env::temp_dir()).unwrap().flatten() {
             if e.file_name().to_string_lossy().starts_with(&prefix) {
                 let _ = std::fs::remove_dir_all(e.path());
@@ -185,8 +191,10 @@ fn an_instant_restore_runs_the_vm_at_once_and_ends_it_on_its_own_images() {
         "plain restore",
     );
     let plain = t.elapsed();
+    let t = Instant::now();
     vm.dom().start().unwrap();
     vm.wait_agent(Duration::from_secs(120)).unwrap();
+    let boot = t.elapsed();
     vm.write_file("/mnt/vdb/data", b"changed again").unwrap();
     vm.sh("sync").unwrap();
 
@@ -204,9 +212,11 @@ fn an_instant_restore_runs_the_vm_at_once_and_ends_it_on_its_own_images() {
     assert!(j["bytes"].as_u64().unwrap() >= 128 * MIB, "{j}");
     eprintln!(
         "instant restore (debug build): VM started after {start:.1} s, guest agent after \
-         {:.1} s, disks local after {local:.1} s; plain restore of the same backup {:.1} s",
+         {:.1} s, disks local after {local:.1} s; plain restore of the same backup {:.1} s, \
+         then start to agent {:.1} s",
         to_agent.as_secs_f64(),
-        plain.as_secs_f64()
+        plain.as_secs_f64(),
+        boot.as_secs_f64()
     );
 
     // Running, the guest reads the backup's bytes; the VM is on its own images.
@@ -307,11 +317,15 @@ fn an_interrupted_instant_restore_keeps_the_vm_running_and_recover_finishes_it()
     vm.wait_agent(Duration::from_secs(120)).unwrap();
     assert!(vm.read_file("/mnt/vdb/data").unwrap() == data);
     assert!(!leftovers(&vm, &place).is_empty());
-    // Another instant restore of the VM is refused until it is finished.
+    // Another instant restore of the VM, and a backup of it, are refused until it is
+    // finished.
     let r = vmbackup(&place, &["restore", &id, "--instant", "--power-off"]);
     assert_eq!(r.code, 4, "{}", r.stderr);
+    let r = vmbackup(&place, &["backup", vm.name()]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.stderr.contains("vmbackup recover"), "{}", r.stderr);
 
-    let r = vmbackup(&place, &["recover"]);
+    let r = vmbackup(&place, &["recover", vm.name()]);
     ok(&r, "recover");
     let done = r.json["recover"]["instant_restores"].to_string();
     assert!(done.contains(vm.name()), "{}", r.json);
@@ -320,11 +334,45 @@ fn an_interrupted_instant_restore_keeps_the_vm_running_and_recover_finishes_it()
     vm.write_file("/mnt/vdb/after", b"written after").unwrap();
     assert!(vm.read_file("/mnt/vdb/data").unwrap() == data);
     ok(&vmbackup(&place, &["gc"]), "gc");
+
+    // Interrupted again; then the server dies and the VM is shut off hard before `recover`:
+    // it starts a server again and copies the overlay (with the guest's writes) offline.
+    let child = spawn_stopped_at(
+        &place,
+        "instant-copying",
+        &["restore", &id, "--instant", "--power-off"],
+    );
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert_eq!(child.wait_with_output().unwrap().status.code(), Some(143));
+    vm.wait_agent(Duration::from_secs(120)).unwrap();
+    vm.write_file("/mnt/vdb/on-overlay", b"written on the overlay")
+        .unwrap();
+    vm.sh("sync").unwrap();
+    kill_servers(vm.name());
+    vm.dom().destroy().unwrap();
+    let r = vmbackup(&place, &["recover", vm.name()]);
+    ok(&r, "recover of a shut-off VM");
+    assert!(
+        r.json["recover"]["instant_restores"]
+            .to_string()
+            .contains("offline"),
+        "{}",
+        r.json
+    );
+    assert!(leftovers(&vm, &place).is_empty(), "{:?}", leftovers(&vm, &place));
+
     // The guest's writes are in the image: after a restart without the repository too.
     std::fs::rename(place.repo(), place.dir.path().join("away")).unwrap();
-    vm.shutdown(Duration::from_secs(60)).unwrap();
     vm.dom().start().unwrap();
+    assert_on_own_images(&vm, &[("vdb", "raw")]);
     vm.wait_agent(Duration::from_secs(120)).unwrap();
     assert!(vm.read_file("/mnt/vdb/data").unwrap() == data);
-    assert_eq!(vm.read_file("/mnt/vdb/after").unwrap(), b"written after");
+    assert_eq!(
+        vm.read_file("/mnt/vdb/on-overlay").unwrap(),
+        b"written on the overlay"
+    );
+    // Written after the first restore: the second one put the backup's content back.
+    vm.sh("test ! -e /mnt/vdb/after").unwrap();
 }
