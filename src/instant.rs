@@ -382,7 +382,9 @@ fn resume_hint(rec: &Record) -> String {
         "the VM {} runs on the backup (served by process {}, socket {}); `vmbackup recover` \
          finishes the restore",
         rec.vm,
-        rec.serve_pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
+        rec.serve_pid
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "?".into()),
         rec.socket.display()
     )
 }
@@ -439,8 +441,7 @@ fn copy_and_pivot(
                 }
                 None => {
                     let live = dom.live_xml()?;
-                    if disk_source(&live, &d.target).is_some_and(|s| Path::new(&s) == d.overlay)
-                    {
+                    if disk_source(&live, &d.target).is_some_and(|s| Path::new(&s) == d.overlay) {
                         return Err(Error::Instant(format!(
                             "the block copy of disk {} into {} stopped before it was done \
                              (see libvirt's log of the VM): {}",
@@ -590,15 +591,8 @@ pub fn instant_restore(
         started: None,
         committed: false,
     };
-    let (restored, _lock, dom) = restore_with(
-        lv,
-        repo,
-        state_dir,
-        id,
-        opts,
-        progress,
-        Some(&mut hooks),
-    )?;
+    let (restored, _lock, dom) =
+        restore_with(lv, repo, state_dir, id, opts, progress, Some(&mut hooks))?;
     hooks.committed = true;
     let rec = hooks
         .record
@@ -712,10 +706,8 @@ fn recover_one(
     }
     if !pending.is_empty() {
         // The server: still the one started, or a new one on the same socket.
-        let alive = rec
-            .serve_pid
-            .is_some_and(|p| is_our_server(p, &rec.socket))
-            && rec.socket.exists();
+        let alive =
+            rec.serve_pid.is_some_and(|p| is_our_server(p, &rec.socket)) && rec.socket.exists();
         if !alive {
             stop_server(&rec, None);
             let _ = std::fs::remove_file(&rec.socket);
@@ -810,7 +802,10 @@ mod tests {
             .collect();
         assert_eq!(on, ["vda"]);
         let d = dest_xml(&rec.disks[1]);
-        assert!(d.contains("type='raw'") && d.contains("file='/vms/b.raw'"), "{d}");
+        assert!(
+            d.contains("type='raw'") && d.contains("file='/vms/b.raw'"),
+            "{d}"
+        );
     }
 
     #[test]

@@ -928,10 +928,9 @@ fn cmd_recover(
     let repo = open_repo(cfg)?;
     let state = vmbackup::state::State::open(&cfg.state_dir).map_err(vmbackup::Error::from)?;
     // Interrupted instant restores first: their VMs end on their own images.
-    let (instant, instant_errors) =
-        vmbackup::instant::recover(&lv, &cfg.state_dir, serve, |vm| {
-            vms.is_empty() || vms.iter().any(|v| v.name() == vm)
-        });
+    let (instant, instant_errors) = vmbackup::instant::recover(&lv, &cfg.state_dir, serve, |vm| {
+        vms.is_empty() || vms.iter().any(|v| v.name() == vm)
+    });
     let mut r = vmbackup::recover::recover(
         &lv,
         &repo,

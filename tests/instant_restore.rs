@@ -32,7 +32,10 @@ fn leftovers(vm: &TestVm, place: &Place) -> Vec<String> {
         let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if cmd.contains(" serve ") && cmd.contains(&prefix) {
-            out.push(format!("process {}: {cmd}", p.file_name().to_string_lossy()));
+            out.push(format!(
+                "process {}: {cmd}",
+                p.file_name().to_string_lossy()
+            ));
         }
     }
     out
@@ -148,7 +151,10 @@ fn instant_restore_timed(place: &Place, vm: &TestVm, args: &[&str]) -> (Run, Dur
         std::thread::sleep(Duration::from_millis(100));
     }
     let r = cmd.join().unwrap();
-    (r, to_agent.expect("the guest agent of the restored VM answered"))
+    (
+        r,
+        to_agent.expect("the guest agent of the restored VM answered"),
+    )
 }
 
 #[test]
@@ -228,7 +234,11 @@ fn an_instant_restore_runs_the_vm_at_once_and_ends_it_on_its_own_images() {
     let s = VmSpec::from_xml(&vm.dom().inactive_xml().unwrap()).unwrap();
     assert_eq!((s.vcpus, s.memory_bytes), (1, 256 * MIB));
     assert_eq!(s.nics[0].mac.as_deref(), Some(mac));
-    assert!(leftovers(&vm, &place).is_empty(), "{:?}", leftovers(&vm, &place));
+    assert!(
+        leftovers(&vm, &place).is_empty(),
+        "{:?}",
+        leftovers(&vm, &place)
+    );
     // The repository is free: gc takes its exclusive lock.
     ok(&vmbackup(&place, &["gc"]), "gc");
 
@@ -330,7 +340,11 @@ fn an_interrupted_instant_restore_keeps_the_vm_running_and_recover_finishes_it()
     let done = r.json["recover"]["instant_restores"].to_string();
     assert!(done.contains(vm.name()), "{}", r.json);
     assert_on_own_images(&vm, &[("vdb", "raw")]);
-    assert!(leftovers(&vm, &place).is_empty(), "{:?}", leftovers(&vm, &place));
+    assert!(
+        leftovers(&vm, &place).is_empty(),
+        "{:?}",
+        leftovers(&vm, &place)
+    );
     vm.write_file("/mnt/vdb/after", b"written after").unwrap();
     assert!(vm.read_file("/mnt/vdb/data").unwrap() == data);
     ok(&vmbackup(&place, &["gc"]), "gc");
@@ -361,7 +375,11 @@ fn an_interrupted_instant_restore_keeps_the_vm_running_and_recover_finishes_it()
         "{}",
         r.json
     );
-    assert!(leftovers(&vm, &place).is_empty(), "{:?}", leftovers(&vm, &place));
+    assert!(
+        leftovers(&vm, &place).is_empty(),
+        "{:?}",
+        leftovers(&vm, &place)
+    );
 
     // The guest's writes are in the image: after a restart without the repository too.
     std::fs::rename(place.repo(), place.dir.path().join("away")).unwrap();
