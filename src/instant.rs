@@ -303,6 +303,18 @@ fn is_our_server(pid: u32, socket: &Path) -> bool {
     args.contains(&b"serve".as_slice()) && args.contains(&sock)
 }
 
+/// Whether process `pid` is alive and a `restore --instant` (not a reused pid).
+fn restore_running(pid: u32) -> bool {
+    if !process_alive(pid) {
+        return false;
+    }
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(c) => c.split(|b| *b == 0).any(|a| a == b"--instant"),
+        // Not readable: assumed to be it.
+        Err(_) => true,
+    }
+}
+
 /// Stops the server of `rec` (SIGTERM; it removes its socket and releases the repository)
 /// and waits for it, at most 30 s.
 fn stop_server(rec: &Record, child: Option<&mut Child>) {
@@ -643,7 +655,7 @@ pub fn recover(
     let mut done = Vec::new();
     let mut errors = Vec::new();
     for rec in records(state_dir).into_iter().filter(|r| wanted(&r.vm)) {
-        if rec.pid != std::process::id() && process_alive(rec.pid) {
+        if rec.pid != std::process::id() && restore_running(rec.pid) {
             tracing::info!(vm = %rec.vm, pid = rec.pid, "an instant restore is running: left alone");
             continue;
         }
