@@ -73,6 +73,19 @@ impl Drop for Sweep {
     }
 }
 
+/// Destroys and undefines a domain a test made with `--as`, on drop.
+struct Undefine(String);
+
+impl Drop for Undefine {
+    fn drop(&mut self) {
+        let lv = vmbackup::hypervisor::libvirt::Libvirt::open("qemu:///system").unwrap();
+        if let Ok(Some(d)) = lv.find_domain(&self.0) {
+            let _ = d.destroy();
+            let _ = d.undefine();
+        }
+    }
+}
+
 fn image_format(p: &Path) -> String {
     let out = Command::new("qemu-img")
         .args(["info", "-U", "--output=json"])
@@ -252,6 +265,64 @@ fn an_instant_restore_runs_the_vm_at_once_and_ends_it_on_its_own_images() {
     assert!(vm.read_file("/mnt/vdb/data").unwrap() == b);
     assert!(vm.read_file("/mnt/vdc/data").unwrap() == c);
     std::fs::rename(&moved, place.repo()).unwrap();
+
+    // --as: a second VM beside the running original, on new images beside the originals.
+    let new = format!("{}-copy", vm.name());
+    let _undefine = Undefine(new.clone());
+    let _sweep_copy = Sweep(new.clone());
+    let before = vm.dom().inactive_xml().unwrap();
+    let r = vmbackup(
+        &place,
+        &["restore", &id, "--instant", "--as", &new, "--new-macs"],
+    );
+    ok(&r, "instant restore --as");
+    let copy = vm.libvirt().domain(&new).unwrap();
+    assert!(copy.is_active().unwrap());
+    for (what, xml) in [
+        ("live", copy.live_xml().unwrap()),
+        ("persistent", copy.inactive_xml().unwrap()),
+    ] {
+        for bad in ["nbd", "vmbackup-instant-", "<backingStore type"] {
+            assert!(!xml.contains(bad), "{what} XML has {bad}: {xml}");
+        }
+    }
+    for (target, format) in [("vdb", "qcow2"), ("vdc", "raw")] {
+        let p = vm.dir().join(format!("{new}-{target}.{format}"));
+        assert_eq!(image_format(&p), format);
+    }
+    let agent = |cmd: &str| {
+        copy.agent_command(&serde_json::json!({"execute": cmd}), Duration::from_secs(2))
+    };
+    let t = Instant::now();
+    while agent("guest-ping").is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(180),
+            "the copy's agent never answered"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let out = vmbackup::guest_agent::exec(
+        &copy,
+        "/bin/cat",
+        &["/mnt/vdc/data"],
+        None,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert!(out.stdout == c, "the copy does not read the backup's data");
+    assert_eq!(
+        vm.dom().inactive_xml().unwrap(),
+        before,
+        "the original changed"
+    );
+    assert!(vm.dom().is_active().unwrap());
+    let copy_left: Vec<String> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("vmbackup-instant-{new}-")))
+        .collect();
+    assert!(copy_left.is_empty(), "{copy_left:?}");
 }
 
 /// Starts `vmbackup --json ... ARGS` that stops itself (SIGSTOP) at fault point `point`, and
