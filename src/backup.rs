@@ -341,6 +341,7 @@ pub fn backup(
     let requests_before = repo.store().requests().unwrap_or_default();
     let vm_ref = vm.vm();
     let _lock = lock_vm(state_dir, vm_ref)?;
+    crate::instant::refuse_while_unfinished(state_dir, vm_ref)?;
     crate::fault::point("backup-locked");
     // A run killed part-way left the VM frozen or on overlays: finish it first.
     let recovered = crate::recover::recover_locked(vm, journal, s)?;

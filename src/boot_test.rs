@@ -195,7 +195,7 @@ impl Drop for Throwaway {
 
 /// The user and group QEMU runs as under libvirt (`libvirt-qemu` on Debian, `qemu`
 /// elsewhere); `None` when neither exists (QEMU then runs as root).
-fn qemu_owner() -> Option<(u32, u32)> {
+pub(crate) fn qemu_owner() -> Option<(u32, u32)> {
     ["libvirt-qemu", "qemu"].iter().find_map(|n| {
         nix::unistd::User::from_name(n)
             .ok()
@@ -204,7 +204,7 @@ fn qemu_owner() -> Option<(u32, u32)> {
     })
 }
 
-fn chown(path: &Path, owner: Option<(u32, u32)>) -> Result<()> {
+pub(crate) fn chown(path: &Path, owner: Option<(u32, u32)>) -> Result<()> {
     if let Some((u, g)) = owner {
         std::os::unix::fs::chown(path, Some(u), Some(g))
             .map_err(|e| Error::io("change the owner of", path, e))?;
@@ -308,7 +308,7 @@ pub fn throwaway_xml(
 
 /// Replaces disk `d.target` of `xml` by the qcow2 overlay `d.overlay` backed by export
 /// `d.target` on `d.socket`; its target, boot order and address are kept.
-fn set_overlay(xml: &str, d: &Overlay) -> std::result::Result<String, XmlError> {
+pub(crate) fn set_overlay(xml: &str, d: &Overlay) -> std::result::Result<String, XmlError> {
     const KEPT: [&str; 6] = ["target", "boot", "address", "serial", "wwn", "blockio"];
     let doc = roxmltree::Document::parse(xml).map_err(|e| XmlError(e.to_string()))?;
     let disk = doc
@@ -373,7 +373,7 @@ fn make_dir(domain: &str, owner: Option<(u32, u32)>) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn qemu_img_create(overlay: &Path, uri: &str, size: u64) -> Result<()> {
+pub(crate) fn qemu_img_create(overlay: &Path, uri: &str, size: u64) -> Result<()> {
     let out = std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b", uri])
         .arg(overlay)

@@ -139,6 +139,10 @@ pub enum Command {
         /// Give the vNICs new MAC addresses when the recorded ones are taken
         #[arg(long)]
         new_macs: bool,
+        /// Start the VM at once on the backup (served over NBD) and copy its disks into
+        /// place while it runs; the VM is left running on its own images
+        #[arg(long)]
+        instant: bool,
     },
     /// Delete a backup
     Delete { id: String },

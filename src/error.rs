@@ -78,6 +78,9 @@ pub enum Error {
     Notify(#[from] NotifyError),
     #[error("mount")]
     Mount(#[from] MountError),
+    /// An instant restore that could not finish: the VM runs on the backup.
+    #[error("{0}")]
+    Instant(String),
 }
 
 impl Error {

@@ -21,6 +21,7 @@ pub mod fault;
 pub mod guest_agent;
 pub mod hypervisor;
 pub mod image;
+pub mod instant;
 pub mod interrupt;
 pub mod journal;
 pub mod locks;

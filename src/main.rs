@@ -519,16 +519,79 @@ fn cmd_show(cfg: &Config, id: &str) -> anyhow::Result<Output> {
     })
 }
 
+/// How `restore --instant` and `recover` start `vmbackup serve`: this binary with the global
+/// options given (the environment is inherited).
+fn serve_command(g: &cli::Global) -> vmbackup::instant::ServeCommand {
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    let mut opt = |name: &str, v: Option<std::ffi::OsString>| {
+        if let Some(v) = v {
+            args.push(name.into());
+            args.push(v);
+        }
+    };
+    opt("--connect", g.connect.clone().map(Into::into));
+    opt("--repo", g.repo.clone().map(Into::into));
+    opt("--key-file", g.key_file.clone().map(Into::into));
+    opt("--state-dir", g.state_dir.clone().map(Into::into));
+    opt("--config", g.config.clone().map(Into::into));
+    vmbackup::instant::ServeCommand {
+        exe: std::env::current_exe().unwrap_or_else(|_| "vmbackup".into()),
+        global_args: args,
+    }
+}
+
+fn cmd_instant_restore(
+    cfg: &Config,
+    id: &str,
+    opts: &vmbackup::restore::Options,
+    serve: &vmbackup::instant::ServeCommand,
+) -> anyhow::Result<Output> {
+    let lv = Libvirt::open(&cfg.connect)?;
+    let repo = open_repo(cfg)?;
+    let progress = Progress::new();
+    let r = vmbackup::instant::instant_restore(
+        &lv,
+        &repo,
+        &cfg.state_dir,
+        id,
+        opts,
+        serve,
+        &|l, d, t| progress.show(l, d, t),
+    )?;
+    let mut text = format!(
+        "restored {} onto {} ({}) instantly: the VM ran on the backup after {:.1} s, on its \
+         own images after {:.1} s ({} copied); it is running\n",
+        r.restore.id,
+        r.restore.vm,
+        r.restore.disks.join(", "),
+        r.seconds_to_start,
+        r.seconds_to_local,
+        human_bytes(r.bytes)
+    );
+    for s in &r.restore.state {
+        text.push_str(&format!("{s}\n"));
+    }
+    for s in &r.restore.reserved {
+        text.push_str(&format!("DHCP reservation: {s}\n"));
+    }
+    for w in &r.restore.warnings {
+        text.push_str(&format!("warning: {w}\n"));
+    }
+    Ok(Output {
+        text,
+        json: json!({"ok": true, "restore": r}),
+        code: exit::OK,
+    })
+}
+
 fn cmd_restore(
     cfg: &Config,
     id: &str,
     power_off: bool,
     as_name: Option<&str>,
     new_macs: bool,
+    instant: Option<&vmbackup::instant::ServeCommand>,
 ) -> anyhow::Result<Output> {
-    let lv = Libvirt::open(&cfg.connect)?;
-    let repo = open_repo(cfg)?;
-    let progress = Progress::new();
     let opts = vmbackup::restore::Options {
         power_off,
         shutdown_timeout: Duration::from_secs(60),
@@ -536,6 +599,12 @@ fn cmd_restore(
         as_name: as_name.map(str::to_string),
         new_macs,
     };
+    if let Some(serve) = instant {
+        return cmd_instant_restore(cfg, id, &opts, serve);
+    }
+    let lv = Libvirt::open(&cfg.connect)?;
+    let repo = open_repo(cfg)?;
+    let progress = Progress::new();
     let r = vmbackup::restore::restore(&lv, &repo, &cfg.state_dir, id, &opts, &|l, d, t| {
         progress.show(l, d, t)
     })?;
@@ -859,7 +928,11 @@ fn cmd_gc(cfg: &Config) -> anyhow::Result<Output> {
     }
 }
 
-fn cmd_recover(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
+fn cmd_recover(
+    cfg: &Config,
+    domains: &[String],
+    serve: &vmbackup::instant::ServeCommand,
+) -> anyhow::Result<Output> {
     let vms = domains
         .iter()
         .map(|d| d.parse::<VmRef>())
@@ -869,7 +942,11 @@ fn cmd_recover(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
     vmbackup::recover::check_names(&lv, &cfg.qemu_dir, &vms)?;
     let repo = open_repo(cfg)?;
     let state = vmbackup::state::State::open(&cfg.state_dir).map_err(vmbackup::Error::from)?;
-    let r = vmbackup::recover::recover(
+    // Interrupted instant restores first: their VMs end on their own images.
+    let (instant, instant_errors) = vmbackup::instant::recover(&lv, &cfg.state_dir, serve, |vm| {
+        vms.is_empty() || vms.iter().any(|v| v.name() == vm)
+    });
+    let mut r = vmbackup::recover::recover(
         &lv,
         &repo,
         &cfg.state_dir,
@@ -878,7 +955,12 @@ fn cmd_recover(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
         &vms,
         &cfg.backup,
     )?;
+    r.instant_restores = instant;
+    r.errors.extend(instant_errors);
     let mut text = String::new();
+    for i in &r.instant_restores {
+        text.push_str(&format!("instant restore of {i}\n"));
+    }
     for i in &r.interrupted {
         text.push_str(&format!(
             "{}: backup {} was interrupted in its {} phase\n",
@@ -970,6 +1052,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             as_name,
             power_off,
             new_macs,
+            instant,
         } => {
             let vm = as_name.clone().or_else(|| {
                 open_repo(&cfg)
@@ -978,8 +1061,16 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
                     .map(|m| m.vm_name)
             });
             let job = JobRecord::start(&cfg, "restore", vm.as_deref());
-            let r = cmd_restore(&cfg, id, *power_off, as_name.as_deref(), *new_macs)
-                .with_context(|| format!("restore {id}"));
+            let serve = instant.then(|| serve_command(&cli.global));
+            let r = cmd_restore(
+                &cfg,
+                id,
+                *power_off,
+                as_name.as_deref(),
+                *new_macs,
+                serve.as_ref(),
+            )
+            .with_context(|| format!("restore {id}"));
             job.finish_result(&r, Some(id));
             r
         }
@@ -1063,7 +1154,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             since.as_deref(),
         ),
         C::Prune => cli_schedule::cmd_prune(&cfg),
-        C::Recover { domains } => cmd_recover(&cfg, domains),
+        C::Recover { domains } => cmd_recover(&cfg, domains, &serve_command(&cli.global)),
         C::ThawGuard { .. } => unreachable!("handled before the configuration is read"),
         C::Schedule(c) => cli_schedule::cmd_schedule(&cfg, c),
         C::RunDue { now, dry_run } => cli_schedule::cmd_run_due(&cfg, now.as_deref(), *dry_run),

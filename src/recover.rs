@@ -57,6 +57,8 @@ pub struct Report {
     /// What restores that were killed left beside the images, removed (or a kept-aside
     /// image put back): see `restore_leftovers`.
     pub restore_leftovers: Vec<String>,
+    /// Interrupted instant restores finished (`instant::recover`), or what state they left.
+    pub instant_restores: Vec<String>,
 }
 
 /// What `recover_locked` did for one VM.

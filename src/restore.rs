@@ -277,7 +277,7 @@ fn leftover(name: &str, pid: u32) -> Option<Leftover> {
         .then_some(Leftover::Temporary)
 }
 
-fn process_alive(pid: u32) -> bool {
+pub(crate) fn process_alive(pid: u32) -> bool {
     let Ok(pid) = i32::try_from(pid) else {
         return false;
     };
@@ -554,6 +554,40 @@ pub fn restore(
     opts: &Options,
     progress: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> Result<Restored> {
+    restore_with(lv, repo, state_dir, id, opts, progress, None).map(|(r, _, _)| r)
+}
+
+/// One disk an instant restore gives the VM: its target, the image it ends in, the image's
+/// format.
+#[derive(Debug, Clone)]
+pub(crate) struct FinalDisk {
+    pub target: String,
+    pub path: PathBuf,
+    pub format: String,
+}
+
+/// What an instant restore (`crate::instant`) does where a restore writes the disks.
+pub(crate) trait InstantHooks {
+    /// Once every check passed and the images at `disks` are made (empty): serves the backup,
+    /// makes the overlays, and returns the definition to start the VM with (`xml`, the final
+    /// one, its disks on the overlays).
+    fn prepare(&mut self, xml: &str, disks: &[FinalDisk]) -> Result<String>;
+    /// The VM is defined on the overlays and the (empty) images are in place: starts it.
+    fn start(&mut self, dom: &Dom) -> Result<()>;
+}
+
+/// `restore`, or with `instant` the first part of an instant restore: the same checks, then
+/// empty images in place of the restored ones, the VM defined on overlays and started.
+/// Returns the VM's lock (still held) and domain too.
+pub(crate) fn restore_with(
+    lv: &Libvirt,
+    repo: &Repository,
+    state_dir: &Path,
+    id: &str,
+    opts: &Options,
+    progress: &(dyn Fn(&str, u64, u64) + Sync),
+    mut instant: Option<&mut dyn InstantHooks>,
+) -> Result<(Restored, crate::locks::VmLock, Dom)> {
     let started = Instant::now();
     let m = repo.load(id)?;
     // A plain QEMU backup keeps no domain XML (its description is QEMU's block graph): it
@@ -574,7 +608,7 @@ pub fn restore(
         None => m.vm_name.parse::<VmRef>()?,
     };
     let name = vm.name().to_string();
-    let _lock = lock_vm(state_dir, &vm)?;
+    let lock = lock_vm(state_dir, &vm)?;
     let dom = lv.find_domain(&name)?;
     if opts.as_name.is_none() {
         let uuid = if m.vm_uuid.is_empty() {
@@ -725,6 +759,20 @@ pub fn restore(
             .to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("create folder", &dir, e))?;
         let index = DiskIndex::decode(&repo.store().get(&d.index_object)?)?;
+        if instant.is_some() {
+            // An empty image of the disk's size and format: the block copy fills it.
+            let e = dir.join(format!(
+                ".{}.vmbackup-restore-{}.{}",
+                d.target,
+                std::process::id(),
+                d.format
+            ));
+            let _ = std::fs::remove_file(&e);
+            temps.0.push(e.clone());
+            crate::instant::create_empty(&e, &d.format, index.virtual_size)?;
+            moves.push((e, target));
+            continue;
+        }
         let label = format!("restore {} {}", m.vm_name, d.target);
         let threads = opts.threads.max(1);
         if d.format == "qcow2" && index.chunk_size.is_multiple_of(crate::qcow2::CLUSTER) {
@@ -816,6 +864,20 @@ pub fn restore(
             power_off(d, opts.shutdown_timeout)?;
         }
     }
+    let final_xml = xml.clone();
+    if let Some(h) = instant.as_mut() {
+        let disks: Vec<FinalDisk> = m
+            .disks
+            .iter()
+            .zip(&targets)
+            .map(|(d, t)| FinalDisk {
+                target: d.target.clone(),
+                path: t.clone(),
+                format: d.format.clone(),
+            })
+            .collect();
+        xml = h.prepare(&final_xml, &disks)?;
+    }
     // The definition before any image: when libvirt refuses it, no disk has changed. When an
     // image cannot be put in place, the replaced images and the definition are put back.
     let previous = match &dom {
@@ -824,7 +886,13 @@ pub fn restore(
     };
     crate::fault::point("restore-before-define");
     let defined = lv.define(&xml)?;
-    match place_disks(&moves, &owned) {
+    let placed = place_disks(&moves, &owned).and_then(|placed| {
+        if let Some(h) = instant.as_mut() {
+            h.start(&defined)?;
+        }
+        Ok(placed)
+    });
+    match placed {
         Ok(placed) => {
             placed.finish();
             created.0.clear();
@@ -857,8 +925,10 @@ pub fn restore(
             }
         }
     }
-    tracing::info!(vm = %name, id, "restored; the VM is left powered off");
-    Ok(Restored {
+    if instant.is_none() {
+        tracing::info!(vm = %name, id, "restored; the VM is left powered off");
+    }
+    let restored = Restored {
         id: id.to_string(),
         vm: name,
         disks: m.disks.iter().map(|d| d.target.clone()).collect(),
@@ -866,7 +936,8 @@ pub fn restore(
         reserved,
         warnings,
         state: plan.report,
-    })
+    };
+    Ok((restored, lock, defined))
 }
 
 /// Where the NVRAM and TPM state of a backup go, and which folders they need.
@@ -1115,7 +1186,7 @@ fn remove_stray_state(plan: &StatePlan) {
 /// removes libvirt's record of every checkpoint of vmbackup's (their bitmaps are gone). Other
 /// checkpoints are left alone, with a warning, since their bitmaps are gone too. Returns what
 /// could not be done.
-fn forget_checkpoints(dom: &Dom) -> Vec<String> {
+pub(crate) fn forget_checkpoints(dom: &Dom) -> Vec<String> {
     let names = match dom.checkpoints() {
         Ok(n) => n,
         Err(e) => {

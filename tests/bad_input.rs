@@ -409,6 +409,7 @@ fn restoring_a_plain_qemu_backup_onto_libvirt_is_refused_clearly() {
         &["restore", id.as_str()][..],
         &["restore", id.as_str(), "--power-off"],
         &["restore", id.as_str(), "--as", as_name.as_str()],
+        &["restore", id.as_str(), "--instant", "--power-off"],
     ] {
         let r = vmbackup(&place, args);
         assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);

@@ -529,6 +529,21 @@ impl Dom {
         }
     }
 
+    /// Starts a full block copy of `disk` (its whole backing chain, flattened) into the
+    /// existing image that `dest_xml` (a `<disk type='file'>` with its `<driver type>`)
+    /// names; it mirrors the guest's writes once ready, until pivoted or aborted.
+    pub fn block_copy_reuse(&self, disk: &str, dest_xml: &str) -> Result<()> {
+        raw::block_copy(
+            &self.dom,
+            disk,
+            dest_xml,
+            // libvirt 9.0 refuses a copy of a persistent domain unless its job is transient
+            // (not kept across a libvirtd restart: `recover` starts it again then).
+            sys::VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | sys::VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB,
+        )
+        .map_err(self.err("block copy"))
+    }
+
     /// Cancels the block job on `disk` (the VM stays on its current image).
     pub fn block_job_abort(&self, disk: &str) -> Result<()> {
         raw::block_job_abort(&self.dom, disk, 0).map_err(self.err("abort block job"))
@@ -648,6 +663,28 @@ mod raw {
                 disk.as_ptr(),
                 std::ptr::null(),
                 std::ptr::null(),
+                0,
+                flags,
+            )
+        };
+        if rc < 0 {
+            return Err(Error::last_error());
+        }
+        Ok(())
+    }
+
+    pub fn block_copy(dom: &Domain, disk: &str, dest_xml: &str, flags: u32) -> Result<(), Error> {
+        let disk = CString::new(disk)?;
+        let dest = CString::new(dest_xml)?;
+        // SAFETY: `dom.as_ptr()` is live while `dom` is borrowed; `disk` and `dest` are
+        // NUL-terminated strings that outlive the call; no typed parameters (null, 0); libvirt
+        // keeps no pointer.
+        let rc = unsafe {
+            sys::virDomainBlockCopy(
+                dom.as_ptr(),
+                disk.as_ptr(),
+                dest.as_ptr(),
+                std::ptr::null_mut(),
                 0,
                 flags,
             )

@@ -46,6 +46,8 @@ pub const POINTS: &[&str] = &[
     "restore-temporaries",
     "restore-renamed-one",
     "restore-before-define",
+    "instant-before-start",
+    "instant-copying",
     // plain QEMU
     "qemu-frozen",
     // run-due
