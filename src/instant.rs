@@ -114,12 +114,20 @@ fn safe(name: &str) -> String {
         .to_string()
 }
 
+/// A VM's file name in the records folder: its readable part, then a hash of the whole name,
+/// so that names `safe` maps alike (`a.b`, `a_b`) or cuts short never share a record.
+fn file_stem(vm: &str) -> String {
+    let readable: String = safe(vm).chars().take(40).collect();
+    let hash = crate::digest::sha256_hex(vm.as_bytes());
+    format!("{readable}-{}", &hash[..12])
+}
+
 fn record_path(state_dir: &Path, vm: &str) -> PathBuf {
-    records_dir(state_dir).join(format!("{}.json", safe(vm)))
+    records_dir(state_dir).join(format!("{}.json", file_stem(vm)))
 }
 
 fn log_path(state_dir: &Path, vm: &str) -> PathBuf {
-    records_dir(state_dir).join(format!("{}.serve.log", safe(vm)))
+    records_dir(state_dir).join(format!("{}.serve.log", file_stem(vm)))
 }
 
 impl Record {
@@ -130,7 +138,14 @@ impl Record {
         let tmp = path.with_extension("json.tmp");
         let body = serde_json::to_vec_pretty(self)
             .map_err(|e| Error::Invalid(format!("instant restore record: {e}")))?;
-        std::fs::write(&tmp, body)
+        // 0600: it holds the domain XML, which may hold secrets (a VNC password).
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &body))
             .and_then(|_| std::fs::rename(&tmp, &path))
             .map_err(|e| Error::io("write the instant restore record", &path, e))
     }
@@ -779,6 +794,9 @@ mod tests {
     fn names_are_file_safe_and_disks_are_found_by_target() {
         assert_eq!(safe("web/../x y"), "web_.._x_y");
         assert_eq!(safe("..a"), "a");
+        let (a, b) = (file_stem("a.b"), file_stem("a_b"));
+        assert!(a.starts_with("a.b-") && b.starts_with("a_b-") && a != b);
+        assert_ne!(file_stem(&"x".repeat(70)), file_stem(&"x".repeat(71)));
         let xml = "<domain><devices>\
             <disk type='file'><source file='/t/vda.qcow2'/><target dev='vda'/></disk>\
             <disk type='file'><source file='/vms/b.raw'/><target dev='vdb'/></disk>\

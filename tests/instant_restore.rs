@@ -398,6 +398,16 @@ fn an_interrupted_instant_restore_keeps_the_vm_running_and_recover_finishes_it()
     vm.wait_agent(Duration::from_secs(120)).unwrap();
     assert!(vm.read_file("/mnt/vdb/data").unwrap() == data);
     assert!(!leftovers(&vm, &place).is_empty());
+    // Its record holds the domain XML: 0600.
+    let records: Vec<_> = std::fs::read_dir(place.state().join("instant"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = records[0].metadata().unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "record mode {mode:o}");
     // Another instant restore of the VM, and a backup of it, are refused until it is
     // finished.
     let r = vmbackup(&place, &["restore", &id, "--instant", "--power-off"]);
