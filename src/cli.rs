@@ -214,6 +214,18 @@ pub enum Command {
     Prune,
     /// Remove chunks that no backup references
     Gc,
+    /// Print a shell completion script: `vmbackup completions bash >
+    /// /usr/share/bash-completion/completions/vmbackup`
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page vmbackup(1), or write it and one per command to --dir
+    Man {
+        /// Write vmbackup.1, vmbackup-backup.1, ... into this folder
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// What the backups take, per VM (exclusive and shared bytes, GiB-hours over a period)
     /// and in all (chunks, stored bytes, deduplication, free space)
     Usage {

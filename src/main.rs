@@ -3,6 +3,7 @@
 //! logs, warnings and progress go to stderr.
 
 mod cli;
+mod cli_docs;
 mod cli_mount;
 mod cli_schedule;
 mod cli_usage;
@@ -148,6 +149,17 @@ struct Output {
     json: Value,
     text: String,
     code: i32,
+}
+
+/// Writes the result to stdout. A reader that went away (`vmbackup list | head`) is not an
+/// error worth a panic: what it did not read is dropped, as `ls | head` does.
+fn emit(text: &str) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("error: cannot write the result to stdout: {e}");
+        }
+    }
 }
 
 fn human_bytes(b: u64) -> String {
@@ -1033,6 +1045,12 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             code: exit::OK,
         });
     }
+    // Made from the command definitions alone: no configuration needed.
+    match &cli.command {
+        C::Completions { shell } => return cli_docs::cmd_completions(*shell),
+        C::Man { dir } => return cli_docs::cmd_man(dir.as_deref()),
+        _ => {}
+    }
     let file = FileConfig::load(cli.global.config.as_deref())?;
     let mut cfg = Config::resolve(cli.global.overrides(), file)?;
     // This binary guards the plain QEMU guests it freezes (see thaw_guard).
@@ -1136,6 +1154,9 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
         }
         C::Verify { ids, metadata } => cmd_verify(&cfg, ids, *metadata),
         C::Gc => cmd_gc(&cfg),
+        // Answered before the configuration is read.
+        C::Completions { shell } => cli_docs::cmd_completions(*shell),
+        C::Man { dir } => cli_docs::cmd_man(dir.as_deref()),
         C::Usage { vm, from, to } => {
             cli_usage::cmd_usage(&cfg, vm.as_deref(), from.as_deref(), to.as_deref())
         }
@@ -1211,10 +1232,10 @@ fn main() -> ExitCode {
                     }
                 }
                 if !out.json.is_null() {
-                    println!("{}", out.json);
+                    emit(&format!("{}\n", out.json));
                 }
             } else {
-                print!("{}", out.text);
+                emit(&out.text);
             }
             ExitCode::from(out.code as u8)
         }

@@ -89,3 +89,124 @@ fn nonsense_full_read_settings_are_bad_input() {
     }
     assert!(!place.repo().join("backups").exists());
 }
+
+#[test]
+fn completions_and_man_pages_come_from_the_command_definitions() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    // bash: a script bash accepts, completing the commands and their options.
+    let out = Command::new(binary())
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let script = String::from_utf8(out.stdout).unwrap();
+    for word in [
+        "boot-test",
+        "restore",
+        "--instant",
+        "--boot-test-every",
+        "usage",
+    ] {
+        assert!(script.contains(word), "bash completion lacks {word}");
+    }
+    let file = dir.path().join("vmbackup.bash");
+    std::fs::write(&file, &script).unwrap();
+    let check = Command::new("bash").arg("-n").arg(&file).output().unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    for shell in ["zsh", "fish"] {
+        let out = Command::new(binary())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success() && !out.stdout.is_empty(), "{shell}");
+    }
+    let bad = Command::new(binary())
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+
+    // Man pages: one per command (nested ones too), each rendered by man(1) without a
+    // complaint; the main page names every command.
+    let pages = dir.path().join("man");
+    std::fs::create_dir(&pages).unwrap();
+    let out = Command::new(binary())
+        .args(["man", "--dir"])
+        .arg(&pages)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let names: Vec<String> = std::fs::read_dir(&pages)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for page in [
+        "vmbackup.1",
+        "vmbackup-backup.1",
+        "vmbackup-restore.1",
+        "vmbackup-schedule-add.1",
+        "vmbackup-mount.1",
+    ] {
+        assert!(names.contains(&page.to_string()), "{page} not in {names:?}");
+    }
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.contains("help") || n.contains("daemon")),
+        "{names:?}"
+    );
+    for page in ["vmbackup.1", "vmbackup-schedule-add.1"] {
+        let r = Command::new("man")
+            .arg("-l")
+            .arg(pages.join(page))
+            .env("MANWIDTH", "100")
+            .env("MANPAGER", "cat")
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{page}");
+        assert!(
+            r.stderr.is_empty(),
+            "{page}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        let text = String::from_utf8_lossy(&r.stdout);
+        assert!(text.contains("NAME") && text.contains("OPTIONS"), "{text}");
+        if page == "vmbackup.1" {
+            for cmd in ["boot-test", "mount", "usage", "completions"] {
+                assert!(text.contains(cmd), "vmbackup(1) lacks {cmd}");
+            }
+        }
+    }
+    let r = vmbackup(&Place::new(), &["man", "--dir", "/nonexistent-folder"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+
+    // A reader that stops early (`| head -1`): no panic, exit 0.
+    let mut child = Command::new(binary())
+        .args(["completions", "bash"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}
