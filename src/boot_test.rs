@@ -373,21 +373,14 @@ fn make_dir(domain: &str, owner: Option<(u32, u32)>) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// A qcow2 overlay of `size` bytes backed by the raw NBD export `uri`.
 pub(crate) fn qemu_img_create(overlay: &Path, uri: &str, size: u64) -> Result<()> {
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b", uri])
-        .arg(overlay)
-        .arg(size.to_string())
-        .output()
-        .map_err(|e| Error::io("run", "qemu-img", e))?;
-    if !out.status.success() {
-        return Err(Error::Invalid(format!(
-            "qemu-img create {}: {}",
-            overlay.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
+    Ok(crate::image::create(
+        overlay,
+        "qcow2",
+        size,
+        Some((uri, "raw")),
+    )?)
 }
 
 /// Boot-tests backup `opts.id` of `repo`. Bad input (an unknown backup, one of a plain QEMU

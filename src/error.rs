@@ -48,6 +48,10 @@ pub enum Error {
     Config { key: String, detail: String },
     #[error("refused by pre-flight: {}", .0.refusals().join("; "))]
     Refused(Box<crate::preflight::Report>),
+    /// Refused because of the state something is in (a VM running, a backup pinned): exit
+    /// 3, as a pre-flight refusal; trying again will not help until that changes.
+    #[error("refused: {0}")]
+    RefusedState(String),
     #[error("busy: {0}")]
     Busy(String),
     #[error(transparent)]
@@ -97,7 +101,7 @@ impl Error {
             | Error::InvalidName(_)
             | Error::Config { .. }
             | Error::Invalid(_) => exit::BAD_INPUT,
-            Error::Refused(_) => exit::REFUSED,
+            Error::Refused(_) | Error::RefusedState(_) => exit::REFUSED,
             Error::Busy(_) | Error::Mount(MountError::Busy { .. }) => exit::BUSY,
             Error::Interrupted => crate::interrupt::exit_code(),
             _ => exit::FAILED,

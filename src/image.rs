@@ -54,6 +54,23 @@ fn qemu_img(args: &[&str]) -> Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
+/// Creates image `path` (`qemu-img create`) in `format`, of `size` bytes, on top of `backing`
+/// (a file or an NBD URI, and its format) when one is given; a backing is not opened (`-u`).
+/// Over an existing file, qemu-img keeps that file's mode.
+pub fn create(path: &Path, format: &str, size: u64, backing: Option<(&str, &str)>) -> Result<()> {
+    let p = path.to_str().ok_or_else(|| ImageError::Unsupported {
+        path: path.to_path_buf(),
+        why: "its path is not UTF-8".into(),
+    })?;
+    let size = size.to_string();
+    let mut args = vec!["create", "-q", "-f", format];
+    if let Some((file, file_format)) = backing {
+        args.extend(["-F", file_format, "-u", "-b", file]);
+    }
+    args.extend([p, size.as_str()]);
+    qemu_img(&args).map(|_| ())
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct ImageInfo {
     pub format: String,

@@ -193,37 +193,6 @@ pub fn refuse_while_unfinished(state_dir: &Path, vm: &VmRef) -> Result<()> {
     }
 }
 
-/// An empty image of `size` bytes in `format` at `path` (new, 0600).
-pub fn create_empty(path: &Path, format: &str, size: u64) -> Result<()> {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| Error::io("create", path, e))?;
-    if format == "raw" {
-        return f
-            .set_len(size)
-            .map_err(|e| Error::io("set the size of", path, e));
-    }
-    drop(f);
-    // qemu-img keeps the mode of the file it writes over.
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", format])
-        .arg(path)
-        .arg(size.to_string())
-        .output()
-        .map_err(|e| Error::io("run", "qemu-img", e))?;
-    if !out.status.success() {
-        return Err(Error::Invalid(format!(
-            "qemu-img create {}: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
-}
-
 /// The private folder of an instant restore of `vm`: 0700, owned by QEMU's user.
 fn make_dir(vm: &str, owner: Option<(u32, u32)>) -> Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
@@ -836,18 +805,5 @@ mod tests {
             d.contains("type='raw'") && d.contains("file='/vms/b.raw'"),
             "{d}"
         );
-    }
-
-    #[test]
-    fn empty_images_have_the_size_and_format() {
-        let dir = tempfile::tempdir().unwrap();
-        let raw = dir.path().join("a.raw");
-        create_empty(&raw, "raw", 1 << 20).unwrap();
-        assert_eq!(std::fs::metadata(&raw).unwrap().len(), 1 << 20);
-        assert!(create_empty(&raw, "raw", 1).is_err(), "never over a file");
-        let q = dir.path().join("a.qcow2");
-        create_empty(&q, "qcow2", 1 << 20).unwrap();
-        let head = std::fs::read(&q).unwrap();
-        assert_eq!(&head[..4], b"QFI\xfb");
     }
 }

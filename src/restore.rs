@@ -566,7 +566,7 @@ pub(crate) struct FinalDisk {
     pub format: String,
 }
 
-/// What an instant restore (`crate::instant`) does where a restore writes the disks.
+/// What an instant restore (the `instant` module) does where a restore writes the disks.
 pub(crate) trait InstantHooks {
     /// Once every check passed and the images at `disks` are made (empty): serves the backup,
     /// makes the overlays, and returns the definition to start the VM with (`xml`, the final
@@ -667,7 +667,8 @@ pub(crate) fn restore_with(
 
     if let Some(d) = &dom {
         if d.state()? != PowerState::ShutOff && !opts.power_off {
-            return Err(Error::Busy(format!(
+            // Refused (3), not busy (4): a scheduler retrying will not help.
+            return Err(Error::RefusedState(format!(
                 "{} is running; shut it down or give --power-off",
                 name
             )));
@@ -769,7 +770,7 @@ pub(crate) fn restore_with(
             ));
             let _ = std::fs::remove_file(&e);
             temps.0.push(e.clone());
-            crate::instant::create_empty(&e, &d.format, index.virtual_size)?;
+            create_empty(&e, &d.format, index.virtual_size)?;
             moves.push((e, target));
             continue;
         }
@@ -1246,6 +1247,24 @@ fn power_off(d: &crate::hypervisor::libvirt::Dom, timeout: Duration) -> Result<(
     Ok(())
 }
 
+/// An empty image of `size` bytes in `format` at `path` (new, 0600).
+pub fn create_empty(path: &Path, format: &str, size: u64) -> Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io("create", path, e))?;
+    if format == "raw" {
+        return f
+            .set_len(size)
+            .map_err(|e| Error::io("set the size of", path, e));
+    }
+    drop(f);
+    // qemu-img keeps the mode of the file it writes over.
+    Ok(crate::image::create(path, format, size, None)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1367,5 +1386,18 @@ mod tests {
         assert_eq!(names(d), ["a.qcow2", "b.qcow2"]);
         assert_eq!(std::fs::read(d.join("a.qcow2")).unwrap(), b"new a");
         assert_eq!(std::fs::read(d.join("b.qcow2")).unwrap(), b"new b");
+    }
+
+    #[test]
+    fn empty_images_have_the_size_and_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("a.raw");
+        create_empty(&raw, "raw", 1 << 20).unwrap();
+        assert_eq!(std::fs::metadata(&raw).unwrap().len(), 1 << 20);
+        assert!(create_empty(&raw, "raw", 1).is_err(), "never over a file");
+        let q = dir.path().join("a.qcow2");
+        create_empty(&q, "qcow2", 1 << 20).unwrap();
+        let head = std::fs::read(&q).unwrap();
+        assert_eq!(&head[..4], b"QFI\xfb");
     }
 }

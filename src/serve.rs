@@ -328,6 +328,37 @@ fn bind_unix(path: &Path) -> Result<(Listener, SocketFile)> {
     ))
 }
 
+/// The chosen disks of backup `m` as sources sharing one chunk cache, and the shared
+/// repository lock that keeps a gc from freeing their chunks while they are read (hold it as
+/// long as they are; `RepoLock::is_lost` says when it no longer does that).
+pub(crate) fn open_sources(
+    repo: &Arc<Repository>,
+    m: &crate::repository::manifest::Manifest,
+    chosen: &[&crate::repository::manifest::DiskEntry],
+) -> Result<(Vec<Arc<DiskSource>>, crate::repository::locks::RepoLock)> {
+    let indexes = chosen
+        .iter()
+        .map(|d| repo.get_index(&m.id, d).map(|i| (d.target.clone(), i)))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let lock = repo
+        .lock_for_backup()?
+        .ok_or_else(|| Error::Busy("a gc holds the repository".into()))?;
+    let cache = Arc::new(ChunkCache::new(CACHE_BYTES));
+    let sources = indexes
+        .into_iter()
+        .map(|(target, index)| {
+            Arc::new(DiskSource {
+                repo: repo.clone(),
+                backup: m.id.clone(),
+                target,
+                index,
+                cache: cache.clone(),
+            })
+        })
+        .collect();
+    Ok((sources, lock))
+}
+
 /// The disks of backup `m` named in `disks` (all when empty); an unknown one is bad input.
 pub(crate) fn chosen_disks<'a>(
     m: &'a crate::repository::manifest::Manifest,
@@ -378,25 +409,12 @@ pub fn serve_until(
             )));
         }
     }
-    let indexes = chosen
-        .iter()
-        .map(|d| repo.get_index(&m.id, d).map(|i| (d.target.clone(), i)))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let lock = repo
-        .lock_for_backup()?
-        .ok_or_else(|| Error::Busy("a gc holds the repository".into()))?;
-    let cache = Arc::new(ChunkCache::new(CACHE_BYTES));
-    let exports: Vec<Export> = indexes
+    let (sources, lock) = open_sources(&repo, &m, &chosen)?;
+    let exports: Vec<Export> = sources
         .into_iter()
-        .map(|(target, index)| Export {
-            name: target.clone(),
-            source: Arc::new(DiskSource {
-                repo: repo.clone(),
-                backup: m.id.clone(),
-                target,
-                index,
-                cache: cache.clone(),
-            }),
+        .map(|source| Export {
+            name: source.target.clone(),
+            source,
         })
         .collect();
     let (listener, _socket, socket, port) = match &opts.endpoint {

@@ -20,7 +20,7 @@ use fuser::{
 use crate::error::{Error, Result};
 use crate::nbd::server::BlockSource;
 use crate::repository::Repository;
-use crate::serve::{ChunkCache, DiskSource, CACHE_BYTES};
+use crate::serve::DiskSource;
 
 /// The FUSE file system's type in the mount table: `fuse.vmbackup`.
 pub const SUBTYPE: &str = "vmbackup";
@@ -168,26 +168,7 @@ impl Filesystem for DiskFiles {
 pub fn daemon(repo: Arc<Repository>, opts: &DaemonOptions) -> Result<()> {
     let m = repo.load(&opts.id)?;
     let chosen = crate::serve::chosen_disks(&m, &opts.disks)?;
-    let indexes = chosen
-        .iter()
-        .map(|d| repo.get_index(&m.id, d).map(|i| (d.target.clone(), i)))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let _lock = repo
-        .lock_for_backup()?
-        .ok_or_else(|| Error::Busy("a gc holds the repository".into()))?;
-    let cache = Arc::new(ChunkCache::new(CACHE_BYTES));
-    let disks = indexes
-        .into_iter()
-        .map(|(target, index)| {
-            Arc::new(DiskSource {
-                repo: repo.clone(),
-                backup: m.id.clone(),
-                target,
-                index,
-                cache: cache.clone(),
-            })
-        })
-        .collect();
+    let (disks, lock) = crate::serve::open_sources(&repo, &m, &chosen)?;
     let fs = DiskFiles {
         disks,
         time: SystemTime::now(),
@@ -217,6 +198,11 @@ pub fn daemon(repo: Arc<Repository>, opts: &DaemonOptions) -> Result<()> {
         }
         if crate::interrupt::requested() {
             tracing::info!("stop signal: unmounting the FUSE file system");
+            break;
+        }
+        // A gc may free the chunks from now on: unmounted rather than EIO later.
+        if lock.is_lost() {
+            tracing::error!("the repository lock was lost: unmounting the FUSE file system");
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
