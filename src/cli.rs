@@ -144,8 +144,14 @@ pub enum Command {
         #[arg(long)]
         instant: bool,
     },
-    /// Delete a backup
-    Delete { id: String },
+    /// Delete backups (their chunks are freed by gc)
+    Delete {
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<String>,
+        /// Delete pinned backups too (refused otherwise, exit 3)
+        #[arg(long)]
+        force: bool,
+    },
     /// Serve a backup's disks read-only over NBD (one export per disk, named after its
     /// target, e.g. vda) until SIGINT/SIGTERM or --idle-timeout; prints what to connect to
     Serve {

@@ -428,10 +428,13 @@ pub fn cmd_run_due(cfg: &Config, now: Option<&str>, dry_run: bool) -> anyhow::Re
     }
     let failed = r.failed();
     // A backup that does not boot is made, but the job did not do what was asked: a run with
-    // only such failures is partial, like one with a failed backup beside good ones.
-    let code = match (failed, r.succeeded(), r.boot_tests_failed()) {
+    // only such failures is partial, like one with a failed backup beside good ones. So is
+    // a run whose report could not be sent (nobody was told), or that could not finish an
+    // interrupted run.
+    let undone = r.boot_tests_failed() + r.report_errors.len() + r.recover_errors.len();
+    let code = match (failed, r.succeeded(), undone) {
         (0, _, 0) => exit::OK,
-        (_, 0, _) => exit::FAILED,
+        (_, 0, _) if failed > 0 => exit::FAILED,
         _ => exit::PARTIAL,
     };
     Ok(Output {
@@ -515,13 +518,15 @@ pub fn cmd_prune(cfg: &Config) -> anyhow::Result<Output> {
     for e in &errors {
         text.push_str(&format!("  error: {e}\n"));
     }
+    // Some deleted and some not: partly done (5); none of several: failed (1).
+    let code = match (errors.is_empty(), deleted.is_empty()) {
+        (true, _) => exit::OK,
+        (false, true) => exit::FAILED,
+        (false, false) => exit::PARTIAL,
+    };
     Ok(Output {
         json: json!({"ok": errors.is_empty(), "deleted": deleted, "errors": errors}),
         text,
-        code: if errors.is_empty() {
-            exit::OK
-        } else {
-            exit::FAILED
-        },
+        code,
     })
 }

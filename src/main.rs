@@ -767,13 +767,96 @@ fn cmd_boot_test(
     })
 }
 
-fn cmd_delete(cfg: &Config, id: &str) -> anyhow::Result<Output> {
+/// Deletes backups `ids`: all checked first (an unknown id is exit 2, a pinned one without
+/// `--force` exit 3, and nothing is deleted), then each deleted and recorded as a job; some
+/// failing is exit 5, all failing exit 1.
+fn cmd_delete(cfg: &Config, ids: &[String], force: bool) -> anyhow::Result<Output> {
+    use vmbackup::repository::RepoError;
     let repo = open_repo(cfg)?;
-    repo.delete(id).map_err(vmbackup::Error::from)?;
+    let mut unique: Vec<&String> = Vec::new();
+    for id in ids {
+        if !unique.contains(&id) {
+            unique.push(id);
+        }
+    }
+    // A backup whose manifest cannot be read is there (and can be deleted); only a missing
+    // one is unknown.
+    let mut vms = Vec::new();
+    let mut unknown = Vec::new();
+    for id in &unique {
+        match repo.load(id) {
+            Ok(m) => vms.push(Some(m.vm_name)),
+            Err(RepoError::NotFound(_)) => unknown.push(id.as_str()),
+            Err(RepoError::BadName(e)) => {
+                return Err(vmbackup::Error::from(RepoError::BadName(e)).into())
+            }
+            Err(_) => vms.push(None),
+        }
+    }
+    if !unknown.is_empty() {
+        return Err(vmbackup::Error::Invalid(format!(
+            "no backup {} (nothing deleted)",
+            unknown.join(", ")
+        ))
+        .into());
+    }
+    let state = vmbackup::state::State::open(&cfg.state_dir).map_err(vmbackup::Error::from)?;
+    let pinned = state.pinned().map_err(vmbackup::Error::from)?;
+    let held: Vec<&str> = unique
+        .iter()
+        .filter(|id| pinned.contains(id.as_str()))
+        .map(|id| id.as_str())
+        .collect();
+    if !held.is_empty() && !force {
+        return Err(vmbackup::Error::RefusedState(format!(
+            "{} pinned (vmbackup unpin ID, or delete --force); nothing deleted",
+            if held.len() == 1 {
+                format!("backup {} is", held[0])
+            } else {
+                format!("backups {} are", held.join(", "))
+            }
+        ))
+        .into());
+    }
+    let (mut deleted, mut errors) = (Vec::new(), Vec::new());
+    let mut text = String::new();
+    for (id, vm) in unique.iter().zip(&vms) {
+        let job = JobRecord::start(cfg, "delete", vm.as_deref());
+        let r = repo
+            .delete(id)
+            .map_err(vmbackup::Error::from)
+            .with_context(|| format!("delete {id}"))
+            .map_err(anyhow::Error::from);
+        job.finish_result(&r, Some(id));
+        match r {
+            Ok(()) => {
+                if pinned.contains(id.as_str()) {
+                    let _ = state.unpin(id);
+                }
+                text.push_str(&format!("deleted {id}\n"));
+                deleted.push(id.to_string());
+            }
+            Err(e) => {
+                text.push_str(&format!("cannot delete {id}: {e:#}\n"));
+                errors.push(json!({"id": id, "error": format!("{e:#}")}));
+            }
+        }
+        if vmbackup::interrupt::requested() {
+            break;
+        }
+    }
+    if !deleted.is_empty() {
+        text.push_str("(their chunks are freed by gc)\n");
+    }
+    let code = match (deleted.is_empty(), errors.is_empty()) {
+        (_, true) => exit::OK,
+        (true, false) => exit::FAILED,
+        (false, false) => exit::PARTIAL,
+    };
     Ok(Output {
-        json: json!({"ok": true, "deleted": id}),
-        text: format!("deleted {id} (its chunks are freed by gc)\n"),
-        code: exit::OK,
+        json: json!({"ok": code == exit::OK, "deleted": deleted, "errors": errors}),
+        text,
+        code,
     })
 }
 
@@ -795,14 +878,43 @@ fn cmd_verify(cfg: &Config, ids: &[String], metadata: bool) -> anyhow::Result<Ou
     } else {
         ids.to_vec()
     };
+    if !all {
+        // Unknown ids are bad input, found before anything is read.
+        let unknown: Vec<&str> = ids
+            .iter()
+            .filter(|id| {
+                matches!(
+                    repo.load(id),
+                    Err(vmbackup::repository::RepoError::NotFound(_))
+                )
+            })
+            .map(String::as_str)
+            .collect();
+        if !unknown.is_empty() {
+            return Err(
+                vmbackup::Error::Invalid(format!("no backup {}", unknown.join(", "))).into(),
+            );
+        }
+    }
     let mut results = Vec::new();
     for id in &ids {
         match repo.verify(id) {
             Ok(v) => results.push(v),
             // Deleted (a delete or prune elsewhere) since the listing: not ours to verify.
             Err(vmbackup::repository::RepoError::NotFound(_)) if all => continue,
-            Err(e) => return Err(vmbackup::Error::from(e).into()),
+            // One that cannot be checked (its manifest or an index does not read) is reported
+            // with the others, which are all checked.
+            Err(e) => results.push(vmbackup::repository::maintain::Verified {
+                id: id.clone(),
+                vm: String::new(),
+                ok: false,
+                chunks: 0,
+                damaged: vec![chain(&e)],
+            }),
         };
+        if vmbackup::interrupt::requested() {
+            break;
+        }
     }
     Ok(verified_output(results, false))
 }
@@ -1142,16 +1254,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             cli_mount::cmd_umount(&cfg, dir).with_context(|| format!("umount {}", dir.display()))
         }
         C::MountDaemon { id, at, disks } => cli_mount::cmd_mount_daemon(&cfg, id, at, disks),
-        C::Delete { id } => {
-            let vm = open_repo(&cfg)
-                .ok()
-                .and_then(|r| r.load(id).ok())
-                .map(|m| m.vm_name);
-            let job = JobRecord::start(&cfg, "delete", vm.as_deref());
-            let r = cmd_delete(&cfg, id).with_context(|| format!("delete {id}"));
-            job.finish_result(&r, Some(id));
-            r
-        }
+        C::Delete { ids, force } => cmd_delete(&cfg, ids, *force),
         C::Verify { ids, metadata } => cmd_verify(&cfg, ids, *metadata),
         C::Gc => cmd_gc(&cfg),
         // Answered before the configuration is read.

@@ -195,7 +195,7 @@ fn an_instant_restore_runs_the_vm_at_once_and_ends_it_on_its_own_images() {
     // Bad input: nothing changes.
     let before = vm.dom().inactive_xml().unwrap();
     let r = vmbackup(&place, &["restore", &id, "--instant"]);
-    assert_eq!(r.code, 4, "running, no --power-off: {}", r.stderr);
+    assert_eq!(r.code, 3, "running, no --power-off: refused: {}", r.stderr);
     assert!(r.stderr.contains("--power-off"), "{}", r.stderr);
     let r = vmbackup(&place, &["restore", "no-such-backup", "--instant"]);
     assert_eq!(r.code, 2, "{}", r.stderr);

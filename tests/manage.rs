@@ -187,3 +187,113 @@ fn usage_splits_stored_bytes_into_each_vms_own_and_shared_and_a_vms_own_is_what_
         assert_eq!(r.code, 2, "{bad:?}: {}", r.stderr);
     }
 }
+
+/// Makes a file immutable (`chattr +i`: even root cannot delete it) until dropped: a
+/// deletion that really fails.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn new(p: std::path::PathBuf) -> Immutable {
+        let st = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(&p)
+            .status()
+            .unwrap();
+        assert!(st.success(), "chattr +i {}", p.display());
+        Immutable(p)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn delete_and_verify_take_several_ids_check_them_all_first_and_report_each() {
+    let vm = TestVmBuilder::new("mg-many")
+        .disk("vdb", vmbackup_testkit::libvirt_vm::Format::Qcow2, 16 * MIB)
+        .define()
+        .unwrap();
+    let place = Place::new();
+    let ids: Vec<String> = (0..3).map(|_| backup_id(&place, &[vm.name()])).collect();
+    let listed = || -> Vec<String> {
+        vmbackup(&place, &["list"]).json["backups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let manifest = |id: &str| place.repo().join("backups").join(id).join("manifest.json");
+
+    // verify A B C: one whose manifest does not read is reported beside the others, which
+    // are all checked; an unknown id is bad input.
+    std::fs::write(manifest(&ids[1]), b"{ not json").unwrap();
+    let v = vmbackup(&place, &["verify", &ids[0], &ids[1], &ids[2]]);
+    assert_eq!(v.code, 1, "{}", v.stderr);
+    let rows = v.json["backups"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{}", v.json);
+    let ok: Vec<bool> = rows.iter().map(|r| r["ok"].as_bool().unwrap()).collect();
+    assert_eq!(ok, [true, false, true], "{}", v.json);
+    assert!(!rows[1]["damaged"][0].as_str().unwrap().is_empty());
+    let v = vmbackup(&place, &["verify", &ids[0], "nosuch-20270101T000000Z-0000"]);
+    assert_eq!(v.code, 2, "{}", v.stderr);
+
+    // A pinned backup is refused without --force (exit 3), an unknown id is exit 2: nothing
+    // is deleted either way.
+    assert_eq!(vmbackup(&place, &["pin", &ids[2]]).code, 0);
+    let d = vmbackup(&place, &["delete", &ids[0], &ids[2]]);
+    assert_eq!(d.code, 3, "{}", d.stderr);
+    assert!(d.stderr.contains("pinned"), "{}", d.stderr);
+    let d = vmbackup(&place, &["delete", &ids[0], "nosuch-20270101T000000Z-0000"]);
+    assert_eq!(d.code, 2, "{}", d.stderr);
+    assert_eq!(
+        listed().len(),
+        2,
+        "the unreadable one is not listed; the others stay"
+    );
+
+    // One of two deletions fails (its manifest immutable): the other is deleted, exit 5,
+    // each in the JSON and the history.
+    let stuck = Immutable::new(manifest(&ids[0]));
+    let d = vmbackup(&place, &["delete", &ids[0], &ids[2], "--force"]);
+    assert_eq!(d.code, 5, "{}\n{}", d.json, d.stderr);
+    assert_eq!(d.json["deleted"], json!([ids[2]]));
+    assert_eq!(d.json["errors"][0]["id"], ids[0].as_str());
+    assert_eq!(listed(), vec![ids[0].clone()]);
+    let h = vmbackup(&place, &["history", "--all"]);
+    let deletes: Vec<(String, String)> = h.json["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["kind"] == "delete")
+        .map(|j| {
+            (
+                j["backup_id"].as_str().unwrap_or_default().to_string(),
+                j["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        deletes.contains(&(ids[0].clone(), "failed".into())),
+        "{deletes:?}"
+    );
+    assert!(
+        deletes.contains(&(ids[2].clone(), "ok".into())),
+        "{deletes:?}"
+    );
+    // Every deletion failing is exit 1.
+    let d = vmbackup(&place, &["delete", &ids[0]]);
+    assert_eq!(d.code, 1, "{}", d.stderr);
+    drop(stuck);
+    // Freed, it goes; the unreadable one too.
+    let d = vmbackup(&place, &["delete", &ids[0], &ids[1]]);
+    assert_eq!(d.code, 0, "{}", d.stderr);
+    assert_eq!(d.json["deleted"], json!([ids[0], ids[1]]));
+    assert!(listed().is_empty());
+}

@@ -65,7 +65,7 @@ fn restore_brings_back_the_data_vcpus_memory_and_mac_and_leaves_the_vm_off() {
     // Running, without --power-off: refused, nothing changed.
     let before = vm.dom().inactive_xml().unwrap();
     let r = vmbackup(&place, &["restore", &id]);
-    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert_eq!(r.code, 3, "running, no --power-off: refused: {}", r.stderr);
     assert_eq!(vm.dom().inactive_xml().unwrap(), before);
     assert_eq!(
         vm.read_file("/mnt/vdb/data").unwrap(),

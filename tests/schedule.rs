@@ -811,3 +811,88 @@ fn a_schedule_with_a_libvirt_and_a_plain_qemu_vm_of_one_name_prunes_each_after_i
         "libvirt VM's backups"
     );
 }
+
+#[test]
+fn a_prune_that_deletes_some_and_a_run_due_whose_report_fails_exit_5() {
+    let vm = TestVmBuilder::new("sch-partial")
+        .disk("vdb", Format::Qcow2, 16 * MIB)
+        .define()
+        .expect("VM defined");
+    let place = Place::new();
+    let add = vmbackup(
+        &place,
+        &[
+            "schedule",
+            "add",
+            "p",
+            "--vm",
+            vm.name(),
+            "--type",
+            "daily",
+            "--slot",
+            "3",
+            "--tz",
+            "UTC",
+            "--start",
+            "2027-04-01",
+        ],
+    );
+    assert_eq!(add.code, 0, "{}", add.stderr);
+    let none = place.dir.path().join("none.toml");
+    std::fs::write(&none, "").unwrap();
+    let none = none.to_string_lossy().into_owned();
+    for day in ["2027-04-01", "2027-04-02"] {
+        let r = run_due_at(&place, &none, &format!("{day}T04:00:00Z"));
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    }
+    // Day 3: the backup is made, but its report cannot be delivered: exit 5, said in JSON.
+    let failing = place.dir.path().join("failing.toml");
+    std::fs::write(&failing, "[report]\ncommand = [\"/bin/false\"]\n").unwrap();
+    let r = run_due_at(&place, &failing.to_string_lossy(), "2027-04-03T04:00:00Z");
+    assert_eq!(r.code, 5, "{}\n{}", r.json, r.stderr);
+    assert_eq!(r.json["run"]["jobs"][0]["results"][0]["status"], "ok");
+    assert_eq!(
+        r.json["run"]["report_errors"].as_array().unwrap().len(),
+        1,
+        "{}",
+        r.json
+    );
+
+    // Keep 1 of 3: of the two to delete, one cannot be (its manifest immutable): exit 5,
+    // the other is deleted; then the second prune deletes the rest, exit 0.
+    let edit = vmbackup(&place, &["schedule", "edit", "p", "--keep", "1"]);
+    assert_eq!(edit.code, 0, "{}", edit.stderr);
+    let ids: Vec<String> = vmbackup(&place, &["list"]).json["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    let oldest = place
+        .repo()
+        .join("backups")
+        .join(&ids[0])
+        .join("manifest.json");
+    let chattr = |flag: &str| {
+        let st = Command::new("chattr")
+            .arg(flag)
+            .arg(&oldest)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    chattr("+i");
+    let p = vmbackup(&place, &["prune"]);
+    chattr("-i");
+    assert_eq!(p.code, 5, "{}\n{}", p.json, p.stderr);
+    assert_eq!(p.json["deleted"], serde_json::json!([ids[1]]));
+    assert!(
+        p.json["errors"][0].as_str().unwrap().contains(&ids[0]),
+        "{}",
+        p.json
+    );
+    let p = vmbackup(&place, &["prune"]);
+    assert_eq!(p.code, 0, "{}", p.stderr);
+    assert_eq!(p.json["deleted"], serde_json::json!([ids[0]]));
+}
