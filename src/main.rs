@@ -825,8 +825,7 @@ fn cmd_delete(cfg: &Config, ids: &[String], force: bool) -> anyhow::Result<Outpu
         let r = repo
             .delete(id)
             .map_err(vmbackup::Error::from)
-            .with_context(|| format!("delete {id}"))
-            .map_err(anyhow::Error::from);
+            .with_context(|| format!("delete {id}"));
         job.finish_result(&r, Some(id));
         match r {
             Ok(()) => {
