@@ -151,6 +151,9 @@ pub enum Command {
         /// Delete pinned backups too (refused otherwise, exit 3)
         #[arg(long)]
         force: bool,
+        /// Run every check and say what would be deleted; delete nothing
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Serve a backup's disks read-only over NBD (one export per disk, named after its
     /// target, e.g. vda) until SIGINT/SIGTERM or --idle-timeout; prints what to connect to
@@ -217,9 +220,17 @@ pub enum Command {
         metadata: bool,
     },
     /// Apply the retention rules
-    Prune,
+    Prune {
+        /// Only say which backups would be deleted
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Remove chunks that no backup references
-    Gc,
+    Gc {
+        /// Only say how many chunks and bytes would be removed (takes no lock)
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print a shell completion script: `vmbackup completions bash >
     /// /usr/share/bash-completion/completions/vmbackup`
     Completions {

@@ -506,11 +506,22 @@ pub fn cmd_pin(cfg: &Config, id: &str, pin: bool) -> anyhow::Result<Output> {
     })
 }
 
-pub fn cmd_prune(cfg: &Config) -> anyhow::Result<Output> {
+pub fn cmd_prune(cfg: &Config, dry_run: bool) -> anyhow::Result<Output> {
     let repo = vmbackup::unlock::open_repo(cfg)?;
-    let all = run::prune_all(&cfg.state_dir, &repo, Timestamp::now())?;
+    let all = run::prune_all(&cfg.state_dir, &repo, Timestamp::now(), dry_run)?;
     let deleted: Vec<&String> = all.iter().flat_map(|p| &p.deleted).collect();
     let errors: Vec<&String> = all.iter().flat_map(|p| &p.errors).collect();
+    if dry_run {
+        let mut text = format!("would delete {} backups (dry run)\n", deleted.len());
+        for d in &deleted {
+            text.push_str(&format!("  {d}\n"));
+        }
+        return Ok(Output {
+            json: json!({"ok": true, "dry_run": true, "deleted": deleted, "errors": errors}),
+            text,
+            code: exit::OK,
+        });
+    }
     let mut text = format!("deleted {} backups\n", deleted.len());
     for d in &deleted {
         text.push_str(&format!("  {d}\n"));

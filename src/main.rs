@@ -770,7 +770,7 @@ fn cmd_boot_test(
 /// Deletes backups `ids`: all checked first (an unknown id is exit 2, a pinned one without
 /// `--force` exit 3, and nothing is deleted), then each deleted and recorded as a job; some
 /// failing is exit 5, all failing exit 1.
-fn cmd_delete(cfg: &Config, ids: &[String], force: bool) -> anyhow::Result<Output> {
+fn cmd_delete(cfg: &Config, ids: &[String], force: bool, dry_run: bool) -> anyhow::Result<Output> {
     use vmbackup::repository::RepoError;
     let repo = open_repo(cfg)?;
     let mut unique: Vec<&String> = Vec::new();
@@ -817,6 +817,14 @@ fn cmd_delete(cfg: &Config, ids: &[String], force: bool) -> anyhow::Result<Outpu
             }
         ))
         .into());
+    }
+    if dry_run {
+        let would: Vec<&str> = unique.iter().map(|id| id.as_str()).collect();
+        return Ok(Output {
+            text: format!("would delete {} (dry run)\n", would.join(", ")),
+            json: json!({"ok": true, "dry_run": true, "deleted": would, "errors": []}),
+            code: exit::OK,
+        });
     }
     let (mut deleted, mut errors) = (Vec::new(), Vec::new());
     let mut text = String::new();
@@ -1034,8 +1042,21 @@ fn cmd_sync(
     })
 }
 
-fn cmd_gc(cfg: &Config) -> anyhow::Result<Output> {
+fn cmd_gc(cfg: &Config, dry_run: bool) -> anyhow::Result<Output> {
     let repo = open_repo(cfg)?;
+    if dry_run {
+        let c = repo.gc_dry_run().map_err(vmbackup::Error::from)?;
+        return Ok(Output {
+            text: format!(
+                "would remove {} chunks ({}), keep {} (dry run)\n",
+                c.removed_chunks,
+                human_bytes(c.removed_bytes),
+                c.kept_chunks
+            ),
+            json: json!({"ok": true, "dry_run": true, "gc": c}),
+            code: exit::OK,
+        });
+    }
     match repo.gc().map_err(vmbackup::Error::from)? {
         Some(c) => Ok(Output {
             text: format!(
@@ -1253,9 +1274,13 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             cli_mount::cmd_umount(&cfg, dir).with_context(|| format!("umount {}", dir.display()))
         }
         C::MountDaemon { id, at, disks } => cli_mount::cmd_mount_daemon(&cfg, id, at, disks),
-        C::Delete { ids, force } => cmd_delete(&cfg, ids, *force),
+        C::Delete {
+            ids,
+            force,
+            dry_run,
+        } => cmd_delete(&cfg, ids, *force, *dry_run),
         C::Verify { ids, metadata } => cmd_verify(&cfg, ids, *metadata),
-        C::Gc => cmd_gc(&cfg),
+        C::Gc { dry_run } => cmd_gc(&cfg, *dry_run),
         // Answered before the configuration is read.
         C::Completions { shell } => cli_docs::cmd_completions(*shell),
         C::Man { dir } => cli_docs::cmd_man(dir.as_deref()),
@@ -1276,7 +1301,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             vm.as_deref(),
             since.as_deref(),
         ),
-        C::Prune => cli_schedule::cmd_prune(&cfg),
+        C::Prune { dry_run } => cli_schedule::cmd_prune(&cfg, *dry_run),
         C::Recover { domains } => cmd_recover(&cfg, domains, &serve_command(&cli.global)),
         C::ThawGuard { .. } => unreachable!("handled before the configuration is read"),
         C::Schedule(c) => cli_schedule::cmd_schedule(&cfg, c),

@@ -162,13 +162,24 @@ fn usage_splits_stored_bytes_into_each_vms_own_and_shared_and_a_vms_own_is_what_
     assert_eq!(only.json["usage"]["vms"].as_array().unwrap().len(), 1);
     assert_eq!(only.json["usage"]["vms"][0], ua);
 
-    // Deleting all of a's backups, then a gc, frees exactly its exclusive bytes.
+    // Deleting all of a's backups, then a gc, frees exactly its exclusive bytes; a dry run
+    // of the gc says so first and removes nothing.
     let ida = vmbackup(&place, &["list", a.name()]).json["backups"][0]["id"]
         .as_str()
         .unwrap()
         .to_string();
     assert_eq!(vmbackup(&place, &["delete", &ida]).code, 0);
+    let dry = vmbackup(&place, &["gc", "--dry-run"]);
+    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    assert_eq!(dry.json["dry_run"], true);
+    let after_dry = vmbackup(&place, &["usage"]);
+    assert_eq!(
+        after_dry.json["usage"]["repository"]["stored_bytes"],
+        r["stored_bytes"],
+        "a dry run removes nothing"
+    );
     let gc = vmbackup(&place, &["gc"]);
+    assert_eq!(gc.json["gc"], dry.json["gc"], "the dry run said what gc did");
     assert_eq!(gc.code, 0, "{}", gc.stderr);
     assert_eq!(
         gc.json["gc"]["removed_bytes"].as_u64().unwrap(),
@@ -257,6 +268,15 @@ fn delete_and_verify_take_several_ids_check_them_all_first_and_report_each() {
         2,
         "the unreadable one is not listed; the others stay"
     );
+
+    // A dry run checks as the real run does (pinned: exit 3 without --force) and deletes
+    // nothing.
+    let d = vmbackup(&place, &["delete", &ids[0], &ids[2], "--dry-run"]);
+    assert_eq!(d.code, 3, "{}", d.stderr);
+    let d = vmbackup(&place, &["delete", &ids[0], &ids[2], "--force", "--dry-run"]);
+    assert_eq!(d.code, 0, "{}", d.stderr);
+    assert_eq!(d.json["deleted"], json!([ids[0], ids[2]]));
+    assert_eq!(listed().len(), 2);
 
     // One of two deletions fails (its manifest immutable): the other is deleted, exit 5,
     // each in the JSON and the history.

@@ -362,7 +362,7 @@ fn run_one(
             } else if let Some(rule) = spec.retention {
                 // A retention pass that fails is reported with this result; it never stops
                 // the run-due (the other schedules, the reports).
-                match prune(state, repo, &spec.name, vm, rule, o.now) {
+                match prune(state, repo, &spec.name, vm, rule, o.now, false) {
                     Ok(p) => {
                         r.pruned = p.deleted;
                         r.prune_errors = p.errors;
@@ -488,6 +488,7 @@ pub fn prune(
     vm: &VmRef,
     rule: retention::Retention,
     now: Timestamp,
+    dry_run: bool,
 ) -> Result<Pruned> {
     let pinned = state.pinned()?;
     let kept: Vec<Kept> = repo
@@ -507,6 +508,11 @@ pub fn prune(
     let doomed = retention::to_delete(&kept, rule, now);
     let mut out = Pruned::default();
     if doomed.is_empty() {
+        return Ok(out);
+    }
+    if dry_run {
+        // What would go, nothing deleted and no job recorded.
+        out.deleted = doomed;
         return Ok(out);
     }
     crate::fault::point("prune-planned");
@@ -551,14 +557,20 @@ pub fn prune(
     Ok(out)
 }
 
-/// `prune`: every schedule's retention over its VMs, at time `now`.
-pub fn prune_all(state_dir: &Path, repo: &Repository, now: Timestamp) -> Result<Vec<Pruned>> {
+/// `prune`: every schedule's retention over its VMs, at time `now`; with `dry_run`, what it
+/// would delete.
+pub fn prune_all(
+    state_dir: &Path,
+    repo: &Repository,
+    now: Timestamp,
+    dry_run: bool,
+) -> Result<Vec<Pruned>> {
     let state = State::open(state_dir)?;
     let mut all = Vec::new();
     for (spec, _) in state.schedules()? {
         let Some(rule) = spec.retention else { continue };
         for vm in &spec.vms {
-            all.push(prune(&state, repo, &spec.name, vm, rule, now)?);
+            all.push(prune(&state, repo, &spec.name, vm, rule, now, dry_run)?);
         }
     }
     Ok(all)

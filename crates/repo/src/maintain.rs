@@ -147,8 +147,54 @@ impl Repository {
             tracing::info!(files = leftovers, "removed what unfinished backups left");
         }
         crate::failpoint::point("gc-listed");
+        let plan = self.gc_plan(&listing.backups)?;
+        let (garbage, sizes) = (plan.garbage, plan.sizes);
+        // In the store's batches (one request each: up to 1000 chunks on S3, one in a folder).
+        // The lock is checked again every 1000 chunks or so: a gc that lost it (paused past
+        // the stale time, its lock taken over by a backup that may reuse these chunks)
+        // deletes nothing more.
+        let batch = self.store().delete_batch().clamp(1, 1000);
+        let check_every = (1000 / batch).max(1);
+        let (mut removed, mut bytes) = (0u64, 0u64);
+        for (i, (names, sizes)) in garbage.chunks(batch).zip(sizes.chunks(batch)).enumerate() {
+            if i % check_every == 0 {
+                lock.check()?;
+            }
+            self.store().delete_many(names)?;
+            removed += names.len() as u64;
+            bytes += sizes.iter().sum::<u64>();
+            crate::failpoint::point("gc-deleted-some");
+        }
+        Ok(Some(Collected {
+            removed_chunks: removed,
+            removed_bytes: bytes,
+            kept_chunks: plan.kept,
+        }))
+    }
+
+    /// What a gc would remove now, removing nothing and taking no lock. Every chunk a
+    /// published backup names is kept; the chunks of a backup still being written count as
+    /// removable (a real gc waits for it to publish). A backup whose manifest cannot be read
+    /// fails it, as it fails a gc.
+    pub fn gc_dry_run(&self) -> Result<Collected> {
+        let listing = self.scan()?;
+        if !listing.unreadable.is_empty() {
+            return Err(RepoError::UnreadableManifests {
+                ids: listing.unreadable.into_iter().map(|(id, _)| id).collect(),
+            });
+        }
+        let plan = self.gc_plan(&listing.backups)?;
+        Ok(Collected {
+            removed_chunks: plan.garbage.len() as u64,
+            removed_bytes: plan.sizes.iter().sum(),
+            kept_chunks: plan.kept,
+        })
+    }
+
+    /// The chunks no backup of `backups` uses, with their stored sizes, and how many are used.
+    fn gc_plan(&self, backups: &[crate::manifest::Manifest]) -> Result<GcPlan> {
         let mut live: HashSet<Digest> = HashSet::new();
-        for m in &listing.backups {
+        for m in backups {
             for d in &m.disks {
                 let index = match self.get_index(&m.id, d) {
                     Ok(i) => i,
@@ -190,28 +236,19 @@ impl Repository {
                 })
             })
             .collect();
-        // In the store's batches (one request each: up to 1000 chunks on S3, one in a folder).
-        // The lock is checked again every 1000 chunks or so: a gc that lost it (paused past
-        // the stale time, its lock taken over by a backup that may reuse these chunks)
-        // deletes nothing more.
-        let batch = self.store().delete_batch().clamp(1, 1000);
-        let check_every = (1000 / batch).max(1);
-        let (mut removed, mut bytes) = (0u64, 0u64);
-        for (i, (names, sizes)) in garbage.chunks(batch).zip(sizes.chunks(batch)).enumerate() {
-            if i % check_every == 0 {
-                lock.check()?;
-            }
-            self.store().delete_many(names)?;
-            removed += names.len() as u64;
-            bytes += sizes.iter().sum::<u64>();
-            crate::failpoint::point("gc-deleted-some");
-        }
-        Ok(Some(Collected {
-            removed_chunks: removed,
-            removed_bytes: bytes,
-            kept_chunks: live.len() as u64,
-        }))
+        Ok(GcPlan {
+            garbage,
+            sizes,
+            kept: live.len() as u64,
+        })
     }
+}
+
+/// What a gc removes: chunk names and their stored sizes; and how many chunks stay.
+struct GcPlan {
+    garbage: Vec<String>,
+    sizes: Vec<u64>,
+    kept: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
