@@ -174,12 +174,14 @@ fn usage_splits_stored_bytes_into_each_vms_own_and_shared_and_a_vms_own_is_what_
     assert_eq!(dry.json["dry_run"], true);
     let after_dry = vmbackup(&place, &["usage"]);
     assert_eq!(
-        after_dry.json["usage"]["repository"]["stored_bytes"],
-        r["stored_bytes"],
+        after_dry.json["usage"]["repository"]["stored_bytes"], r["stored_bytes"],
         "a dry run removes nothing"
     );
     let gc = vmbackup(&place, &["gc"]);
-    assert_eq!(gc.json["gc"], dry.json["gc"], "the dry run said what gc did");
+    assert_eq!(
+        gc.json["gc"], dry.json["gc"],
+        "the dry run said what gc did"
+    );
     assert_eq!(gc.code, 0, "{}", gc.stderr);
     assert_eq!(
         gc.json["gc"]["removed_bytes"].as_u64().unwrap(),
@@ -273,7 +275,10 @@ fn delete_and_verify_take_several_ids_check_them_all_first_and_report_each() {
     // nothing.
     let d = vmbackup(&place, &["delete", &ids[0], &ids[2], "--dry-run"]);
     assert_eq!(d.code, 3, "{}", d.stderr);
-    let d = vmbackup(&place, &["delete", &ids[0], &ids[2], "--force", "--dry-run"]);
+    let d = vmbackup(
+        &place,
+        &["delete", &ids[0], &ids[2], "--force", "--dry-run"],
+    );
     assert_eq!(d.code, 0, "{}", d.stderr);
     assert_eq!(d.json["deleted"], json!([ids[0], ids[2]]));
     assert_eq!(listed().len(), 2);

@@ -886,7 +886,13 @@ fn a_prune_that_deletes_some_and_a_run_due_whose_report_fails_exit_5() {
     let dry = vmbackup(&place, &["prune", "--dry-run"]);
     assert_eq!(dry.code, 0, "{}", dry.stderr);
     assert_eq!(dry.json["deleted"], serde_json::json!([ids[0], ids[1]]));
-    assert_eq!(vmbackup(&place, &["list"]).json["backups"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        vmbackup(&place, &["list"]).json["backups"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
     chattr("+i");
     let p = vmbackup(&place, &["prune"]);
     chattr("-i");
