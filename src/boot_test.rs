@@ -357,13 +357,12 @@ fn has_agent_channel(xml: &str) -> bool {
     })
 }
 
-/// Makes the private temporary folder of the throwaway VM `domain` (named after it): 0700,
-/// owned by QEMU's user.
-fn make_dir(domain: &str, owner: Option<(u32, u32)>) -> Result<PathBuf> {
+/// Makes a private temporary folder `TMPDIR/<prefix>XXXXXX` for a VM's overlays and NBD
+/// socket: 0700, owned by QEMU's user (`owner`), kept until its maker removes it.
+pub(crate) fn private_dir(prefix: &str, owner: Option<(u32, u32)>) -> Result<PathBuf> {
     let base = std::env::temp_dir();
-    debug_assert!(domain.starts_with(DIR_PREFIX));
     let dir = tempfile::Builder::new()
-        .prefix(&format!("{domain}-"))
+        .prefix(prefix)
         .tempdir_in(&base)
         .map_err(|e| Error::io("create a folder in", &base, e))?
         .keep();
@@ -503,7 +502,9 @@ fn run(
 ) -> Result<()> {
     let owner = qemu_owner();
     let uuid = crate::restore::new_uuid()?;
-    let dir = make_dir(&out.domain, owner)?;
+    // Named after the throwaway VM.
+    debug_assert!(out.domain.starts_with(DIR_PREFIX));
+    let dir = private_dir(&format!("{}-", out.domain), owner)?;
     let stop = Arc::new(AtomicBool::new(false));
     set_current(Some((
         lv.uri().to_string(),

@@ -195,18 +195,8 @@ pub fn refuse_while_unfinished(state_dir: &Path, vm: &VmRef) -> Result<()> {
 
 /// The private folder of an instant restore of `vm`: 0700, owned by QEMU's user.
 fn make_dir(vm: &str, owner: Option<(u32, u32)>) -> Result<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let base = std::env::temp_dir();
     let vm: String = safe(vm).chars().take(40).collect();
-    let dir = tempfile::Builder::new()
-        .prefix(&format!("{DIR_PREFIX}{vm}-"))
-        .tempdir_in(&base)
-        .map_err(|e| Error::io("create a folder in", &base, e))?
-        .keep();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| Error::io("set the mode of", &dir, e))?;
-    chown(&dir, owner)?;
-    Ok(dir)
+    crate::boot_test::private_dir(&format!("{DIR_PREFIX}{vm}-"), owner)
 }
 
 /// An export as `serve --json` announced it.

@@ -117,7 +117,17 @@ fn the_old_files_of_a_backup_are_read_from_a_read_only_mount_and_umount_leaves_n
         .unwrap_or_else(|| panic!("vdb mounted: {m}"));
     assert_eq!(vdb["fstype"], "ext4");
     assert!(vdb["partition"].is_null());
-    assert_eq!(vdb["options"], "ro,noload");
+    assert_eq!(vdb["options"], "ro,noload,nosuid,nodev,noexec");
+    // As the kernel has it: no set-uid bits, device nodes or programs from a guest.
+    let mine = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mine
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(dir.join("vdb").to_str().unwrap()))
+        .unwrap_or_else(|| panic!("{} not in mountinfo", dir.join("vdb").display()));
+    let opts = line.split(' ').nth(5).unwrap();
+    for o in ["ro", "nosuid", "nodev", "noexec"] {
+        assert!(opts.split(',').any(|x| x == o), "{o} not in {opts}");
+    }
     let at = dir.join("vdb");
     assert_eq!(vdb["mountpoint"], at.to_str().unwrap());
     assert!(m["daemon_pid"].as_i64().unwrap() > 0);

@@ -423,6 +423,9 @@ fn attach_and_mount(
     (fstype, kernel_type, options): (&str, &str, &str),
 ) -> Result<()> {
     let mountpoint = undo.rec.dir.join(system::mount_name(&d.target, partition));
+    // The guest's files are data to copy, never host programs or devices: no set-uid bits,
+    // device nodes or execution from a backup (a guest may have planted them).
+    let options = format!("{options},{}", system::HOST_SAFE);
     let i = undo.rec.filesystems.len();
     undo.rec.filesystems.push(Mounted {
         disk: d.target.clone(),
@@ -463,7 +466,7 @@ fn attach_and_mount(
                 OsStr::new("-t"),
                 OsStr::new(kernel_type),
                 OsStr::new("-o"),
-                OsStr::new(options),
+                OsStr::new(&options),
                 dev.as_os_str(),
                 mountpoint.as_os_str(),
             ],

@@ -31,6 +31,10 @@ pub fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<String, MountErro
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The options every file system of a backup is mounted with besides its own: no set-uid
+/// bits, no device nodes, nothing executed from it.
+pub const HOST_SAFE: &str = "nosuid,nodev,noexec";
+
 /// How to mount a file system of type `fstype` (as `blkid` names it): the kernel's type and
 /// the options; or why it is not mounted. Always read-only, and the journal is never replayed
 /// (it would write): ext3/ext4 `noload`, xfs `norecovery` (and `nouuid`: two backups of one
