@@ -199,13 +199,39 @@ fn repo_args(repo: &str, state: &str, extra: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// `measure` with arguments built as `String`s (`repo_args`).
+fn measure_args(program: &str, args: &[String]) -> Result<Measured> {
+    measure(
+        program,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+}
+
+/// A fresh repository and state folder under `base`, and a first backup of `vm` in it
+/// (vmbackup's checkpoint then forgotten, for the peers): the folders and the backup's id.
+fn first_backup(
+    vm: &vmbackup_testkit::libvirt_vm::TestVm,
+    base: &Path,
+    vmbackup: &str,
+) -> Result<(PathBuf, PathBuf, String)> {
+    let repo = base.join("repo");
+    let state = base.join("state");
+    fresh(&repo)?;
+    fresh(&state)?;
+    let id = backed_up(
+        vmbackup,
+        repo.to_str().unwrap(),
+        state.to_str().unwrap(),
+        vm.name(),
+    )?;
+    forget_vmbackup_checkpoints(vm)?;
+    Ok((repo, state, id))
+}
+
 /// Backs VM `name` up into `repo` (timed like every run) and returns the backup's id.
 fn backed_up(vmbackup: &str, repo: &str, state: &str, name: &str) -> Result<String> {
     let args = repo_args(repo, state, &["backup", name]);
-    let m = measure(
-        vmbackup,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    )?;
+    let m = measure_args(vmbackup, &args)?;
     let v: serde_json::Value = serde_json::from_str(m.stdout.trim())?;
     Ok(v["results"][0]["backup"]["id"]
         .as_str()
@@ -223,14 +249,9 @@ fn bench_restore(
     allocated: u64,
 ) -> Result<()> {
     let name = vm.name();
-    let repo = base.join("repo");
-    let state = base.join("state");
-    fresh(&repo)?;
-    fresh(&state)?;
+    let (repo, state, id) = first_backup(vm, base, vmbackup)?;
     let (repo_s, state_s) = (repo.to_str().unwrap(), state.to_str().unwrap());
     let common = |extra: &[&str]| repo_args(repo_s, state_s, extra);
-    let id = backed_up(vmbackup, repo_s, state_s, name)?;
-    forget_vmbackup_checkpoints(vm)?;
     // The same backup in the loopback Garage bucket, restored in each round too.
     let garage = vmbackup_testkit::garage::Garage::get();
     let prefix = format!("bench-restore-{}", std::process::id());
@@ -260,10 +281,7 @@ fn bench_restore(
     let (mut rss_vmb, mut rss_vnr) = (0u64, 0u64);
     for round in 1..=rounds {
         let args = common(&["restore", &id]);
-        let m = measure(
-            vmbackup,
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        )?;
+        let m = measure_args(vmbackup, &args)?;
         eprintln!(
             "bench: round {round}: vmbackup restore {:.2}s, rss {} MiB",
             m.secs,
@@ -272,10 +290,7 @@ fn bench_restore(
         t_vmb.push(m.secs);
         rss_vmb = rss_vmb.max(m.max_rss_kib);
         let args = s3_common(&["restore", &s3_id]);
-        let m = measure(
-            vmbackup,
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        )?;
+        let m = measure_args(vmbackup, &args)?;
         eprintln!(
             "bench: round {round}: vmbackup restore from Garage {:.2}s",
             m.secs
@@ -346,14 +361,9 @@ fn bench_blockdev(
     allocated: u64,
 ) -> Result<()> {
     let name = vm.name();
-    let repo = base.join("repo");
-    let state = base.join("state");
-    fresh(&repo)?;
-    fresh(&state)?;
+    let (repo, state, id) = first_backup(vm, base, vmbackup)?;
     let (repo_s, state_s) = (repo.to_str().unwrap(), state.to_str().unwrap());
     let common = |extra: &[&str]| repo_args(repo_s, state_s, extra);
-    let id = backed_up(vmbackup, repo_s, state_s, name)?;
-    forget_vmbackup_checkpoints(vm)?;
     vm.shutdown(Duration::from_secs(60))?;
     let disks: Vec<String> = {
         let m = vmbackup::repository::Repository::open(&repo)?.load(&id)?;
@@ -372,10 +382,7 @@ fn bench_blockdev(
         t_boot.push(boot);
         // The boot test: the whole command, and its own start-to-agent figure.
         let args = common(&["boot-test", &id]);
-        let m = measure(
-            vmbackup,
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        )?;
+        let m = measure_args(vmbackup, &args)?;
         let v: serde_json::Value = serde_json::from_str(m.stdout.trim())?;
         let agent = v["boot_test"]["seconds_to_agent"]
             .as_f64()
@@ -423,10 +430,7 @@ fn bench_blockdev(
         std::fs::remove_dir_all(&out_dir)?;
         t_serve.push(served);
         let args = common(&["restore", &id]);
-        let m = measure(
-            vmbackup,
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        )?;
+        let m = measure_args(vmbackup, &args)?;
         eprintln!(
             "bench: round {round}: read through serve {served:.2}s; restore {:.2}s",
             m.secs
