@@ -193,7 +193,7 @@ pub fn survey(vm: &dyn VmHandle, repo_dir: Option<&Path>, s: &BackupSettings) ->
 }
 
 /// What a finished backup reports.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Outcome {
     pub id: String,
     pub vm: String,
@@ -214,7 +214,7 @@ pub struct Outcome {
 }
 
 /// How one disk of a backup was read.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct DiskOutcome {
     pub target: String,
     /// Bytes this disk added to the repository.

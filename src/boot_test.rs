@@ -54,7 +54,7 @@ pub struct Options {
 }
 
 /// A screenshot taken at the end of a boot test.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Screenshot {
     pub path: String,
     /// As QEMU made it: `image/png` (QEMU 7.1 and later), else `image/x-portable-pixmap`.
@@ -63,7 +63,7 @@ pub struct Screenshot {
 }
 
 /// The command run in the guest and what it returned.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct CommandResult {
     pub cmd: String,
     /// `None` when it did not end in time.
@@ -74,7 +74,7 @@ pub struct CommandResult {
 }
 
 /// The result of a boot test.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct BootTest {
     pub backup: String,
     pub vm: String,

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 use clap::CommandFactory;
-use serde_json::json;
+
 use vmbackup::error::exit;
 use vmbackup::Error;
 
@@ -19,7 +19,10 @@ pub fn cmd_completions(shell: clap_complete::Shell) -> anyhow::Result<Output> {
     clap_complete::generate(shell, &mut cmd, "vmbackup", &mut script);
     let script = String::from_utf8(script)?;
     Ok(Output {
-        json: json!({"ok": true, "shell": shell.to_string(), "script": script}),
+        json: crate::body(vmbackup::contract::CompletionsBody {
+            shell: shell.to_string(),
+            script: script.clone(),
+        }),
         text: script,
         code: exit::OK,
     })
@@ -59,7 +62,10 @@ pub fn cmd_man(dir: Option<&Path>) -> anyhow::Result<Output> {
         let (_, main) = pages.into_iter().next().expect("the main page comes first");
         let text = String::from_utf8(main)?;
         return Ok(Output {
-            json: json!({"ok": true, "page": text}),
+            json: crate::body(vmbackup::contract::ManBody {
+                page: Some(text.clone()),
+                written: None,
+            }),
             text,
             code: exit::OK,
         });
@@ -75,7 +81,10 @@ pub fn cmd_man(dir: Option<&Path>) -> anyhow::Result<Output> {
     }
     Ok(Output {
         text: format!("wrote {} man pages to {}\n", written.len(), dir.display()),
-        json: json!({"ok": true, "written": written}),
+        json: crate::body(vmbackup::contract::ManBody {
+            page: None,
+            written: Some(written),
+        }),
         code: exit::OK,
     })
 }

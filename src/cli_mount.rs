@@ -3,7 +3,6 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use serde_json::json;
 use vmbackup::config::Config;
 use vmbackup::error::exit;
 use vmbackup::unlock::open_repo;
@@ -78,16 +77,22 @@ pub fn cmd_mount(
     }
     text.push_str(&format!("undo with: vmbackup umount {}\n", r.dir.display()));
     Ok(Output {
-        json: json!({
-            "ok": true,
-            "mount": {
-                "backup": r.backup, "vm": r.vm, "dir": r.dir,
-                "filesystems": r.filesystems, "skipped": r.skipped,
-                "disks": r.disks,
-                "loop_devices": r.filesystems.iter().filter_map(|f| f.loop_device.clone()).collect::<Vec<_>>(),
-                "daemon_pid": r.daemon.as_ref().map(|d| d.pid),
-                "log": r.log,
-            }
+        json: crate::body(vmbackup::contract::MountBody {
+            mount: vmbackup::contract::MountView {
+                loop_devices: r
+                    .filesystems
+                    .iter()
+                    .filter_map(|f| f.loop_device.clone())
+                    .collect(),
+                daemon_pid: r.daemon.as_ref().map(|d| d.pid),
+                backup: r.backup,
+                vm: r.vm,
+                dir: r.dir,
+                filesystems: r.filesystems,
+                skipped: r.skipped,
+                disks: r.disks,
+                log: r.log,
+            },
         }),
         text,
         code: exit::OK,
@@ -106,7 +111,7 @@ pub fn cmd_umount(cfg: &Config, dir: &Path) -> anyhow::Result<Output> {
         c.dir.display()
     ));
     Ok(Output {
-        json: json!({"ok": true, "umount": c}),
+        json: crate::body(vmbackup::contract::UmountBody { umount: c }),
         text,
         code: exit::OK,
     })

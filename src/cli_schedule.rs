@@ -2,8 +2,8 @@
 //! `unpin`, `prune`.
 
 use jiff::Timestamp;
-use serde_json::{json, Value};
 use vmbackup::config::Config;
+use vmbackup::contract;
 use vmbackup::error::exit;
 use vmbackup::schedule::calendar::{parse_ordinal, parse_weekday, weekday_name};
 use vmbackup::schedule::{self, run, BootTestRule, Recurrence, Retention, Spec};
@@ -232,16 +232,17 @@ fn check_vms_exist(cfg: &Config, spec: &Spec) -> Result<(), Error> {
     }
 }
 
-fn spec_json(spec: &Spec, now: Timestamp) -> Value {
-    let mut v = serde_json::to_value(spec).unwrap_or(Value::Null);
-    v["slot"] = json!(spec.slot_label());
-    v["description"] = json!(spec.recurrence.describe());
-    v["next_run"] = json!(spec
-        .enabled
-        .then(|| spec.next_after(now))
-        .flatten()
-        .map(|t| t.to_string()));
-    v
+fn spec_json(spec: &Spec, now: Timestamp) -> contract::ScheduleView {
+    contract::ScheduleView {
+        spec: spec.clone(),
+        slot: spec.slot_label(),
+        description: spec.recurrence.describe(),
+        next_run: spec
+            .enabled
+            .then(|| spec.next_after(now))
+            .flatten()
+            .map(|t| t.to_string()),
+    }
 }
 
 fn spec_line(spec: &Spec, now: Timestamp) -> String {
@@ -288,7 +289,9 @@ pub fn cmd_schedule(cfg: &Config, c: &ScheduleCommand) -> anyhow::Result<Output>
                 .as_ref()
                 .map(|b| format!("{}\n", b.describe()))
                 .unwrap_or_default(),
-        json: json!({"ok": true, "schedule": spec_json(spec, now)}),
+        json: crate::body(contract::ScheduleBody {
+            schedule: spec_json(spec, now),
+        }),
         code: exit::OK,
     };
     match c {
@@ -335,7 +338,9 @@ pub fn cmd_schedule(cfg: &Config, c: &ScheduleCommand) -> anyhow::Result<Output>
             state.remove_schedule(name).map_err(Error::from)?;
             Ok(Output {
                 text: format!("removed schedule {name} (its backups stay)\n"),
-                json: json!({"ok": true, "removed": name}),
+                json: crate::body(contract::RemovedBody {
+                    removed: name.clone(),
+                }),
                 code: exit::OK,
             })
         }
@@ -344,7 +349,7 @@ pub fn cmd_schedule(cfg: &Config, c: &ScheduleCommand) -> anyhow::Result<Output>
             let v = spec_json(&spec, now);
             Ok(Output {
                 text: serde_json::to_string_pretty(&v)? + "\n",
-                json: json!({"ok": true, "schedule": v}),
+                json: crate::body(contract::ScheduleBody { schedule: v }),
                 code: exit::OK,
             })
         }
@@ -358,7 +363,7 @@ pub fn cmd_schedule(cfg: &Config, c: &ScheduleCommand) -> anyhow::Result<Output>
             }
             Ok(Output {
                 text,
-                json: json!({"ok": true, "schedules": rows}),
+                json: crate::body(contract::SchedulesBody { schedules: rows }),
                 code: exit::OK,
             })
         }
@@ -438,7 +443,7 @@ pub fn cmd_run_due(cfg: &Config, now: Option<&str>, dry_run: bool) -> anyhow::Re
         _ => exit::PARTIAL,
     };
     Ok(Output {
-        json: json!({"ok": code == exit::OK, "run": r}),
+        json: crate::body(contract::RunDueBody { run: r }),
         text,
         code,
     })
@@ -477,7 +482,7 @@ pub fn cmd_history(cfg: &Config, days: u32, all: bool, vm: Option<&str>) -> anyh
         ));
     }
     Ok(Output {
-        json: json!({"ok": true, "jobs": jobs}),
+        json: crate::body(contract::HistoryBody { jobs }),
         text,
         code: exit::OK,
     })
@@ -501,7 +506,10 @@ pub fn cmd_pin(cfg: &Config, id: &str, pin: bool) -> anyhow::Result<Output> {
                 "unpinned"
             }
         ),
-        json: json!({"ok": true, "id": id, "pinned": pin}),
+        json: crate::body(contract::PinBody {
+            id: id.to_string(),
+            pinned: pin,
+        }),
         code: exit::OK,
     })
 }
@@ -509,15 +517,28 @@ pub fn cmd_pin(cfg: &Config, id: &str, pin: bool) -> anyhow::Result<Output> {
 pub fn cmd_prune(cfg: &Config, dry_run: bool) -> anyhow::Result<Output> {
     let repo = vmbackup::unlock::open_repo(cfg)?;
     let all = run::prune_all(&cfg.state_dir, &repo, Timestamp::now(), dry_run)?;
-    let deleted: Vec<&String> = all.iter().flat_map(|p| &p.deleted).collect();
-    let errors: Vec<&String> = all.iter().flat_map(|p| &p.errors).collect();
+    let deleted: Vec<String> = all.iter().flat_map(|p| p.deleted.clone()).collect();
+    let errors: Vec<String> = all.iter().flat_map(|p| p.errors.clone()).collect();
+    let item_errors = || -> Vec<contract::ItemError> {
+        errors
+            .iter()
+            .map(|e| contract::ItemError {
+                id: None,
+                error: contract::ErrorDoc::failed(e.clone()),
+            })
+            .collect()
+    };
     if dry_run {
         let mut text = format!("would delete {} backups (dry run)\n", deleted.len());
         for d in &deleted {
             text.push_str(&format!("  {d}\n"));
         }
         return Ok(Output {
-            json: json!({"ok": true, "dry_run": true, "deleted": deleted, "errors": errors}),
+            json: crate::body(contract::DeletedBody {
+                dry_run: true,
+                errors: item_errors(),
+                deleted,
+            }),
             text,
             code: exit::OK,
         });
@@ -536,7 +557,11 @@ pub fn cmd_prune(cfg: &Config, dry_run: bool) -> anyhow::Result<Output> {
         (false, false) => exit::PARTIAL,
     };
     Ok(Output {
-        json: json!({"ok": errors.is_empty(), "deleted": deleted, "errors": errors}),
+        json: crate::body(contract::DeletedBody {
+            dry_run: false,
+            errors: item_errors(),
+            deleted,
+        }),
         text,
         code,
     })

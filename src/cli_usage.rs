@@ -1,7 +1,7 @@
 //! `vmbackup usage`: what the backups take, per VM and in all (`repository::usage`).
 
 use jiff::Timestamp;
-use serde_json::json;
+
 use vmbackup::config::Config;
 use vmbackup::error::exit;
 use vmbackup::unlock::open_repo;
@@ -112,7 +112,7 @@ pub fn cmd_usage(
         text.push_str(&format!("not counted (cannot be read): {id}\n"));
     }
     Ok(Output {
-        json: json!({"ok": true, "usage": u}),
+        json: crate::body(vmbackup::contract::UsageBody { usage: u }),
         text,
         code: exit::OK,
     })

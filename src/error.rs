@@ -74,6 +74,10 @@ pub enum Error {
     State(#[from] StateError),
     #[error("{0}")]
     Invalid(String),
+    /// Something the user named does not exist (a backup id, a schedule): exit 2, kind
+    /// `not_found`.
+    #[error("{0}")]
+    NotFound(String),
     #[error(transparent)]
     Schedule(#[from] ScheduleError),
     #[error(transparent)]
@@ -100,12 +104,18 @@ impl Error {
             Error::NoQemu { .. }
             | Error::InvalidName(_)
             | Error::Config { .. }
-            | Error::Invalid(_) => exit::BAD_INPUT,
+            | Error::Invalid(_)
+            | Error::NotFound(_) => exit::BAD_INPUT,
             Error::Refused(_) | Error::RefusedState(_) => exit::REFUSED,
             Error::Busy(_) | Error::Mount(MountError::Busy { .. }) => exit::BUSY,
             Error::Interrupted => crate::interrupt::exit_code(),
             _ => exit::FAILED,
         }
+    }
+
+    /// What kind of error this is, for the `kind` of the JSON error document.
+    pub fn kind(&self) -> Kind {
+        kind_in([self as &(dyn std::error::Error + 'static)])
     }
 
     /// Whether this error says that something else holds the VM or the repository.
@@ -204,6 +214,69 @@ pub fn exit_code_in<'a>(
     exit::FAILED
 }
 
+/// The kind of an error in the JSON contract: what a caller may do about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A VM, backup, schedule or file named does not exist (exit 2).
+    NotFound,
+    /// Bad usage or bad input (exit 2).
+    Invalid,
+    /// Refused by a pre-flight limit or the state of something (exit 3).
+    Refused,
+    /// Another operation holds the VM or the repository; retrying later may work (exit 4).
+    Busy,
+    /// Stopped by SIGINT or SIGTERM (exit 130 or 143).
+    Interrupted,
+    /// The operation failed (exit 1), or only part of it was done (exit 5).
+    Failed,
+}
+
+/// Whether an error (one of the library's, in any module) says that something named does
+/// not exist.
+fn is_not_found(e: &(dyn std::error::Error + 'static)) -> Option<bool> {
+    if let Some(e) = e.downcast_ref::<Error>() {
+        return match e {
+            Error::NotFound(_) | Error::NoQemu { .. } => Some(true),
+            Error::Libvirt(l) => Some(matches!(l, LibvirtError::NoDomain(_))),
+            Error::Repo(r) => Some(matches!(r, RepoError::NotFound(_))),
+            Error::State(s) => Some(matches!(s, StateError::NoSchedule(_))),
+            _ => Some(false),
+        };
+    }
+    if let Some(l) = e.downcast_ref::<LibvirtError>() {
+        return Some(matches!(l, LibvirtError::NoDomain(_)));
+    }
+    if let Some(r) = e.downcast_ref::<RepoError>() {
+        return Some(matches!(r, RepoError::NotFound(_)));
+    }
+    if let Some(s) = e.downcast_ref::<StateError>() {
+        return Some(matches!(s, StateError::NoSchedule(_)));
+    }
+    None
+}
+
+/// The kind of the first error in a chain that the library knows (see `exit_code_in`).
+pub fn kind_in<'a>(chain: impl IntoIterator<Item = &'a (dyn std::error::Error + 'static)>) -> Kind {
+    let chain: Vec<_> = chain.into_iter().collect();
+    kind_of_code(
+        exit_code_in(chain.iter().copied()),
+        chain.iter().find_map(|e| is_not_found(*e)) == Some(true),
+    )
+}
+
+/// The kind that an exit code stands for; `not_found` tells the two kinds of bad input apart.
+pub fn kind_of_code(code: i32, not_found: bool) -> Kind {
+    match code {
+        exit::BAD_INPUT if not_found => Kind::NotFound,
+        exit::BAD_INPUT => Kind::Invalid,
+        exit::REFUSED => Kind::Refused,
+        exit::BUSY => Kind::Busy,
+        130 | 143 => Kind::Interrupted,
+        _ => Kind::Failed,
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// An error and its causes on one line, `a: b: c`.
@@ -245,5 +318,24 @@ mod tests {
             exit_code_in([&io as &(dyn std::error::Error + 'static)]),
             exit::FAILED
         );
+    }
+
+    #[test]
+    fn kinds_tell_not_found_from_invalid_input() {
+        assert_eq!(
+            Error::from(LibvirtError::NoDomain("x".into())).kind(),
+            Kind::NotFound
+        );
+        assert_eq!(Error::NotFound("no backup x".into()).kind(), Kind::NotFound);
+        assert_eq!(Error::Invalid("bad".into()).kind(), Kind::Invalid);
+        assert_eq!(Error::RefusedState("pinned".into()).kind(), Kind::Refused);
+        assert_eq!(Error::Busy("gc".into()).kind(), Kind::Busy);
+        assert_eq!(Error::CommitBack("x".into()).kind(), Kind::Failed);
+        let busy = LockError::Busy("web".into());
+        assert_eq!(
+            kind_in([&busy as &(dyn std::error::Error + 'static)]),
+            Kind::Busy
+        );
+        assert_eq!(kind_of_code(143, false), Kind::Interrupted);
     }
 }

@@ -55,7 +55,7 @@ pub struct ServeCommand {
 }
 
 /// One disk of an instant restore.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct RecordDisk {
     pub target: String,
     /// The qcow2 overlay the VM starts on.
@@ -66,7 +66,7 @@ pub struct RecordDisk {
 }
 
 /// An instant restore in flight (`STATE_DIR/instant/<vm>.json`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Record {
     pub vm: String,
     pub backup: String,
@@ -82,7 +82,7 @@ pub struct Record {
 }
 
 /// What an instant restore did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct InstantRestored {
     #[serde(flatten)]
     pub restore: Restored,

@@ -16,6 +16,7 @@ pub mod backup;
 pub mod boot_test;
 pub mod changes;
 pub mod config;
+pub mod contract;
 pub mod error;
 pub mod fault;
 pub mod guest_agent;

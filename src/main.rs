@@ -14,10 +14,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use clap::Parser;
-use serde_json::{json, Value};
+use serde_json::Value;
 use vmbackup::backup;
 use vmbackup::config::{Config, FileConfig};
+use vmbackup::contract;
 use vmbackup::error::{chain, exit};
 use vmbackup::hypervisor::libvirt::Libvirt;
 use vmbackup::hypervisor::open::Hypervisors;
@@ -82,10 +82,12 @@ fn abandon(json: bool) {
     let msg = "interrupted twice: the run was abandoned; `vmbackup recover` (or the next run) \
                finishes what it left";
     if json {
-        println!(
-            "{}",
-            json!({"ok": false, "exit_code": code, "error": msg, "interrupted": signal_name()})
+        let e = contract::ErrorDoc::of_chain(
+            [&vmbackup::Error::Interrupted as &(dyn std::error::Error + 'static)],
+            msg.into(),
+            code,
         );
+        println!("{}", failed_document(code, e));
     }
     eprintln!("error: {msg}");
     let _ = std::io::stdout().flush();
@@ -98,14 +100,41 @@ fn abandon(json: bool) {
     std::process::exit(code);
 }
 
-/// The first stop signal's name, `null` when none came.
-fn signal_name() -> Value {
-    match vmbackup::interrupt::signal() {
-        Some(vmbackup::interrupt::SIGTERM) => json!("SIGTERM"),
-        Some(vmbackup::interrupt::SIGINT) => json!("SIGINT"),
-        Some(n) => json!(format!("signal {n}")),
-        None => Value::Null,
+/// The first stop signal's name, `None` when none came.
+fn signal_name() -> Option<String> {
+    vmbackup::interrupt::signal().map(|n| match n {
+        vmbackup::interrupt::SIGTERM => "SIGTERM".into(),
+        vmbackup::interrupt::SIGINT => "SIGINT".into(),
+        n => format!("signal {n}"),
+    })
+}
+
+/// The command as typed (`list`, `schedule add`), for the documents' `command`.
+static COMMAND: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The head every document starts with.
+fn head(code: i32) -> contract::Head {
+    contract::Head {
+        schema_version: contract::SCHEMA_VERSION,
+        command: COMMAND.get().cloned().unwrap_or_default(),
+        ok: code == exit::OK,
+        exit_code: code,
+        interrupted: signal_name(),
     }
+}
+
+/// The document of a command that failed as a whole.
+fn failed_document(code: i32, error: contract::ErrorDoc) -> Value {
+    serde_json::to_value(contract::Failed {
+        head: head(code),
+        error,
+    })
+    .unwrap_or(Value::Null)
+}
+
+/// A command's body (one of `contract`'s types) as the value `Output` carries.
+fn body<T: serde::Serialize>(b: T) -> Value {
+    serde_json::to_value(b).unwrap_or(Value::Null)
 }
 
 /// A progress line on stderr, only when stderr is a terminal.
@@ -144,7 +173,8 @@ impl Progress {
     }
 }
 
-/// What a command produced: its JSON document, its text, and its exit code.
+/// What a command produced: the body of its JSON document (a `contract` type; `main` puts
+/// the head before it), its text, and its exit code.
 struct Output {
     json: Value,
     text: String,
@@ -233,14 +263,6 @@ fn exit_code_of(e: &anyhow::Error) -> i32 {
     vmbackup::error::exit_code_in(e.chain())
 }
 
-fn error_json(e: &vmbackup::Error) -> Value {
-    let mut v = json!({"error": chain(e), "exit_code": e.exit_code()});
-    if let vmbackup::Error::Refused(report) = e {
-        v["preflight"] = serde_json::to_value(report).unwrap_or(Value::Null);
-    }
-    v
-}
-
 fn cmd_init(cfg: &Config, encrypt: bool) -> anyhow::Result<Output> {
     let i = vmbackup::unlock::init(cfg, encrypt)?;
     let mut text = format!(
@@ -259,7 +281,7 @@ fn cmd_init(cfg: &Config, encrypt: bool) -> anyhow::Result<Output> {
         ));
     }
     Ok(Output {
-        json: json!({"ok": true, "init": i}),
+        json: body(contract::InitBody { init: i }),
         text,
         code: exit::OK,
     })
@@ -299,19 +321,29 @@ fn cmd_check(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
                 if !r.ok && code == exit::OK {
                     code = exit::REFUSED;
                 }
-                reports.push(json!({"vm": name, "ok": r.ok, "report": r}));
+                reports.push(contract::CheckItem {
+                    vm: name.clone(),
+                    ok: r.ok,
+                    report: Some(r),
+                    error: None,
+                });
             }
             Err(e) => {
                 text.push_str(&format!("{name}: error: {}\n", chain(&e)));
                 if code == exit::OK || code == exit::REFUSED {
                     code = e.exit_code();
                 }
-                reports.push(json!({"vm": name, "ok": false, "error": error_json(&e)}));
+                reports.push(contract::CheckItem {
+                    vm: name.clone(),
+                    ok: false,
+                    report: None,
+                    error: Some(contract::ErrorDoc::of(&e)),
+                });
             }
         }
     }
     Ok(Output {
-        json: json!({"ok": code == exit::OK, "vms": reports}),
+        json: body(contract::CheckBody { vms: reports }),
         text,
         code,
     })
@@ -368,13 +400,23 @@ fn cmd_backup(
                     human_bytes(o.stored_bytes),
                     o.duration_ms as f64 / 1000.0
                 ));
-                results.push(json!({"vm": name, "ok": true, "backup": o}));
+                results.push(contract::BackupItem {
+                    vm: name.clone(),
+                    ok: true,
+                    backup: Some(o),
+                    error: None,
+                });
             }
             Err(e) => {
                 tracing::error!(vm = %name, "backup failed: {}", chain(&e));
                 text.push_str(&format!("{name}: FAILED: {}\n", chain(&e)));
                 failures.push(e.exit_code());
-                results.push(json!({"vm": name, "ok": false, "error": error_json(&e)}));
+                results.push(contract::BackupItem {
+                    vm: name.clone(),
+                    ok: false,
+                    backup: None,
+                    error: Some(contract::ErrorDoc::of(&e)),
+                });
             }
         }
         if vmbackup::interrupt::requested() {
@@ -387,8 +429,15 @@ fn cmd_backup(
         (f, n) if f < n => exit::PARTIAL,
         _ => failures[0],
     };
+    let not_started: Vec<String> = domains[results.len()..].to_vec();
+    if !not_started.is_empty() {
+        text.push_str(&format!("not started: {}\n", not_started.join(", ")));
+    }
     Ok(Output {
-        json: json!({"ok": code == exit::OK, "results": results}),
+        json: body(contract::BackupBody {
+            results,
+            not_started,
+        }),
         text,
         code,
     })
@@ -464,23 +513,22 @@ fn cmd_list(cfg: &Config, domain: Option<&str>) -> anyhow::Result<Output> {
                 }
             ));
         }
-        rows.push(json!({
-            "id": m.id, "vm_name": m.vm_name, "vm_uuid": m.vm_uuid,
-            "started_at": m.started_at, "ended_at": m.ended_at,
-            "logical_bytes": m.logical_bytes, "stored_bytes": m.stored_bytes,
-            "disks": disks, "consistency": m.consistency, "freeze_ms": m.freeze_ms,
-            "schedule": m.schedule, "scheduled_for": m.scheduled_for,
-            "pinned": pinned.contains(&m.id), "boot_test": boot,
-        }));
+        rows.push(contract::BackupRow::of(m, pinned.contains(&m.id), boot));
     }
     // Backups whose manifest cannot be read: listed apart (whatever VM they were of).
     let mut unreadable = Vec::new();
     for (id, why) in &scan.unreadable {
         text.push_str(&format!("{id:<40} UNREADABLE: {why}\n"));
-        unreadable.push(json!({"id": id, "error": why}));
+        unreadable.push(contract::Unreadable {
+            id: id.clone(),
+            error: why.clone(),
+        });
     }
     Ok(Output {
-        json: json!({"ok": true, "backups": rows, "unreadable": unreadable}),
+        json: body(contract::ListBody {
+            backups: rows,
+            unreadable,
+        }),
         text,
         code: exit::OK,
     })
@@ -515,18 +563,26 @@ fn boot_test_words(t: Option<&vmbackup::repository::BootTestRecord>) -> String {
 fn cmd_show(cfg: &Config, id: &str) -> anyhow::Result<Output> {
     let repo = open_repo(cfg)?;
     let m = repo.load(id).map_err(vmbackup::Error::from)?;
-    let v = serde_json::to_value(&m)?;
     // What the backup holds besides disks, in words (old backups: none recorded).
     let state = vmbackup::vm_state::describe(&m);
     let boot = repo.boot_test(id).map_err(vmbackup::Error::from)?;
-    let mut text = serde_json::to_string_pretty(&v)? + "\n" + &state.join("\n") + "\n";
+    let pinned = cfg.state_dir.join("state.db").exists()
+        && vmbackup::state::State::open(&cfg.state_dir)
+            .and_then(|s| s.pinned())
+            .is_ok_and(|p| p.contains(id));
+    let mut text = serde_json::to_string_pretty(&m)? + "\n" + &state.join("\n") + "\n";
     text.push_str(&format!(
         "last boot test: {}\n",
         boot_test_words(boot.as_ref())
     ));
     Ok(Output {
         text,
-        json: json!({"ok": true, "manifest": v, "vm_state": state, "boot_test": boot}),
+        json: body(contract::ShowBody {
+            backup: contract::BackupRow::of(&m, pinned, boot.clone()),
+            manifest: m,
+            vm_state: state,
+            boot_test: boot,
+        }),
         code: exit::OK,
     })
 }
@@ -591,7 +647,9 @@ fn cmd_instant_restore(
     }
     Ok(Output {
         text,
-        json: json!({"ok": true, "restore": r}),
+        json: body(contract::RestoreBody {
+            restore: contract::Restore::Instant(r),
+        }),
         code: exit::OK,
     })
 }
@@ -637,7 +695,9 @@ fn cmd_restore(
     }
     Ok(Output {
         text,
-        json: json!({"ok": true, "restore": r}),
+        json: body(contract::RestoreBody {
+            restore: contract::Restore::Plain(r),
+        }),
         code: exit::OK,
     })
 }
@@ -663,7 +723,9 @@ fn cmd_serve(
     // What to connect to is printed (the command's one document) as soon as it listens.
     let ready = |s: &vmbackup::serve::Serving| {
         if json {
-            println!("{}", json!({"ok": true, "serve": s}));
+            let mut doc = body(contract::ServeBody { serve: s.clone() });
+            with_head(&mut doc, exit::OK);
+            println!("{doc}");
         } else {
             println!(
                 "serving backup {} of {} read-only over NBD; SIGINT or SIGTERM stops it",
@@ -761,7 +823,7 @@ fn cmd_boot_test(
     }
     let ok = t.passed();
     Ok(Output {
-        json: json!({"ok": ok, "boot_test": t}),
+        json: body(contract::BootTestBody { boot_test: t }),
         text,
         code: if ok { exit::OK } else { exit::FAILED },
     })
@@ -822,7 +884,11 @@ fn cmd_delete(cfg: &Config, ids: &[String], force: bool, dry_run: bool) -> anyho
         let would: Vec<&str> = unique.iter().map(|id| id.as_str()).collect();
         return Ok(Output {
             text: format!("would delete {} (dry run)\n", would.join(", ")),
-            json: json!({"ok": true, "dry_run": true, "deleted": would, "errors": []}),
+            json: body(contract::DeletedBody {
+                dry_run: true,
+                deleted: would.iter().map(|s| s.to_string()).collect(),
+                errors: vec![],
+            }),
             code: exit::OK,
         });
     }
@@ -845,7 +911,14 @@ fn cmd_delete(cfg: &Config, ids: &[String], force: bool, dry_run: bool) -> anyho
             }
             Err(e) => {
                 text.push_str(&format!("cannot delete {id}: {e:#}\n"));
-                errors.push(json!({"id": id, "error": format!("{e:#}")}));
+                errors.push(contract::ItemError {
+                    id: Some(id.to_string()),
+                    error: contract::ErrorDoc::of_chain(
+                        e.chain(),
+                        format!("{e:#}"),
+                        exit_code_of(&e),
+                    ),
+                });
             }
         }
         if vmbackup::interrupt::requested() {
@@ -861,7 +934,11 @@ fn cmd_delete(cfg: &Config, ids: &[String], force: bool, dry_run: bool) -> anyho
         (false, false) => exit::PARTIAL,
     };
     Ok(Output {
-        json: json!({"ok": code == exit::OK, "deleted": deleted, "errors": errors}),
+        json: body(contract::DeletedBody {
+            dry_run: false,
+            deleted,
+            errors,
+        }),
         text,
         code,
     })
@@ -945,7 +1022,10 @@ fn verified_output(
     }
     let ok = results.iter().all(|v| v.ok);
     Output {
-        json: json!({"ok": ok, "metadata_only": metadata, "backups": results}),
+        json: body(contract::VerifyBody {
+            metadata_only: metadata,
+            backups: results,
+        }),
         text,
         code: if ok { exit::OK } else { exit::FAILED },
     }
@@ -1036,7 +1116,7 @@ fn cmd_sync(
         s.chunks_present
     ));
     Ok(Output {
-        json: json!({"ok": true, "sync": s}),
+        json: body(contract::SyncBody { sync: s }),
         text,
         code: exit::OK,
     })
@@ -1053,7 +1133,10 @@ fn cmd_gc(cfg: &Config, dry_run: bool) -> anyhow::Result<Output> {
                 human_bytes(c.removed_bytes),
                 c.kept_chunks
             ),
-            json: json!({"ok": true, "dry_run": true, "gc": c}),
+            json: body(contract::GcBody {
+                dry_run: true,
+                gc: c,
+            }),
             code: exit::OK,
         });
     }
@@ -1065,7 +1148,10 @@ fn cmd_gc(cfg: &Config, dry_run: bool) -> anyhow::Result<Output> {
                 human_bytes(c.removed_bytes),
                 c.kept_chunks
             ),
-            json: json!({"ok": true, "gc": c}),
+            json: body(contract::GcBody {
+                dry_run: false,
+                gc: c,
+            }),
             code: exit::OK,
         }),
         None => Err(vmbackup::Error::Busy("a backup is writing to the repository".into()).into()),
@@ -1156,7 +1242,7 @@ fn cmd_recover(
         exit::OK
     };
     Ok(Output {
-        json: json!({"ok": code == exit::OK, "recover": r}),
+        json: body(contract::RecoverBody { recover: r }),
         text,
         code,
     })
@@ -1172,7 +1258,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             std::time::Duration::from_secs(*timeout),
         )?;
         return Ok(Output {
-            json: json!({"ok": true, "thawed": thawed}),
+            json: body(contract::ThawGuardBody { thawed }),
             text: String::new(),
             code: exit::OK,
         });
@@ -1312,9 +1398,40 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
     }
 }
 
+/// Puts the head (`schema_version`, `command`, `ok`, `exit_code`, `interrupted`) before a
+/// command's body.
+fn with_head(doc: &mut Value, code: i32) {
+    let mut head = match serde_json::to_value(head(code)) {
+        Ok(Value::Object(h)) => h,
+        _ => return,
+    };
+    if let Value::Object(b) = std::mem::take(doc) {
+        head.extend(b);
+    }
+    *doc = Value::Object(head);
+}
+
+/// The command's name as typed, from the parsed arguments: `list`, `schedule add`.
+fn command_name(m: &clap::ArgMatches) -> String {
+    let mut words = Vec::new();
+    let mut m = m;
+    while let Some((name, sub)) = m.subcommand() {
+        words.push(name.to_string());
+        m = sub;
+    }
+    words.join(" ")
+}
+
 fn main() -> ExitCode {
-    let cli = match cli::Cli::try_parse() {
-        Ok(c) => c,
+    use clap::{CommandFactory, FromArgMatches};
+    let parsed = cli::Cli::command()
+        .try_get_matches()
+        .and_then(|m| cli::Cli::from_arg_matches(&m).map(|c| (c, command_name(&m))));
+    let cli = match parsed {
+        Ok((c, name)) => {
+            let _ = COMMAND.set(name);
+            c
+        }
         Err(e) => {
             let code = if e.use_stderr() {
                 exit::BAD_INPUT
@@ -1325,8 +1442,9 @@ fn main() -> ExitCode {
             let json = std::env::args().any(|a| a == "--json")
                 || std::env::var("VMBACKUP_JSON").is_ok_and(|v| v == "true" || v == "1");
             if json && code != exit::OK {
-                let msg = e.kind().to_string();
-                println!("{}", json!({"ok": false, "exit_code": code, "error": msg}));
+                // clap's whole message (what is wrong, the usage, the hint), without colour.
+                let msg = e.render().to_string().trim_end().to_string();
+                println!("{}", failed_document(code, contract::ErrorDoc::usage(msg)));
             }
             return ExitCode::from(code as u8);
         }
@@ -1351,14 +1469,8 @@ fn main() -> ExitCode {
                 out.code = vmbackup::interrupt::exit_code();
             }
             if json {
-                if interrupted {
-                    if let Some(o) = out.json.as_object_mut() {
-                        o.insert("ok".into(), json!(false));
-                        o.insert("exit_code".into(), json!(out.code));
-                        o.insert("interrupted".into(), signal_name());
-                    }
-                }
                 if !out.json.is_null() {
+                    with_head(&mut out.json, out.code);
                     emit(&format!("{}\n", out.json));
                 }
             } else {
@@ -1373,11 +1485,8 @@ fn main() -> ExitCode {
                 exit_code_of(&e)
             };
             if json {
-                let mut doc = json!({"ok": false, "exit_code": code, "error": format!("{e:#}")});
-                if interrupted {
-                    doc["interrupted"] = signal_name();
-                }
-                println!("{doc}");
+                let doc = contract::ErrorDoc::of_chain(e.chain(), format!("{e:#}"), code);
+                emit(&format!("{}\n", failed_document(code, doc)));
             }
             eprintln!("error: {e:#}");
             ExitCode::from(code as u8)

@@ -12,7 +12,7 @@ use serde::Serialize;
 pub const GIB: u64 = 1 << 30;
 
 /// Limits and ratios; the defaults are the product's.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct Limits {
     /// No single disk's virtual size above this.
     pub max_disk_bytes: u64,
@@ -33,7 +33,7 @@ impl Default for Limits {
 }
 
 /// What is known of one disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct DiskFacts {
     pub target: String,
     /// `disk`, `cdrom`, `floppy`, `lun`.
@@ -52,7 +52,7 @@ pub struct DiskFacts {
 }
 
 /// A place on the host and its free space.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct Space {
     pub path: String,
     pub free_bytes: u64,
@@ -63,7 +63,7 @@ pub struct Space {
 
 /// A folder vmbackup creates files in (overlays) or talks to sockets in (plain QEMU VMs), as
 /// root: who owns it and who may write to it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct Folder {
     pub path: String,
     pub owner: u32,
@@ -111,7 +111,7 @@ impl Folder {
 }
 
 /// Everything the checks look at.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct Facts {
     pub vm: String,
     pub memory_bytes: u64,
@@ -125,7 +125,7 @@ pub struct Facts {
     pub repository: Option<Space>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct Check {
     pub name: String,
     pub ok: bool,
@@ -134,13 +134,13 @@ pub struct Check {
     pub message: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct SkippedDisk {
     pub target: String,
     pub reason: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct Report {
     pub vm: String,
     pub ok: bool,

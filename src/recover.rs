@@ -30,7 +30,7 @@ use crate::settings::BackupSettings;
 use crate::vm_ref::VmRef;
 
 /// A backup run that never ended, and the phase it had entered (from the journal).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct Interrupted {
     pub vm: String,
     pub backup_id: String,
@@ -38,7 +38,7 @@ pub struct Interrupted {
 }
 
 /// What `recover` did.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Default, schemars::JsonSchema)]
 pub struct Report {
     /// Runs that were killed, with the phase they were in.
     pub interrupted: Vec<Interrupted>,

@@ -49,7 +49,7 @@ pub struct Options {
     pub new_macs: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Restored {
     pub id: String,
     pub vm: String,
@@ -231,7 +231,7 @@ fn records_dir(state_dir: &Path) -> PathBuf {
 /// when dropped (a killed restore leaves it, for `recover`).
 struct InFlight(PathBuf);
 
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 struct InFlightRecord {
     pid: u32,
     dirs: Vec<PathBuf>,

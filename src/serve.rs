@@ -49,7 +49,7 @@ pub struct Options {
 }
 
 /// One export, as announced.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Announced {
     pub name: String,
     pub size: u64,
@@ -57,7 +57,7 @@ pub struct Announced {
 }
 
 /// What the server listens on, once it does.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Serving {
     pub backup: String,
     pub vm: String,

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::preflight::Limits;
 
 /// `--quiesce`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Quiesce {
     /// Fail unless the guest's filesystems can be frozen.

@@ -96,7 +96,7 @@ pub struct RunRow {
 }
 
 /// One job of the history.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, schemars::JsonSchema)]
 pub struct Job {
     pub id: i64,
     /// `backup`, `restore`, `delete`, `prune`.

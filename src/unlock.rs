@@ -168,7 +168,7 @@ pub fn open_repo(cfg: &Config) -> Result<Repository> {
 }
 
 /// What `init` made.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
 pub struct Initialized {
     pub repo: String,
     pub encrypted: bool,

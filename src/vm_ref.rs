@@ -88,6 +88,16 @@ impl Serialize for VmRef {
     }
 }
 
+/// In JSON a VM reference is its string form: `NAME` or `qemu:NAME`.
+impl schemars::JsonSchema for VmRef {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "VmRef".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string", "description": "a VM: NAME (libvirt) or qemu:NAME (plain QEMU)"})
+    }
+}
+
 impl<'de> Deserialize<'de> for VmRef {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<VmRef, D::Error> {
         let s = String::deserialize(d)?;

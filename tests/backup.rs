@@ -197,7 +197,7 @@ fn a_disk_over_2032_gib_is_refused_and_nothing_changes() {
     assert_eq!(chk["limit"], json!(2032 * GIB));
     let b = vmbackup(&place, &["backup", vm.name()]);
     assert_eq!(b.code, 3, "{}", b.stderr);
-    assert!(b.json["results"][0]["error"]["error"]
+    assert!(b.json["results"][0]["error"]["message"]
         .as_str()
         .unwrap()
         .contains("exceeds the limit of 2032.00 GiB"));

@@ -204,7 +204,8 @@ fn a_stop_signal_during_a_boot_test_removes_the_throwaway_vm() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(143));
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let doc =
+        vmbackup_testkit::cli::parse_one_document(&String::from_utf8_lossy(&out.stdout)).unwrap();
     assert_eq!(doc["ok"], false, "{doc}");
     assert_nothing_left(&vm);
     assert!(vm.dom().is_active().unwrap());

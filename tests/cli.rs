@@ -21,17 +21,21 @@ fn unknown_vm_invalid_name_and_unknown_backup_are_bad_input() {
     }
     let r = vmbackup(&place, &["backup", "vmbt-no-such-vm"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
-    assert!(r.json["results"][0]["error"]["error"]
+    assert!(r.json["results"][0]["error"]["message"]
         .as_str()
         .unwrap()
         .contains("no domain named"));
+    assert_eq!(r.json["results"][0]["error"]["kind"], "not_found");
+    assert_eq!(r.json["results"][0]["error"]["exit_code"], 2);
     let r = vmbackup(&place, &["check", "../etc"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     let r = vmbackup(&place, &["show", "no-such-backup"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert_eq!(r.json["ok"], json!(false));
+    assert_eq!(r.json["error"]["kind"], "not_found", "{}", r.json);
     let r = vmbackup(&place, &["show", "../../etc/passwd"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
+    assert_eq!(r.json["error"]["kind"], "invalid", "{}", r.json);
     // Nothing was written for any of them but the empty repository itself.
     assert!(!place.repo().join("backups").exists());
 }
@@ -42,8 +46,23 @@ fn usage_errors_exit_2_with_one_json_document() {
     let r = vmbackup(&place, &["backup", "x", "--quiesce", "sometimes"]);
     assert_eq!(r.code, 2);
     assert_eq!(r.json["ok"], json!(false));
+    assert_eq!(r.json["schema_version"], 1);
+    assert_eq!(r.json["exit_code"], 2);
+    // clap's whole message: what is wrong, the choices, where to read more.
+    let e = &r.json["error"];
+    assert_eq!(e["kind"], "invalid", "{e}");
+    assert_eq!(e["exit_code"], 2, "{e}");
+    let msg = e["message"].as_str().unwrap();
+    for part in ["'sometimes'", "--quiesce", "possible values", "--help"] {
+        assert!(msg.contains(part), "{part:?} not in {msg:?}");
+    }
     let r = vmbackup(&place, &["no-such-command"]);
     assert_eq!(r.code, 2);
+    let msg = r.json["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("unrecognized subcommand 'no-such-command'"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -51,7 +70,11 @@ fn an_empty_repository_lists_nothing() {
     let place = Place::new();
     let r = vmbackup(&place, &["list"]);
     assert_eq!(r.code, 0);
-    assert_eq!(r.json, json!({"ok": true, "backups": [], "unreadable": []}));
+    assert_eq!(
+        r.json,
+        json!({"schema_version": 1, "command": "list", "ok": true, "exit_code": 0,
+               "backups": [], "unreadable": []})
+    );
 }
 
 /// `--full` takes no value, and `full_every_days` must be a whole number of days, at least 1:

@@ -134,8 +134,8 @@ fn resume(child: Child) -> (i32, Value, String) {
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let v: Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {stdout:?}\n{stderr}"));
+    let v: Value = vmbackup_testkit::cli::parse_one_document(&stdout)
+        .unwrap_or_else(|e| panic!("{e}: {stdout:?}\n{stderr}"));
     (out.status.code().unwrap_or(-1), v, stderr)
 }
 

@@ -187,7 +187,11 @@ fn an_encrypted_repository_hides_the_guest_data_and_detects_tampering() {
             let args = [&cmd[..], &keyed[..]].concat();
             let r = vmbackup(&place, &args);
             assert_eq!(r.code, 2, "{args:?}: {}", r.json);
-            let e = r.json["error"].as_str().unwrap_or_default().to_string() + &r.json.to_string();
+            let e = r.json["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+                + &r.json.to_string();
             assert!(
                 e.contains("encrypted") || e.contains("key"),
                 "{args:?}: {}",
@@ -233,7 +237,7 @@ fn an_encrypted_repository_hides_the_guest_data_and_detects_tampering() {
     vm.shutdown(Duration::from_secs(60)).unwrap();
     let r = vmbackup(&place, &["restore", &b2, "--key-file", key_arg]);
     assert_eq!(r.code, 1, "{}", r.json);
-    let err = r.json["error"].as_str().unwrap();
+    let err = r.json["error"]["message"].as_str().unwrap();
     assert!(err.contains(&victim_hex) && err.contains(&b2), "{err}");
     assert_eq!(files_in(vm.dir()), vm_files, "the restore left files");
     flip(&victim_path, 1000);
@@ -249,7 +253,7 @@ fn an_encrypted_repository_hides_the_guest_data_and_detects_tampering() {
     assert_eq!(l.json["unreadable"][0]["id"], b1.as_str(), "{}", l.json);
     let r = vmbackup(&place, &["restore", &b1, "--key-file", key_arg]);
     assert_eq!(r.code, 1, "{}", r.json);
-    let err = r.json["error"].as_str().unwrap();
+    let err = r.json["error"]["message"].as_str().unwrap();
     assert!(err.contains(&b1) && err.contains("manifest"), "{err}");
     flip(&manifest, 20);
 
@@ -340,7 +344,10 @@ fn a_passphrase_from_a_file_or_a_command_unlocks_and_a_wrong_one_is_refused() {
     let (code, j) = run_env(&plain, &[file], &["list"]);
     assert_eq!(code, 2, "{j}");
     assert!(
-        j["error"].as_str().unwrap().contains("not encrypted"),
+        j["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not encrypted"),
         "{j}"
     );
 }

@@ -209,8 +209,8 @@ impl<'a> Host<'a> {
 fn parse(out: std::process::Output) -> Run {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let json: Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {stdout:?}\n{stderr}"));
+    let json: Value = vmbackup_testkit::cli::parse_one_document(&stdout)
+        .unwrap_or_else(|e| panic!("{e}: {stdout:?}\n{stderr}"));
     Run {
         code: out.status.code().unwrap_or(-1),
         json,

@@ -204,7 +204,10 @@ fn the_old_files_of_a_backup_are_read_from_a_read_only_mount_and_umount_leaves_n
     let r = vmbackup(&place, &["umount", dir.to_str().unwrap()]);
     assert_eq!(r.code, 4, "{}\n{}", r.json, r.stderr);
     assert!(
-        r.json["error"].as_str().unwrap().contains("busy"),
+        r.json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("busy"),
         "{}",
         r.json
     );
@@ -463,7 +466,7 @@ fn a_mount_that_fails_or_is_interrupted_half_way_leaves_nothing() {
         &["mount", &id, dir.to_str().unwrap(), "--disk", "vdb"],
     );
     assert_eq!(r.code, 1, "{}\n{}", r.json, r.stderr);
-    let e = r.json["error"].as_str().unwrap();
+    let e = r.json["error"]["message"].as_str().unwrap();
     assert!(e.contains("nothing mountable") && e.contains("vdb"), "{e}");
     assert_nothing_left(&place, &dir);
 

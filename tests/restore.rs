@@ -135,7 +135,10 @@ fn a_corrupt_chunk_makes_restore_refuse_and_leaves_the_disks_untouched() {
     let r = vmbackup(&place, &["restore", &id]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(
-        r.json["error"].as_str().unwrap().contains("damaged"),
+        r.json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("damaged"),
         "{}",
         r.json
     );
@@ -167,7 +170,7 @@ fn a_mac_used_by_another_vm_is_refused() {
     let r = vmbackup(&place, &["restore", &id]);
     assert_eq!(r.code, 3, "{}", r.stderr);
     assert!(
-        r.json["error"].as_str().unwrap().contains(mac),
+        r.json["error"]["message"].as_str().unwrap().contains(mac),
         "{}",
         r.json
     );
@@ -256,7 +259,10 @@ fn restore_as_beside_the_original_needs_new_macs() {
     let _cleanup = Undefine(new.clone());
     let r = vmbackup(&place, &["restore", &id, "--as", &new]);
     assert_eq!(r.code, 3, "{}", r.stderr);
-    assert!(r.json["error"].as_str().unwrap().contains("--new-macs"));
+    assert!(r.json["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("--new-macs"));
     assert_eq!(files_in(vm.dir()), ["vdb.qcow2"]);
     let r = vmbackup(&place, &["restore", &id, "--as", &new, "--new-macs"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -306,7 +312,7 @@ fn restore_reserves_the_recorded_ip_on_a_dhcp_network_and_refuses_an_ip_in_use()
     let before = vm.dom().inactive_xml().unwrap();
     let r = vmbackup(&place, &["restore", &id, "--power-off"]);
     assert_eq!(r.code, 3, "{}", r.stderr);
-    let err = r.json["error"].as_str().unwrap();
+    let err = r.json["error"]["message"].as_str().unwrap();
     assert!(err.contains(&ip) && err.contains(other.name()), "{err}");
     assert!(
         vm.dom().is_active().unwrap(),
@@ -403,7 +409,7 @@ fn restore_onto_a_name_now_held_by_another_vm_is_refused_and_changes_nothing() {
         r.json
     );
     assert_eq!(r.code, 3, "{}", r.stderr);
-    let err = r.json["error"].as_str().unwrap();
+    let err = r.json["error"]["message"].as_str().unwrap();
     assert!(
         err.contains(&old_uuid) && err.contains(&other_uuid),
         "the refusal names both UUIDs: {err}"

@@ -191,7 +191,7 @@ fn bad_s3_settings_are_exit_2_with_a_clear_message_and_write_nothing() {
     let mut printed = Printed::default();
     let expect = |r: &Run, what: &str, says: &str| {
         assert_eq!(r.code, 2, "{what}: {}\n{}", r.json, r.stderr);
-        let error = r.json["error"].as_str().unwrap_or_default();
+        let error = r.json["error"]["message"].as_str().unwrap_or_default();
         assert!(error.contains(says), "{what}: {error:?} lacks {says:?}");
     };
 

@@ -68,8 +68,8 @@ fn garage_killed_mid_backup_fails_it_cleanly_and_the_next_backup_works() {
     Garage::start(checkout);
 
     assert_eq!(code, 1, "{stderr}\n{}", run.stdout());
-    let doc: serde_json::Value = serde_json::from_str(run.stdout().trim()).unwrap();
-    let error = doc["results"][0]["error"]["error"]
+    let doc = vmbackup_testkit::cli::parse_one_document(&run.stdout()).unwrap();
+    let error = doc["results"][0]["error"]["message"]
         .as_str()
         .unwrap_or_default();
     assert!(

@@ -182,8 +182,8 @@ fn a_store_that_throttles_for_good_fails_a_backup_cleanly_with_backoff_and_the_n
     let (stdout, stderr) = (run.stdout(), run.stderr());
 
     assert_eq!(code, 1, "{stderr}\n{stdout}");
-    let doc: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    let error = doc["results"][0]["error"]["error"]
+    let doc = vmbackup_testkit::cli::parse_one_document(&stdout).unwrap();
+    let error = doc["results"][0]["error"]["message"]
         .as_str()
         .unwrap_or_default();
     // (A HEAD's answer has no body to carry the code `SlowDown`: the status names it.)
@@ -276,7 +276,7 @@ fn a_store_throttling_from_the_first_request_is_a_store_failure_not_bad_input() 
         );
         let took = started.elapsed();
         assert_eq!(r.code, 1, "{error:?}: {}\n{}", r.json, r.stderr);
-        let message = r.json["error"].as_str().unwrap_or_default();
+        let message = r.json["error"]["message"].as_str().unwrap_or_default();
         let code = match error {
             Injected::SlowDown => "SlowDown",
             _ => "TooManyRequests",

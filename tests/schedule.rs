@@ -46,8 +46,8 @@ fn finish(child: Child) -> (i32, Value, String) {
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let v: Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {stdout:?}\n{stderr}"));
+    let v: Value = vmbackup_testkit::cli::parse_one_document(&stdout)
+        .unwrap_or_else(|e| panic!("{e}: {stdout:?}\n{stderr}"));
     (out.status.code().unwrap_or(-1), v, stderr)
 }
 
@@ -588,7 +588,7 @@ fn a_schedule_for_a_full_slot_is_refused_with_the_nearest_free_slots() {
     let before = schedule_names(&place);
     let r = add("three", &["qemu:d"], "2");
     assert_eq!(r.code, 3, "{}", r.stderr);
-    let msg = r.json["error"].as_str().unwrap();
+    let msg = r.json["error"]["message"].as_str().unwrap();
     assert!(msg.contains("slot 02:00-03:00 UTC is full"), "{msg}");
     assert!(msg.contains("2 of 2 VMs"), "{msg}");
     assert!(
@@ -674,7 +674,9 @@ fn bad_schedules_are_refused_with_exit_code_2_and_change_nothing() {
     for args in bad {
         let r = vmbackup(&place, args);
         assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
-        assert!(r.json["error"].as_str().is_some_and(|e| !e.is_empty()));
+        assert!(r.json["error"]["message"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty()));
     }
     assert!(schedule_names(&place).is_empty());
     let r = vmbackup(&place, &["run-due", "--now", "yesterday"]);

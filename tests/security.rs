@@ -98,7 +98,8 @@ fn overlays_and_restored_images_keep_the_images_owner_and_mode_and_a_hung_hook_i
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v =
+        vmbackup_testkit::cli::parse_one_document(&String::from_utf8_lossy(&out.stdout)).unwrap();
     let id = v["results"][0]["backup"]["id"]
         .as_str()
         .unwrap()
@@ -113,7 +114,6 @@ fn overlays_and_restored_images_keep_the_images_owner_and_mode_and_a_hung_hook_i
     assert_eq!(r.code, 3, "{}", r.stderr);
     let msg = r.json["error"]["message"]
         .as_str()
-        .or(r.json["error"].as_str())
         .unwrap_or_default()
         .to_string()
         + &r.json.to_string();

@@ -63,7 +63,7 @@ impl Server {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        let doc: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+        let doc: Value = vmbackup_testkit::cli::parse_one_document(&line).unwrap_or_else(|e| {
             let _ = child.kill();
             panic!(
                 "serve printed {line:?} ({e}); log: {}",
@@ -346,7 +346,7 @@ fn bad_input_is_refused_with_exit_2_and_an_idle_server_stops_by_itself() {
     let r = vmbackup(&place, &["serve", &id, "--disk", "vdz"]);
     assert_eq!(r.code, 2, "unknown disk: {}", r.json);
     assert!(
-        r.json["error"].as_str().unwrap().contains("vdb"),
+        r.json["error"]["message"].as_str().unwrap().contains("vdb"),
         "{}",
         r.json
     );

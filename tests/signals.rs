@@ -81,12 +81,8 @@ fn wait_copy_of(run: &mut FaultRun, target: &str) {
 /// The run's one JSON document.
 fn document(run: &FaultRun) -> Value {
     let out = run.stdout();
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| {
-        panic!(
-            "no single JSON document ({e}) in {out:?}; stderr:\n{}",
-            run.stderr()
-        )
-    })
+    vmbackup_testkit::cli::parse_one_document(&out)
+        .unwrap_or_else(|e| panic!("{e} in {out:?}; stderr:\n{}", run.stderr()))
 }
 
 /// Asserts the state every interrupted run must leave once it has exited: the VM on its
@@ -209,7 +205,7 @@ fn a_second_sigint_abandons_the_run_at_once_and_recover_finishes_it() {
     let doc = document(&run);
     assert_eq!(doc["exit_code"], 130, "{doc}");
     assert!(
-        doc["error"]
+        doc["error"]["message"]
             .as_str()
             .unwrap_or_default()
             .contains("abandoned"),

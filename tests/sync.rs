@@ -169,7 +169,7 @@ fn synced_backups_restore_from_the_target_and_a_killed_sync_is_finished_by_the_n
     let before: Vec<Vec<u8>> = images.iter().map(|p| std::fs::read(p).unwrap()).collect();
     let r = s3.run(binary(), &["restore", &damaged[0], "--key-file", key]);
     assert_eq!(r.code, 1, "{} {}", r.json, r.stderr);
-    let err = r.json["error"].as_str().unwrap_or_default();
+    let err = r.json["error"]["message"].as_str().unwrap_or_default();
     assert!(err.contains(&victim_hex), "{err}");
     let after: Vec<Vec<u8>> = images.iter().map(|p| std::fs::read(p).unwrap()).collect();
     assert!(before == after, "a failed restore changed the VM's images");

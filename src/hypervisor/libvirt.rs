@@ -328,7 +328,7 @@ pub struct Dom {
 }
 
 /// What `Dom::state` reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PowerState {
     Running,

@@ -108,7 +108,7 @@ pub struct Description {
 }
 
 /// One disk put back onto its original image.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct Recovered {
     pub vm: String,
     pub disk: String,

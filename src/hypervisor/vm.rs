@@ -8,7 +8,7 @@ use super::xml_edit::XmlError;
 
 type Result<T> = std::result::Result<T, XmlError>;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct VmSpec {
     pub name: String,
     pub uuid: String,
@@ -28,7 +28,7 @@ pub struct VmSpec {
 }
 
 /// A domain's `<tpm>`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TpmSpec {
     /// `<tpm model=...>`: `tpm-crb`, `tpm-tis`, ...
     pub model: Option<String>,
@@ -39,7 +39,7 @@ pub struct TpmSpec {
     pub version: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DiskSpec {
     /// `<target dev=...>`, e.g. `vda`.
     pub target: String,
@@ -56,7 +56,7 @@ pub struct DiskSpec {
     pub serial: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct NicSpec {
     pub mac: Option<String>,
     pub model: Option<String>,
@@ -218,7 +218,7 @@ fn parse_nic(dev: roxmltree::Node) -> NicSpec {
 }
 
 /// A network interface as the guest sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct GuestInterface {
     pub name: String,
     pub mac: Option<String>,

@@ -62,7 +62,7 @@ pub struct Options {
 }
 
 /// The background process.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Daemon {
     pub pid: i32,
     /// Its start time (`/proc/PID/stat`, field 22): a pid reused by another process is not it.
@@ -70,7 +70,7 @@ pub struct Daemon {
 }
 
 /// One disk, as a file of the FUSE file system.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DiskFile {
     pub target: String,
     pub file: PathBuf,
@@ -78,7 +78,7 @@ pub struct DiskFile {
 }
 
 /// One file system, mounted (or being mounted).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Mounted {
     pub disk: String,
     /// Its partition's number; `None` for a file system on the whole disk.
@@ -95,7 +95,7 @@ pub struct Mounted {
 }
 
 /// Something found that is not mounted, and why.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Skipped {
     pub disk: String,
     pub partition: Option<u32>,
@@ -103,7 +103,7 @@ pub struct Skipped {
 }
 
 /// A mount, as recorded in the state folder.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Record {
     pub dir: PathBuf,
     pub private: PathBuf,
@@ -596,7 +596,7 @@ fn last_error(log: &Path) -> String {
 }
 
 /// What `umount` did.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, schemars::JsonSchema)]
 pub struct Cleaned {
     pub dir: PathBuf,
     pub backup: String,

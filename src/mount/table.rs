@@ -13,7 +13,7 @@ const MAX_GPT_ENTRIES: u64 = 4096;
 const MAX_LOGICAL: usize = 256;
 
 /// One partition.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct Partition {
     /// Its number as Linux gives it (`vda1`, `vda5`).
     pub number: u32,

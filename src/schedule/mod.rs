@@ -29,7 +29,7 @@ pub enum ScheduleError {
 pub use retention::Retention;
 
 /// One schedule as stored (JSON in the state database).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Spec {
     pub name: String,
     pub vms: Vec<VmRef>,
@@ -51,7 +51,7 @@ pub struct Spec {
 }
 
 /// When and how a schedule boot-tests its backups (`vmbackup boot-test`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct BootTestRule {
     /// After every `every`-th successful backup of a VM (1: after each).
     pub every: u32,

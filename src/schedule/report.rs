@@ -5,7 +5,7 @@ use serde::Serialize;
 use crate::repository::BootTestRecord;
 
 /// The outcome of one VM's occurrence.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct VmResult {
     pub vm: String,
     /// When the occurrence was due (UTC).
@@ -27,7 +27,7 @@ pub struct VmResult {
 }
 
 /// One schedule's part of a run: the job a report is sent for.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct JobReport {
     pub schedule: String,
     pub recurrence: String,

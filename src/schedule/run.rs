@@ -39,7 +39,7 @@ use crate::vm_ref::VmRef;
 pub const LOOKBACK_DAYS: i64 = 35;
 
 /// What one `run-due` did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct RunDue {
     pub now: String,
     pub dry_run: bool,
@@ -473,7 +473,7 @@ fn boot_test_after(
 }
 
 /// What a retention pass removed, and what it could not.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, schemars::JsonSchema)]
 pub struct Pruned {
     pub deleted: Vec<String>,
     pub errors: Vec<String>,

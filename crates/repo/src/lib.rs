@@ -126,7 +126,7 @@ pub struct Repository {
 }
 
 /// The last boot test of a backup (`backups/<id>/boot-test.json`): see FORMAT.md.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct BootTestRecord {
     /// When the test ended (UTC, RFC 3339).
     pub at: String,

@@ -251,7 +251,7 @@ struct GcPlan {
     kept: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct Verified {
     pub id: String,
     pub vm: String,
@@ -261,7 +261,7 @@ pub struct Verified {
     pub damaged: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct Collected {
     pub removed_chunks: u64,
     pub removed_bytes: u64,

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 pub const FORMAT_VERSION: u32 = 1;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Manifest {
     pub format_version: u32,
     pub id: String,
@@ -39,7 +39,7 @@ pub struct Manifest {
 }
 
 /// The VM's firmware variables and TPM state as they were when the backup read them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct VmState {
     /// When they were read (RFC 3339, UTC): right after the disk snapshot, or with the VM
     /// shut off.
@@ -51,7 +51,7 @@ pub struct VmState {
 }
 
 /// The state folder of an emulated TPM (libvirt's `swtpm/<uuid>`), its folders and files.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TpmState {
     /// `<tpm model=...>`, e.g. `tpm-crb`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -68,14 +68,14 @@ pub struct TpmState {
 }
 
 /// A folder of the VM's state, with its owner and mode.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct StateDir {
     pub path: String,
     pub owner: Owner,
 }
 
 /// A file of the VM's state: where it was, its content (an object) and its owner and mode.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct StateFile {
     pub path: String,
     pub size: u64,
@@ -88,7 +88,7 @@ pub struct StateFile {
 
 /// Owner and permission bits of a file or folder; the names (when the host knew them) are
 /// preferred over the numbers when it is put back.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Owner {
     pub uid: u32,
     pub gid: u32,
@@ -100,7 +100,7 @@ pub struct Owner {
     pub mode: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DiskEntry {
     pub target: String,
     pub format: String,
@@ -118,7 +118,7 @@ pub struct DiskEntry {
 
 /// How a disk was read for a backup: all of it, or only what changed since an earlier backup
 /// (the rest of its index taken from that backup's). Either way the index is complete.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DiskRead {
     /// `full` or `incremental`.
     pub mode: String,
@@ -146,7 +146,7 @@ pub struct DiskRead {
 }
 
 /// What tells an image file unchanged: its identity, size and both change times.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct FileState {
     pub dev: u64,
     pub inode: u64,
@@ -171,7 +171,7 @@ impl FileState {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct NicEntry {
     pub mac: Option<String>,
     pub model: Option<String>,

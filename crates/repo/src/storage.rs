@@ -90,7 +90,7 @@ pub trait ObjectStore: Send + Sync {
 
 /// Requests made to an object store, by kind; retries count as requests. `delete` counts the
 /// deletes of one object and the bulk deletes (S3 DeleteObjects, up to 1000 objects each).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct RequestCounts {
     pub get: u64,
     pub put: u64,

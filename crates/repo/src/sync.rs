@@ -43,7 +43,7 @@ impl SyncFilter {
 }
 
 /// What a sync did.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct Synced {
     /// The backups copied, oldest first.
     pub copied: Vec<String>,

@@ -23,7 +23,7 @@ const GIB: f64 = (1u64 << 30) as f64;
 const DAY_SECS: i64 = 86_400;
 
 /// One VM's figures.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct VmUsage {
     pub vm: String,
     pub backups: usize,
@@ -45,7 +45,7 @@ pub struct VmUsage {
 }
 
 /// The repository's figures.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct RepoUsage {
     pub backups: usize,
     pub vms: usize,
@@ -66,7 +66,7 @@ pub struct RepoUsage {
     pub free_bytes: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct Usage {
     /// The period of `gib_hours` (RFC 3339, UTC).
     pub from: String,

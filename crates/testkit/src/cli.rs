@@ -71,8 +71,11 @@ pub fn run_json(binary: &Path, repo: &Path, state: &Path, args: &[&str]) -> Run 
     }
 }
 
-/// Parses stdout that must be exactly one JSON document.
+/// Parses stdout that must be exactly one JSON document, of the shape its command's schema
+/// gives (`crate::schema`).
 pub fn parse_one_document(stdout: &str) -> Result<Value, String> {
-    serde_json::from_str(stdout.trim())
-        .map_err(|e| format!("stdout is not one JSON document ({e})"))
+    let v: Value = serde_json::from_str(stdout.trim())
+        .map_err(|e| format!("stdout is not one JSON document ({e})"))?;
+    crate::schema::check_document(&v)?;
+    Ok(v)
 }

@@ -25,6 +25,7 @@ pub mod guest;
 pub mod libvirt_vm;
 pub mod qemu_vm;
 pub mod s3_proxy;
+pub mod schema;
 pub mod smtp;
 
 pub use error::{KitError, Result};
