@@ -1423,8 +1423,8 @@ fn command_name(m: &clap::ArgMatches) -> String {
 }
 
 fn main() -> ExitCode {
-    use clap::{CommandFactory, FromArgMatches};
-    let parsed = cli::Cli::command()
+    use clap::FromArgMatches;
+    let parsed = cli_docs::command()
         .try_get_matches()
         .and_then(|m| cli::Cli::from_arg_matches(&m).map(|c| (c, command_name(&m))));
     let cli = match parsed {

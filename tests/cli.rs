@@ -233,3 +233,76 @@ fn completions_and_man_pages_come_from_the_command_definitions() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.code(), Some(0), "{stderr}");
 }
+
+/// A schedule's life through every `schedule` command (a plain QEMU VM's name: nothing is
+/// checked against libvirt), each document checked against its schema by the test kit.
+#[test]
+fn a_schedule_is_added_shown_listed_disabled_enabled_edited_and_removed() {
+    let place = Place::new();
+    let add = vmbackup(
+        &place,
+        &[
+            "schedule",
+            "add",
+            "nightly",
+            "--vm",
+            "qemu:vmbt-none",
+            "--type",
+            "daily",
+            "--slot",
+            "3",
+            "--tz",
+            "UTC",
+        ],
+    );
+    assert_eq!(add.code, 0, "{}", add.stderr);
+    assert_eq!(add.json["schedule"]["name"], "nightly");
+    assert!(add.json["schedule"]["next_run"].is_string(), "{}", add.json);
+    let dis = vmbackup(&place, &["schedule", "disable", "nightly"]);
+    assert_eq!(dis.code, 0, "{}", dis.stderr);
+    assert_eq!(dis.json["schedule"]["enabled"], false);
+    assert!(dis.json["schedule"]["next_run"].is_null(), "{}", dis.json);
+    let show = vmbackup(&place, &["schedule", "show", "nightly"]);
+    assert_eq!(show.json["schedule"]["enabled"], false);
+    let en = vmbackup(&place, &["schedule", "enable", "nightly"]);
+    assert_eq!(en.json["schedule"]["enabled"], true, "{}", en.json);
+    let ed = vmbackup(&place, &["schedule", "edit", "nightly", "--slot", "4"]);
+    assert_eq!(ed.code, 0, "{}", ed.stderr);
+    assert_eq!(ed.json["schedule"]["hour"], 4, "{}", ed.json);
+    let list = vmbackup(&place, &["schedule", "list"]);
+    assert_eq!(list.json["schedules"].as_array().unwrap().len(), 1);
+    let rm = vmbackup(&place, &["schedule", "remove", "nightly"]);
+    assert_eq!((rm.code, &rm.json["removed"]), (0, &json!("nightly")));
+    let list = vmbackup(&place, &["schedule", "list"]);
+    assert_eq!(list.json["schedules"], json!([]));
+    let gone = vmbackup(&place, &["schedule", "show", "nightly"]);
+    assert_eq!(gone.code, 2);
+    assert_eq!(gone.json["error"]["kind"], "not_found", "{}", gone.json);
+}
+
+/// Each command's `--help` (and so its man page) ends with its own exit codes.
+#[test]
+fn each_command_help_lists_its_exit_codes() {
+    let help = |args: &[&str]| -> String {
+        let out = std::process::Command::new(binary())
+            .args(args)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for (args, line) in [
+        (&["delete"][..], "3  refused: a backup is pinned"),
+        (&["backup"], "5  partly done: some of several VMs failed"),
+        (&["verify"], "1  a backup is damaged"),
+        (&["restore"], "3  refused: the VM is running"),
+        (&["schedule", "add"], "3  refused: the slot is full"),
+        (&["list"], "2  bad usage or input"),
+    ] {
+        let h = help(args);
+        assert!(h.contains("Exit codes:"), "{args:?}: {h}");
+        assert!(h.contains(line), "{args:?} lacks {line:?}: {h}");
+        assert!(h.contains("130/143  interrupted"), "{args:?}: {h}");
+    }
+}

@@ -283,6 +283,27 @@ fn delete_and_verify_take_several_ids_check_them_all_first_and_report_each() {
     assert_eq!(d.json["deleted"], json!([ids[0], ids[2]]));
     assert_eq!(listed().len(), 2);
 
+    // Unpinned, a backup can be deleted without --force (checked by a dry run); pinned again,
+    // `list` says so.
+    let pinned_in_list = |id: &str| -> bool {
+        let l = vmbackup(&place, &["list"]);
+        let rows = l.json["backups"].as_array().unwrap().clone();
+        rows.iter().find(|r| r["id"] == id).unwrap()["pinned"] == true
+    };
+    assert!(pinned_in_list(&ids[2]));
+    let u = vmbackup(&place, &["unpin", &ids[2]]);
+    assert_eq!(
+        (u.code, &u.json["pinned"]),
+        (0, &json!(false)),
+        "{}",
+        u.json
+    );
+    assert!(!pinned_in_list(&ids[2]));
+    let d = vmbackup(&place, &["delete", &ids[2], "--dry-run"]);
+    assert_eq!(d.code, 0, "{}", d.stderr);
+    assert_eq!(vmbackup(&place, &["pin", &ids[2]]).code, 0);
+    assert!(pinned_in_list(&ids[2]));
+
     // One of two deletions fails (its manifest immutable): the other is deleted, exit 5,
     // each in the JSON and the history.
     let stuck = Immutable::new(manifest(&ids[0]));
