@@ -441,7 +441,12 @@ pub struct ThawGuardBody {
 /// The commands and the schema of each one's documents, by the name `command` carries.
 pub fn schemas() -> Vec<(&'static str, schemars::Schema)> {
     fn one<T: JsonSchema>(name: &'static str) -> (&'static str, schemars::Schema) {
-        let mut s = schemars::schema_for!(Document<T>);
+        // What is printed (serialization): a field skipped when empty is optional, an
+        // `Option` that is always printed is required and may be null.
+        let mut s = schemars::generate::SchemaSettings::draft2020_12()
+            .for_serialize()
+            .into_generator()
+            .into_root_schema_for::<Document<T>>();
         s.insert(
             "title".into(),
             format!("vmbackup {name} --json (schema_version {SCHEMA_VERSION})").into(),

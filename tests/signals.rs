@@ -117,7 +117,8 @@ fn a_signal_in_the_middle_of_a_big_disk_stops_the_copy_within_5_s() {
         let mut run = FaultRun::start(
             binary(),
             &place,
-            &["backup", vm.name()],
+            // A second VM, never reached: the document lists it as not started.
+            &["backup", vm.name(), "vmbt-sig-never-started"],
             "backup-chunk-written=sleep(100)",
             &[],
         );
@@ -145,6 +146,13 @@ fn a_signal_in_the_middle_of_a_big_disk_stops_the_copy_within_5_s() {
         assert_eq!(doc["exit_code"], code, "{doc}");
         assert_eq!(doc["ok"], false, "{doc}");
         assert_eq!(doc["interrupted"], name, "{doc}");
+        assert_eq!(doc["results"].as_array().map(Vec::len), Some(1), "{doc}");
+        assert_eq!(doc["results"][0]["error"]["kind"], "interrupted", "{doc}");
+        assert_eq!(
+            doc["not_started"],
+            serde_json::json!(["vmbt-sig-never-started"]),
+            "{doc}"
+        );
         assert_no_repository_lock(&place, name);
         let ids = assert_left_clean(&vm, &place, name);
         assert!(ids.is_empty(), "{name}: a backup was published: {ids:?}");
