@@ -2,7 +2,9 @@
 //! from `vmbackup::contract`): every document a test parses with `cli::parse_one_document` is
 //! checked against its command's schema, strictly (a field the schema does not name is an
 //! error). With `VMBACKUP_SCHEMA_SEEN=DIR`, the schema file of each checked document is
-//! touched in DIR, so that `scripts/test` can tell which commands' documents no test read.
+//! touched in DIR, so that `scripts/test` can tell which commands' documents no test read
+//! (and the first document of each command that succeeded and that failed is kept beside it,
+//! `NAME.json.ok` and `NAME.json.failed`).
 //!
 //! The keywords the generated schemas use (a subset of JSON Schema 2020-12) are understood:
 //! `$ref` to `#/$defs/...`, `type` (one or several), `properties`, `required`,
@@ -47,6 +49,13 @@ pub fn check_document(doc: &Value) -> Result<(), String> {
     if let Some(seen) = std::env::var_os("VMBACKUP_SCHEMA_SEEN") {
         let seen = PathBuf::from(seen);
         let _ = std::fs::create_dir_all(&seen);
+        // The first document of each command and outcome is kept (a source of examples for
+        // docs/JSON.md).
+        let ok = doc.get("ok") == Some(&Value::Bool(true));
+        let keep = seen.join(format!("{}.{}", file, if ok { "ok" } else { "failed" }));
+        if !keep.exists() {
+            let _ = std::fs::write(&keep, serde_json::to_string_pretty(doc).unwrap_or_default());
+        }
         let _ = std::fs::write(seen.join(&file), b"");
     }
     Ok(())
@@ -290,6 +299,35 @@ mod tests {
     fn unknown_keywords_are_errors_not_passes() {
         let e = validate(&json!({"pattern": "^a$"}), &json!("b")).unwrap_err();
         assert!(e[0].contains("pattern"), "{e:?}");
+    }
+
+    /// docs/JSON.md's examples are real documents: each one matches its command's schema,
+    /// and every command has one.
+    #[test]
+    fn every_example_in_json_md_matches_its_schema_and_every_command_has_one() {
+        let md = std::fs::read_to_string(dir().join("../JSON.md")).unwrap();
+        let mut examples = 0;
+        let mut commands = std::collections::BTreeSet::new();
+        let mut rest = md.as_str();
+        while let Some(start) = rest.find("```json\n") {
+            let body = &rest[start + 8..];
+            let end = body.find("```").expect("an unclosed ```json block");
+            let doc: Value = serde_json::from_str(&body[..end])
+                .unwrap_or_else(|e| panic!("an example is not JSON ({e}):\n{}", &body[..end]));
+            check_document(&doc).unwrap_or_else(|e| panic!("{e}"));
+            commands.insert(doc["command"].as_str().unwrap().replace(' ', "-"));
+            examples += 1;
+            rest = &body[end + 3..];
+        }
+        let mut missing = Vec::new();
+        for f in std::fs::read_dir(dir()).unwrap() {
+            let name = f.unwrap().file_name().to_string_lossy().replace(".json", "");
+            if !commands.contains(&name) {
+                missing.push(name);
+            }
+        }
+        assert!(missing.is_empty(), "no example in docs/JSON.md for {missing:?}");
+        assert!(examples >= 30, "{examples} examples");
     }
 
     /// Every keyword of every schema (property names aside) is one this checks or an
