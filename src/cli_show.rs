@@ -56,10 +56,8 @@ pub fn manifest_text(m: &Manifest, state: &[String], boot_test: &str) -> String 
     }
     pairs.push(("last boot test", boot_test.to_string()));
     let mut text = key_values(&pairs);
-    let mut disks = Table::new(&[
-        "DISK", "FORMAT", "SIZE", "DATA", "STORED", "READ", "SOURCE",
-    ])
-    .right(&["SIZE", "DATA", "STORED"]);
+    let mut disks = Table::new(&["DISK", "FORMAT", "SIZE", "DATA", "STORED", "READ", "SOURCE"])
+        .right(&["SIZE", "DATA", "STORED"]);
     for d in &m.disks {
         let read = d
             .read
@@ -121,7 +119,10 @@ pub fn schedule_text(spec: &vmbackup::schedule::Spec, next: Option<jiff::Timesta
         ("starts", spec.start_date.clone()),
         (
             "next run",
-            next.map_or_else(|| "-".into(), |t| format!("{} UTC", t.strftime("%Y-%m-%d %H:%M"))),
+            next.map_or_else(
+                || "-".into(),
+                |t| format!("{} UTC", t.strftime("%Y-%m-%d %H:%M")),
+            ),
         ),
         ("quiesce", spec.quiesce.clone()),
         (
@@ -161,6 +162,9 @@ mod tests {
         assert!(text.contains("next run:  2026-01-02 02:00 UTC\n"), "{text}");
         assert!(text.contains("retention: keep 7 days\n"), "{text}");
         assert!(text.contains("boot test: no\n"), "{text}");
-        assert!(text.ends_with("vms:       web\n           qemu:db\n"), "{text}");
+        assert!(
+            text.ends_with("vms:       web\n           qemu:db\n"),
+            "{text}"
+        );
     }
 }

@@ -43,9 +43,10 @@ pub fn colour(is_terminal: bool, no_color: Option<&str>, term: Option<&str>) -> 
 pub fn init(quiet: bool, verbose: u8, json: bool) {
     use tracing_subscriber::EnvFilter;
     let tty = std::io::stderr().is_terminal();
-    let _ = BARS.set((tty && !quiet && !json).then(|| {
-        MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10))
-    }));
+    let _ = BARS.set(
+        (tty && !quiet && !json)
+            .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10))),
+    );
     let env = std::env::var("VMBACKUP_LOG").ok();
     let wanted = log_filter(quiet, verbose, env.as_deref());
     let filter = EnvFilter::try_new(&wanted).unwrap_or_else(|e| {
@@ -88,23 +89,24 @@ fn bytes(b: u64) -> String {
 }
 
 fn style() -> ProgressStyle {
-    ProgressStyle::with_template(
-        "{prefix}  [{bar:24}] {done}/{total}  {rate}  ETA {eta_clock}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar())
-    .progress_chars("=> ")
-    .with_key("done", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
-        let _ = w.write_str(&bytes(s.pos()));
-    })
-    .with_key("total", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
-        let _ = w.write_str(&bytes(s.len().unwrap_or(0)));
-    })
-    .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
-        let _ = write!(w, "{}/s", bytes(s.per_sec() as u64));
-    })
-    .with_key("eta_clock", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
-        let _ = w.write_str(&render::duration_secs(s.eta().as_secs()));
-    })
+    ProgressStyle::with_template("{prefix}  [{bar:24}] {done}/{total}  {rate}  ETA {eta_clock}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
+        .with_key("done", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = w.write_str(&bytes(s.pos()));
+        })
+        .with_key("total", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = w.write_str(&bytes(s.len().unwrap_or(0)));
+        })
+        .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{}/s", bytes(s.per_sec() as u64));
+        })
+        .with_key(
+            "eta_clock",
+            |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = w.write_str(&render::duration_secs(s.eta().as_secs()));
+            },
+        )
 }
 
 /// Progress of copies and checks, one bar per label (a disk of a backup, a restore, a
@@ -220,9 +222,6 @@ mod tests {
             finished_line("web vda", 1 << 30, Duration::from_secs(64)),
             "web vda: 1.0 GiB in 1m 4s (16.0 MiB/s)"
         );
-        assert_eq!(
-            finished_line("gc", 0, Duration::ZERO),
-            "gc: 0 B in 0ms"
-        );
+        assert_eq!(finished_line("gc", 0, Duration::ZERO), "gc: 0 B in 0ms");
     }
 }

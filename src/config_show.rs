@@ -130,11 +130,9 @@ fn to_json(v: &toml::Value) -> Value {
         toml::Value::Boolean(b) => json!(b),
         toml::Value::Datetime(d) => json!(d.to_string()),
         toml::Value::Array(a) => Value::Array(a.iter().map(to_json).collect()),
-        toml::Value::Table(t) => Value::Object(
-            t.iter()
-                .map(|(k, v)| (k.clone(), to_json(v)))
-                .collect(),
-        ),
+        toml::Value::Table(t) => {
+            Value::Object(t.iter().map(|(k, v)| (k.clone(), to_json(v))).collect())
+        }
     }
 }
 
@@ -184,7 +182,13 @@ pub fn effective(cfg: &Config, inp: &Inputs) -> Shown {
     let b = &cfg.backup;
     let secs = |d: std::time::Duration| json!(d.as_secs());
     add("connect", Some("connect"), &[], json!(cfg.connect), false);
-    add("repo", Some("repo"), &[], json!(cfg.repo.to_string()), false);
+    add(
+        "repo",
+        Some("repo"),
+        &[],
+        json!(cfg.repo.to_string()),
+        false,
+    );
     add(
         "key_file",
         Some("key_file"),
@@ -331,11 +335,7 @@ pub fn effective(cfg: &Config, inp: &Inputs) -> Shown {
         }
     }
     for (key, var, secret) in [
-        (
-            "passphrase_file",
-            crate::unlock::PASSPHRASE_FILE_ENV,
-            false,
-        ),
+        ("passphrase_file", crate::unlock::PASSPHRASE_FILE_ENV, false),
         (
             "passphrase_command",
             crate::unlock::PASSPHRASE_COMMAND_ENV,
@@ -351,11 +351,8 @@ pub fn effective(cfg: &Config, inp: &Inputs) -> Shown {
         leaves("", t, &mut rest);
     }
     let known: Vec<String> = settings.borrow().iter().map(|s| s.key.clone()).collect();
-    let from_file = |key: &str| -> Option<Value> {
-        table
-            .and_then(|t| file_value(t, key))
-            .map(to_json)
-    };
+    let from_file =
+        |key: &str| -> Option<Value> { table.and_then(|t| file_value(t, key)).map(to_json) };
     for (key, default) in [
         ("report.smtp", Value::Null),
         ("report.from", Value::Null),
@@ -432,9 +429,10 @@ mod tests {
                          [report]\nsmtp = '127.0.0.1:25'\npassword = 'hunter2'\n";
         let table: toml::Table = toml::from_str(toml_text).unwrap();
         // The typed file has no password key (yet): resolve without it.
-        let typed: FileConfig =
-            toml::from_str("max_disk_gib = 100\nconnect = 'qemu:///session'\n[report]\nsmtp = '127.0.0.1:25'\n")
-                .unwrap();
+        let typed: FileConfig = toml::from_str(
+            "max_disk_gib = 100\nconnect = 'qemu:///session'\n[report]\nsmtp = '127.0.0.1:25'\n",
+        )
+        .unwrap();
         let o = Overrides {
             repo: Some("/flag/repo".into()),
             state_dir: Some("/env/state".into()),
@@ -461,22 +459,37 @@ mod tests {
             },
         );
         let repo = find(&s, "repo");
-        assert_eq!((repo.source, repo.flag.as_deref()), (Source::Flag, Some("--repo")));
+        assert_eq!(
+            (repo.source, repo.flag.as_deref()),
+            (Source::Flag, Some("--repo"))
+        );
         assert_eq!(repo.value, json!("/flag/repo"));
         let st = find(&s, "state_dir");
-        assert_eq!((st.source, st.env.as_deref()), (Source::Env, Some("VMBACKUP_STATE_DIR")));
+        assert_eq!(
+            (st.source, st.env.as_deref()),
+            (Source::Env, Some("VMBACKUP_STATE_DIR"))
+        );
         let c = find(&s, "connect");
-        assert_eq!((c.source, c.file.as_deref()), (Source::File, Some("/etc/x.toml")));
+        assert_eq!(
+            (c.source, c.file.as_deref()),
+            (Source::File, Some("/etc/x.toml"))
+        );
         assert_eq!(c.value, json!("qemu:///session"));
         assert_eq!(find(&s, "max_disk_gib").value, json!(100));
         let d = find(&s, "max_total_gib");
         assert_eq!((d.source, &d.value), (Source::Default, &json!(4000)));
         assert_eq!(find(&s, "report.smtp").source, Source::File);
         let secret = find(&s, "s3.secret_access_key");
-        assert_eq!((secret.source, &secret.value), (Source::Env, &json!("(set)")));
+        assert_eq!(
+            (secret.source, &secret.value),
+            (Source::Env, &json!("(set)"))
+        );
         assert!(secret.secret);
         let pw = find(&s, "report.password");
-        assert_eq!((pw.source, &pw.value, pw.secret), (Source::File, &json!("(set)"), true));
+        assert_eq!(
+            (pw.source, &pw.value, pw.secret),
+            (Source::File, &json!("(set)"), true)
+        );
         assert_eq!(find(&s, "s3.access_key_id").value, Value::Null);
         // Neither the text nor the JSON has a secret's value.
         let text = text(&s);
@@ -488,15 +501,33 @@ mod tests {
         assert!(text.contains("flag --repo"), "{text}");
         assert!(text.contains("env VMBACKUP_STATE_DIR"), "{text}");
         assert!(text.contains("file /etc/x.toml"), "{text}");
-        assert!(text.lines().any(|l| l.starts_with("max_total_gib") && l.ends_with("default")), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("max_total_gib") && l.ends_with("default")),
+            "{text}"
+        );
     }
 
     #[test]
     fn secret_keys_by_name() {
-        for k in ["report.password", "s3.secret_access_key", "api_token", "report.smtp_passwd", "key", "s3.access_key_id", "passphrase"] {
+        for k in [
+            "report.password",
+            "s3.secret_access_key",
+            "api_token",
+            "report.smtp_passwd",
+            "key",
+            "s3.access_key_id",
+            "passphrase",
+        ] {
             assert!(is_secret_key(k), "{k}");
         }
-        for k in ["key_file", "report.smtp", "s3.credentials_file", "connect", "report.to"] {
+        for k in [
+            "key_file",
+            "report.smtp",
+            "s3.credentials_file",
+            "connect",
+            "report.to",
+        ] {
             assert!(!is_secret_key(k), "{k}");
         }
     }

@@ -378,7 +378,12 @@ mod terminal {
         let p = run(&place, &["verify"], &[], true);
         assert_eq!(p.code, 0, "{}", p.stderr);
         assert_eq!(p.stdout, format!("{ID}: ok (96 chunks intact)\n"));
-        for part in ["ETA ", "MiB/s", "/96.0 MiB", &format!("verify {ID}: 96.0 MiB in ")] {
+        for part in [
+            "ETA ",
+            "MiB/s",
+            "/96.0 MiB",
+            &format!("verify {ID}: 96.0 MiB in "),
+        ] {
             assert!(p.stderr.contains(part), "no {part:?} in {:?}", p.stderr);
         }
         // Not a terminal, or --json, or -q: no bar.
@@ -428,8 +433,17 @@ mod terminal {
         assert_eq!(p.code, 0, "{}", p.stderr);
         assert!(p.stderr.contains("DEBUG settings"), "{:?}", p.stderr);
         let p = run(&place, &["-vv", "list"], &[], false);
-        assert!(p.stderr.contains("DEBUG vmbackup: settings"), "{:?}", p.stderr);
-        let p = run(&place, &["-vv", "list"], &[("VMBACKUP_LOG", "error")], false);
+        assert!(
+            p.stderr.contains("DEBUG vmbackup: settings"),
+            "{:?}",
+            p.stderr
+        );
+        let p = run(
+            &place,
+            &["-vv", "list"],
+            &[("VMBACKUP_LOG", "error")],
+            false,
+        );
         assert!(!p.stderr.contains("DEBUG"), "{:?}", p.stderr);
     }
 
@@ -439,11 +453,19 @@ mod terminal {
         // A typo: clap names the command meant.
         let p = run(&place, &["bakup", "x"], &[], false);
         assert_eq!(p.code, 2);
-        assert!(p.stderr.contains("similar") && p.stderr.contains("backup"), "{}", p.stderr);
+        assert!(
+            p.stderr.contains("similar") && p.stderr.contains("backup"),
+            "{}",
+            p.stderr
+        );
         // Help wraps to the terminal's width (COLUMNS here).
         let p = run(&place, &["backup", "--help"], &[("COLUMNS", "60")], false);
         assert_eq!(p.code, 0);
-        assert!(p.stdout.lines().all(|l| l.chars().count() <= 60), "{}", p.stdout);
+        assert!(
+            p.stdout.lines().all(|l| l.chars().count() <= 60),
+            "{}",
+            p.stdout
+        );
         // Colour on a terminal (errors go to stderr), none under NO_COLOR or into a pipe.
         let p = run(&place, &["bakup"], &[], true);
         assert!(p.stderr.contains("\x1b["), "{:?}", p.stderr);
@@ -452,7 +474,12 @@ mod terminal {
         let p = run(&place, &["bakup"], &[], false);
         assert!(!p.stderr.contains("\x1b["), "{:?}", p.stderr);
         // -c is --connect, as in virsh.
-        let p = run(&place, &["-c", "test:///default", "--json", "config", "show"], &[], false);
+        let p = run(
+            &place,
+            &["-c", "test:///default", "--json", "config", "show"],
+            &[],
+            false,
+        );
         let doc: serde_json::Value = serde_json::from_str(p.stdout.trim()).unwrap();
         let connect = find(&doc, "connect");
         assert_eq!(connect["value"], json!("test:///default"));
@@ -477,7 +504,10 @@ mod terminal {
         let env = [
             ("VMBACKUP_SLOT_CAPACITY", "3"),
             ("AWS_SECRET_ACCESS_KEY", "very-secret-value-42"),
-            ("VMBACKUP_PASSPHRASE_COMMAND", "echo passphrase-in-a-command"),
+            (
+                "VMBACKUP_PASSPHRASE_COMMAND",
+                "echo passphrase-in-a-command",
+            ),
         ];
         let args = ["--config", config, "config", "show"];
         let p = run(&place, &[&["--json"][..], &args].concat(), &env, false);
@@ -487,15 +517,27 @@ mod terminal {
         assert_eq!(repo["source"], json!("flag"));
         assert_eq!(repo["value"], json!(place.repo().to_str().unwrap()));
         let slots = find(&doc, "slot_capacity");
-        assert_eq!((&slots["source"], &slots["env"]), (&json!("env"), &json!("VMBACKUP_SLOT_CAPACITY")));
+        assert_eq!(
+            (&slots["source"], &slots["env"]),
+            (&json!("env"), &json!("VMBACKUP_SLOT_CAPACITY"))
+        );
         assert_eq!(slots["value"], json!(3));
         let disk = find(&doc, "max_disk_gib");
-        assert_eq!((&disk["source"], &disk["file"]), (&json!("file"), &json!(config)));
+        assert_eq!(
+            (&disk["source"], &disk["file"]),
+            (&json!("file"), &json!(config))
+        );
         assert_eq!(find(&doc, "threads")["value"], json!(3));
         let total = find(&doc, "max_total_gib");
-        assert_eq!((&total["source"], &total["value"]), (&json!("default"), &json!(4000)));
+        assert_eq!(
+            (&total["source"], &total["value"]),
+            (&json!("default"), &json!(4000))
+        );
         let secret = find(&doc, "s3.secret_access_key");
-        assert_eq!((&secret["value"], &secret["secret"]), (&json!("(set)"), &json!(true)));
+        assert_eq!(
+            (&secret["value"], &secret["secret"]),
+            (&json!("(set)"), &json!(true))
+        );
         assert_eq!(doc["config"]["config_file"], json!(config));
         let text = run(&place, &args, &env, false);
         assert_eq!(text.code, 0, "{}", text.stderr);
@@ -512,11 +554,20 @@ mod terminal {
                 .collect::<Vec<_>>()
                 .join(" ")
         };
-        assert_eq!(line("slot_capacity"), "slot_capacity 3 env VMBACKUP_SLOT_CAPACITY");
-        assert_eq!(line("max_disk_gib"), format!("max_disk_gib 100 file {config}"));
+        assert_eq!(
+            line("slot_capacity"),
+            "slot_capacity 3 env VMBACKUP_SLOT_CAPACITY"
+        );
+        assert_eq!(
+            line("max_disk_gib"),
+            format!("max_disk_gib 100 file {config}")
+        );
         assert_eq!(line("max_total_gib"), "max_total_gib 4000 default");
         assert!(line("repo").ends_with("flag --repo"), "{}", text.stdout);
-        assert_eq!(line("s3.secret_access_key"), "s3.secret_access_key (set) env AWS_SECRET_ACCESS_KEY");
+        assert_eq!(
+            line("s3.secret_access_key"),
+            "s3.secret_access_key (set) env AWS_SECRET_ACCESS_KEY"
+        );
     }
 
     #[test]
@@ -527,8 +578,16 @@ mod terminal {
         let lines: Vec<&str> = p.stdout.lines().collect();
         assert_eq!(lines.len(), 2, "{}", p.stdout);
         // The ID column is as wide as the id, two spaces before the next.
-        assert!(lines[0].starts_with(&format!("ID{}  VM", " ".repeat(ID.len() - 2))), "{}", p.stdout);
-        assert!(lines[1].starts_with(&format!("{ID}  vmbt-term  2026-01-01T00:00:00Z")), "{}", p.stdout);
+        assert!(
+            lines[0].starts_with(&format!("ID{}  VM", " ".repeat(ID.len() - 2))),
+            "{}",
+            p.stdout
+        );
+        assert!(
+            lines[1].starts_with(&format!("{ID}  vmbt-term  2026-01-01T00:00:00Z")),
+            "{}",
+            p.stdout
+        );
         assert!(lines.iter().all(|l| !l.ends_with(' ')), "{}", p.stdout);
         let p = run(&place, &["show", ID], &[], false);
         assert_eq!(p.code, 0, "{}", p.stderr);
