@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct Global {
     /// libvirt connection URI [default: qemu:///system]
-    #[arg(long, global = true, env = "VMBACKUP_CONNECT")]
+    #[arg(short = 'c', long, global = true, env = "VMBACKUP_CONNECT")]
     pub connect: Option<String>,
     /// Backup repository: a folder, or s3://BUCKET/PREFIX (S3 settings: AWS_ACCESS_KEY_ID,
     /// AWS_SECRET_ACCESS_KEY, AWS_REGION, VMBACKUP_S3_ENDPOINT, VMBACKUP_S3_PATH_STYLE, or
@@ -43,6 +43,12 @@ pub struct Global {
     /// Print exactly one JSON document on stdout
     #[arg(long, global = true, env = "VMBACKUP_JSON")]
     pub json: bool,
+    /// Errors only on stderr: no progress, no warnings (VMBACKUP_LOG, if set, wins)
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// More log lines: -v debug of vmbackup, -vv everything (VMBACKUP_LOG, if set, wins)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
     /// Where snapshot overlays are created [default: beside each disk image]
     #[arg(long, global = true, env = "VMBACKUP_OVERLAY_DIR")]
     pub overlay_dir: Option<PathBuf>,
@@ -281,6 +287,9 @@ pub enum Command {
     /// Manage schedules
     #[command(subcommand)]
     Schedule(ScheduleCommand),
+    /// The configuration in effect
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Run every schedule occurrence that is due (what an external timer calls every minute)
     RunDue {
         /// Evaluate at this time (RFC 3339, e.g. 2027-01-04T02:30:00Z) instead of now
@@ -421,4 +430,11 @@ pub enum ScheduleCommand {
     Disable { name: String },
     /// Remove a schedule
     Remove { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Every effective setting and where it came from: a flag, an environment variable, the
+    /// config file, or the default (secrets are shown as `(set)`)
+    Show,
 }

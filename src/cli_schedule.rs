@@ -245,30 +245,40 @@ fn spec_json(spec: &Spec, now: Timestamp) -> contract::ScheduleView {
     }
 }
 
-fn spec_line(spec: &Spec, now: Timestamp) -> String {
-    format!(
-        "{:<20} {:<8} {:<32} {:<32} {:<24} {:<22} {}\n",
-        spec.name,
-        if spec.enabled { "enabled" } else { "disabled" },
-        spec.recurrence.describe(),
-        spec.slot_label(),
-        spec.retention
-            .map(|r| r.describe())
-            .unwrap_or_else(|| "keep all".into()),
-        spec.enabled
-            .then(|| spec.next_after(now))
-            .flatten()
-            .map(|t| t.strftime("%Y-%m-%dT%H:%MZ").to_string())
-            .unwrap_or_else(|| "-".into()),
-        spec.vms
-            .iter()
-            .map(VmRef::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
-    )
+/// Schedules as a table sized to its content.
+fn spec_table<'a>(specs: impl IntoIterator<Item = &'a Spec>, now: Timestamp) -> String {
+    let mut t = vmbackup::render::Table::new(&[
+        "NAME",
+        "STATE",
+        "RECURRENCE",
+        "SLOT",
+        "RETENTION",
+        "NEXT (UTC)",
+        "VMS",
+    ]);
+    for spec in specs {
+        t.row([
+            spec.name.clone(),
+            if spec.enabled { "enabled" } else { "disabled" }.to_string(),
+            spec.recurrence.describe(),
+            spec.slot_label(),
+            spec.retention
+                .map(|r| r.describe())
+                .unwrap_or_else(|| "keep all".into()),
+            spec.enabled
+                .then(|| spec.next_after(now))
+                .flatten()
+                .map(|t| t.strftime("%Y-%m-%d %H:%M").to_string())
+                .unwrap_or_else(|| "-".into()),
+            spec.vms
+                .iter()
+                .map(VmRef::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        ]);
+    }
+    t.render()
 }
-
-const HEADER: &str = "NAME                 STATE    RECURRENCE                       SLOT                             RETENTION                NEXT (UTC)             VMS\n";
 
 pub fn cmd_schedule(cfg: &Config, c: &ScheduleCommand) -> anyhow::Result<Output> {
     let state = State::open(&cfg.state_dir).map_err(Error::from)?;
@@ -282,8 +292,8 @@ pub fn cmd_schedule(cfg: &Config, c: &ScheduleCommand) -> anyhow::Result<Output>
             .collect())
     };
     let saved = |verb: &str, spec: &Spec| Output {
-        text: format!("{verb} {}", HEADER)
-            + &spec_line(spec, now)
+        text: verb.to_string()
+            + &spec_table([spec], now)
             + &spec
                 .boot_test
                 .as_ref()
@@ -347,18 +357,18 @@ pub fn cmd_schedule(cfg: &Config, c: &ScheduleCommand) -> anyhow::Result<Output>
         ScheduleCommand::Show { name } => {
             let (spec, _) = state.schedule(name).map_err(Error::from)?;
             let v = spec_json(&spec, now);
+            let next = spec.enabled.then(|| spec.next_after(now)).flatten();
             Ok(Output {
-                text: serde_json::to_string_pretty(&v)? + "\n",
+                text: crate::cli_show::schedule_text(&spec, next),
                 json: crate::body(contract::ScheduleBody { schedule: v }),
                 code: exit::OK,
             })
         }
         ScheduleCommand::List => {
             let all = state.schedules().map_err(Error::from)?;
-            let mut text = HEADER.to_string();
+            let text = spec_table(all.iter().map(|(s, _)| s), now);
             let mut rows = Vec::new();
             for (s, _) in &all {
-                text.push_str(&spec_line(s, now));
                 rows.push(spec_json(s, now));
             }
             Ok(Output {
@@ -458,29 +468,37 @@ pub fn cmd_history(cfg: &Config, days: u32, all: bool, vm: Option<&str>) -> anyh
         .into_iter()
         .filter(|j| vm.is_none_or(|v| j.vm.as_deref() == Some(v)))
         .collect();
-    let mut text = format!(
-        "{:<6} {:<24} {:<8} {:<12} {:>9} {:<16} {:<12} {}\n",
-        "ID", "START (UTC)", "TYPE", "STATUS", "DURATION", "VM", "SCHEDULE", "BACKUP / ERROR"
-    );
+    let mut t = vmbackup::render::Table::new(&[
+        "ID",
+        "START (UTC)",
+        "TYPE",
+        "STATUS",
+        "DURATION",
+        "VM",
+        "SCHEDULE",
+        "BACKUP / ERROR",
+    ])
+    .right(&["ID", "DURATION"]);
     for j in &jobs {
-        text.push_str(&format!(
-            "{:<6} {:<24} {:<8} {:<12} {:>9} {:<16} {:<12} {}\n",
-            j.id,
-            j.started,
-            j.kind,
-            j.status,
+        t.row([
+            j.id.to_string(),
+            j.started.to_string(),
+            j.kind.to_string(),
+            j.status.to_string(),
             j.duration_ms
-                .map(|d| format!("{:.1}s", d as f64 / 1000.0))
+                .map(|d| vmbackup::render::duration_ms(d.max(0) as u64))
                 .unwrap_or_else(|| "-".into()),
-            j.vm.as_deref().unwrap_or("-"),
-            j.schedule.as_deref().unwrap_or("-"),
+            j.vm.as_deref().unwrap_or("-").to_string(),
+            j.schedule.as_deref().unwrap_or("-").to_string(),
             j.error
                 .as_deref()
                 .or(j.backup_id.as_deref())
                 .or(j.detail.as_deref())
                 .unwrap_or("")
-        ));
+                .to_string(),
+        ]);
     }
+    let text = t.render();
     Ok(Output {
         json: crate::body(contract::HistoryBody { jobs }),
         text,

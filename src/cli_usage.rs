@@ -66,9 +66,7 @@ pub fn cmd_usage(
         u.vms.retain(|v| v.vm == name);
     }
     let mut text = format!("GiB-hours from {} to {}\n", u.from, u.to);
-    let width = u.vms.iter().map(|v| v.vm.len()).max().unwrap_or(2).max(2);
-    text.push_str(&format!(
-        "{:<width$}  {:>7}  {:<20}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}\n",
+    let mut t = vmbackup::render::Table::new(&[
         "VM",
         "BACKUPS",
         "NEWEST (UTC)",
@@ -77,22 +75,31 @@ pub fn cmd_usage(
         "EXCLUSIVE",
         "SHARED",
         "ADDED 30D",
-        "GiB-HOURS"
-    ));
+        "GiB-HOURS",
+    ])
+    .right(&[
+        "BACKUPS",
+        "DISKS",
+        "DATA",
+        "EXCLUSIVE",
+        "SHARED",
+        "ADDED 30D",
+        "GiB-HOURS",
+    ]);
     for v in &u.vms {
-        text.push_str(&format!(
-            "{:<width$}  {:>7}  {:<20}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10.1}\n",
-            v.vm,
-            v.backups,
-            v.newest_at.as_deref().unwrap_or("-"),
+        t.row([
+            v.vm.clone(),
+            v.backups.to_string(),
+            v.newest_at.clone().unwrap_or_else(|| "-".into()),
             human_bytes(v.newest_disk_bytes),
             human_bytes(v.newest_logical_bytes),
             human_bytes(v.exclusive_bytes),
             human_bytes(v.shared_bytes),
             human_bytes(v.added_30d_bytes),
-            v.gib_hours
-        ));
+            format!("{:.1}", v.gib_hours),
+        ]);
     }
+    text.push_str(&t.render());
     let r = &u.repository;
     text.push_str(&format!(
         "repository: {} backups of {} VMs; {} chunks, {} stored ({} used by no backup: gc frees it); \

@@ -432,6 +432,12 @@ pub struct ManBody {
     pub written: Option<Vec<String>>,
 }
 
+/// `config show`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ConfigBody {
+    pub config: crate::config_show::Shown,
+}
+
 /// `thaw-guard` (internal: the guard of a plain QEMU guest's freeze).
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct ThawGuardBody {
@@ -484,6 +490,7 @@ pub fn schemas() -> Vec<(&'static str, schemars::Schema)> {
         one::<PinBody>("unpin"),
         one::<CompletionsBody>("completions"),
         one::<ManBody>("man"),
+        one::<ConfigBody>("config show"),
     ]
 }
 

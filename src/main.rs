@@ -3,15 +3,20 @@
 //! logs, warnings and progress go to stderr.
 
 mod cli;
+mod cli_config;
 mod cli_docs;
 mod cli_mount;
 mod cli_schedule;
+mod cli_show;
+mod cli_term;
 mod cli_usage;
 
-use std::io::{IsTerminal, Write};
+use cli_term::Progress;
+
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use serde_json::Value;
@@ -21,21 +26,9 @@ use vmbackup::contract;
 use vmbackup::error::{chain, exit};
 use vmbackup::hypervisor::libvirt::Libvirt;
 use vmbackup::hypervisor::open::Hypervisors;
-use vmbackup::preflight::gib;
 use vmbackup::settings::Quiesce;
 use vmbackup::unlock::open_repo;
 use vmbackup::vm_ref::VmRef;
-
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("VMBACKUP_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
-}
 
 /// Whether the command's one document (or its text) has been printed: the main thread and
 /// an abandoning signal print it at most once between them.
@@ -135,42 +128,6 @@ fn failed_document(code: i32, error: contract::ErrorDoc) -> Value {
 /// A command's body (one of `contract`'s types) as the value `Output` carries.
 fn body<T: serde::Serialize>(b: T) -> Value {
     serde_json::to_value(b).unwrap_or(Value::Null)
-}
-
-/// A progress line on stderr, only when stderr is a terminal.
-struct Progress {
-    tty: bool,
-    last: Mutex<Option<Instant>>,
-}
-
-impl Progress {
-    fn new() -> Self {
-        Progress {
-            tty: std::io::stderr().is_terminal(),
-            last: Mutex::new(None),
-        }
-    }
-    fn show(&self, label: &str, done: u64, total: u64) {
-        if !self.tty {
-            return;
-        }
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let finished = done >= total;
-        if !finished && last.is_some_and(|t| t.elapsed() < Duration::from_millis(200)) {
-            return;
-        }
-        *last = Some(Instant::now());
-        let pct = if total == 0 {
-            100.0
-        } else {
-            done as f64 * 100.0 / total as f64
-        };
-        let mut e = std::io::stderr().lock();
-        let _ = write!(e, "\r\x1b[2K{label}: {pct:5.1}% of {}", gib(total));
-        if finished {
-            let _ = writeln!(e);
-        }
-    }
 }
 
 /// What a command produced: the body of its JSON document (a `contract` type; `main` puts
@@ -389,7 +346,7 @@ fn cmd_backup(
         match result {
             Ok(o) => {
                 text.push_str(&format!(
-                    "{}: backup {} ({} consistent{}), {} read, {} stored, {:.1}s\n",
+                    "{}: backup {} ({} consistent{}), {} read, {} stored, {}\n",
                     o.vm,
                     o.id,
                     o.consistency,
@@ -398,7 +355,7 @@ fn cmd_backup(
                         .unwrap_or_default(),
                     human_bytes(o.bytes_read()),
                     human_bytes(o.stored_bytes),
-                    o.duration_ms as f64 / 1000.0
+                    vmbackup::render::duration_ms(o.duration_ms)
                 ));
                 results.push(contract::BackupItem {
                     vm: name.clone(),
@@ -463,10 +420,18 @@ fn cmd_list(cfg: &Config, domain: Option<&str>) -> anyhow::Result<Output> {
     } else {
         Default::default()
     };
-    let mut text = format!(
-        "{:<40} {:<16} {:<24} {:<24} {:>10} {:>10} {:<6} {}\n",
-        "ID", "VM", "START (UTC)", "END (UTC)", "LOGICAL", "STORED", "DISKS", "CONSISTENCY"
-    );
+    let mut table = vmbackup::render::Table::new(&[
+        "ID",
+        "VM",
+        "START (UTC)",
+        "END (UTC)",
+        "LOGICAL",
+        "STORED",
+        "DISKS",
+        "CONSISTENCY",
+        "NOTES",
+    ])
+    .right(&["LOGICAL", "STORED"]);
     // The backups that have a boot test: one listing, then one read per such backup.
     let tested: std::collections::HashSet<String> = repo
         .store()
@@ -487,34 +452,28 @@ fn cmd_list(cfg: &Config, domain: Option<&str>) -> anyhow::Result<Output> {
             None
         };
         let disks: Vec<&str> = m.disks.iter().map(|d| d.target.as_str()).collect();
-        text.push_str(&format!(
-            "{:<40} {:<16} {:<24} {:<24} {:>10} {:>10} {:<6} {}\n",
-            m.id,
-            m.vm_name,
-            m.started_at,
-            m.ended_at,
+        let mut notes = Vec::new();
+        if pinned.contains(&m.id) {
+            notes.push("pinned".to_string());
+        }
+        if let Some(b) = &boot {
+            let ok = b.booted && b.error.is_none();
+            notes.push(format!("boot test: {}", if ok { "ok" } else { "FAILED" }));
+        }
+        table.row([
+            m.id.clone(),
+            m.vm_name.clone(),
+            m.started_at.clone(),
+            m.ended_at.clone(),
             human_bytes(m.logical_bytes),
             human_bytes(m.stored_bytes),
             disks.join(","),
-            m.consistency
-        ));
-        if pinned.contains(&m.id) {
-            text.pop();
-            text.push_str(" (pinned)\n");
-        }
-        if let Some(b) = &boot {
-            text.pop();
-            text.push_str(&format!(
-                " (boot test: {})\n",
-                if b.booted && b.error.is_none() {
-                    "ok"
-                } else {
-                    "FAILED"
-                }
-            ));
-        }
+            m.consistency.clone(),
+            notes.join(", "),
+        ]);
         rows.push(contract::BackupRow::of(m, pinned.contains(&m.id), boot));
     }
+    let mut text = table.render();
     // Backups whose manifest cannot be read: listed apart (whatever VM they were of).
     let mut unreadable = Vec::new();
     for (id, why) in &scan.unreadable {
@@ -570,11 +529,7 @@ fn cmd_show(cfg: &Config, id: &str) -> anyhow::Result<Output> {
         && vmbackup::state::State::open(&cfg.state_dir)
             .and_then(|s| s.pinned())
             .is_ok_and(|p| p.contains(id));
-    let mut text = serde_json::to_string_pretty(&m)? + "\n" + &state.join("\n") + "\n";
-    text.push_str(&format!(
-        "last boot test: {}\n",
-        boot_test_words(boot.as_ref())
-    ));
+    let text = cli_show::manifest_text(&m, &state, &boot_test_words(boot.as_ref()));
     Ok(Output {
         text,
         json: body(contract::ShowBody {
@@ -981,8 +936,10 @@ fn cmd_verify(cfg: &Config, ids: &[String], metadata: bool) -> anyhow::Result<Ou
         }
     }
     let mut results = Vec::new();
+    let progress = Progress::new();
     for id in &ids {
-        match repo.verify(id) {
+        let label = format!("verify {id}");
+        match repo.verify_with(id, &mut |d, t| progress.show(&label, d, t)) {
             Ok(v) => results.push(v),
             // Deleted (a delete or prune elsewhere) since the listing: not ours to verify.
             Err(vmbackup::repository::RepoError::NotFound(_)) if all => continue,
@@ -1140,7 +1097,11 @@ fn cmd_gc(cfg: &Config, dry_run: bool) -> anyhow::Result<Output> {
             code: exit::OK,
         });
     }
-    match repo.gc().map_err(vmbackup::Error::from)? {
+    let progress = Progress::new();
+    match repo
+        .gc_with(&mut |d, t| progress.show("gc", d, t))
+        .map_err(vmbackup::Error::from)?
+    {
         Some(c) => Ok(Output {
             text: format!(
                 "removed {} chunks ({}), kept {}\n",
@@ -1271,6 +1232,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
     }
     let file = FileConfig::load(cli.global.config.as_deref())?;
     let mut cfg = Config::resolve(cli.global.overrides(), file)?;
+    tracing::debug!(repo = %cfg.repo, state_dir = %cfg.state_dir.display(), connect = %cfg.connect, "settings");
     // This binary guards the plain QEMU guests it freezes (see thaw_guard).
     cfg.backup.thaw_guard = std::env::current_exe().ok();
     match &cli.command {
@@ -1391,6 +1353,9 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
         C::Recover { domains } => cmd_recover(&cfg, domains, &serve_command(&cli.global)),
         C::ThawGuard { .. } => unreachable!("handled before the configuration is read"),
         C::Schedule(c) => cli_schedule::cmd_schedule(&cfg, c),
+        C::Config(cli::ConfigCommand::Show) => {
+            cli_config::cmd_config_show(&cfg, cli.global.config.as_deref())
+        }
         C::RunDue { now, dry_run } => cli_schedule::cmd_run_due(&cfg, now.as_deref(), *dry_run),
         C::History { days, all, vm } => cli_schedule::cmd_history(&cfg, *days, *all, vm.as_deref()),
         C::Pin { id } => cli_schedule::cmd_pin(&cfg, id, true),
@@ -1449,7 +1414,7 @@ fn main() -> ExitCode {
             return ExitCode::from(code as u8);
         }
     };
-    init_logging();
+    cli_term::init(cli.global.quiet, cli.global.verbose, cli.global.json);
     if let Err(e) = vmbackup::fault::check_environment() {
         eprintln!("error: {e}");
         return ExitCode::from(70);

@@ -306,3 +306,395 @@ fn each_command_help_lists_its_exit_codes() {
         assert!(h.contains("130/143  interrupted"), "{args:?}: {h}");
     }
 }
+
+/// Terminal polish: progress bars only on a terminal, `-q`/`-v`, clap's colour,
+/// suggestions and wrapping, `config show`, tables and durations.
+mod terminal {
+    use std::io::Read;
+    use std::os::fd::OwnedFd;
+    use std::process::{Command, Stdio};
+
+    use super::common::*;
+    use serde_json::json;
+    use vmbackup::repository::disk::backup_disk;
+    use vmbackup::repository::manifest::{DiskEntry, Manifest};
+    use vmbackup::repository::source::{ChunkKind, ChunkSource};
+    use vmbackup::repository::Repository;
+
+    /// `size` bytes of noise, in memory.
+    struct Noise(Vec<u8>);
+
+    impl ChunkSource for Noise {
+        type Error = std::io::Error;
+        fn virtual_size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read_chunk(&self, i: u64, size: u64, buf: &mut Vec<u8>) -> std::io::Result<ChunkKind> {
+            let end = ((i + 1) * size).min(self.virtual_size());
+            buf.clear();
+            buf.extend_from_slice(&self.0[(i * size) as usize..end as usize]);
+            Ok(ChunkKind::Data)
+        }
+    }
+
+    /// Publishes backup `id` of VM `vm`: one raw disk of `mib` MiB of noise.
+    fn memory_backup(repo: &Repository, id: &str, vm: &str, mib: u64) {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let src = Noise(
+            (0..mib * MIB)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 24) as u8
+                })
+                .collect(),
+        );
+        let b = backup_disk(repo, &src, MIB, 2, &|_, _| {}).unwrap();
+        let index_object = repo.put_index(id, "vda", &b.index).unwrap();
+        let domain_xml_object = repo
+            .put_domain_xml(id, &format!("<domain><name>{vm}</name></domain>"))
+            .unwrap();
+        repo.publish(&Manifest {
+            format_version: 1,
+            id: id.into(),
+            vm_name: vm.into(),
+            vm_uuid: "6d1c5c52-5d3c-4a53-9d3a-000000000001".into(),
+            started_at: "2026-01-01T00:00:00Z".into(),
+            ended_at: "2026-01-01T01:27:14Z".into(),
+            consistency: "crash".into(),
+            consistency_reason: None,
+            freeze_ms: None,
+            vcpus: 1,
+            memory_bytes: 64 << 20,
+            disks: vec![DiskEntry {
+                target: "vda".into(),
+                format: "raw".into(),
+                virtual_size: src.virtual_size(),
+                allocated_size: src.virtual_size(),
+                source: "/var/lib/libvirt/images/vda.raw".into(),
+                chunk_size: MIB,
+                index_object,
+                logical_bytes: b.logical_bytes,
+                stored_bytes: b.stored_bytes_new,
+                read: None,
+            }],
+            nics: vec![],
+            domain_xml_object,
+            schedule: None,
+            scheduled_for: None,
+            stored_bytes: b.stored_bytes_new,
+            logical_bytes: b.logical_bytes,
+            vm_state: None,
+        })
+        .unwrap();
+    }
+
+    /// What a run printed.
+    struct Printed {
+        code: i32,
+        stdout: String,
+        stderr: String,
+    }
+
+    /// Runs the binary with `args` against `place`, no config file, logging left to the
+    /// flags; with `tty`, its stderr (only) is a pseudo-terminal of 120 columns.
+    fn run(place: &Place, args: &[&str], env: &[(&str, &str)], tty: bool) -> Printed {
+        let mut cmd = Command::new(binary());
+        cmd.arg("--repo")
+            .arg(place.repo())
+            .arg("--state-dir")
+            .arg(place.state())
+            .args(args)
+            .env_remove("VMBACKUP_CONFIG")
+            .env_remove("VMBACKUP_LOG")
+            .env_remove("VMBACKUP_JSON")
+            .env_remove("NO_COLOR")
+            .env("TERM", "xterm")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        let (child, master) = if tty {
+            let size = nix::pty::Winsize {
+                ws_row: 40,
+                ws_col: 120,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            let pty = nix::pty::openpty(Some(&size), None).expect("a pseudo-terminal");
+            cmd.stderr(Stdio::from(pty.slave));
+            // `cmd` holds the slave until it is dropped: the reader's EOF needs it gone.
+            let child = cmd.spawn().unwrap();
+            drop(cmd);
+            (child, Some(pty.master))
+        } else {
+            (cmd.stderr(Stdio::piped()).spawn().unwrap(), None)
+        };
+        let reader = master.map(|m: OwnedFd| {
+            std::thread::spawn(move || {
+                let mut f = std::fs::File::from(m);
+                let mut out = Vec::new();
+                let mut buf = [0u8; 4096];
+                // EIO: every slave closed (the child exited).
+                while let Ok(n) = f.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    out.extend_from_slice(&buf[..n]);
+                }
+                out
+            })
+        });
+        let out = child.wait_with_output().unwrap();
+        let stderr = match reader {
+            Some(r) => r.join().unwrap(),
+            None => out.stderr,
+        };
+        Printed {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        }
+    }
+
+    const ID: &str = "vmbt-term-20260101T000000Z-0001";
+
+    fn place_with_backup(mib: u64) -> Place {
+        let place = Place::new();
+        let repo = Repository::open(&place.repo()).unwrap();
+        memory_backup(&repo, ID, "vmbt-term", mib);
+        place
+    }
+
+    #[test]
+    fn verify_and_gc_draw_progress_on_a_terminal_only() {
+        let place = place_with_backup(96);
+        // On a terminal: the bar (bytes, rate, ETA) and the line it leaves, on stderr; the
+        // result alone on stdout.
+        let p = run(&place, &["verify"], &[], true);
+        assert_eq!(p.code, 0, "{}", p.stderr);
+        assert_eq!(p.stdout, format!("{ID}: ok (96 chunks intact)\n"));
+        for part in [
+            "ETA ",
+            "MiB/s",
+            "/96.0 MiB",
+            &format!("verify {ID}: 96.0 MiB in "),
+        ] {
+            assert!(p.stderr.contains(part), "no {part:?} in {:?}", p.stderr);
+        }
+        // Not a terminal, or --json, or -q: no bar.
+        for (args, tty) in [
+            (&["verify"][..], false),
+            (&["--json", "verify"], true),
+            (&["-q", "verify"], true),
+        ] {
+            let p = run(&place, args, &[], tty);
+            assert_eq!(p.code, 0, "{args:?}: {}", p.stderr);
+            assert!(!p.stderr.contains("ETA"), "{args:?}: {:?}", p.stderr);
+            assert!(!p.stderr.contains("MiB"), "{args:?}: {:?}", p.stderr);
+        }
+        let p = run(&place, &["--json", "verify"], &[], true);
+        let doc: serde_json::Value = serde_json::from_str(p.stdout.trim()).unwrap();
+        assert_eq!(doc["ok"], json!(true));
+        // gc after a delete: its bar counts the bytes it frees.
+        let p = run(&place, &["delete", ID], &[], true);
+        assert_eq!(p.code, 0, "{}", p.stderr);
+        let p = run(&place, &["gc"], &[], true);
+        assert_eq!(p.code, 0, "{}", p.stderr);
+        assert!(p.stdout.starts_with("removed 96 chunks"), "{}", p.stdout);
+        assert!(p.stderr.contains("gc: 96."), "{:?}", p.stderr);
+    }
+
+    #[test]
+    fn quiet_prints_errors_only_and_verbose_more() {
+        let place = place_with_backup(1);
+        // A warning (a backup whose manifest cannot be read, skipped by list) is shown by
+        // default and hidden by -q; an error is shown either way.
+        let m = place.repo().join(format!("backups/{ID}/manifest.json"));
+        std::fs::write(&m, b"{not json").unwrap();
+        let p = run(&place, &["-q", "gc"], &[], false);
+        assert_ne!(p.code, 0);
+        assert!(p.stderr.starts_with("error: "), "{:?}", p.stderr);
+        let p = run(&place, &["-q", "list"], &[], false);
+        assert_eq!(p.code, 0);
+        assert_eq!(p.stderr, "", "-q printed more than errors");
+        // -v and -q together: bad usage.
+        let p = run(&place, &["-q", "-v", "list"], &[], false);
+        assert_eq!(p.code, 2, "{}", p.stderr);
+        // -v: vmbackup's debug lines; -vv: every crate's, with their targets; VMBACKUP_LOG
+        // still wins.
+        let p = run(&place, &["list"], &[], false);
+        assert!(!p.stderr.contains("DEBUG"), "{:?}", p.stderr);
+        let p = run(&place, &["-v", "list"], &[], false);
+        assert_eq!(p.code, 0, "{}", p.stderr);
+        assert!(p.stderr.contains("DEBUG settings"), "{:?}", p.stderr);
+        let p = run(&place, &["-vv", "list"], &[], false);
+        assert!(
+            p.stderr.contains("DEBUG vmbackup: settings"),
+            "{:?}",
+            p.stderr
+        );
+        let p = run(
+            &place,
+            &["-vv", "list"],
+            &[("VMBACKUP_LOG", "error")],
+            false,
+        );
+        assert!(!p.stderr.contains("DEBUG"), "{:?}", p.stderr);
+    }
+
+    #[test]
+    fn clap_colours_a_terminal_suggests_and_wraps() {
+        let place = Place::new();
+        // A typo: clap names the command meant.
+        let p = run(&place, &["bakup", "x"], &[], false);
+        assert_eq!(p.code, 2);
+        assert!(
+            p.stderr.contains("similar") && p.stderr.contains("backup"),
+            "{}",
+            p.stderr
+        );
+        // Help wraps to the terminal's width (COLUMNS here).
+        let p = run(&place, &["backup", "--help"], &[("COLUMNS", "60")], false);
+        assert_eq!(p.code, 0);
+        assert!(
+            p.stdout.lines().all(|l| l.chars().count() <= 60),
+            "{}",
+            p.stdout
+        );
+        // Colour on a terminal (errors go to stderr), none under NO_COLOR or into a pipe.
+        let p = run(&place, &["bakup"], &[], true);
+        assert!(p.stderr.contains("\x1b["), "{:?}", p.stderr);
+        let p = run(&place, &["bakup"], &[("NO_COLOR", "1")], true);
+        assert!(!p.stderr.contains("\x1b["), "{:?}", p.stderr);
+        let p = run(&place, &["bakup"], &[], false);
+        assert!(!p.stderr.contains("\x1b["), "{:?}", p.stderr);
+        // -c is --connect, as in virsh.
+        let p = run(
+            &place,
+            &["-c", "test:///default", "--json", "config", "show"],
+            &[],
+            false,
+        );
+        let doc: serde_json::Value = serde_json::from_str(p.stdout.trim()).unwrap();
+        let connect = find(&doc, "connect");
+        assert_eq!(connect["value"], json!("test:///default"));
+        assert_eq!(connect["flag"], json!("--connect"));
+    }
+
+    fn find<'a>(doc: &'a serde_json::Value, key: &str) -> &'a serde_json::Value {
+        doc["config"]["settings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["key"] == json!(key))
+            .unwrap_or_else(|| panic!("no {key} in {doc}"))
+    }
+
+    #[test]
+    fn config_show_says_where_each_setting_came_from_and_hides_secrets() {
+        let place = Place::new();
+        let config = place.dir.path().join("config.toml");
+        std::fs::write(&config, "max_disk_gib = 100\nthreads = 3\n").unwrap();
+        let config = config.to_str().unwrap();
+        let env = [
+            ("VMBACKUP_SLOT_CAPACITY", "3"),
+            ("AWS_SECRET_ACCESS_KEY", "very-secret-value-42"),
+            (
+                "VMBACKUP_PASSPHRASE_COMMAND",
+                "echo passphrase-in-a-command",
+            ),
+        ];
+        let args = ["--config", config, "config", "show"];
+        let p = run(&place, &[&["--json"][..], &args].concat(), &env, false);
+        assert_eq!(p.code, 0, "{}", p.stderr);
+        let doc: serde_json::Value = serde_json::from_str(p.stdout.trim()).unwrap();
+        let repo = find(&doc, "repo");
+        assert_eq!(repo["source"], json!("flag"));
+        assert_eq!(repo["value"], json!(place.repo().to_str().unwrap()));
+        let slots = find(&doc, "slot_capacity");
+        assert_eq!(
+            (&slots["source"], &slots["env"]),
+            (&json!("env"), &json!("VMBACKUP_SLOT_CAPACITY"))
+        );
+        assert_eq!(slots["value"], json!(3));
+        let disk = find(&doc, "max_disk_gib");
+        assert_eq!(
+            (&disk["source"], &disk["file"]),
+            (&json!("file"), &json!(config))
+        );
+        assert_eq!(find(&doc, "threads")["value"], json!(3));
+        let total = find(&doc, "max_total_gib");
+        assert_eq!(
+            (&total["source"], &total["value"]),
+            (&json!("default"), &json!(4000))
+        );
+        let secret = find(&doc, "s3.secret_access_key");
+        assert_eq!(
+            (&secret["value"], &secret["secret"]),
+            (&json!("(set)"), &json!(true))
+        );
+        assert_eq!(doc["config"]["config_file"], json!(config));
+        let text = run(&place, &args, &env, false);
+        assert_eq!(text.code, 0, "{}", text.stderr);
+        for out in [&p.stdout, &p.stderr, &text.stdout, &text.stderr] {
+            assert!(!out.contains("very-secret-value-42"), "{out}");
+            assert!(!out.contains("passphrase-in-a-command"), "{out}");
+        }
+        let line = |key: &str| -> String {
+            text.stdout
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(key))
+                .unwrap_or_else(|| panic!("no {key}: {}", text.stdout))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(
+            line("slot_capacity"),
+            "slot_capacity 3 env VMBACKUP_SLOT_CAPACITY"
+        );
+        assert_eq!(
+            line("max_disk_gib"),
+            format!("max_disk_gib 100 file {config}")
+        );
+        assert_eq!(line("max_total_gib"), "max_total_gib 4000 default");
+        assert!(line("repo").ends_with("flag --repo"), "{}", text.stdout);
+        assert_eq!(
+            line("s3.secret_access_key"),
+            "s3.secret_access_key (set) env AWS_SECRET_ACCESS_KEY"
+        );
+    }
+
+    #[test]
+    fn tables_fit_their_content_and_show_reads_as_text() {
+        let place = place_with_backup(1);
+        let p = run(&place, &["list"], &[], false);
+        assert_eq!(p.code, 0, "{}", p.stderr);
+        let lines: Vec<&str> = p.stdout.lines().collect();
+        assert_eq!(lines.len(), 2, "{}", p.stdout);
+        // The ID column is as wide as the id, two spaces before the next.
+        assert!(
+            lines[0].starts_with(&format!("ID{}  VM", " ".repeat(ID.len() - 2))),
+            "{}",
+            p.stdout
+        );
+        assert!(
+            lines[1].starts_with(&format!("{ID}  vmbt-term  2026-01-01T00:00:00Z")),
+            "{}",
+            p.stdout
+        );
+        assert!(lines.iter().all(|l| !l.ends_with(' ')), "{}", p.stdout);
+        let p = run(&place, &["show", ID], &[], false);
+        assert_eq!(p.code, 0, "{}", p.stderr);
+        assert!(!p.stdout.trim_start().starts_with('{'), "{}", p.stdout);
+        for part in [
+            &format!("backup:         {ID}\n"),
+            "ended:          2026-01-01T01:27:14Z UTC (1h 27m 14s)\n",
+            "last boot test: none\n",
+            "DISK  FORMAT     SIZE     DATA",
+        ] {
+            assert!(p.stdout.contains(part), "no {part:?} in\n{}", p.stdout);
+        }
+    }
+}

@@ -371,16 +371,31 @@ pub fn restore_disk_qcow2(
 
 /// The digests of the distinct chunks of `index` that are missing or damaged.
 pub fn verify_disk(repo: &Repository, index: &DiskIndex) -> Result<Vec<String>> {
+    verify_disk_with(repo, index, &mut |_| {})
+}
+
+/// `verify_disk`, telling `progress` how many bytes of the disk are checked so far (a chunk
+/// used again, or a zero one, counts at once: it needs no reading).
+pub fn verify_disk_with(
+    repo: &Repository,
+    index: &DiskIndex,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Vec<String>> {
     let chunks = ChunkStore::new(repo.store(), repo.namer());
     let mut bad = Vec::new();
     let mut seen = std::collections::HashSet::new();
     // Each distinct chunk once, however often the disk uses it.
-    for d in index.chunks.iter().flatten().filter(|d| seen.insert(**d)) {
-        match chunks.get(d) {
-            Ok(_) => {}
-            Err(RepoError::Corrupt { .. }) | Err(RepoError::NotFound(_)) => bad.push(chunk::hex(d)),
-            Err(e) => return Err(e),
+    for (i, d) in index.chunks.iter().enumerate() {
+        if let Some(d) = d.as_ref().filter(|d| seen.insert(**d)) {
+            match chunks.get(d) {
+                Ok(_) => {}
+                Err(RepoError::Corrupt { .. }) | Err(RepoError::NotFound(_)) => {
+                    bad.push(chunk::hex(d))
+                }
+                Err(e) => return Err(e),
+            }
         }
+        progress(((i as u64 + 1) * index.chunk_size).min(index.virtual_size));
     }
     Ok(bad)
 }

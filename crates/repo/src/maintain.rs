@@ -13,7 +13,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::chunk::Digest;
-use super::disk::verify_disk;
+use super::disk::verify_disk_with;
 use super::{error_chain, manifest_name, storage, RepoError, Repository, Result};
 
 pub use crate::locks::RepoLock;
@@ -56,14 +56,20 @@ impl Repository {
     /// its manifest, domain XML and indexes are there and intact.
     /// A backup deleted while it was being verified is `RepoError::NotFound`, not damaged.
     pub fn verify(&self, id: &str) -> Result<Verified> {
-        let v = self.verify_once(id)?;
+        self.verify_with(id, &mut |_, _| {})
+    }
+
+    /// `verify`, telling `progress` how many of the backup's disk bytes are checked so far,
+    /// of how many (`done`, `total`).
+    pub fn verify_with(&self, id: &str, progress: &mut dyn FnMut(u64, u64)) -> Result<Verified> {
+        let v = self.verify_once(id, progress)?;
         if !v.ok && !self.store().exists(&manifest_name(id))? {
             return Err(RepoError::NotFound(id.to_string()));
         }
         Ok(v)
     }
 
-    fn verify_once(&self, id: &str) -> Result<Verified> {
+    fn verify_once(&self, id: &str, progress: &mut dyn FnMut(u64, u64)) -> Result<Verified> {
         let m = match self.load(id) {
             Ok(m) => m,
             Err(e @ RepoError::BadManifest { .. }) => {
@@ -100,6 +106,9 @@ impl Repository {
             }
         }
         let mut chunks = 0;
+        let total: u64 = m.disks.iter().map(|d| d.virtual_size).sum();
+        let mut before = 0;
+        progress(0, total);
         for d in &m.disks {
             let index = match self.get_index(&m.id, d) {
                 Ok(i) => i,
@@ -110,10 +119,15 @@ impl Repository {
                 Err(e) => return Err(e),
             };
             chunks += index.chunks.iter().flatten().count();
-            for digest in verify_disk(self, &index)? {
+            let bad = verify_disk_with(self, &index, &mut |done| {
+                progress((before + done).min(total), total)
+            })?;
+            for digest in bad {
                 damaged.push(format!("{}: chunk {digest}", d.target));
             }
+            before += d.virtual_size;
         }
+        progress(total, total);
         Ok(Verified {
             id: m.id,
             vm: m.vm_name,
@@ -128,6 +142,12 @@ impl Repository {
     /// folders without a manifest. Runs only while no backup holds the repository lock
     /// (`Ok(None)` otherwise: busy), so none of those is being written.
     pub fn gc(&self) -> Result<Option<Collected>> {
+        self.gc_with(&mut |_, _| {})
+    }
+
+    /// `gc`, telling `progress` how many of the bytes to remove are removed so far, of how
+    /// many (`done`, `total`), once the chunks to remove are known.
+    pub fn gc_with(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<Option<Collected>> {
         let Some(lock) = lock(self, true)? else {
             return Ok(None);
         };
@@ -156,6 +176,8 @@ impl Repository {
         let batch = self.store().delete_batch().clamp(1, 1000);
         let check_every = (1000 / batch).max(1);
         let (mut removed, mut bytes) = (0u64, 0u64);
+        let total: u64 = sizes.iter().sum();
+        progress(0, total);
         for (i, (names, sizes)) in garbage.chunks(batch).zip(sizes.chunks(batch)).enumerate() {
             if i % check_every == 0 {
                 lock.check()?;
@@ -163,8 +185,10 @@ impl Repository {
             self.store().delete_many(names)?;
             removed += names.len() as u64;
             bytes += sizes.iter().sum::<u64>();
+            progress(bytes, total);
             crate::failpoint::point("gc-deleted-some");
         }
+        progress(total, total);
         Ok(Some(Collected {
             removed_chunks: removed,
             removed_bytes: bytes,

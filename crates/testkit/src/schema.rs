@@ -321,12 +321,19 @@ mod tests {
         }
         let mut missing = Vec::new();
         for f in std::fs::read_dir(dir()).unwrap() {
-            let name = f.unwrap().file_name().to_string_lossy().replace(".json", "");
+            let name = f
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .replace(".json", "");
             if !commands.contains(&name) {
                 missing.push(name);
             }
         }
-        assert!(missing.is_empty(), "no example in docs/JSON.md for {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "no example in docs/JSON.md for {missing:?}"
+        );
         assert!(examples >= 30, "{examples} examples");
     }
 
