@@ -34,6 +34,7 @@ pub mod qcow2_bitmaps;
 pub mod recover;
 pub mod restore;
 pub mod schedule;
+pub mod selector;
 pub mod serve;
 pub mod settings;
 pub mod state;
