@@ -156,8 +156,7 @@ pub fn prune_vm(cfg: &Config, a: &PruneArgs, dry_run: bool) -> anyhow::Result<Op
         &select,
         Timestamp::now(),
         dry_run,
-    )
-    .map_err(Error::from)?;
+    )?;
     Ok(Some(p))
 }
 
