@@ -179,6 +179,7 @@ fn generate(dir: &Path, chunks: usize, backups: usize, per_backup: usize) -> Res
             domain_xml_object,
             schedule: None,
             scheduled_for: None,
+            tags: Vec::new(),
             stored_bytes: step as u64 * 64,
             logical_bytes: index.virtual_size,
             vm_state: None,

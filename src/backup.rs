@@ -1152,6 +1152,7 @@ fn publish(
         domain_xml_object: object,
         schedule: s.schedule.clone(),
         scheduled_for: s.scheduled_for.clone(),
+        tags: s.tags.clone(),
         stored_bytes: stored,
         logical_bytes: logical,
         vm_state,

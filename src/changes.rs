@@ -326,6 +326,7 @@ mod tests {
             domain_xml_object: String::new(),
             schedule: None,
             scheduled_for: None,
+            tags: Vec::new(),
             stored_bytes: 5,
             logical_bytes: 5,
             vm_state: None,

@@ -12,7 +12,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     about = "Live, application-consistent backups of libvirt/QEMU virtual machines",
     long_about = "Live, application-consistent backups of libvirt/QEMU virtual machines.\n\n\
         Exit codes: 0 success; 1 the operation failed; 2 bad usage or bad input; 3 refused by a \
-        pre-flight limit; 4 busy; 5 partly done."
+        pre-flight limit; 4 busy; 5 partly done.\n\n\
+        Wherever a backup ID is taken: a full id, a unique prefix of one, `latest` (the newest \
+        backup), `VM@latest`, or `VM@TIME` (VM's newest backup started at TIME or before; TIME \
+        is RFC 3339 or UTC YYYY-MM-DD[THH:MM[:SS]], a date alone meaning its whole day). A VM \
+        may be given by its UUID."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -128,9 +132,17 @@ pub enum Command {
         /// Read every disk whole, even one an earlier backup proves unchanged
         #[arg(long)]
         full: bool,
+        /// Label the backup (repeat for several; 1-64 letters, digits, `.`, `-`, `_`, `+`),
+        /// for `list --tag` and `prune --vm NAME --tag TAG`
+        #[arg(long = "tag", value_name = "TAG")]
+        tags: Vec<String>,
     },
     /// List backup images
-    List { domain: Option<String> },
+    List {
+        domain: Option<String>,
+        #[command(flatten)]
+        filter: crate::cli_find::ListArgs,
+    },
     /// Show one backup's manifest
     Show { id: String },
     /// Restore a backup; the VM is left powered off
@@ -225,11 +237,13 @@ pub enum Command {
         #[arg(long)]
         metadata: bool,
     },
-    /// Apply the retention rules
+    /// Apply the schedules' retention rules, or (--vm) --keep/--keep-days to one VM's backups
     Prune {
         /// Only say which backups would be deleted
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        vm: crate::cli_find::PruneArgs,
     },
     /// Remove chunks that no backup references
     Gc {
@@ -310,6 +324,8 @@ pub enum Command {
         /// Only this VM's jobs
         #[arg(long)]
         vm: Option<String>,
+        #[command(flatten)]
+        filter: crate::cli_find::HistoryArgs,
     },
     /// Exempt a backup from retention
     Pin { id: String },

@@ -459,15 +459,9 @@ pub fn cmd_run_due(cfg: &Config, now: Option<&str>, dry_run: bool) -> anyhow::Re
     })
 }
 
-pub fn cmd_history(cfg: &Config, days: u32, all: bool, vm: Option<&str>) -> anyhow::Result<Output> {
+pub fn cmd_history(cfg: &Config, q: &vmbackup::state::JobQuery) -> anyhow::Result<Output> {
     let state = State::open(&cfg.state_dir).map_err(Error::from)?;
-    let since = (!all).then(|| vmbackup::state::now_ms() - i64::from(days) * 86_400_000);
-    let jobs: Vec<_> = state
-        .jobs(since)
-        .map_err(Error::from)?
-        .into_iter()
-        .filter(|j| vm.is_none_or(|v| j.vm.as_deref() == Some(v)))
-        .collect();
+    let jobs = state.jobs_matching(q).map_err(Error::from)?;
     let mut t = vmbackup::render::Table::new(&[
         "ID",
         "START (UTC)",
@@ -532,9 +526,18 @@ pub fn cmd_pin(cfg: &Config, id: &str, pin: bool) -> anyhow::Result<Output> {
     })
 }
 
-pub fn cmd_prune(cfg: &Config, dry_run: bool) -> anyhow::Result<Output> {
-    let repo = vmbackup::unlock::open_repo(cfg)?;
-    let all = run::prune_all(&cfg.state_dir, &repo, Timestamp::now(), dry_run)?;
+pub fn cmd_prune(
+    cfg: &Config,
+    dry_run: bool,
+    vm: &crate::cli_find::PruneArgs,
+) -> anyhow::Result<Output> {
+    let all = match crate::cli_find::prune_vm(cfg, vm, dry_run)? {
+        Some(p) => vec![p],
+        None => {
+            let repo = vmbackup::unlock::open_repo(cfg)?;
+            run::prune_all(&cfg.state_dir, &repo, Timestamp::now(), dry_run)?
+        }
+    };
     let deleted: Vec<String> = all.iter().flat_map(|p| p.deleted.clone()).collect();
     let errors: Vec<String> = all.iter().flat_map(|p| p.errors.clone()).collect();
     let item_errors = || -> Vec<contract::ItemError> {

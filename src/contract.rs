@@ -214,6 +214,8 @@ pub struct BackupRow {
     pub freeze_ms: Option<u64>,
     pub schedule: Option<String>,
     pub scheduled_for: Option<String>,
+    /// `backup --tag`: always a list.
+    pub tags: Vec<String>,
     pub pinned: bool,
     pub boot_test: Option<crate::repository::BootTestRecord>,
 }
@@ -237,6 +239,7 @@ impl BackupRow {
             freeze_ms: m.freeze_ms,
             schedule: m.schedule.clone(),
             scheduled_for: m.scheduled_for.clone(),
+            tags: m.tags.clone(),
             pinned,
             boot_test,
         }

@@ -37,6 +37,7 @@ pub mod recover;
 pub mod render;
 pub mod restore;
 pub mod schedule;
+pub mod selector;
 pub mod serve;
 pub mod settings;
 pub mod state;

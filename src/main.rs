@@ -5,6 +5,7 @@
 mod cli;
 mod cli_config;
 mod cli_docs;
+mod cli_find;
 mod cli_mount;
 mod cli_schedule;
 mod cli_show;
@@ -251,14 +252,11 @@ fn cmd_check(cfg: &Config, domains: &[String]) -> anyhow::Result<Output> {
     let mut text = String::new();
     let mut code = exit::OK;
     for name in domains {
-        let report = name
-            .parse::<VmRef>()
-            .map_err(vmbackup::Error::from)
-            .and_then(|vm| {
-                hv.with_vm(&vm, |h| {
-                    backup::survey(h, cfg.repo.local(), &cfg.backup).map(|s| s.report)
-                })
-            });
+        let report = hv.lookup(name).and_then(|vm| {
+            hv.with_vm(&vm, |h| {
+                backup::survey(h, cfg.repo.local(), &cfg.backup).map(|s| s.report)
+            })
+        });
         match report {
             Ok(r) => {
                 text.push_str(&format!(
@@ -311,7 +309,11 @@ fn cmd_backup(
     domains: &[String],
     quiesce: cli::Quiesce,
     full: bool,
+    tags: &[String],
 ) -> anyhow::Result<Output> {
+    for t in tags {
+        vmbackup::selector::check_tag(t)?;
+    }
     let hv = Hypervisors::new(&cfg.connect, &cfg.qemu_dir);
     let repo = open_repo(cfg)?;
     let state = vmbackup::state::State::open(&cfg.state_dir)?;
@@ -322,21 +324,22 @@ fn cmd_backup(
         cli::Quiesce::Off => Quiesce::Off,
     };
     opts.full = full;
+    opts.tags = tags.to_vec();
     let progress = Progress::new();
     let mut results = Vec::new();
     let mut text = String::new();
     let mut failures = Vec::new();
     for name in domains {
         let show = |l: &str, d: u64, t: u64| progress.show(l, d, t);
-        let job = JobRecord::start(cfg, "backup", Some(name));
-        let result = name
-            .parse::<VmRef>()
-            .map_err(vmbackup::Error::from)
-            .and_then(|vm| {
-                hv.with_vm(&vm, |h| {
-                    backup::backup(h, &repo, &cfg.state_dir, &state, &opts, &show)
-                })
-            });
+        // A UUID names the VM it finds (in the history too).
+        let vm = hv.lookup(name);
+        let named = vm.as_ref().map(|v| v.to_string()).ok();
+        let job = JobRecord::start(cfg, "backup", Some(named.as_deref().unwrap_or(name)));
+        let result = vm.and_then(|vm| {
+            hv.with_vm(&vm, |h| {
+                backup::backup(h, &repo, &cfg.state_dir, &state, &opts, &show)
+            })
+        });
         match &result {
             Ok(o) => job.finish("ok", Some(&o.id), None),
             Err(e) if e.exit_code() == exit::BAD_INPUT => job.forget(),
@@ -397,99 +400,6 @@ fn cmd_backup(
         }),
         text,
         code,
-    })
-}
-
-fn cmd_list(cfg: &Config, domain: Option<&str>) -> anyhow::Result<Output> {
-    let vm = domain
-        .map(str::parse::<VmRef>)
-        .transpose()
-        .map_err(vmbackup::Error::from)?;
-    let repo = open_repo(cfg)?;
-    let scan = repo.scan()?;
-    let list: Vec<_> = scan
-        .backups
-        .into_iter()
-        .filter(|m| vm.as_ref().is_none_or(|v| v.is(&m.vm_name)))
-        .collect();
-    // Pins live in the state database; listing does not create one.
-    let pinned = if cfg.state_dir.join("state.db").exists() {
-        vmbackup::state::State::open(&cfg.state_dir)
-            .and_then(|s| s.pinned())
-            .unwrap_or_default()
-    } else {
-        Default::default()
-    };
-    let mut table = vmbackup::render::Table::new(&[
-        "ID",
-        "VM",
-        "START (UTC)",
-        "END (UTC)",
-        "LOGICAL",
-        "STORED",
-        "DISKS",
-        "CONSISTENCY",
-        "NOTES",
-    ])
-    .right(&["LOGICAL", "STORED"]);
-    // The backups that have a boot test: one listing, then one read per such backup.
-    let tested: std::collections::HashSet<String> = repo
-        .store()
-        .list("backups/")
-        .map_err(vmbackup::Error::from)?
-        .into_iter()
-        .filter_map(|n| {
-            n.strip_prefix("backups/")?
-                .strip_suffix("/boot-test.json")
-                .map(str::to_string)
-        })
-        .collect();
-    let mut rows = Vec::new();
-    for m in &list {
-        let boot = if tested.contains(&m.id) {
-            repo.boot_test(&m.id).map_err(vmbackup::Error::from)?
-        } else {
-            None
-        };
-        let disks: Vec<&str> = m.disks.iter().map(|d| d.target.as_str()).collect();
-        let mut notes = Vec::new();
-        if pinned.contains(&m.id) {
-            notes.push("pinned".to_string());
-        }
-        if let Some(b) = &boot {
-            let ok = b.booted && b.error.is_none();
-            notes.push(format!("boot test: {}", if ok { "ok" } else { "FAILED" }));
-        }
-        table.row([
-            m.id.clone(),
-            m.vm_name.clone(),
-            m.started_at.clone(),
-            m.ended_at.clone(),
-            human_bytes(m.logical_bytes),
-            human_bytes(m.stored_bytes),
-            disks.join(","),
-            m.consistency.clone(),
-            notes.join(", "),
-        ]);
-        rows.push(contract::BackupRow::of(m, pinned.contains(&m.id), boot));
-    }
-    let mut text = table.render();
-    // Backups whose manifest cannot be read: listed apart (whatever VM they were of).
-    let mut unreadable = Vec::new();
-    for (id, why) in &scan.unreadable {
-        text.push_str(&format!("{id:<40} UNREADABLE: {why}\n"));
-        unreadable.push(contract::Unreadable {
-            id: id.clone(),
-            error: why.clone(),
-        });
-    }
-    Ok(Output {
-        json: body(contract::ListBody {
-            backups: rows,
-            unreadable,
-        }),
-        text,
-        code: exit::OK,
     })
 }
 
@@ -1242,9 +1152,13 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             domains,
             quiesce,
             full,
-        } => cmd_backup(&cfg, domains, *quiesce, *full),
-        C::List { domain } => cmd_list(&cfg, domain.as_deref()),
-        C::Show { id } => cmd_show(&cfg, id).with_context(|| format!("show {id}")),
+            tags,
+        } => cmd_backup(&cfg, domains, *quiesce, *full, tags),
+        C::List { domain, filter } => cli_find::cmd_list(&cfg, domain.as_deref(), filter),
+        C::Show { id } => {
+            let id = &cli_find::resolve_id(&cfg, id)?;
+            cmd_show(&cfg, id).with_context(|| format!("show {id}"))
+        }
         C::Restore {
             id,
             as_name,
@@ -1252,6 +1166,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             new_macs,
             instant,
         } => {
+            let id = &cli_find::resolve_id(&cfg, id)?;
             let vm = as_name.clone().or_else(|| {
                 open_repo(&cfg)
                     .ok()
@@ -1279,6 +1194,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             port,
             idle_timeout,
         } => {
+            let id = &cli_find::resolve_id(&cfg, id)?;
             let endpoint = match (socket, port) {
                 (_, Some(p)) => vmbackup::serve::Endpoint::Tcp(*p),
                 (Some(s), None) => vmbackup::serve::Endpoint::Unix(s.clone()),
@@ -1299,6 +1215,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             command,
             screenshot,
         } => {
+            let id = &cli_find::resolve_id(&cfg, id)?;
             let vm = open_repo(&cfg)
                 .ok()
                 .and_then(|r| r.load(id).ok())
@@ -1315,6 +1232,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             r
         }
         C::Mount { id, dir, disks } => {
+            let id = &cli_find::resolve_id(&cfg, id)?;
             cli_mount::cmd_mount(&cfg, cli.global.config.as_deref(), id, dir, disks)
                 .with_context(|| format!("mount {id}"))
         }
@@ -1326,8 +1244,10 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             ids,
             force,
             dry_run,
-        } => cmd_delete(&cfg, ids, *force, *dry_run),
-        C::Verify { ids, metadata } => cmd_verify(&cfg, ids, *metadata),
+        } => cmd_delete(&cfg, &cli_find::resolve_ids(&cfg, ids)?, *force, *dry_run),
+        C::Verify { ids, metadata } => {
+            cmd_verify(&cfg, &cli_find::resolve_ids(&cfg, ids)?, *metadata)
+        }
         C::Gc { dry_run } => cmd_gc(&cfg, *dry_run),
         // Answered before the configuration is read.
         C::Completions { shell } => cli_docs::cmd_completions(*shell),
@@ -1349,7 +1269,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             vm.as_deref(),
             since.as_deref(),
         ),
-        C::Prune { dry_run } => cli_schedule::cmd_prune(&cfg, *dry_run),
+        C::Prune { dry_run, vm } => cli_schedule::cmd_prune(&cfg, *dry_run, vm),
         C::Recover { domains } => cmd_recover(&cfg, domains, &serve_command(&cli.global)),
         C::ThawGuard { .. } => unreachable!("handled before the configuration is read"),
         C::Schedule(c) => cli_schedule::cmd_schedule(&cfg, c),
@@ -1357,9 +1277,14 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             cli_config::cmd_config_show(&cfg, cli.global.config.as_deref())
         }
         C::RunDue { now, dry_run } => cli_schedule::cmd_run_due(&cfg, now.as_deref(), *dry_run),
-        C::History { days, all, vm } => cli_schedule::cmd_history(&cfg, *days, *all, vm.as_deref()),
-        C::Pin { id } => cli_schedule::cmd_pin(&cfg, id, true),
-        C::Unpin { id } => cli_schedule::cmd_pin(&cfg, id, false),
+        C::History {
+            days,
+            all,
+            vm,
+            filter,
+        } => cli_schedule::cmd_history(&cfg, &filter.query(*days, *all, vm.as_deref())),
+        C::Pin { id } => cli_schedule::cmd_pin(&cfg, &cli_find::resolve_id(&cfg, id)?, true),
+        C::Unpin { id } => cli_schedule::cmd_pin(&cfg, &cli_find::resolve_id(&cfg, id)?, false),
     }
 }
 

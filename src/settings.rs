@@ -57,6 +57,8 @@ pub struct BackupSettings {
     pub schedule: Option<String>,
     /// The schedule occurrence it is made for (RFC 3339, UTC).
     pub scheduled_for: Option<String>,
+    /// `backup --tag`: labels recorded in the manifest (checked by `selector::check_tag`).
+    pub tags: Vec<String>,
     /// `--full`: read every disk whole, whatever an earlier backup recorded.
     pub full: bool,
     /// A disk is read whole at least this often, whatever an earlier backup recorded.
@@ -80,6 +82,7 @@ impl Default for BackupSettings {
                 .unwrap_or(2),
             schedule: None,
             scheduled_for: None,
+            tags: Vec::new(),
             full: false,
             full_every: Duration::from_secs(30 * 86_400),
             thaw_guard: None,

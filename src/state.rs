@@ -124,6 +124,33 @@ pub struct NewJob<'a> {
     pub due_ms: Option<i64>,
 }
 
+/// Which jobs `State::jobs_matching` returns; `None` fields do not filter.
+#[derive(Debug, Clone, Default)]
+pub struct JobQuery {
+    /// Started at or after this (ms since the epoch).
+    pub since_ms: Option<i64>,
+    pub vm: Option<String>,
+    pub kind: Option<String>,
+    pub schedule: Option<String>,
+    /// One of `JOB_STATUSES`.
+    pub status: Option<String>,
+    /// Only the newest N of those that pass (still oldest first).
+    pub limit: Option<usize>,
+}
+
+/// The statuses a job can have.
+pub const JOB_STATUSES: &[&str] = &[
+    "running",
+    "ok",
+    "failed",
+    "skipped",
+    "missed",
+    "interrupted",
+];
+
+/// The kinds of jobs.
+pub const JOB_KINDS: &[&str] = &["backup", "restore", "delete", "prune", "boot-test"];
+
 pub fn now_ms() -> i64 {
     jiff::Timestamp::now().as_millisecond()
 }
@@ -515,40 +542,78 @@ impl State {
     /// Jobs started at or after `since_ms` (all with `None`), oldest first. A job still
     /// `running` whose process is gone is shown as `interrupted`.
     pub fn jobs(&self, since_ms: Option<i64>) -> Result<Vec<Job>> {
+        self.jobs_matching(&JobQuery {
+            since_ms,
+            ..Default::default()
+        })
+    }
+
+    /// The jobs `q` selects, oldest first. `running` and `interrupted` are told apart here
+    /// (a `running` row whose process is gone is `interrupted`), so those two statuses are
+    /// filtered after the query; the rest in SQL.
+    pub fn jobs_matching(&self, q: &JobQuery) -> Result<Vec<Job>> {
+        let status_sql = match q.status.as_deref() {
+            None => None,
+            Some("running") => Some("running"),
+            Some("interrupted") => None,
+            Some(s) => Some(s),
+        };
         let mut st = self
             .conn
             .prepare(
                 "SELECT id, kind, vm, schedule, due_ms, backup_id, status, started_ms, ended_ms, \
-                 error, detail, pid FROM jobs WHERE started_ms >= ?1 ORDER BY started_ms, id",
+                 error, detail, pid FROM jobs WHERE started_ms >= ?1 \
+                 AND (?2 IS NULL OR vm = ?2) AND (?3 IS NULL OR kind = ?3) \
+                 AND (?4 IS NULL OR schedule = ?4) AND (?5 IS NULL OR status = ?5) \
+                 AND (?6 = 0 OR status IN ('running', 'interrupted')) \
+                 ORDER BY started_ms, id",
             )
             .map_err(|e| self.sql(e))?;
         let rows = st
-            .query_map(params![since_ms.unwrap_or(i64::MIN)], |r| {
-                let started: i64 = r.get(7)?;
-                let ended: Option<i64> = r.get(8)?;
-                let mut status: String = r.get(6)?;
-                let pid: Option<i64> = r.get(11)?;
-                if status == "running" && !pid.is_some_and(process_alive) {
-                    status = "interrupted".into();
-                }
-                Ok(Job {
-                    id: r.get(0)?,
-                    kind: r.get(1)?,
-                    vm: r.get(2)?,
-                    schedule: r.get(3)?,
-                    due: r.get::<_, Option<i64>>(4)?.map(fmt_ms),
-                    backup_id: r.get(5)?,
-                    status,
-                    started: fmt_ms(started),
-                    ended: ended.map(fmt_ms),
-                    duration_ms: ended.map(|e| e - started),
-                    error: r.get(9)?,
-                    detail: r.get(10)?,
-                })
-            })
+            .query_map(
+                params![
+                    q.since_ms.unwrap_or(i64::MIN),
+                    q.vm,
+                    q.kind,
+                    q.schedule,
+                    status_sql,
+                    q.status.as_deref() == Some("interrupted"),
+                ],
+                |r| {
+                    let started: i64 = r.get(7)?;
+                    let ended: Option<i64> = r.get(8)?;
+                    let mut status: String = r.get(6)?;
+                    let pid: Option<i64> = r.get(11)?;
+                    if status == "running" && !pid.is_some_and(process_alive) {
+                        status = "interrupted".into();
+                    }
+                    Ok(Job {
+                        id: r.get(0)?,
+                        kind: r.get(1)?,
+                        vm: r.get(2)?,
+                        schedule: r.get(3)?,
+                        due: r.get::<_, Option<i64>>(4)?.map(fmt_ms),
+                        backup_id: r.get(5)?,
+                        status,
+                        started: fmt_ms(started),
+                        ended: ended.map(fmt_ms),
+                        duration_ms: ended.map(|e| e - started),
+                        error: r.get(9)?,
+                        detail: r.get(10)?,
+                    })
+                },
+            )
             .map_err(|e| self.sql(e))?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(|e| self.sql(e))
+        let mut jobs = rows
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.sql(e))?;
+        if let Some(s) = &q.status {
+            jobs.retain(|j| &j.status == s);
+        }
+        if let Some(n) = q.limit {
+            jobs.drain(..jobs.len().saturating_sub(n));
+        }
+        Ok(jobs)
     }
 
     // ---- pins ----
@@ -726,6 +791,59 @@ mod tests {
             .execute("UPDATE jobs SET pid = 999999999", [])
             .unwrap();
         assert_eq!(s.jobs(None).unwrap()[0].status, "interrupted");
+    }
+
+    #[test]
+    fn jobs_are_filtered_by_vm_kind_schedule_status_and_limited_to_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = State::open(dir.path()).unwrap();
+        let add = |kind, vm, schedule, status: &str| {
+            let id = s
+                .start_job(&NewJob {
+                    kind,
+                    vm: Some(vm),
+                    schedule,
+                    due_ms: None,
+                })
+                .unwrap();
+            if status != "running" {
+                s.finish_job(id, status, None, None, None).unwrap();
+            }
+            id
+        };
+        let a = add("backup", "web", Some("nightly"), "ok");
+        let b = add("backup", "web", None, "failed");
+        let c = add("restore", "db", None, "failed");
+        let d = add("backup", "db", Some("nightly"), "running");
+        let e = add("backup", "web", None, "running");
+        s.conn
+            .execute("UPDATE jobs SET pid = 999999999 WHERE id = ?1", [e])
+            .unwrap();
+        let ids = |q: JobQuery| -> Vec<i64> {
+            s.jobs_matching(&q).unwrap().iter().map(|j| j.id).collect()
+        };
+        let q = |f: &dyn Fn(&mut JobQuery)| {
+            let mut q = JobQuery::default();
+            f(&mut q);
+            ids(q)
+        };
+        assert_eq!(q(&|_| {}), [a, b, c, d, e]);
+        assert_eq!(q(&|q| q.status = Some("failed".into())), [b, c]);
+        assert_eq!(q(&|q| q.status = Some("running".into())), [d]);
+        assert_eq!(q(&|q| q.status = Some("interrupted".into())), [e]);
+        assert_eq!(q(&|q| q.kind = Some("restore".into())), [c]);
+        assert_eq!(q(&|q| q.schedule = Some("nightly".into())), [a, d]);
+        assert_eq!(q(&|q| q.vm = Some("web".into())), [a, b, e]);
+        assert_eq!(q(&|q| q.limit = Some(2)), [d, e]);
+        assert_eq!(
+            q(&|q| {
+                q.vm = Some("web".into());
+                q.kind = Some("backup".into());
+                q.limit = Some(1);
+            }),
+            [e]
+        );
+        assert!(q(&|q| q.since_ms = Some(now_ms() + 60_000)).is_empty());
     }
 
     #[test]

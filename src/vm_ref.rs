@@ -63,6 +63,16 @@ impl VmRef {
     }
 }
 
+/// Whether `s` is a UUID in its usual text form (8-4-4-4-12 hexadecimal digits), as libvirt
+/// prints a domain's.
+pub fn is_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.bytes().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
 impl fmt::Display for VmRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -139,6 +149,19 @@ mod tests {
             "qemu:qemu:x",
         ] {
             assert!(s.parse::<VmRef>().is_err(), "{s:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn uuids_are_told_from_names() {
+        assert!(is_uuid("6f1c9a2e-3b4d-4e5f-8a9b-0c1d2e3f4a5b"));
+        assert!(is_uuid("6F1C9A2E-3B4D-4E5F-8A9B-0C1D2E3F4A5B"));
+        for s in [
+            "web01",
+            "6f1c9a2e3b4d4e5f8a9b0c1d2e3f4a5b",
+            "6f1c9a2e-3b4d-4e5f-8a9b-0c1d2e3f4a5g",
+        ] {
+            assert!(!is_uuid(s), "{s}");
         }
     }
 

@@ -233,7 +233,19 @@ fn delete_and_verify_take_several_ids_check_them_all_first_and_report_each() {
         .define()
         .unwrap();
     let place = Place::new();
-    let ids: Vec<String> = (0..3).map(|_| backup_id(&place, &[vm.name()])).collect();
+    // Four backups: two tagged `nightly` (as an external scheduler would), one of the VM
+    // named by its libvirt UUID.
+    let old = backup_id(&place, &["--tag", "nightly", vm.name()]);
+    let first = backup_id(&place, &["--tag", "nightly", "--tag", "keep", vm.name()]);
+    let uuid = vmbackup(&place, &["list"]).json["backups"][0]["vm_uuid"]
+        .as_str()
+        .unwrap()
+        .to_uppercase();
+    let ids: Vec<String> = vec![
+        first,
+        backup_id(&place, &[&uuid]),
+        backup_id(&place, &[vm.name()]),
+    ];
     let listed = || -> Vec<String> {
         vmbackup(&place, &["list"]).json["backups"]
             .as_array()
@@ -243,6 +255,92 @@ fn delete_and_verify_take_several_ids_check_them_all_first_and_report_each() {
             .collect()
     };
     let manifest = |id: &str| place.repo().join("backups").join(id).join("manifest.json");
+
+    // Found by name, by UUID, by tag, the newest N; the tags are in the manifest.
+    let l = vmbackup(&place, &["list"]);
+    assert_eq!(
+        l.json["backups"][1]["tags"],
+        json!(["nightly", "keep"]),
+        "{}",
+        l.json
+    );
+    assert_eq!(
+        l.json["backups"][2]["vm"],
+        vm.name(),
+        "the UUID found the VM by name"
+    );
+    let s = vmbackup(&place, &["show", &ids[0]]);
+    assert_eq!(s.json["manifest"]["tags"], json!(["nightly", "keep"]));
+    let list = |args: &[&str]| common::ids(&vmbackup(&place, &[&["list"][..], args].concat()));
+    assert_eq!(list(&["--last", "1", "--vm", vm.name()]), [ids[2].clone()]);
+    assert_eq!(list(&["--vm", &uuid, "--last", "2"]), ids[1..]);
+    assert_eq!(list(&["--tag", "nightly"]), [old.clone(), ids[0].clone()]);
+    assert_eq!(list(&["--vm", "nosuch"]), Vec::<String>::new());
+    assert_eq!(vmbackup(&place, &["list", "--tag", "a b"]).code, 2);
+    assert_eq!(
+        vmbackup(&place, &["backup", "--tag", "../x", vm.name()]).code,
+        2
+    );
+
+    // latest, VM@latest, VM@TIME, a unique prefix; an ambiguous one is exit 2 and deletes
+    // nothing.
+    let shown = |what: &str| {
+        let s = vmbackup(&place, &["show", what]);
+        assert_eq!(s.code, 0, "show {what}: {}", s.stderr);
+        s.json["manifest"]["id"].as_str().unwrap().to_string()
+    };
+    assert_eq!(shown("latest"), ids[2]);
+    assert_eq!(shown(&format!("{}@latest", vm.name())), ids[2]);
+    assert_eq!(shown(&format!("{uuid}@latest")), ids[2]);
+    assert_eq!(shown(&format!("{}@2999-01-01", vm.name())), ids[2]);
+    let started = s.json["manifest"]["started_at"].as_str().unwrap();
+    assert_eq!(shown(&format!("{}@{started}", vm.name())), ids[0]);
+    assert_eq!(
+        vmbackup(&place, &["show", &format!("{}@2000-01-01", vm.name())]).code,
+        2
+    );
+    let unique = (1..=ids[1].len())
+        .map(|n| &ids[1][..n])
+        .find(|p| [&old, &ids[0], &ids[2]].iter().all(|i| !i.starts_with(p)))
+        .unwrap();
+    assert_eq!(shown(unique), ids[1]);
+    let common = &ids[1][..unique.len() - 1];
+    let d = vmbackup(&place, &["delete", common]);
+    assert_eq!(d.code, 2, "{}", d.stderr);
+    assert!(
+        d.stderr.contains("ambiguous") && d.stderr.contains(&ids[1]),
+        "{}",
+        d.stderr
+    );
+    assert_eq!(listed().len(), 4, "nothing deleted");
+    assert_eq!(vmbackup(&place, &["delete", "nosuch-prefix"]).code, 2);
+
+    // prune --vm --keep 1 --tag nightly: of the two tagged ones the older goes; a dry run
+    // first deletes nothing.
+    let p = vmbackup(
+        &place,
+        &[
+            "prune",
+            "--vm",
+            vm.name(),
+            "--keep",
+            "1",
+            "--tag",
+            "nightly",
+            "--dry-run",
+        ],
+    );
+    assert_eq!(p.code, 0, "{}", p.stderr);
+    assert_eq!(p.json["deleted"], json!([old]));
+    assert_eq!(listed().len(), 4);
+    assert_eq!(vmbackup(&place, &["prune", "--vm", vm.name()]).code, 2);
+    let p = vmbackup(
+        &place,
+        &["prune", "--vm", &uuid, "--keep", "1", "--tag", "nightly"],
+    );
+    assert_eq!(p.code, 0, "{}", p.stderr);
+    assert_eq!(p.json["deleted"], json!([old]));
+    assert_eq!(listed(), ids);
 
     // verify A B C: one whose manifest does not read is reported beside the others, which
     // are all checked; an unknown id is bad input.
@@ -332,6 +430,24 @@ fn delete_and_verify_take_several_ids_check_them_all_first_and_report_each() {
     assert!(
         deletes.contains(&(ids[2].clone(), "ok".into())),
         "{deletes:?}"
+    );
+    // The history by status, kind and number.
+    let h = vmbackup(&place, &["history", "--all", "--status", "failed"]);
+    let jobs = h.json["jobs"].as_array().unwrap();
+    assert!(
+        !jobs.is_empty() && jobs.iter().all(|j| j["status"] == "failed"),
+        "{}",
+        h.json
+    );
+    assert!(jobs.iter().any(|j| j["backup_id"] == ids[0].as_str()));
+    let h = vmbackup(&place, &["history", "--kind", "prune", "--limit", "1"]);
+    let jobs = h.json["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 1, "{}", h.json);
+    assert_eq!(jobs[0]["vm"], vm.name());
+    assert!(jobs[0]["detail"].as_str().unwrap().contains(&old));
+    assert_eq!(
+        vmbackup(&place, &["history", "--status", "nonsense"]).code,
+        2
     );
     // Every deletion failing is exit 1.
     let d = vmbackup(&place, &["delete", &ids[0]]);

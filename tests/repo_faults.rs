@@ -93,6 +93,7 @@ fn fake_backup(repo: &Repository, id: &str, vm: &str, seed: u64, source: &Path) 
         domain_xml_object,
         schedule: None,
         scheduled_for: None,
+        tags: Vec::new(),
         stored_bytes: b.stored_bytes_new,
         logical_bytes: b.logical_bytes,
         vm_state: None,

@@ -41,6 +41,17 @@ impl Hypervisors {
         &self.qemu_dir
     }
 
+    /// The VM `text` names: a name (`qemu:NAME` for a plain QEMU VM), or the UUID of a
+    /// libvirt domain (a UUID that is no domain's is then tried as a name).
+    pub fn lookup(&self, text: &str) -> Result<VmRef> {
+        if crate::vm_ref::is_uuid(text) {
+            if let Some(d) = self.libvirt()?.find_domain_by_uuid(text)? {
+                return Ok(VmRef::libvirt(d.name())?);
+            }
+        }
+        Ok(text.parse::<VmRef>()?)
+    }
+
     /// Runs `f` on `vm` opened through its interface; an unknown VM is bad input.
     pub fn with_vm<R>(&self, vm: &VmRef, f: impl FnOnce(&dyn VmHandle) -> Result<R>) -> Result<R> {
         match vm {

@@ -61,6 +61,21 @@ pub fn to_delete(backups: &[Kept], rule: Retention, now: Timestamp) -> Vec<Strin
     gone.into_iter().map(|k| k.id.clone()).collect()
 }
 
+/// The ids that every one of `rules` deletes, oldest first: a backup stays when any rule
+/// keeps it (`prune --keep N --keep-days D` keeps the newest N and all younger than D days).
+/// No rule deletes nothing.
+pub fn to_delete_all(backups: &[Kept], rules: &[Retention], now: Timestamp) -> Vec<String> {
+    let Some((first, rest)) = rules.split_first() else {
+        return Vec::new();
+    };
+    let mut gone = to_delete(backups, *first, now);
+    for rule in rest {
+        let also = to_delete(backups, *rule, now);
+        gone.retain(|id| also.contains(id));
+    }
+    gone
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +120,23 @@ mod tests {
             to_delete(&all, Retention::Count { keep: 2 }, now(5)),
             vec!["b1"]
         );
+    }
+
+    #[test]
+    fn with_two_rules_a_backup_goes_only_when_both_let_it_go() {
+        let all: Vec<Kept> = (0..6).map(|d| b(&format!("b{d}"), d, d == 0)).collect();
+        let count = Retention::Count { keep: 1 };
+        let days = Retention::Days { days: 3 };
+        // Count alone: b1..b4 (b0 pinned); days alone: b1, b2 (older than day 3 at day 6).
+        assert_eq!(
+            to_delete_all(&all, &[count, days], now(6)),
+            vec!["b1", "b2"]
+        );
+        assert_eq!(
+            to_delete_all(&all, &[count], now(6)),
+            to_delete(&all, count, now(6))
+        );
+        assert!(to_delete_all(&all, &[], now(6)).is_empty());
     }
 
     #[test]

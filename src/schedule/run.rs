@@ -490,11 +490,48 @@ pub fn prune(
     now: Timestamp,
     dry_run: bool,
 ) -> Result<Pruned> {
+    let scope = PruneScope {
+        vm: vm.to_string(),
+        schedule: Some(schedule),
+        note: None,
+    };
+    prune_where(
+        state,
+        repo,
+        &scope,
+        &[rule],
+        &|m| m.schedule.as_deref() == Some(schedule) && vm.is(&m.vm_name),
+        now,
+        dry_run,
+    )
+}
+
+/// What a prune works on, for its log lines and its job.
+pub struct PruneScope<'a> {
+    /// The VM, as the job records it.
+    pub vm: String,
+    pub schedule: Option<&'a str>,
+    /// Added to the job's detail (e.g. `tag nightly`).
+    pub note: Option<String>,
+}
+
+/// Applies `rules` (a backup goes when every rule lets it go; pinned backups never go) to the
+/// backups `select` picks, as one VM's, at time `now`. Every deletion is tried; the errors are
+/// collected. Recorded as one `prune` job when it deletes or fails.
+pub fn prune_where(
+    state: &State,
+    repo: &Repository,
+    scope: &PruneScope,
+    rules: &[retention::Retention],
+    select: &dyn Fn(&crate::repository::manifest::Manifest) -> bool,
+    now: Timestamp,
+    dry_run: bool,
+) -> Result<Pruned> {
     let pinned = state.pinned()?;
     let kept: Vec<Kept> = repo
         .list()?
         .into_iter()
-        .filter(|m| m.schedule.as_deref() == Some(schedule) && vm.is(&m.vm_name))
+        .filter(|m| select(m))
         .filter_map(|m| {
             let when = m.scheduled_for.as_deref().unwrap_or(&m.started_at);
             let time = when.parse::<Timestamp>().ok()?;
@@ -505,7 +542,7 @@ pub fn prune(
             })
         })
         .collect();
-    let doomed = retention::to_delete(&kept, rule, now);
+    let doomed = retention::to_delete_all(&kept, rules, now);
     let mut out = Pruned::default();
     if doomed.is_empty() {
         return Ok(out);
@@ -516,11 +553,12 @@ pub fn prune(
         return Ok(out);
     }
     crate::fault::point("prune-planned");
-    let vm_text = vm.to_string();
+    let schedule = scope.schedule.unwrap_or("-");
+    let vm = &scope.vm;
     let job = state.start_job(&NewJob {
         kind: "prune",
-        vm: Some(&vm_text),
-        schedule: Some(schedule),
+        vm: Some(vm),
+        schedule: scope.schedule,
         due_ms: None,
     })?;
     for id in doomed {
@@ -541,7 +579,17 @@ pub fn prune(
             }
         }
     }
-    let detail = format!("{}; deleted: {}", rule.describe(), out.deleted.join(", "));
+    let rules_text: Vec<String> = rules.iter().map(|r| r.describe()).collect();
+    let detail = format!(
+        "{}{}; deleted: {}",
+        rules_text.join(" and "),
+        scope
+            .note
+            .as_deref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default(),
+        out.deleted.join(", ")
+    );
     let err = (!out.errors.is_empty()).then(|| out.errors.join("; "));
     state.finish_job(
         job,

@@ -393,6 +393,7 @@ mod tests {
             domain_xml_object,
             schedule: None,
             scheduled_for: None,
+            tags: Vec::new(),
             stored_bytes: b.stored_bytes_new,
             logical_bytes: b.logical_bytes,
             vm_state: None,

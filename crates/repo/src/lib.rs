@@ -872,6 +872,7 @@ mod tests {
             domain_xml_object: format!("backups/{id}/domain.xml"),
             schedule: None,
             scheduled_for: None,
+            tags: Vec::new(),
             stored_bytes: 0,
             logical_bytes: 0,
             vm_state: None,

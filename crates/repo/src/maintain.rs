@@ -358,6 +358,7 @@ mod tests {
             domain_xml_object,
             schedule: None,
             scheduled_for: None,
+            tags: Vec::new(),
             stored_bytes: 0,
             logical_bytes: 0,
             vm_state: Some(VmState {

@@ -28,6 +28,11 @@ pub struct Manifest {
     /// ages a schedule's backups by it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduled_for: Option<String>,
+    /// Labels given with `backup --tag` (short names: letters, digits, `.`, `-`, `_`, `+`),
+    /// by which `list --tag` and `prune --tag` pick backups. Absent in older manifests and
+    /// when none was given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
     /// Bytes this backup added to the repository.
     pub stored_bytes: u64,
     /// Bytes of data (non-zero chunks) read from the disks.

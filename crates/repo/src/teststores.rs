@@ -242,6 +242,7 @@ pub fn publish_backup(
         domain_xml_object,
         schedule: None,
         scheduled_for: None,
+        tags: Vec::new(),
         stored_bytes: b.stored_bytes_new,
         logical_bytes: b.logical_bytes,
         vm_state: None,
