@@ -5,6 +5,7 @@ use jiff::Timestamp;
 use serde_json::{json, Value};
 use vmbackup::config::Config;
 use vmbackup::error::exit;
+use vmbackup::notify::{self, VmResult};
 use vmbackup::schedule::calendar::{parse_ordinal, parse_weekday, weekday_name};
 use vmbackup::schedule::{self, run, BootTestRule, Recurrence, Retention, Spec};
 use vmbackup::state::State;
@@ -416,7 +417,9 @@ pub fn cmd_run_due(cfg: &Config, now: Option<&str>, dry_run: bool) -> anyhow::Re
             };
             text.push_str(&format!(
                 "  {:<20} due {}  {:<8} {what}\n",
-                v.vm, v.due, v.status
+                v.vm,
+                v.due.as_deref().unwrap_or("-"),
+                v.status
             ));
         }
     }
@@ -509,8 +512,8 @@ pub fn cmd_pin(cfg: &Config, id: &str, pin: bool) -> anyhow::Result<Output> {
 pub fn cmd_prune(cfg: &Config, dry_run: bool) -> anyhow::Result<Output> {
     let repo = vmbackup::unlock::open_repo(cfg)?;
     let all = run::prune_all(&cfg.state_dir, &repo, Timestamp::now(), dry_run)?;
-    let deleted: Vec<&String> = all.iter().flat_map(|p| &p.deleted).collect();
-    let errors: Vec<&String> = all.iter().flat_map(|p| &p.errors).collect();
+    let deleted: Vec<&String> = all.iter().flat_map(|(_, p)| &p.deleted).collect();
+    let errors: Vec<&String> = all.iter().flat_map(|(_, p)| &p.errors).collect();
     if dry_run {
         let mut text = format!("would delete {} backups (dry run)\n", deleted.len());
         for d in &deleted {
@@ -522,6 +525,10 @@ pub fn cmd_prune(cfg: &Config, dry_run: bool) -> anyhow::Result<Output> {
             code: exit::OK,
         });
     }
+    let pruned = all
+        .iter()
+        .filter_map(|(vm, p)| VmResult::pruned(vm, &p.deleted, &p.errors));
+    notify::job_done(&cfg.report, notify::JobKind::Prune, pruned.collect());
     let mut text = format!("deleted {} backups\n", deleted.len());
     for d in &deleted {
         text.push_str(&format!("  {d}\n"));

@@ -5,6 +5,7 @@
 mod cli;
 mod cli_docs;
 mod cli_mount;
+mod cli_report;
 mod cli_schedule;
 mod cli_usage;
 
@@ -337,8 +338,10 @@ fn cmd_backup(
     let mut results = Vec::new();
     let mut text = String::new();
     let mut failures = Vec::new();
+    let mut reported = Vec::new();
     for name in domains {
         let show = |l: &str, d: u64, t: u64| progress.show(l, d, t);
+        let started = vmbackup::notify::now();
         let job = JobRecord::start(cfg, "backup", Some(name));
         let result = name
             .parse::<VmRef>()
@@ -354,6 +357,7 @@ fn cmd_backup(
             Err(e) if e.exit_code() == exit::BUSY => job.finish("skipped", None, Some(&chain(e))),
             Err(e) => job.finish("failed", None, Some(&chain(e))),
         }
+        reported.extend(vmbackup::notify::VmResult::backup(name, &started, &result));
         match result {
             Ok(o) => {
                 text.push_str(&format!(
@@ -381,6 +385,7 @@ fn cmd_backup(
             break;
         }
     }
+    vmbackup::notify::job_done(&cfg.report, vmbackup::notify::JobKind::Backup, reported);
     let code = match (failures.len(), domains.len()) {
         (0, _) => exit::OK,
         (1, 1) => failures[0],
@@ -826,7 +831,7 @@ fn cmd_delete(cfg: &Config, ids: &[String], force: bool, dry_run: bool) -> anyho
             code: exit::OK,
         });
     }
-    let (mut deleted, mut errors) = (Vec::new(), Vec::new());
+    let (mut deleted, mut errors, mut reported) = (Vec::new(), Vec::new(), Vec::new());
     let mut text = String::new();
     for (id, vm) in unique.iter().zip(&vms) {
         let job = JobRecord::start(cfg, "delete", vm.as_deref());
@@ -835,6 +840,12 @@ fn cmd_delete(cfg: &Config, ids: &[String], force: bool, dry_run: bool) -> anyho
             .map_err(vmbackup::Error::from)
             .with_context(|| format!("delete {id}"));
         job.finish_result(&r, Some(id));
+        let vm_name = vm.as_deref().unwrap_or("-");
+        reported.extend(vmbackup::notify::VmResult::of_command(
+            vm_name,
+            Some(id),
+            &r,
+        ));
         match r {
             Ok(()) => {
                 if pinned.contains(id.as_str()) {
@@ -855,6 +866,7 @@ fn cmd_delete(cfg: &Config, ids: &[String], force: bool, dry_run: bool) -> anyho
     if !deleted.is_empty() {
         text.push_str("(their chunks are freed by gc)\n");
     }
+    vmbackup::notify::job_done(&cfg.report, vmbackup::notify::JobKind::Delete, reported);
     let code = match (deleted.is_empty(), errors.is_empty()) {
         (_, true) => exit::OK,
         (true, false) => exit::FAILED,
@@ -1222,6 +1234,13 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             )
             .with_context(|| format!("restore {id}"));
             job.finish_result(&r, Some(id));
+            let done =
+                vmbackup::notify::VmResult::of_command(vm.as_deref().unwrap_or(id), Some(id), &r);
+            vmbackup::notify::job_done(
+                &cfg.report,
+                vmbackup::notify::JobKind::Restore,
+                done.into_iter().collect(),
+            );
             r
         }
         C::Serve {
@@ -1305,6 +1324,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
         C::Recover { domains } => cmd_recover(&cfg, domains, &serve_command(&cli.global)),
         C::ThawGuard { .. } => unreachable!("handled before the configuration is read"),
         C::Schedule(c) => cli_schedule::cmd_schedule(&cfg, c),
+        C::Report(cli::ReportCommand::Test) => cli_report::cmd_report_test(&cfg),
         C::RunDue { now, dry_run } => cli_schedule::cmd_run_due(&cfg, now.as_deref(), *dry_run),
         C::History { days, all, vm } => cli_schedule::cmd_history(&cfg, *days, *all, vm.as_deref()),
         C::Pin { id } => cli_schedule::cmd_pin(&cfg, id, true),

@@ -1,23 +1,64 @@
 //! A real SMTP server on loopback for the report tests: Debian's python3-aiosmtpd, delivering
-//! into a maildir (installed by `scripts/setup-host`). Stopped when dropped.
+//! into a maildir (installed by `scripts/setup-host`). Stopped when dropped. `start` is a plain
+//! relay (no TLS, no AUTH); `start_secure` a server that requires STARTTLS and then AUTH
+//! (`USER`/`PASSWORD`), with a self-signed certificate made by the openssl CLI for 127.0.0.1
+//! and localhost (`ca_file` for the client to trust).
 
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// The one login the secure server accepts.
+pub const USER: &str = "reporter";
+pub const PASSWORD: &str = "c0rrect horse";
+
+/// The secure server: aiosmtpd's Controller with the SMTP class's own STARTTLS and AUTH
+/// enforcement (`require_starttls`, `auth_required`, AUTH only over TLS), delivering through
+/// the Mailbox handler (which adds X-MailFrom and X-RcptTo headers).
+const SECURE_SERVER: &str = r#"
+import signal, ssl, sys
+from aiosmtpd.controller import Controller
+from aiosmtpd.handlers import Mailbox
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+port, cert, key, maildir, user, password = sys.argv[1:]
+ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+ctx.load_cert_chain(cert, key)
+
+def authenticator(server, session, envelope, mechanism, auth_data):
+    ok = (isinstance(auth_data, LoginPassword)
+          and auth_data.login == user.encode()
+          and auth_data.password == password.encode())
+    return AuthResult(success=ok, handled=False)
+
+c = Controller(Mailbox(maildir), hostname="127.0.0.1", port=int(port),
+               tls_context=ctx, require_starttls=True, auth_required=True,
+               auth_require_tls=True, authenticator=authenticator)
+c.start()
+signal.sigwait([signal.SIGTERM, signal.SIGINT])
+c.stop()
+"#;
 
 pub struct Smtp {
     child: Child,
     pub port: u16,
     maildir: tempfile::TempDir,
+    /// The secure server's certificate (PEM): the CA a client must trust.
+    pub ca_file: Option<PathBuf>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Smtp {
-    /// Starts the server on a free loopback port and waits until it accepts connections.
+    /// Starts a plain relay on a free loopback port and waits until it accepts connections.
     pub fn start() -> Smtp {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let maildir = tempfile::tempdir().unwrap();
         let child = Command::new("/usr/bin/python3")
             .args(["-m", "aiosmtpd", "-n", "-l"])
@@ -29,8 +70,53 @@ impl Smtp {
             .stderr(Stdio::null())
             .spawn()
             .expect("python3-aiosmtpd is installed (scripts/setup-host)");
+        Smtp::wait_up(child, port, maildir, None)
+    }
+
+    /// Starts a server that requires STARTTLS and AUTH (`USER`, `PASSWORD`).
+    pub fn start_secure() -> Smtp {
+        let port = free_port();
+        let maildir = tempfile::tempdir().unwrap();
+        let (cert, key) = (
+            maildir.path().join("cert.pem"),
+            maildir.path().join("key.pem"),
+        );
+        let made = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+            .args(["-subj", "/CN=vmbackup test mail server"])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl is installed (scripts/setup-host)");
+        assert!(made.success(), "openssl req: {made}");
+        let child = Command::new("/usr/bin/python3")
+            .args(["-c", SECURE_SERVER, &port.to_string()])
+            .args([&cert, &key, &maildir.path().join("mail")])
+            .args([USER, PASSWORD])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3-aiosmtpd is installed (scripts/setup-host)");
+        Smtp::wait_up(child, port, maildir, Some(cert))
+    }
+
+    fn wait_up(
+        mut child: Child,
+        port: u16,
+        maildir: tempfile::TempDir,
+        ca_file: Option<PathBuf>,
+    ) -> Smtp {
         let t = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("SMTP server ended: {status}");
+            }
             assert!(
                 t.elapsed() < Duration::from_secs(30),
                 "SMTP server did not start"
@@ -41,6 +127,7 @@ impl Smtp {
             child,
             port,
             maildir,
+            ca_file,
         }
     }
 
