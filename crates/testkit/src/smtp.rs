@@ -1,8 +1,8 @@
 //! A real SMTP server on loopback for the report tests: Debian's python3-aiosmtpd, delivering
 //! into a maildir (installed by `scripts/setup-host`). Stopped when dropped. `start` is a plain
 //! relay (no TLS, no AUTH); `start_secure` a server that requires STARTTLS and then AUTH
-//! (`USER`/`PASSWORD`), with a self-signed certificate made by the openssl CLI for 127.0.0.1
-//! and localhost (`ca_file` for the client to trust).
+//! (`USER`/`PASSWORD`), with a certificate for 127.0.0.1 and localhost signed by a private CA,
+//! both made by the openssl CLI (`ca_file`: the CA a client must trust).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -43,7 +43,7 @@ pub struct Smtp {
     child: Child,
     pub port: u16,
     maildir: tempfile::TempDir,
-    /// The secure server's certificate (PEM): the CA a client must trust.
+    /// The secure server's private CA (PEM): what a client must trust.
     pub ca_file: Option<PathBuf>,
 }
 
@@ -77,24 +77,75 @@ impl Smtp {
     pub fn start_secure() -> Smtp {
         let port = free_port();
         let maildir = tempfile::tempdir().unwrap();
-        let (cert, key) = (
-            maildir.path().join("cert.pem"),
-            maildir.path().join("key.pem"),
+        let dir = maildir.path();
+        let (ca, cert, key) = (
+            dir.join("ca.pem"),
+            dir.join("cert.pem"),
+            dir.join("key.pem"),
         );
-        let made = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
-            .args(["-subj", "/CN=vmbackup test mail server"])
-            .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("openssl is installed (scripts/setup-host)");
-        assert!(made.success(), "openssl req: {made}");
+        // A private CA, and the server's certificate it signs (for 127.0.0.1 and localhost).
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let ext = dir.join("ext");
+        std::fs::write(
+            &ext,
+            "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n\
+             extendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        let openssl = |args: &[&str]| {
+            let st = Command::new("openssl")
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("openssl is installed (scripts/setup-host)");
+            assert!(st.success(), "openssl {args:?}: {st}");
+        };
+        let path = |p: &PathBuf| p.to_str().expect("a UTF-8 temporary path").to_string();
+        let (ca_key, csr) = (path(&dir.join("ca.key")), path(&dir.join("req.csr")));
+        let (ca_s, cert_s, key_s) = (path(&ca), path(&cert), path(&key));
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &["-days", "2", "-subj", "/CN=vmbackup test CA"],
+            ]
+            .concat()
+            .into_iter()
+            .chain(["-keyout", &ca_key, "-out", &ca_s])
+            .collect::<Vec<_>>(),
+        );
+        openssl(
+            &[&["req", "-new"][..], &ec, &["-subj", "/CN=localhost"]]
+                .concat()
+                .into_iter()
+                .chain(["-keyout", &key_s, "-out", &csr])
+                .collect::<Vec<_>>(),
+        );
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_s,
+            "-CAkey",
+            &ca_key,
+            "-set_serial",
+            "2",
+            "-days",
+            "2",
+            "-extfile",
+            &path(&ext),
+            "-out",
+            &cert_s,
+        ]);
         let child = Command::new("/usr/bin/python3")
             .args(["-c", SECURE_SERVER, &port.to_string()])
             .args([&cert, &key, &maildir.path().join("mail")])
@@ -103,7 +154,7 @@ impl Smtp {
             .stderr(Stdio::null())
             .spawn()
             .expect("python3-aiosmtpd is installed (scripts/setup-host)");
-        Smtp::wait_up(child, port, maildir, Some(cert))
+        Smtp::wait_up(child, port, maildir, Some(ca))
     }
 
     fn wait_up(
