@@ -773,7 +773,7 @@ fn message(
 }
 
 /// Sends one plain-text mail as `cfg` says.
-fn send_mail(cfg: &ReportConfig, subject: &str, body: &str) -> Result<(), NotifyError> {
+pub fn send_mail(cfg: &ReportConfig, subject: &str, body: &str) -> Result<(), NotifyError> {
     let server = cfg.server()?;
     let from = address(
         &cfg.from

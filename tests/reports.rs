@@ -87,8 +87,8 @@ fn report_test_goes_through_starttls_and_auth_and_fails_loudly_when_a_channel_ca
     assert_eq!(channel(&r, "command")["ok"], true, "{}", r.json);
     assert!(!r.json.to_string().contains(PASSWORD));
     assert!(!r.stderr.contains(PASSWORD));
-    let mails = smtp.wait_messages(1);
-    let mail = String::from_utf8_lossy(&mails[0]).into_owned();
+    smtp.wait_messages(1);
+    let mail = smtp.texts().remove(0);
     let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
     assert!(
         mail.contains(&format!("Subject: vmbackup test report from {host}")),
@@ -337,11 +337,8 @@ fn manual_backups_restores_and_deletes_send_reports_by_the_on_policy() {
     assert!(docs[2]["results"][0]["error"].is_string(), "{}", docs[2]);
     assert_eq!(docs[3]["results"][0]["backup_id"], id.as_str());
 
-    let mails: Vec<String> = relay
-        .wait_messages(4)
-        .iter()
-        .map(|m| String::from_utf8_lossy(m).into_owned())
-        .collect();
+    relay.wait_messages(4);
+    let mails = relay.texts();
     let subjects: std::collections::BTreeSet<String> = mails
         .iter()
         .filter_map(|m| {
@@ -360,4 +357,12 @@ fn manual_backups_restores_and_deletes_send_reports_by_the_on_policy() {
     .into();
     assert_eq!(subjects, want, "{mails:#?}");
     assert_eq!(mails.len(), 4);
+    let backup_mail = mails
+        .iter()
+        .find(|m| m.contains("Subject: vmbackup backup: 1 ok"))
+        .unwrap();
+    assert!(
+        backup_mail.contains(&id) && backup_mail.contains(vm.name()),
+        "{backup_mail}"
+    );
 }

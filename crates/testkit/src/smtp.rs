@@ -192,12 +192,10 @@ impl Smtp {
         out
     }
 
-    /// The delivered messages as text.
+    /// The delivered messages as text, a quoted-printable body decoded (as a mail reader shows
+    /// it: report tables have lines longer than 76 characters, which are sent so).
     pub fn texts(&self) -> Vec<String> {
-        self.messages()
-            .into_iter()
-            .map(|m| String::from_utf8_lossy(&m).into_owned())
-            .collect()
+        self.messages().iter().map(|m| decoded(m)).collect()
     }
 
     /// Waits (up to 30 s) until at least `n` messages were delivered; returns them.
@@ -216,6 +214,51 @@ impl Smtp {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// `raw` as text, its body decoded when it is quoted-printable (headers as they are).
+pub fn decoded(raw: &[u8]) -> String {
+    let text = String::from_utf8_lossy(raw).into_owned();
+    let Some(split) = text
+        .find("\r\n\r\n")
+        .map(|i| i + 4)
+        .or_else(|| text.find("\n\n").map(|i| i + 2))
+    else {
+        return text;
+    };
+    let (head, body) = text.split_at(split);
+    if !head
+        .to_ascii_lowercase()
+        .contains("content-transfer-encoding: quoted-printable")
+    {
+        return text;
+    }
+    let b = body.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'=' {
+            if b[i + 1..].starts_with(b"\r\n") {
+                i += 3;
+                continue;
+            }
+            if b[i + 1..].starts_with(b"\n") {
+                i += 2;
+                continue;
+            }
+            if let Some(x) = body
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                out.push(x);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    format!("{head}{}", String::from_utf8_lossy(&out))
 }
 
 impl Drop for Smtp {
