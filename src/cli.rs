@@ -304,6 +304,9 @@ pub enum Command {
     /// The configuration in effect
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Job reports (the config file's [report] table)
+    #[command(subcommand)]
+    Report(ReportCommand),
     /// Run every schedule occurrence that is due (what an external timer calls every minute)
     RunDue {
         /// Evaluate at this time (RFC 3339, e.g. 2027-01-04T02:30:00Z) instead of now
@@ -417,6 +420,15 @@ pub struct ScheduleFields {
     /// No boot tests (on edit, drops the rule)
     #[arg(long, conflicts_with_all = ["boot_test", "boot_test_every", "boot_test_timeout", "boot_test_command"])]
     pub no_boot_test: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReportCommand {
+    /// Send a sample report through every configured channel (mail, command)
+    ///
+    /// Exit codes: 0 every channel worked, 1 one or more failed (each one's cause is said),
+    /// 2 no channel is configured.
+    Test,
 }
 
 #[derive(Debug, Subcommand)]

@@ -5,6 +5,7 @@ use jiff::Timestamp;
 use vmbackup::config::Config;
 use vmbackup::contract;
 use vmbackup::error::exit;
+use vmbackup::notify::{self, VmResult};
 use vmbackup::schedule::calendar::{parse_ordinal, parse_weekday, weekday_name};
 use vmbackup::schedule::{self, run, BootTestRule, Recurrence, Retention, Spec};
 use vmbackup::state::State;
@@ -431,7 +432,9 @@ pub fn cmd_run_due(cfg: &Config, now: Option<&str>, dry_run: bool) -> anyhow::Re
             };
             text.push_str(&format!(
                 "  {:<20} due {}  {:<8} {what}\n",
-                v.vm, v.due, v.status
+                v.vm,
+                v.due.as_deref().unwrap_or("-"),
+                v.status
             ));
         }
     }
@@ -532,14 +535,14 @@ pub fn cmd_prune(
     vm: &crate::cli_find::PruneArgs,
 ) -> anyhow::Result<Output> {
     let all = match crate::cli_find::prune_vm(cfg, vm, dry_run)? {
-        Some(p) => vec![p],
+        Some(p) => vec![(vm.vm.clone().unwrap_or_default(), p)],
         None => {
             let repo = vmbackup::unlock::open_repo(cfg)?;
             run::prune_all(&cfg.state_dir, &repo, Timestamp::now(), dry_run)?
         }
     };
-    let deleted: Vec<String> = all.iter().flat_map(|p| p.deleted.clone()).collect();
-    let errors: Vec<String> = all.iter().flat_map(|p| p.errors.clone()).collect();
+    let deleted: Vec<String> = all.iter().flat_map(|(_, p)| p.deleted.clone()).collect();
+    let errors: Vec<String> = all.iter().flat_map(|(_, p)| p.errors.clone()).collect();
     let item_errors = || -> Vec<contract::ItemError> {
         errors
             .iter()
@@ -564,6 +567,10 @@ pub fn cmd_prune(
             code: exit::OK,
         });
     }
+    let pruned = all
+        .iter()
+        .filter_map(|(vm, p)| VmResult::pruned(vm, &p.deleted, &p.errors));
+    notify::job_done(&cfg.report, notify::JobKind::Prune, pruned.collect());
     let mut text = format!("deleted {} backups\n", deleted.len());
     for d in &deleted {
         text.push_str(&format!("  {d}\n"));

@@ -426,11 +426,12 @@ mod tests {
     #[test]
     fn each_setting_says_where_it_came_from_and_secrets_stay_hidden() {
         let toml_text = "max_disk_gib = 100\nconnect = 'qemu:///session'\n\
-                         [report]\nsmtp = '127.0.0.1:25'\npassword = 'hunter2'\n";
+                         [report]\nsmtp = '127.0.0.1:25'\nto = ['ops@example.com']\npassword = 'hunter2'\n";
         let table: toml::Table = toml::from_str(toml_text).unwrap();
         // The typed file has no password key (yet): resolve without it.
         let typed: FileConfig = toml::from_str(
-            "max_disk_gib = 100\nconnect = 'qemu:///session'\n[report]\nsmtp = '127.0.0.1:25'\n",
+            "max_disk_gib = 100\nconnect = 'qemu:///session'\n[report]\nsmtp = '127.0.0.1:25'\n\
+             to = ['ops@example.com']\n",
         )
         .unwrap();
         let o = Overrides {

@@ -441,6 +441,12 @@ pub struct ConfigBody {
     pub config: crate::config_show::Shown,
 }
 
+/// `report test`: each channel, and whether the sample report went through it.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ReportTestBody {
+    pub channels: Vec<crate::notify::ChannelResult>,
+}
+
 /// `thaw-guard` (internal: the guard of a plain QEMU guest's freeze).
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct ThawGuardBody {
@@ -494,6 +500,7 @@ pub fn schemas() -> Vec<(&'static str, schemars::Schema)> {
         one::<CompletionsBody>("completions"),
         one::<ManBody>("man"),
         one::<ConfigBody>("config show"),
+        one::<ReportTestBody>("report test"),
     ]
 }
 

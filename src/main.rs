@@ -7,6 +7,7 @@ mod cli_config;
 mod cli_docs;
 mod cli_find;
 mod cli_mount;
+mod cli_report;
 mod cli_schedule;
 mod cli_show;
 mod cli_term;
@@ -329,8 +330,10 @@ fn cmd_backup(
     let mut results = Vec::new();
     let mut text = String::new();
     let mut failures = Vec::new();
+    let mut reported = Vec::new();
     for name in domains {
         let show = |l: &str, d: u64, t: u64| progress.show(l, d, t);
+        let started = vmbackup::notify::now();
         // A UUID names the VM it finds (in the history too).
         let vm = hv.lookup(name);
         let named = vm.as_ref().map(|v| v.to_string()).ok();
@@ -346,6 +349,7 @@ fn cmd_backup(
             Err(e) if e.exit_code() == exit::BUSY => job.finish("skipped", None, Some(&chain(e))),
             Err(e) => job.finish("failed", None, Some(&chain(e))),
         }
+        reported.extend(vmbackup::notify::VmResult::backup(name, &started, &result));
         match result {
             Ok(o) => {
                 text.push_str(&format!(
@@ -383,6 +387,7 @@ fn cmd_backup(
             break;
         }
     }
+    vmbackup::notify::job_done(&cfg.report, vmbackup::notify::JobKind::Backup, reported);
     let code = match (failures.len(), domains.len()) {
         (0, _) => exit::OK,
         (1, 1) => failures[0],
@@ -757,7 +762,7 @@ fn cmd_delete(cfg: &Config, ids: &[String], force: bool, dry_run: bool) -> anyho
             code: exit::OK,
         });
     }
-    let (mut deleted, mut errors) = (Vec::new(), Vec::new());
+    let (mut deleted, mut errors, mut reported) = (Vec::new(), Vec::new(), Vec::new());
     let mut text = String::new();
     for (id, vm) in unique.iter().zip(&vms) {
         let job = JobRecord::start(cfg, "delete", vm.as_deref());
@@ -766,6 +771,12 @@ fn cmd_delete(cfg: &Config, ids: &[String], force: bool, dry_run: bool) -> anyho
             .map_err(vmbackup::Error::from)
             .with_context(|| format!("delete {id}"));
         job.finish_result(&r, Some(id));
+        let vm_name = vm.as_deref().unwrap_or("-");
+        reported.extend(vmbackup::notify::VmResult::of_command(
+            vm_name,
+            Some(id),
+            &r,
+        ));
         match r {
             Ok(()) => {
                 if pinned.contains(id.as_str()) {
@@ -793,6 +804,7 @@ fn cmd_delete(cfg: &Config, ids: &[String], force: bool, dry_run: bool) -> anyho
     if !deleted.is_empty() {
         text.push_str("(their chunks are freed by gc)\n");
     }
+    vmbackup::notify::job_done(&cfg.report, vmbackup::notify::JobKind::Delete, reported);
     let code = match (deleted.is_empty(), errors.is_empty()) {
         (_, true) => exit::OK,
         (true, false) => exit::FAILED,
@@ -1185,6 +1197,13 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             )
             .with_context(|| format!("restore {id}"));
             job.finish_result(&r, Some(id));
+            let done =
+                vmbackup::notify::VmResult::of_command(vm.as_deref().unwrap_or(id), Some(id), &r);
+            vmbackup::notify::job_done(
+                &cfg.report,
+                vmbackup::notify::JobKind::Restore,
+                done.into_iter().collect(),
+            );
             r
         }
         C::Serve {
@@ -1276,6 +1295,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
         C::Config(cli::ConfigCommand::Show) => {
             cli_config::cmd_config_show(&cfg, cli.global.config.as_deref())
         }
+        C::Report(cli::ReportCommand::Test) => cli_report::cmd_report_test(&cfg),
         C::RunDue { now, dry_run } => cli_schedule::cmd_run_due(&cfg, now.as_deref(), *dry_run),
         C::History {
             days,

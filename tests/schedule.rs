@@ -383,13 +383,18 @@ fn a_failing_scheduled_backup_is_recorded_deletes_nothing_and_is_reported_by_mai
         "the due time in UTC: {failed_mail}"
     );
     assert!(failed_mail.contains("agent"), "{failed_mail}");
+    // The day-1 backup fell back to crash-consistent (no agent): the subject counts it.
     let ok_mail = mails
         .iter()
-        .find(|m| m.contains("Subject: vmbackup keep1: 1 ok, 0 failed"))
-        .unwrap();
+        .find(|m| m.contains("Subject: vmbackup keep1: 1 ok (1 crash-consistent), 0 failed"))
+        .unwrap_or_else(|| panic!("{mails:?}"));
     assert!(ok_mail.contains(&first_id));
     let hook: Value = serde_json::from_slice(&std::fs::read(&hook_out).unwrap()).unwrap();
     assert_eq!(hook["schedule"], "keep1");
+    assert_eq!(
+        (&hook["kind"], &hook["status"]),
+        (&"schedule".into(), &"failed".into())
+    );
     assert_eq!(hook["results"][0]["status"], "failed");
 
     // The history has both jobs, with start, end and duration.
@@ -895,8 +900,21 @@ fn a_prune_that_deletes_some_and_a_run_due_whose_report_fails_exit_5() {
             .len(),
         3
     );
+    // Prunes report by `on = "failure"`: the one that fails in part does, the other not.
+    let hook_out = place.dir.path().join("prune-reports.jsonl");
+    let on_failure = place.dir.path().join("on-failure.toml");
+    std::fs::write(
+        &on_failure,
+        format!(
+            "[report]\non = \"failure\"\ncommand = [\"/bin/sh\", \"-c\", \"cat >> '{}'; echo >> '{}'\"]\n",
+            hook_out.display(),
+            hook_out.display()
+        ),
+    )
+    .unwrap();
+    let on_failure = on_failure.to_string_lossy().into_owned();
     chattr("+i");
-    let p = vmbackup(&place, &["prune"]);
+    let p = vmbackup(&place, &["--config", &on_failure, "prune"]);
     chattr("-i");
     assert_eq!(p.code, 5, "{}\n{}", p.json, p.stderr);
     assert_eq!(p.json["deleted"], serde_json::json!([ids[1]]));
@@ -905,7 +923,33 @@ fn a_prune_that_deletes_some_and_a_run_due_whose_report_fails_exit_5() {
         "{}",
         p.json
     );
-    let p = vmbackup(&place, &["prune"]);
+    let p = vmbackup(&place, &["--config", &on_failure, "prune"]);
     assert_eq!(p.code, 0, "{}", p.stderr);
     assert_eq!(p.json["deleted"], serde_json::json!([ids[0]]));
+    let reports: Vec<Value> = std::fs::read_to_string(&hook_out)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let r = &reports[0];
+    assert_eq!(
+        (&r["kind"], &r["status"]),
+        (&"prune".into(), &"failed".into()),
+        "{r}"
+    );
+    assert_eq!(r["results"][0]["vm"], vm.name());
+    assert_eq!(r["results"][0]["pruned"], serde_json::json!([ids[1]]));
+    assert!(
+        r["results"][0]["prune_errors"][0]
+            .as_str()
+            .unwrap()
+            .contains(&ids[0]),
+        "{r}"
+    );
+    assert_eq!(
+        r["subject"],
+        "vmbackup prune: 1 ok, 0 failed, 1 with retention errors"
+    );
 }

@@ -235,19 +235,18 @@ fn a_hostile_report_body_arrives_as_one_message_without_bare_cr_or_lone_dot() {
     let smtp = Smtp::start();
     let body = "VM web01 failed: agent said \"x\r.\r\nMAIL FROM:<evil@x>\r\nRCPT TO:<a@b>\
                 \r\nDATA\r\nsmuggled\r\n.\r\n\" then\n.\nand\r.\rend\n";
-    vmbackup::notify::send_mail(
-        &format!("127.0.0.1:{}", smtp.port),
-        "vmbackup@test.invalid",
-        &["ops@test.invalid".to_string()],
-        "report\r\nBcc: evil@x",
-        body,
-    )
-    .unwrap();
+    let cfg = vmbackup::notify::ReportConfig {
+        smtp: Some(format!("127.0.0.1:{}", smtp.port)),
+        from: Some("vmbackup@test.invalid".into()),
+        to: vec!["ops@test.invalid".into()],
+        ..Default::default()
+    };
+    vmbackup::notify::send_mail(&cfg, "report\r\nBcc: evil@x", body).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let mails = smtp.wait_messages(1);
     assert_eq!(mails.len(), 1, "one message, nothing smuggled");
     let raw = &mails[0];
-    let text = String::from_utf8_lossy(raw);
+    let text = vmbackup_testkit::smtp::decoded(raw);
     assert!(text.contains("MAIL FROM:<evil@x>"), "kept as text: {text}");
     assert!(text.contains("smuggled"));
     assert!(!text.contains("\nBcc:"), "no header injected: {text}");

@@ -8,8 +8,8 @@ use crate::repository::BootTestRecord;
 #[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct VmResult {
     pub vm: String,
-    /// When the occurrence was due (UTC).
-    pub due: String,
+    /// When the occurrence was due (UTC); `None` for a job that was not scheduled.
+    pub due: Option<String>,
     /// `ok`, `failed`, `skipped`, `missed` (or `due` in a dry run).
     pub status: String,
     pub backup_id: Option<String>,

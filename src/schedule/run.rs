@@ -126,7 +126,7 @@ fn plan(state: &State, spec: &Spec, created_ms: i64, o: &Options) -> Result<Plan
 fn empty_result(vm: &VmRef, due: i64, status: &str) -> VmResult {
     VmResult {
         vm: vm.to_string(),
-        due: fmt_ms(due),
+        due: Some(fmt_ms(due)),
         status: status.into(),
         backup_id: None,
         consistency: None,
@@ -297,7 +297,8 @@ pub fn run_due(
     }
     if !o.dry_run {
         for job in &out.jobs {
-            if let Err(e) = crate::notify::send(&cfg.report, job) {
+            let report = crate::notify::Report::scheduled(job);
+            if let Err(e) = crate::notify::send(&cfg.report, &report) {
                 tracing::error!(schedule = %job.schedule, "report not sent: {}", chain(&e));
                 out.report_errors
                     .push(format!("{}: {}", job.schedule, chain(&e)));
@@ -612,13 +613,14 @@ pub fn prune_all(
     repo: &Repository,
     now: Timestamp,
     dry_run: bool,
-) -> Result<Vec<Pruned>> {
+) -> Result<Vec<(String, Pruned)>> {
     let state = State::open(state_dir)?;
     let mut all = Vec::new();
     for (spec, _) in state.schedules()? {
         let Some(rule) = spec.retention else { continue };
         for vm in &spec.vms {
-            all.push(prune(&state, repo, &spec.name, vm, rule, now, dry_run)?);
+            let p = prune(&state, repo, &spec.name, vm, rule, now, dry_run)?;
+            all.push((vm.to_string(), p));
         }
     }
     Ok(all)
