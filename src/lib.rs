@@ -33,6 +33,7 @@ pub mod preflight;
 pub mod qcow2_bitmaps;
 pub mod recover;
 pub mod restore;
+pub mod retry;
 pub mod schedule;
 pub mod serve;
 pub mod settings;
