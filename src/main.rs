@@ -5,6 +5,7 @@
 mod cli;
 mod cli_docs;
 mod cli_mount;
+mod cli_restore;
 mod cli_schedule;
 mod cli_usage;
 
@@ -322,6 +323,7 @@ fn cmd_backup(
     domains: &[String],
     quiesce: cli::Quiesce,
     full: bool,
+    retry_lock: Option<Duration>,
 ) -> anyhow::Result<Output> {
     let hv = Hypervisors::new(&cfg.connect, &cfg.qemu_dir);
     let repo = open_repo(cfg)?;
@@ -344,8 +346,10 @@ fn cmd_backup(
             .parse::<VmRef>()
             .map_err(vmbackup::Error::from)
             .and_then(|vm| {
-                hv.with_vm(&vm, |h| {
-                    backup::backup(h, &repo, &cfg.state_dir, &state, &opts, &show)
+                vmbackup::retry::retry_busy(retry_lock, vmbackup::Error::is_busy, || {
+                    hv.with_vm(&vm, |h| {
+                        backup::backup(h, &repo, &cfg.state_dir, &state, &opts, &show)
+                    })
                 })
             });
         match &result {
@@ -596,6 +600,7 @@ fn cmd_instant_restore(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn cmd_restore(
     cfg: &Config,
     id: &str,
@@ -603,6 +608,8 @@ fn cmd_restore(
     as_name: Option<&str>,
     new_macs: bool,
     instant: Option<&vmbackup::instant::ServeCommand>,
+    force: bool,
+    retry_lock: Option<Duration>,
 ) -> anyhow::Result<Output> {
     let opts = vmbackup::restore::Options {
         power_off,
@@ -610,15 +617,21 @@ fn cmd_restore(
         threads: cfg.backup.threads,
         as_name: as_name.map(str::to_string),
         new_macs,
+        force,
     };
+    let busy = |e: &anyhow::Error| exit_code_of(e) == exit::BUSY;
     if let Some(serve) = instant {
-        return cmd_instant_restore(cfg, id, &opts, serve);
+        return vmbackup::retry::retry_busy(retry_lock, busy, || {
+            cmd_instant_restore(cfg, id, &opts, serve)
+        });
     }
     let lv = Libvirt::open(&cfg.connect)?;
     let repo = open_repo(cfg)?;
     let progress = Progress::new();
-    let r = vmbackup::restore::restore(&lv, &repo, &cfg.state_dir, id, &opts, &|l, d, t| {
-        progress.show(l, d, t)
+    let r = vmbackup::retry::retry_busy(retry_lock, vmbackup::Error::is_busy, || {
+        vmbackup::restore::restore(&lv, &repo, &cfg.state_dir, id, &opts, &|l, d, t| {
+            progress.show(l, d, t)
+        })
     })?;
     let mut text = format!(
         "restored {} onto {} ({}); it is powered off\n",
@@ -1042,7 +1055,7 @@ fn cmd_sync(
     })
 }
 
-fn cmd_gc(cfg: &Config, dry_run: bool) -> anyhow::Result<Output> {
+fn cmd_gc(cfg: &Config, dry_run: bool, retry_lock: Option<Duration>) -> anyhow::Result<Output> {
     let repo = open_repo(cfg)?;
     if dry_run {
         let c = repo.gc_dry_run().map_err(vmbackup::Error::from)?;
@@ -1057,8 +1070,13 @@ fn cmd_gc(cfg: &Config, dry_run: bool) -> anyhow::Result<Output> {
             code: exit::OK,
         });
     }
-    match repo.gc().map_err(vmbackup::Error::from)? {
-        Some(c) => Ok(Output {
+    let gc = || match repo.try_gc() {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(holders)) => Err(vmbackup::Error::RepoLocked { holders }),
+        Err(e) => Err(vmbackup::Error::from(e)),
+    };
+    match vmbackup::retry::retry_busy(retry_lock, vmbackup::Error::is_busy, gc) {
+        Ok(c) => Ok(Output {
             text: format!(
                 "removed {} chunks ({}), kept {}\n",
                 c.removed_chunks,
@@ -1068,7 +1086,7 @@ fn cmd_gc(cfg: &Config, dry_run: bool) -> anyhow::Result<Output> {
             json: json!({"ok": true, "gc": c}),
             code: exit::OK,
         }),
-        None => Err(vmbackup::Error::Busy("a backup is writing to the repository".into()).into()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -1187,6 +1205,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
     let mut cfg = Config::resolve(cli.global.overrides(), file)?;
     // This binary guards the plain QEMU guests it freezes (see thaw_guard).
     cfg.backup.thaw_guard = std::env::current_exe().ok();
+    vmbackup::locks::set_job(cli.command.job());
     match &cli.command {
         C::Init { encrypt } => cmd_init(&cfg, *encrypt),
         C::Check { domains } => cmd_check(&cfg, domains),
@@ -1194,7 +1213,8 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             domains,
             quiesce,
             full,
-        } => cmd_backup(&cfg, domains, *quiesce, *full),
+            retry_lock,
+        } => cmd_backup(&cfg, domains, *quiesce, *full, *retry_lock),
         C::List { domain } => cmd_list(&cfg, domain.as_deref()),
         C::Show { id } => cmd_show(&cfg, id).with_context(|| format!("show {id}")),
         C::Restore {
@@ -1202,7 +1222,29 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             as_name,
             power_off,
             new_macs,
+            instant: _,
+            force,
+            dry_run: true,
+            retry_lock,
+        } => cli_restore::cmd_restore_dry_run(
+            &cfg,
+            id,
+            *power_off,
+            as_name.as_deref(),
+            *new_macs,
+            *force,
+            *retry_lock,
+        )
+        .with_context(|| format!("restore {id}")),
+        C::Restore {
+            id,
+            as_name,
+            power_off,
+            new_macs,
             instant,
+            force,
+            dry_run: false,
+            retry_lock,
         } => {
             let vm = as_name.clone().or_else(|| {
                 open_repo(&cfg)
@@ -1219,6 +1261,8 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
                 as_name.as_deref(),
                 *new_macs,
                 serve.as_ref(),
+                *force,
+                *retry_lock,
             )
             .with_context(|| format!("restore {id}"));
             job.finish_result(&r, Some(id));
@@ -1280,7 +1324,10 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             dry_run,
         } => cmd_delete(&cfg, ids, *force, *dry_run),
         C::Verify { ids, metadata } => cmd_verify(&cfg, ids, *metadata),
-        C::Gc { dry_run } => cmd_gc(&cfg, *dry_run),
+        C::Gc {
+            dry_run,
+            retry_lock,
+        } => cmd_gc(&cfg, *dry_run, *retry_lock),
         // Answered before the configuration is read.
         C::Completions { shell } => cli_docs::cmd_completions(*shell),
         C::Man { dir } => cli_docs::cmd_man(dir.as_deref()),
@@ -1301,7 +1348,14 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             vm.as_deref(),
             since.as_deref(),
         ),
-        C::Prune { dry_run } => cli_schedule::cmd_prune(&cfg, *dry_run),
+        C::Prune {
+            dry_run,
+            retry_lock,
+        } => vmbackup::retry::retry_busy(
+            *retry_lock,
+            |e: &anyhow::Error| exit_code_of(e) == exit::BUSY,
+            || cli_schedule::cmd_prune(&cfg, *dry_run),
+        ),
         C::Recover { domains } => cmd_recover(&cfg, domains, &serve_command(&cli.global)),
         C::ThawGuard { .. } => unreachable!("handled before the configuration is read"),
         C::Schedule(c) => cli_schedule::cmd_schedule(&cfg, c),
