@@ -126,7 +126,7 @@ impl Error {
     /// or the first of the repository's (`RepoLocked` has them all).
     pub fn holder(&self) -> Option<&crate::locks::Holder> {
         match self {
-            Error::Lock(LockError::Busy { holder, .. }) => holder.as_ref(),
+            Error::Lock(LockError::Busy { holder, .. }) => holder.as_deref(),
             Error::RepoLocked { holders } => holders.first(),
             _ => None,
         }

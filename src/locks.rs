@@ -17,11 +17,11 @@ use crate::vm_ref::VmRef;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    #[error("busy: VM {vm} is locked by {}", holder_words(.holder.as_ref()))]
+    #[error("busy: VM {vm} is locked by {}", holder_words(.holder.as_deref()))]
     Busy {
         vm: String,
-        /// Who holds it, when the lock file says so.
-        holder: Option<Holder>,
+        /// Who holds it, when the lock file says so (boxed: errors stay small).
+        holder: Option<Box<Holder>>,
     },
     #[error("cannot take the lock {}", path.display())]
     Io {
@@ -98,7 +98,7 @@ pub fn lock_vm(state_dir: &Path, vm: &VmRef) -> Result<VmLock, LockError> {
         }
         Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => Err(LockError::Busy {
             vm: vm.to_string(),
-            holder: read_holder(&mut file),
+            holder: read_holder(&mut file).map(Box::new),
         }),
         Err((_, e)) => Err(io(&path, std::io::Error::from_raw_os_error(e as i32))),
     }
