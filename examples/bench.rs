@@ -280,7 +280,7 @@ fn bench_restore(
     let mut t_s3 = Vec::new();
     let (mut rss_vmb, mut rss_vnr) = (0u64, 0u64);
     for round in 1..=rounds {
-        let args = common(&["restore", &id]);
+        let args = common(&["restore", &id, "--force"]);
         let m = measure_args(vmbackup, &args)?;
         eprintln!(
             "bench: round {round}: vmbackup restore {:.2}s, rss {} MiB",
@@ -289,7 +289,7 @@ fn bench_restore(
         );
         t_vmb.push(m.secs);
         rss_vmb = rss_vmb.max(m.max_rss_kib);
-        let args = s3_common(&["restore", &s3_id]);
+        let args = s3_common(&["restore", &s3_id, "--force"]);
         let m = measure_args(vmbackup, &args)?;
         eprintln!(
             "bench: round {round}: vmbackup restore from Garage {:.2}s",
@@ -429,7 +429,7 @@ fn bench_blockdev(
         let _ = server.wait();
         std::fs::remove_dir_all(&out_dir)?;
         t_serve.push(served);
-        let args = common(&["restore", &id]);
+        let args = common(&["restore", &id, "--force"]);
         let m = measure_args(vmbackup, &args)?;
         eprintln!(
             "bench: round {round}: read through serve {served:.2}s; restore {:.2}s",
@@ -438,7 +438,7 @@ fn bench_blockdev(
         t_restore.push(m.secs);
         // Instant restore of the shut-off VM: the guest agent's first answer, polled from the
         // command's start, and the command's end (the disks local, the server gone).
-        let args = common(&["restore", &id, "--instant"]);
+        let args = common(&["restore", &id, "--force", "--instant"]);
         // SAFETY: sync(2) takes no arguments and cannot fail.
         unsafe { libc::sync() };
         let t = Instant::now();

@@ -143,7 +143,7 @@ fn main() -> anyhow::Result<()> {
     );
 
     println!("== vmbackup restore onto the original VM (shut down first; left powered off)");
-    cli(&["restore", &m.id, "--power-off"])?;
+    cli(&["restore", &m.id, "--force", "--power-off"])?;
     anyhow::ensure!(!vm.dom().is_active()?, "the restored VM is running");
     println!("   {} is powered off; starting it", vm.name());
     vm.dom().start()?;

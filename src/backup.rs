@@ -400,8 +400,8 @@ fn run_phases(
         return Err(Error::Refused(Box::new(report)));
     }
     let repo_lock = repo
-        .lock_for_backup()?
-        .ok_or_else(|| Error::Busy("a gc of the repository is running".into()))?;
+        .try_lock_for_backup(&vm_ref.to_string())?
+        .map_err(|holders| Error::RepoLocked { holders })?;
     check_interrupted()?;
     let work: Vec<Work> = report
         .disks

@@ -136,6 +136,10 @@ pub enum Command {
         /// for `list --tag` and `prune --vm NAME --tag TAG`
         #[arg(long = "tag", value_name = "TAG")]
         tags: Vec<String>,
+        /// When the VM or the repository is locked by another job, try again until DURATION
+        /// (30s, 5m, 1h) has passed instead of exiting 4 at once
+        #[arg(long, value_name = "DURATION", value_parser = vmbackup::retry::parse_duration)]
+        retry_lock: Option<std::time::Duration>,
     },
     /// List backup images
     List {
@@ -161,6 +165,17 @@ pub enum Command {
         /// place while it runs; the VM is left running on its own images
         #[arg(long)]
         instant: bool,
+        /// Replace the VM's definition and disks when it exists (refused otherwise, exit 3)
+        #[arg(long)]
+        force: bool,
+        /// Run every check and say which disks and definition would be created or replaced;
+        /// change nothing
+        #[arg(long, conflicts_with = "instant")]
+        dry_run: bool,
+        /// When the VM or the repository is locked by another job, try again until DURATION
+        /// (30s, 5m, 1h) has passed instead of exiting 4 at once
+        #[arg(long, value_name = "DURATION", value_parser = vmbackup::retry::parse_duration)]
+        retry_lock: Option<std::time::Duration>,
     },
     /// Delete backups (their chunks are freed by gc)
     Delete {
@@ -244,12 +259,19 @@ pub enum Command {
         dry_run: bool,
         #[command(flatten)]
         vm: crate::cli_find::PruneArgs,
+        /// Accepted for one scheduler line for all: prune takes no lock, it never waits
+        #[arg(long, value_name = "DURATION", value_parser = vmbackup::retry::parse_duration)]
+        retry_lock: Option<std::time::Duration>,
     },
     /// Remove chunks that no backup references
     Gc {
         /// Only say how many chunks and bytes would be removed (takes no lock)
         #[arg(long)]
         dry_run: bool,
+        /// While backups hold the repository, try again until DURATION (30s, 5m, 1h) has
+        /// passed instead of exiting 4 at once
+        #[arg(long, value_name = "DURATION", value_parser = vmbackup::retry::parse_duration)]
+        retry_lock: Option<std::time::Duration>,
     },
     /// Print a shell completion script: `vmbackup completions bash >
     /// /usr/share/bash-completion/completions/vmbackup`
@@ -351,6 +373,25 @@ pub enum Command {
         #[arg(long, default_value_t = 10)]
         timeout: u64,
     },
+}
+
+impl Command {
+    /// The job this command's locks record (see `vmbackup::locks::set_job`).
+    pub fn job(&self) -> &'static str {
+        match self {
+            Command::Backup { .. } => "backup",
+            Command::Restore { .. } => "restore",
+            Command::Gc { .. } => "gc",
+            Command::Prune { .. } => "prune",
+            Command::RunDue { .. } => "run-due",
+            Command::Recover { .. } => "recover",
+            Command::Sync { .. } => "sync",
+            Command::Serve { .. } => "serve",
+            Command::BootTest { .. } => "boot-test",
+            Command::Delete { .. } => "delete",
+            _ => "vmbackup",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

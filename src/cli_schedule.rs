@@ -439,7 +439,8 @@ pub fn cmd_run_due(cfg: &Config, now: Option<&str>, dry_run: bool) -> anyhow::Re
         }
     }
     if r.jobs.is_empty() {
-        text.push_str(&format!("nothing due at {}\n", r.now));
+        // Silence for a timer that calls every minute: said at debug level only.
+        tracing::debug!("nothing due at {}", r.now);
     }
     for e in &r.report_errors {
         text.push_str(&format!("report not sent: {e}\n"));

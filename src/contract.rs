@@ -32,6 +32,25 @@ pub struct ErrorDoc {
     /// A pre-flight refusal's figures: every check, with what was found and the limit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preflight: Option<Box<crate::preflight::Report>>,
+    /// Busy: who holds the lock (the VM's, or each holder of the repository's).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<crate::locks::Holder>,
+}
+
+/// The lock holders an error names.
+fn holders_of(e: &(dyn std::error::Error + 'static)) -> Option<Vec<crate::locks::Holder>> {
+    if let Some(e) = e.downcast_ref::<Error>() {
+        return match e {
+            Error::RepoLocked { holders } => Some(holders.clone()),
+            e => e.holder().map(|h| vec![h.clone()]),
+        };
+    }
+    match e.downcast_ref::<crate::locks::LockError>() {
+        Some(crate::locks::LockError::Busy {
+            holder: Some(h), ..
+        }) => Some(vec![(**h).clone()]),
+        _ => None,
+    }
 }
 
 impl ErrorDoc {
@@ -45,6 +64,7 @@ impl ErrorDoc {
                 Error::Refused(r) => Some(r.clone()),
                 _ => None,
             },
+            holders: holders_of(e).unwrap_or_default(),
         }
     }
 
@@ -62,6 +82,11 @@ impl ErrorDoc {
                 Some(Error::Refused(r)) => Some(r.clone()),
                 _ => None,
             });
+        let holders = chain
+            .clone()
+            .into_iter()
+            .find_map(holders_of)
+            .unwrap_or_default();
         let known = crate::error::kind_in(chain);
         let kind = if crate::error::kind_of_code(exit_code, false) == Kind::Invalid
             && known == Kind::NotFound
@@ -75,6 +100,7 @@ impl ErrorDoc {
             message,
             exit_code,
             preflight,
+            holders,
         }
     }
 
@@ -85,6 +111,7 @@ impl ErrorDoc {
             message: message.into(),
             exit_code: exit::FAILED,
             preflight: None,
+            holders: Vec::new(),
         }
     }
 
@@ -95,6 +122,7 @@ impl ErrorDoc {
             message: message.into(),
             exit_code: exit::BAD_INPUT,
             preflight: None,
+            holders: Vec::new(),
         }
     }
 }
@@ -279,11 +307,16 @@ pub struct ShowBody {
 pub enum Restore {
     Instant(crate::instant::InstantRestored),
     Plain(crate::restore::Restored),
+    /// `--dry-run`: what it would do.
+    Plan(crate::restore::RestorePlan),
 }
 
 /// `restore`.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct RestoreBody {
+    /// Only `--dry-run`: nothing was changed, `restore` is the plan.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
     pub restore: Restore,
 }
 

@@ -54,6 +54,13 @@ pub enum Error {
     RefusedState(String),
     #[error("busy: {0}")]
     Busy(String),
+    /// The repository is locked by other jobs (a gc against backups, backups against a gc),
+    /// on this host or another: exit 4.
+    #[error("busy: the repository is locked by {}", holders_words(.holders))]
+    RepoLocked {
+        /// Who holds the locks in the way (empty when none of them could be read).
+        holders: Vec<crate::locks::Holder>,
+    },
     #[error(transparent)]
     Lock(#[from] LockError),
     #[error("interrupted")]
@@ -107,7 +114,9 @@ impl Error {
             | Error::Invalid(_)
             | Error::NotFound(_) => exit::BAD_INPUT,
             Error::Refused(_) | Error::RefusedState(_) => exit::REFUSED,
-            Error::Busy(_) | Error::Mount(MountError::Busy { .. }) => exit::BUSY,
+            Error::Busy(_) | Error::RepoLocked { .. } | Error::Mount(MountError::Busy { .. }) => {
+                exit::BUSY
+            }
             Error::Interrupted => crate::interrupt::exit_code(),
             _ => exit::FAILED,
         }
@@ -123,12 +132,30 @@ impl Error {
         self.exit_code() == exit::BUSY
     }
 
+    /// Who holds the lock that made this error busy, when it is known: the VM lock's holder,
+    /// or the first of the repository's (`RepoLocked` has them all).
+    pub fn holder(&self) -> Option<&crate::locks::Holder> {
+        match self {
+            Error::Lock(LockError::Busy { holder, .. }) => holder.as_deref(),
+            Error::RepoLocked { holders } => holders.first(),
+            _ => None,
+        }
+    }
+
     pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             what,
             path: path.into(),
             source,
         }
+    }
+}
+
+fn holders_words(holders: &[crate::locks::Holder]) -> String {
+    match holders {
+        [] => "another job (its lock cannot be read)".into(),
+        [h] => h.describe(),
+        [h, rest @ ..] => format!("{} and {} more", h.describe(), rest.len()),
     }
 }
 
@@ -178,7 +205,7 @@ fn image_code(e: &ImageError) -> i32 {
 
 fn lock_code(e: &LockError) -> i32 {
     match e {
-        LockError::Busy(_) => exit::BUSY,
+        LockError::Busy { .. } => exit::BUSY,
         LockError::Io { .. } => exit::FAILED,
     }
 }
@@ -302,7 +329,10 @@ mod tests {
         assert_eq!(exit_code_in(chain), exit::REFUSED);
         let wrapped = Error::from(ScheduleError::SlotFull("full".into()));
         assert_eq!(wrapped.exit_code(), exit::REFUSED);
-        let busy = LockError::Busy("web".into());
+        let busy = LockError::Busy {
+            vm: "web".into(),
+            holder: None,
+        };
         let io = std::io::Error::other("x");
         let chain: [&(dyn std::error::Error + 'static); 2] = [&io, &busy];
         assert_eq!(
@@ -331,7 +361,10 @@ mod tests {
         assert_eq!(Error::RefusedState("pinned".into()).kind(), Kind::Refused);
         assert_eq!(Error::Busy("gc".into()).kind(), Kind::Busy);
         assert_eq!(Error::CommitBack("x".into()).kind(), Kind::Failed);
-        let busy = LockError::Busy("web".into());
+        let busy = LockError::Busy {
+            vm: "web".into(),
+            holder: None,
+        };
         assert_eq!(
             kind_in([&busy as &(dyn std::error::Error + 'static)]),
             Kind::Busy

@@ -36,6 +36,7 @@ pub mod qcow2_bitmaps;
 pub mod recover;
 pub mod render;
 pub mod restore;
+pub mod retry;
 pub mod schedule;
 pub mod selector;
 pub mod serve;

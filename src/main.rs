@@ -8,6 +8,7 @@ mod cli_docs;
 mod cli_find;
 mod cli_mount;
 mod cli_report;
+mod cli_restore;
 mod cli_schedule;
 mod cli_show;
 mod cli_term;
@@ -311,6 +312,7 @@ fn cmd_backup(
     quiesce: cli::Quiesce,
     full: bool,
     tags: &[String],
+    retry_lock: Option<Duration>,
 ) -> anyhow::Result<Output> {
     for t in tags {
         vmbackup::selector::check_tag(t)?;
@@ -339,8 +341,10 @@ fn cmd_backup(
         let named = vm.as_ref().map(|v| v.to_string()).ok();
         let job = JobRecord::start(cfg, "backup", Some(named.as_deref().unwrap_or(name)));
         let result = vm.and_then(|vm| {
-            hv.with_vm(&vm, |h| {
-                backup::backup(h, &repo, &cfg.state_dir, &state, &opts, &show)
+            vmbackup::retry::retry_busy(retry_lock, vmbackup::Error::is_busy, || {
+                hv.with_vm(&vm, |h| {
+                    backup::backup(h, &repo, &cfg.state_dir, &state, &opts, &show)
+                })
             })
         });
         match &result {
@@ -518,12 +522,14 @@ fn cmd_instant_restore(
     Ok(Output {
         text,
         json: body(contract::RestoreBody {
+            dry_run: false,
             restore: contract::Restore::Instant(r),
         }),
         code: exit::OK,
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn cmd_restore(
     cfg: &Config,
     id: &str,
@@ -531,6 +537,8 @@ fn cmd_restore(
     as_name: Option<&str>,
     new_macs: bool,
     instant: Option<&vmbackup::instant::ServeCommand>,
+    force: bool,
+    retry_lock: Option<Duration>,
 ) -> anyhow::Result<Output> {
     let opts = vmbackup::restore::Options {
         power_off,
@@ -538,15 +546,21 @@ fn cmd_restore(
         threads: cfg.backup.threads,
         as_name: as_name.map(str::to_string),
         new_macs,
+        force,
     };
+    let busy = |e: &anyhow::Error| exit_code_of(e) == exit::BUSY;
     if let Some(serve) = instant {
-        return cmd_instant_restore(cfg, id, &opts, serve);
+        return vmbackup::retry::retry_busy(retry_lock, busy, || {
+            cmd_instant_restore(cfg, id, &opts, serve)
+        });
     }
     let lv = Libvirt::open(&cfg.connect)?;
     let repo = open_repo(cfg)?;
     let progress = Progress::new();
-    let r = vmbackup::restore::restore(&lv, &repo, &cfg.state_dir, id, &opts, &|l, d, t| {
-        progress.show(l, d, t)
+    let r = vmbackup::retry::retry_busy(retry_lock, vmbackup::Error::is_busy, || {
+        vmbackup::restore::restore(&lv, &repo, &cfg.state_dir, id, &opts, &|l, d, t| {
+            progress.show(l, d, t)
+        })
     })?;
     let mut text = format!(
         "restored {} onto {} ({}); it is powered off\n",
@@ -566,6 +580,7 @@ fn cmd_restore(
     Ok(Output {
         text,
         json: body(contract::RestoreBody {
+            dry_run: false,
             restore: contract::Restore::Plain(r),
         }),
         code: exit::OK,
@@ -1001,7 +1016,7 @@ fn cmd_sync(
     })
 }
 
-fn cmd_gc(cfg: &Config, dry_run: bool) -> anyhow::Result<Output> {
+fn cmd_gc(cfg: &Config, dry_run: bool, retry_lock: Option<Duration>) -> anyhow::Result<Output> {
     let repo = open_repo(cfg)?;
     if dry_run {
         let c = repo.gc_dry_run().map_err(vmbackup::Error::from)?;
@@ -1020,11 +1035,13 @@ fn cmd_gc(cfg: &Config, dry_run: bool) -> anyhow::Result<Output> {
         });
     }
     let progress = Progress::new();
-    match repo
-        .gc_with(&mut |d, t| progress.show("gc", d, t))
-        .map_err(vmbackup::Error::from)?
-    {
-        Some(c) => Ok(Output {
+    let gc = || match repo.try_gc_with(&mut |d, t| progress.show("gc", d, t)) {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(holders)) => Err(vmbackup::Error::RepoLocked { holders }),
+        Err(e) => Err(vmbackup::Error::from(e)),
+    };
+    match vmbackup::retry::retry_busy(retry_lock, vmbackup::Error::is_busy, gc) {
+        Ok(c) => Ok(Output {
             text: format!(
                 "removed {} chunks ({}), kept {}\n",
                 c.removed_chunks,
@@ -1037,7 +1054,7 @@ fn cmd_gc(cfg: &Config, dry_run: bool) -> anyhow::Result<Output> {
             }),
             code: exit::OK,
         }),
-        None => Err(vmbackup::Error::Busy("a backup is writing to the repository".into()).into()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -1157,6 +1174,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
     tracing::debug!(repo = %cfg.repo, state_dir = %cfg.state_dir.display(), connect = %cfg.connect, "settings");
     // This binary guards the plain QEMU guests it freezes (see thaw_guard).
     cfg.backup.thaw_guard = std::env::current_exe().ok();
+    vmbackup::locks::set_job(cli.command.job());
     match &cli.command {
         C::Init { encrypt } => cmd_init(&cfg, *encrypt),
         C::Check { domains } => cmd_check(&cfg, domains),
@@ -1165,7 +1183,8 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             quiesce,
             full,
             tags,
-        } => cmd_backup(&cfg, domains, *quiesce, *full, tags),
+            retry_lock,
+        } => cmd_backup(&cfg, domains, *quiesce, *full, tags, *retry_lock),
         C::List { domain, filter } => cli_find::cmd_list(&cfg, domain.as_deref(), filter),
         C::Show { id } => {
             let id = &cli_find::resolve_id(&cfg, id)?;
@@ -1176,7 +1195,29 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             as_name,
             power_off,
             new_macs,
+            instant: _,
+            force,
+            dry_run: true,
+            retry_lock,
+        } => cli_restore::cmd_restore_dry_run(
+            &cfg,
+            &cli_find::resolve_id(&cfg, id)?,
+            *power_off,
+            as_name.as_deref(),
+            *new_macs,
+            *force,
+            *retry_lock,
+        )
+        .with_context(|| format!("restore {id}")),
+        C::Restore {
+            id,
+            as_name,
+            power_off,
+            new_macs,
             instant,
+            force,
+            dry_run: false,
+            retry_lock,
         } => {
             let id = &cli_find::resolve_id(&cfg, id)?;
             let vm = as_name.clone().or_else(|| {
@@ -1194,6 +1235,8 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
                 as_name.as_deref(),
                 *new_macs,
                 serve.as_ref(),
+                *force,
+                *retry_lock,
             )
             .with_context(|| format!("restore {id}"));
             job.finish_result(&r, Some(id));
@@ -1267,7 +1310,10 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
         C::Verify { ids, metadata } => {
             cmd_verify(&cfg, &cli_find::resolve_ids(&cfg, ids)?, *metadata)
         }
-        C::Gc { dry_run } => cmd_gc(&cfg, *dry_run),
+        C::Gc {
+            dry_run,
+            retry_lock,
+        } => cmd_gc(&cfg, *dry_run, *retry_lock),
         // Answered before the configuration is read.
         C::Completions { shell } => cli_docs::cmd_completions(*shell),
         C::Man { dir } => cli_docs::cmd_man(dir.as_deref()),
@@ -1288,7 +1334,15 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             vm.as_deref(),
             since.as_deref(),
         ),
-        C::Prune { dry_run, vm } => cli_schedule::cmd_prune(&cfg, *dry_run, vm),
+        C::Prune {
+            dry_run,
+            vm,
+            retry_lock,
+        } => vmbackup::retry::retry_busy(
+            *retry_lock,
+            |e: &anyhow::Error| exit_code_of(e) == exit::BUSY,
+            || cli_schedule::cmd_prune(&cfg, *dry_run, vm),
+        ),
         C::Recover { domains } => cmd_recover(&cfg, domains, &serve_command(&cli.global)),
         C::ThawGuard { .. } => unreachable!("handled before the configuration is read"),
         C::Schedule(c) => cli_schedule::cmd_schedule(&cfg, c),

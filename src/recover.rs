@@ -147,7 +147,7 @@ pub fn recover(
     for vm in vms {
         let _lock = match lock_vm(state_dir, &vm) {
             Ok(l) => l,
-            Err(LockError::Busy(_)) => {
+            Err(LockError::Busy { .. }) => {
                 r.busy.push(vm.to_string());
                 continue;
             }

@@ -47,6 +47,36 @@ pub struct Options {
     pub as_name: Option<String>,
     /// With `as_name`: give the vNICs new MACs when another VM uses the recorded ones.
     pub new_macs: bool,
+    /// Replace an existing VM (its definition and disks): refused (exit 3) without it.
+    pub force: bool,
+}
+
+/// What a restore would do (`dry_run`): every check passed, nothing changed.
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+pub struct RestorePlan {
+    pub id: String,
+    pub vm: String,
+    /// A VM of that name is defined: its definition would be replaced (else: created).
+    pub replaces_definition: bool,
+    /// The VM runs and would be shut down first (`--power-off`).
+    pub powers_off: bool,
+    pub disks: Vec<PlannedDisk>,
+    /// The NVRAM and TPM state that would be put back, and where.
+    pub state: Vec<String>,
+}
+
+/// One disk a restore would write.
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+pub struct PlannedDisk {
+    pub target: String,
+    pub path: String,
+    pub format: String,
+    /// The disk's virtual size.
+    pub size_bytes: u64,
+    /// The bytes of data written (the chunks that are not zero).
+    pub data_bytes: u64,
+    /// An image is at `path` already and would be replaced (else: created).
+    pub replaces: bool,
 }
 
 #[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
@@ -557,6 +587,27 @@ pub fn restore(
     restore_with(lv, repo, state_dir, id, opts, progress, None).map(|(r, _, _)| r)
 }
 
+/// Runs every check of `restore` (the backup's manifest, domain XML and indexes read; the
+/// VM's lock, taken and let go; its state; names, MACs, addresses; free space; `--force`)
+/// and says what it would create or replace. Changes nothing; the same errors as `restore`.
+pub fn dry_run(
+    lv: &Libvirt,
+    repo: &Repository,
+    state_dir: &Path,
+    id: &str,
+    opts: &Options,
+) -> Result<RestorePlan> {
+    match run(lv, repo, state_dir, id, opts, &|_, _, _| {}, None, true)? {
+        Ran::Planned(p) => Ok(p),
+        Ran::Done(..) => unreachable!("a dry run restores nothing"),
+    }
+}
+
+enum Ran {
+    Done(Restored, crate::locks::VmLock, Dom),
+    Planned(RestorePlan),
+}
+
 /// One disk an instant restore gives the VM: its target, the image it ends in, the image's
 /// format.
 #[derive(Debug, Clone)]
@@ -586,8 +637,25 @@ pub(crate) fn restore_with(
     id: &str,
     opts: &Options,
     progress: &(dyn Fn(&str, u64, u64) + Sync),
-    mut instant: Option<&mut dyn InstantHooks>,
+    instant: Option<&mut dyn InstantHooks>,
 ) -> Result<(Restored, crate::locks::VmLock, Dom)> {
+    match run(lv, repo, state_dir, id, opts, progress, instant, false)? {
+        Ran::Done(r, lock, dom) => Ok((r, lock, dom)),
+        Ran::Planned(_) => unreachable!("a restore is no dry run"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    lv: &Libvirt,
+    repo: &Repository,
+    state_dir: &Path,
+    id: &str,
+    opts: &Options,
+    progress: &(dyn Fn(&str, u64, u64) + Sync),
+    mut instant: Option<&mut dyn InstantHooks>,
+    dry_run: bool,
+) -> Result<Ran> {
     let started = Instant::now();
     let m = repo.load(id)?;
     // A plain QEMU backup keeps no domain XML (its description is QEMU's block graph): it
@@ -723,6 +791,12 @@ pub(crate) fn restore_with(
             format!("IP address conflict: {}", list.join(", ")),
         ));
     }
+    // The indexes are read now: a backup whose index cannot be read changes nothing, and
+    // they give the space the disks need.
+    let mut indexes = Vec::new();
+    for d in &m.disks {
+        indexes.push(DiskIndex::decode(&repo.store().get(&d.index_object)?)?);
+    }
     let (reservations, reserved_elsewhere) = if macs_replaced {
         // New MACs are made by libvirt at define time: nothing to reserve for the old ones.
         (Vec::new(), Vec::new())
@@ -739,6 +813,37 @@ pub(crate) fn restore_with(
             ),
         ));
     }
+    let disks: Vec<PlannedDisk> = m
+        .disks
+        .iter()
+        .zip(&targets)
+        .zip(&indexes)
+        .map(|((d, t), index)| PlannedDisk {
+            target: d.target.clone(),
+            path: t.display().to_string(),
+            format: d.format.clone(),
+            size_bytes: index.virtual_size,
+            data_bytes: index.data_bytes(),
+            replaces: t.exists(),
+        })
+        .collect();
+    check_force(&name, dom.is_some(), &disks, opts.force)?;
+    check_space(&name, &disks, instant.is_some())?;
+    if dry_run {
+        let powers_off = match &dom {
+            Some(d) => d.state()? != PowerState::ShutOff,
+            None => false,
+        };
+        drop(lock);
+        return Ok(Ran::Planned(RestorePlan {
+            id: id.to_string(),
+            vm: name,
+            replaces_definition: dom.is_some(),
+            powers_off,
+            disks,
+            state: plan.report,
+        }));
+    }
 
     // Every disk into a temporary file beside its image; chunks are checked while read.
     // Recorded first, so that `recover` finds them if this process is killed.
@@ -752,14 +857,13 @@ pub(crate) fn restore_with(
     let _in_flight = InFlight::begin(state_dir, dirs)?;
     let mut temps = Temps(Vec::new());
     let mut moves: Vec<(PathBuf, PathBuf)> = Vec::new();
-    for (d, target) in m.disks.iter().zip(&targets) {
+    for ((d, target), index) in m.disks.iter().zip(&targets).zip(indexes) {
         let target = target.clone();
         let dir = target
             .parent()
             .ok_or_else(|| Error::Invalid(format!("{} has no folder", d.source)))?
             .to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("create folder", &dir, e))?;
-        let index = DiskIndex::decode(&repo.store().get(&d.index_object)?)?;
         if instant.is_some() {
             // An empty image of the disk's size and format: the block copy fills it.
             let e = dir.join(format!(
@@ -938,7 +1042,82 @@ pub(crate) fn restore_with(
         warnings,
         state: plan.report,
     };
-    Ok((restored, lock, defined))
+    Ok(Ran::Done(restored, lock, defined))
+}
+
+/// A restore that would replace a VM's definition or an image that is there needs `force`:
+/// refused otherwise (exit 3), naming what it would replace.
+fn check_force(name: &str, defined: bool, disks: &[PlannedDisk], force: bool) -> Result<()> {
+    let replaced: Vec<String> = disks
+        .iter()
+        .filter(|d| d.replaces)
+        .map(|d| format!("{} ({})", d.path, d.target))
+        .collect();
+    if force || (!defined && replaced.is_empty()) {
+        return Ok(());
+    }
+    let what = match (defined, replaced.is_empty()) {
+        (true, true) => format!("the definition of VM {name}"),
+        (true, false) => format!(
+            "the definition of VM {name} and its disks {}",
+            replaced.join(", ")
+        ),
+        (false, _) => format!("the disk images {}", replaced.join(", ")),
+    };
+    Err(refuse(
+        name,
+        "force",
+        format!(
+            "the restore would replace {what}: give --force to replace them (--dry-run shows \
+             what a restore would do; --as NEW_NAME restores beside the VM)"
+        ),
+    ))
+}
+
+/// The restored images are written beside the images they replace, which stay until all are
+/// in place: each file system needs room for the disks' data (twice for a disk converted
+/// from raw), else refused (exit 3) before anything is written.
+fn check_space(name: &str, disks: &[PlannedDisk], instant: bool) -> Result<()> {
+    let mut need: Vec<(crate::preflight::Space, u64)> = Vec::new();
+    for d in disks {
+        let dir = Path::new(&d.path).parent().unwrap_or(Path::new("/"));
+        let space = crate::backup::free_space(dir)?;
+        let bytes = match d.format.as_str() {
+            "raw" | "qcow2" => d.data_bytes,
+            _ if instant => d.data_bytes,
+            _ => d.data_bytes.saturating_mul(2),
+        };
+        match need
+            .iter_mut()
+            .find(|(s, _)| s.device.is_some() && s.device == space.device || s.path == space.path)
+        {
+            Some((_, n)) => *n = n.saturating_add(bytes),
+            None => need.push((space, bytes)),
+        }
+    }
+    for (space, bytes) in need {
+        if bytes > space.free_bytes {
+            return Err(Error::Refused(Box::new(Report {
+                vm: name.to_string(),
+                ok: false,
+                checks: vec![Check {
+                    name: "space".into(),
+                    ok: false,
+                    found: bytes,
+                    limit: space.free_bytes,
+                    message: format!(
+                        "the restored disks need {} MiB in {}, {} MiB are free",
+                        bytes.div_ceil(1 << 20),
+                        space.path,
+                        space.free_bytes >> 20
+                    ),
+                }],
+                skipped_disks: vec![],
+                disks: vec![],
+            })));
+        }
+    }
+    Ok(())
 }
 
 /// Where the NVRAM and TPM state of a backup go, and which folders they need.

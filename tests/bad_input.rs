@@ -176,7 +176,7 @@ fn odd_image_paths_round_trip_through_backup_and_restore() {
             &["-f", fmt.as_str(), "-c", "write -P 0x55 0 2M", path_str(p)],
         );
     }
-    let r = vmbackup(&place, &["restore", &id]);
+    let r = vmbackup(&place, &["restore", &id, "--force"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     for ((p, c), (_, _, fmt)) in vm.disk_paths().iter().zip(&copies).zip(&names) {
         run_ok(
@@ -406,10 +406,16 @@ fn restoring_a_plain_qemu_backup_onto_libvirt_is_refused_clearly() {
     let lv = vmbackup::hypervisor::libvirt::Libvirt::open("qemu:///system").unwrap();
     let before = files_in(place.dir.path());
     for args in [
-        &["restore", id.as_str()][..],
-        &["restore", id.as_str(), "--power-off"],
+        &["restore", id.as_str(), "--force"][..],
+        &["restore", id.as_str(), "--force", "--power-off"],
         &["restore", id.as_str(), "--as", as_name.as_str()],
-        &["restore", id.as_str(), "--instant", "--power-off"],
+        &[
+            "restore",
+            id.as_str(),
+            "--force",
+            "--instant",
+            "--power-off",
+        ],
     ] {
         let r = vmbackup(&place, args);
         assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);

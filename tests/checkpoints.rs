@@ -378,7 +378,7 @@ fn restore_forgets_vmbackup_checkpoints_and_asks_for_a_full_read() {
     vm.write_file("/mnt/vdb/data", b"changed after the backup")
         .unwrap();
 
-    let r = vmbackup(&place, &["restore", &id, "--power-off"]);
+    let r = vmbackup(&place, &["restore", &id, "--force", "--power-off"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
         r.stderr.contains("other-1"),

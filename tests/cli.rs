@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use serde_json::json;
+use std::path::Path;
 
 #[test]
 fn unknown_vm_invalid_name_and_unknown_backup_are_bad_input() {
@@ -699,4 +700,128 @@ mod terminal {
             assert!(p.stdout.contains(part), "no {part:?} in\n{}", p.stdout);
         }
     }
+}
+
+/// The timer's service is stopped (shutdown, `systemctl stop`) the way vmbackup stops
+/// safely: SIGTERM to vmbackup alone (its helpers live until it is done with them), and time
+/// for a commit back before systemd kills everything.
+#[test]
+fn the_run_due_service_gives_a_stop_time_for_the_commit_back() {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/systemd/vmbackup-run-due.service"),
+    )
+    .unwrap();
+    let service: Vec<(&str, &str)> = unit
+        .split("[Service]")
+        .nth(1)
+        .expect("a [Service] section")
+        .split("\n[")
+        .next()
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim(), v.trim()))
+        .collect();
+    let get = |k: &str| {
+        service
+            .iter()
+            .find(|(key, _)| *key == k)
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("no {k}= in [Service]"))
+    };
+    assert_eq!(get("KillMode"), "mixed");
+    assert_eq!(get("KillSignal"), "SIGTERM");
+    let stop = get("TimeoutStopSec");
+    let minutes: u64 = stop
+        .strip_suffix("min")
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("TimeoutStopSec={stop}: minutes expected"));
+    assert!(minutes >= 10, "TimeoutStopSec={stop}");
+}
+
+#[test]
+fn retry_lock_takes_a_duration_with_its_unit() {
+    let place = Place::new();
+    for args in [
+        &["backup", "vmbt-no-such-vm", "--retry-lock", "30"][..],
+        &["gc", "--retry-lock", "soon"],
+        &["restore", "x", "--retry-lock", "-5s"],
+        &["prune", "--retry-lock"],
+    ] {
+        let r = vmbackup(&place, args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(!place.repo().exists(), "{args:?} created the repository");
+    }
+}
+
+/// A timer calls `run-due` every minute: with nothing due it says nothing (text), while
+/// `--json` still prints its document.
+#[test]
+fn run_due_with_nothing_due_prints_nothing() {
+    let place = Place::new();
+    let out = std::process::Command::new(binary())
+        .arg("--repo")
+        .arg(place.repo())
+        .arg("--state-dir")
+        .arg(place.state())
+        .arg("run-due")
+        .env_remove("VMBACKUP_CONFIG")
+        .env_remove("VMBACKUP_JSON")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+    let r = vmbackup(&place, &["run-due"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json["ok"], json!(true));
+    assert_eq!(r.json["run"]["jobs"], json!([]));
+}
+
+/// A gc while a backup holds the repository: busy (4), naming the holder; with
+/// `--retry-lock` it waits for the backup to let go, then runs.
+#[test]
+fn gc_names_the_repository_lock_holder_and_waits_with_retry_lock() {
+    use std::time::{Duration, Instant};
+    let place = Place::new();
+    ok(&vmbackup(&place, &["init"]), "init");
+    let repo = vmbackup::repository::Repository::open(&place.repo()).unwrap();
+    vmbackup::locks::set_job("backup");
+    let held = repo.try_lock_for_backup("web").unwrap().expect("taken");
+    let r = vmbackup(&place, &["gc"]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    let err = r.json["error"]["message"].as_str().unwrap();
+    let me = format!("backup of web (pid {} on ", std::process::id());
+    assert!(
+        err.contains("busy: the repository is locked by") && err.contains(&me),
+        "{err}"
+    );
+    // The error document names the holder as fields too.
+    assert_eq!(r.json["error"]["kind"], "busy", "{}", r.json);
+    let h = &r.json["error"]["holders"][0];
+    assert_eq!(
+        (&h["job"], &h["vm"], &h["pid"]),
+        (&json!("backup"), &json!("web"), &json!(std::process::id())),
+        "{}",
+        r.json
+    );
+    // Too short a wait: still busy, after the wait.
+    let started = Instant::now();
+    let r = vmbackup(&place, &["gc", "--retry-lock", "2s"]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        drop(held);
+    });
+    let started = Instant::now();
+    let r = vmbackup(&place, &["gc", "--retry-lock", "20s"]);
+    let took = started.elapsed();
+    release.join().unwrap();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(15),
+        "{took:?}"
+    );
+    assert!(r.stderr.contains("trying again"), "{}", r.stderr);
 }

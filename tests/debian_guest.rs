@@ -171,7 +171,7 @@ fn host(program: &str, args: &[&str]) -> (i32, String) {
 fn restore_and_boot(place: &Place, vm: &mut TestVm, id: &str) -> (f64, f64) {
     vm.dom().destroy().unwrap();
     let t = Instant::now();
-    let r = vmbackup(place, &["restore", id]);
+    let r = vmbackup(place, &["restore", id, "--force"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let restored = t.elapsed().as_secs_f64();
     vm.reconnect().unwrap();

@@ -179,7 +179,7 @@ fn an_encrypted_repository_hides_the_guest_data_and_detects_tampering() {
             vec!["list"],
             vec!["verify"],
             vec!["backup", vm.name()],
-            vec!["restore", &b1, "--power-off"],
+            vec!["restore", &b1, "--force", "--power-off"],
             vec!["delete", &b1],
             vec!["gc"],
             vec!["prune"],
@@ -235,7 +235,7 @@ fn an_encrypted_repository_hides_the_guest_data_and_detects_tampering() {
     vm.write_file("/mnt/vdb/first", b"changed after the backup")
         .unwrap();
     vm.shutdown(Duration::from_secs(60)).unwrap();
-    let r = vmbackup(&place, &["restore", &b2, "--key-file", key_arg]);
+    let r = vmbackup(&place, &["restore", &b2, "--force", "--key-file", key_arg]);
     assert_eq!(r.code, 1, "{}", r.json);
     let err = r.json["error"]["message"].as_str().unwrap();
     assert!(err.contains(&victim_hex) && err.contains(&b2), "{err}");
@@ -251,14 +251,14 @@ fn an_encrypted_repository_hides_the_guest_data_and_detects_tampering() {
     assert!(t.contains(&b1) && t.contains("manifest"), "{t}");
     let l = vmbackup(&place, &["list", "--key-file", key_arg]);
     assert_eq!(l.json["unreadable"][0]["id"], b1.as_str(), "{}", l.json);
-    let r = vmbackup(&place, &["restore", &b1, "--key-file", key_arg]);
+    let r = vmbackup(&place, &["restore", &b1, "--force", "--key-file", key_arg]);
     assert_eq!(r.code, 1, "{}", r.json);
     let err = r.json["error"]["message"].as_str().unwrap();
     assert!(err.contains(&b1) && err.contains("manifest"), "{err}");
     flip(&manifest, 20);
 
     // Restored with the key: the guest reads what it wrote before each backup.
-    let r = vmbackup(&place, &["restore", &b2, "--key-file", key_arg]);
+    let r = vmbackup(&place, &["restore", &b2, "--force", "--key-file", key_arg]);
     assert_eq!(r.code, 0, "{}", r.json);
     vm.dom().start().unwrap();
     vm.wait_agent(Duration::from_secs(180)).unwrap();

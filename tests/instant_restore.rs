@@ -194,7 +194,7 @@ fn an_instant_restore_runs_the_vm_at_once_and_ends_it_on_its_own_images() {
 
     // Bad input: nothing changes.
     let before = vm.dom().inactive_xml().unwrap();
-    let r = vmbackup(&place, &["restore", &id, "--instant"]);
+    let r = vmbackup(&place, &["restore", &id, "--force", "--instant"]);
     assert_eq!(r.code, 3, "running, no --power-off: refused: {}", r.stderr);
     assert!(r.stderr.contains("--power-off"), "{}", r.stderr);
     let r = vmbackup(&place, &["restore", "no-such-backup", "--instant"]);
@@ -206,7 +206,7 @@ fn an_instant_restore_runs_the_vm_at_once_and_ends_it_on_its_own_images() {
     // Plain restore for comparison of the copy time (same backup, same disks).
     let t = Instant::now();
     ok(
-        &vmbackup(&place, &["restore", &id, "--power-off"]),
+        &vmbackup(&place, &["restore", &id, "--force", "--power-off"]),
         "plain restore",
     );
     let plain = t.elapsed();
@@ -217,8 +217,11 @@ fn an_instant_restore_runs_the_vm_at_once_and_ends_it_on_its_own_images() {
     vm.write_file("/mnt/vdb/data", b"changed again").unwrap();
     vm.sh("sync").unwrap();
 
-    let (r, to_agent) =
-        instant_restore_timed(&place, &vm, &["restore", &id, "--instant", "--power-off"]);
+    let (r, to_agent) = instant_restore_timed(
+        &place,
+        &vm,
+        &["restore", &id, "--force", "--instant", "--power-off"],
+    );
     ok(&r, "instant restore");
     let j = &r.json["restore"];
     assert_eq!(j["id"], id.as_str());
@@ -382,7 +385,7 @@ fn an_interrupted_instant_restore_keeps_the_vm_running_and_recover_finishes_it()
     let child = spawn_stopped_at(
         &place,
         "instant-copying",
-        &["restore", &id, "--instant", "--power-off"],
+        &["restore", &id, "--force", "--instant", "--power-off"],
     );
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
@@ -410,7 +413,10 @@ fn an_interrupted_instant_restore_keeps_the_vm_running_and_recover_finishes_it()
     assert_eq!(mode & 0o777, 0o600, "record mode {mode:o}");
     // Another instant restore of the VM, and a backup of it, are refused until it is
     // finished.
-    let r = vmbackup(&place, &["restore", &id, "--instant", "--power-off"]);
+    let r = vmbackup(
+        &place,
+        &["restore", &id, "--force", "--instant", "--power-off"],
+    );
     assert_eq!(r.code, 4, "{}", r.stderr);
     let r = vmbackup(&place, &["backup", vm.name()]);
     assert_eq!(r.code, 4, "{}", r.stderr);
@@ -435,7 +441,7 @@ fn an_interrupted_instant_restore_keeps_the_vm_running_and_recover_finishes_it()
     let child = spawn_stopped_at(
         &place,
         "instant-copying",
-        &["restore", &id, "--instant", "--power-off"],
+        &["restore", &id, "--force", "--instant", "--power-off"],
     );
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();

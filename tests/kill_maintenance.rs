@@ -197,7 +197,7 @@ fn a_restore_killed_half_way_leaves_the_old_state_or_runs_again() {
     kill_at(
         &place,
         "restore-temporaries",
-        &["restore", &id, "--power-off"],
+        &["restore", &id, "--force", "--power-off"],
     );
     let left = left_beside(&vm);
     assert!(
@@ -220,7 +220,7 @@ fn a_restore_killed_half_way_leaves_the_old_state_or_runs_again() {
     kill_at(
         &place,
         "restore-before-define",
-        &["restore", &id, "--power-off"],
+        &["restore", &id, "--force", "--power-off"],
     );
     assert!(!vm.dom().is_active().unwrap());
     assert_eq!(left_beside(&vm).len(), 2, "{:?}", left_beside(&vm));
@@ -234,7 +234,7 @@ fn a_restore_killed_half_way_leaves_the_old_state_or_runs_again() {
     // After the first of two renames: vdb is the backup's, vdc not yet; vdb's old image is
     // kept aside. recover removes it and the other temporary; the restore runs again.
     vm.shutdown(Duration::from_secs(120)).unwrap();
-    kill_at(&place, "restore-renamed-one", &["restore", &id]);
+    kill_at(&place, "restore-renamed-one", &["restore", &id, "--force"]);
     let left = left_beside(&vm);
     assert!(
         left.iter().any(|f| f.contains(".vmbackup-old-")),
@@ -246,7 +246,7 @@ fn a_restore_killed_half_way_leaves_the_old_state_or_runs_again() {
         "{rec}"
     );
     assert_eq!(left_beside(&vm), Vec::<String>::new());
-    let r = vmbackup(&place, &["restore", &id]);
+    let r = vmbackup(&place, &["restore", &id, "--force"]);
     assert_eq!(r.code, 0, "the restore runs again: {}", r.stderr);
     vm.dom().start().unwrap();
     vm.wait_agent(Duration::from_secs(180)).unwrap();

@@ -243,7 +243,7 @@ fn a_missing_domain_xml_or_index_is_reported_by_verify_and_refused_by_restore() 
 
     let before = tree(&place.repo());
     for id in [x, i] {
-        let r = vmbackup(&place, &["restore", id]);
+        let r = vmbackup(&place, &["restore", id, "--force"]);
         assert_eq!(r.code, 1, "{}", r.stderr);
         let msg = r.json["error"].to_string();
         assert!(

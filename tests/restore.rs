@@ -64,7 +64,7 @@ fn restore_brings_back_the_data_vcpus_memory_and_mac_and_leaves_the_vm_off() {
 
     // Running, without --power-off: refused, nothing changed.
     let before = vm.dom().inactive_xml().unwrap();
-    let r = vmbackup(&place, &["restore", &id]);
+    let r = vmbackup(&place, &["restore", &id, "--force"]);
     assert_eq!(r.code, 3, "running, no --power-off: refused: {}", r.stderr);
     assert_eq!(vm.dom().inactive_xml().unwrap(), before);
     assert_eq!(
@@ -72,7 +72,7 @@ fn restore_brings_back_the_data_vcpus_memory_and_mac_and_leaves_the_vm_off() {
         b"changed after the backup"
     );
 
-    let r = vmbackup(&place, &["restore", &id, "--power-off"]);
+    let r = vmbackup(&place, &["restore", &id, "--force", "--power-off"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(!vm.dom().is_active().unwrap(), "the VM was left running");
     let s = spec(&vm);
@@ -88,24 +88,89 @@ fn restore_brings_back_the_data_vcpus_memory_and_mac_and_leaves_the_vm_off() {
     );
 }
 
+/// A restore onto an existing VM needs --force; --dry-run changes nothing; a held VM lock is
+/// busy (4) and named, and --retry-lock waits for it.
 #[test]
-fn restore_is_refused_while_a_backup_of_the_vm_runs() {
+fn restore_needs_force_dry_runs_and_waits_for_a_held_vm_lock() {
     let vm = TestVmBuilder::new("rs-busy")
         .disk("vdb", Format::Qcow2, 64 * MIB)
         .define()
         .unwrap();
     let place = Place::new();
     let id = backup_id(&place, &[vm.name()]);
-    let digest = disk_digest(&vm);
-    // A backup of the VM holds this lock for its whole run.
-    let held = vmbackup::locks::lock_vm(&place.state(), &vm.name().parse().unwrap()).unwrap();
+    let image = vm.disk_paths()[0].clone();
+    let path = image.to_str().unwrap();
+    // A restore puts a new file in place: the inode tells whether one did.
+    let inode = || std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&image).unwrap());
+    let untouched = (disk_digest(&vm), inode(), vm.dom().inactive_xml().unwrap());
+    let unchanged = || {
+        assert!(
+            (disk_digest(&vm), inode(), vm.dom().inactive_xml().unwrap()) == untouched,
+            "the VM changed"
+        )
+    };
+    let vm_ref = vm.name().parse().unwrap();
+
+    // Onto the existing VM, shut off, without --force: refused, naming the disks.
     let r = vmbackup(&place, &["restore", &id]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    let err = r.json["error"]["message"].as_str().unwrap();
+    assert!(
+        err.contains("--force") && err.contains(path) && err.contains(vm.name()),
+        "{err}"
+    );
+    unchanged();
+    // The dry run: every check, the same exit code; with --force, what it would replace.
+    let r = vmbackup(&place, &["restore", &id, "--dry-run"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    let r = vmbackup(&place, &["restore", &id, "--dry-run", "--force"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let plan = &r.json["restore"];
+    assert_eq!(plan["replaces_definition"], true, "{plan}");
+    assert_eq!(plan["powers_off"], false, "{plan}");
+    let disk = &plan["disks"][0];
+    assert_eq!(disk["path"], path, "{plan}");
+    assert_eq!(disk["target"], "vdb", "{plan}");
+    assert_eq!(disk["size_bytes"], 64 * MIB, "{plan}");
+    assert_eq!(disk["replaces"], true, "{plan}");
+    unchanged();
+    drop(vmbackup::locks::lock_vm(&place.state(), &vm_ref).expect("the dry run left no lock"));
+
+    // A backup of the VM holds this lock for its whole run: busy (4), naming it.
+    vmbackup::locks::set_job("backup");
+    let held = vmbackup::locks::lock_vm(&place.state(), &vm_ref).unwrap();
+    let r = vmbackup(&place, &["restore", &id, "--force"]);
     assert_eq!(r.code, 4, "{}", r.stderr);
+    let err = r.json["error"]["message"].as_str().unwrap();
+    let holder = format!(
+        "busy: VM {} is locked by backup (pid {}, since ",
+        vm.name(),
+        std::process::id()
+    );
+    assert!(err.contains(&holder), "{err}");
+    assert_eq!(
+        vmbackup(&place, &["restore", &id, "--force", "--dry-run"]).code,
+        4
+    );
     // And a backup is refused while a restore (or backup) holds it.
     assert_eq!(vmbackup(&place, &["backup", vm.name()]).code, 4);
-    drop(held);
-    assert_eq!(disk_digest(&vm), digest);
-    assert_eq!(vmbackup(&place, &["restore", &id]).code, 0);
+    unchanged();
+    // With --retry-lock, a restore waits for the lock, let go after 3 s, and runs.
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        drop(held);
+    });
+    let started = std::time::Instant::now();
+    let r = vmbackup(&place, &["restore", &id, "--force", "--retry-lock", "20s"]);
+    let took = started.elapsed();
+    release.join().unwrap();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(15),
+        "{took:?}"
+    );
+    assert!(r.stderr.contains("trying again"), "{}", r.stderr);
+    assert_ne!(inode(), untouched.1, "restored");
 }
 
 #[test]
@@ -132,7 +197,7 @@ fn a_corrupt_chunk_makes_restore_refuse_and_leaves_the_disks_untouched() {
     assert_eq!(v.code, 1);
     let digest = disk_digest(&vm);
     let xml = vm.dom().inactive_xml().unwrap();
-    let r = vmbackup(&place, &["restore", &id]);
+    let r = vmbackup(&place, &["restore", &id, "--force"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(
         r.json["error"]["message"]
@@ -167,7 +232,7 @@ fn a_mac_used_by_another_vm_is_refused() {
         .define()
         .unwrap();
     let digest = disk_digest(&vm);
-    let r = vmbackup(&place, &["restore", &id]);
+    let r = vmbackup(&place, &["restore", &id, "--force"]);
     assert_eq!(r.code, 3, "{}", r.stderr);
     assert!(
         r.json["error"]["message"].as_str().unwrap().contains(mac),
@@ -310,7 +375,7 @@ fn restore_reserves_the_recorded_ip_on_a_dhcp_network_and_refuses_an_ip_in_use()
         ))
         .unwrap();
     let before = vm.dom().inactive_xml().unwrap();
-    let r = vmbackup(&place, &["restore", &id, "--power-off"]);
+    let r = vmbackup(&place, &["restore", &id, "--force", "--power-off"]);
     assert_eq!(r.code, 3, "{}", r.stderr);
     let err = r.json["error"]["message"].as_str().unwrap();
     assert!(err.contains(&ip) && err.contains(other.name()), "{err}");
@@ -323,14 +388,14 @@ fn restore_reserves_the_recorded_ip_on_a_dhcp_network_and_refuses_an_ip_in_use()
 
     // Address free again: the restore reserves it for the vNIC's MAC on the network's DHCP.
     other.sh(&format!("ip addr del {ip}/24 dev eth0")).unwrap();
-    let r = vmbackup(&place, &["restore", &id, "--power-off"]);
+    let r = vmbackup(&place, &["restore", &id, "--force", "--power-off"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(!vm.dom().is_active().unwrap());
     let host = format!("<host mac='{mac}' ip='{ip}'/>");
     let xml = net.xml().unwrap();
     assert!(xml.contains(&host), "{xml}");
     // Restored again: the reservation is there once.
-    let r = vmbackup(&place, &["restore", &id]);
+    let r = vmbackup(&place, &["restore", &id, "--force"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(net.xml().unwrap().matches(&host).count(), 1);
     let s = spec(&vm);
@@ -400,7 +465,7 @@ fn restore_onto_a_name_now_held_by_another_vm_is_refused_and_changes_nothing() {
     let digest = vmbackup::digest::sha256_hex(&std::fs::read(&disk).unwrap());
     let files = files_in(vm.dir());
 
-    let r = vmbackup(&place, &["restore", &id]);
+    let r = vmbackup(&place, &["restore", &id, "--force"]);
     assert_eq!(
         vmbackup::digest::sha256_hex(&std::fs::read(&disk).unwrap()),
         digest,

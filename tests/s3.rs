@@ -105,7 +105,7 @@ fn a_vm_in_garage_is_backed_up_listed_verified_restored_incrementally_and_pruned
     );
 
     // Restore the first backup: the guest reads the data of then.
-    let r = place.run(bin, &["restore", &id1, "--power-off"]);
+    let r = place.run(bin, &["restore", &id1, "--force", "--power-off"]);
     printed.add(&r);
     ok(&r, "restore");
     vm.dom().start().unwrap();

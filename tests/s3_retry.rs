@@ -67,7 +67,12 @@ fn a_backup_verify_and_restore_succeed_while_a_third_of_requests_are_throttled_o
     // Restore: the guest reads what it had.
     vm.write_file("/mnt/vdb/data", b"changed after the backup")
         .unwrap();
-    let r = through(&place, &proxy, &["restore", &id, "--power-off"], &[]);
+    let r = through(
+        &place,
+        &proxy,
+        &["restore", &id, "--force", "--power-off"],
+        &[],
+    );
     ok(&r, "restore through the failing proxy");
     vm.dom().start().unwrap();
     vm.wait_agent(Duration::from_secs(180)).unwrap();

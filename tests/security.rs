@@ -135,7 +135,7 @@ fn overlays_and_restored_images_keep_the_images_owner_and_mode_and_a_hung_hook_i
     vm.shutdown(Duration::from_secs(60)).unwrap();
     std::os::unix::fs::chown(&image, Some(4242), Some(4243)).unwrap();
     chmod(&image, 0o640);
-    let r = vmbackup(&place, &["restore", &id]);
+    let r = vmbackup(&place, &["restore", &id, "--force"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(owner_mode(&image), (4242, 4243, 0o640));
     let raw = place.dir.path().join("restored.raw");

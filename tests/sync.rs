@@ -100,7 +100,7 @@ fn synced_backups_restore_from_the_target_and_a_killed_sync_is_finished_by_the_n
     vm.write_file("/mnt/vdb/marker", b"after the backups")
         .unwrap();
     vm.dom().destroy().unwrap();
-    let r = vmbackup(&shared, &["restore", &first]);
+    let r = vmbackup(&shared, &["restore", &first, "--force"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     vm.reconnect().unwrap();
     vm.dom().start().unwrap();
@@ -137,7 +137,10 @@ fn synced_backups_restore_from_the_target_and_a_killed_sync_is_finished_by_the_n
     // Restored from the S3 copy, the guest reads what it held at the second backup.
     vm.write_file("/mnt/vdb/marker", b"after the sync").unwrap();
     vm.dom().destroy().unwrap();
-    let r = s3.run(binary(), &["restore", &second, "--key-file", key]);
+    let r = s3.run(
+        binary(),
+        &["restore", &second, "--force", "--key-file", key],
+    );
     assert_eq!(r.code, 0, "{} {}", r.json, r.stderr);
     vm.reconnect().unwrap();
     vm.dom().start().unwrap();
@@ -167,7 +170,10 @@ fn synced_backups_restore_from_the_target_and_a_killed_sync_is_finished_by_the_n
     vm.dom().destroy().unwrap();
     let images = vm.disk_paths();
     let before: Vec<Vec<u8>> = images.iter().map(|p| std::fs::read(p).unwrap()).collect();
-    let r = s3.run(binary(), &["restore", &damaged[0], "--key-file", key]);
+    let r = s3.run(
+        binary(),
+        &["restore", &damaged[0], "--force", "--key-file", key],
+    );
     assert_eq!(r.code, 1, "{} {}", r.json, r.stderr);
     let err = r.json["error"]["message"].as_str().unwrap_or_default();
     assert!(err.contains(&victim_hex), "{err}");

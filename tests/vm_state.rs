@@ -224,7 +224,7 @@ fn nvram_and_tpm_state_come_back_onto_the_original_and_into_a_copy_that_runs_bes
     let stray = first.with_file_name("tpm2-00.volatilestate");
     std::fs::write(&stray, b"stale").unwrap();
 
-    let r = vmbackup(&place, &["restore", &id]);
+    let r = vmbackup(&place, &["restore", &id, "--force"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(
         file_state(&nvram),
@@ -241,7 +241,11 @@ fn nvram_and_tpm_state_come_back_onto_the_original_and_into_a_copy_that_runs_bes
     // cleans up and the restore runs again to the end.
     std::fs::write(&nvram, &junk).unwrap();
     std::fs::write(&first, b"garbled").unwrap();
-    kill_at(&place, "restore-renamed-one=kill@2", &["restore", &id]);
+    kill_at(
+        &place,
+        "restore-renamed-one=kill@2",
+        &["restore", &id, "--force"],
+    );
     assert_eq!(std::fs::read(&nvram).unwrap(), before_nvram.0);
     let folder = nvram.parent().unwrap();
     let kept: Vec<PathBuf> = std::fs::read_dir(folder)
@@ -260,7 +264,7 @@ fn nvram_and_tpm_state_come_back_onto_the_original_and_into_a_copy_that_runs_bes
     let r = vmbackup(&place, &["recover", &name]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(!kept[0].exists());
-    let r = vmbackup(&place, &["restore", &id]);
+    let r = vmbackup(&place, &["restore", &id, "--force"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(file_state(&nvram), before_nvram);
     assert_eq!(tpm_files(&spec.uuid), before_tpm);
@@ -270,7 +274,7 @@ fn nvram_and_tpm_state_come_back_onto_the_original_and_into_a_copy_that_runs_bes
     let dirs_before = tpm_dirs(&spec.uuid);
     vm.dom(&name).undefine().unwrap();
     assert!(!nvram.exists() && !tpm_dir.exists());
-    let r = vmbackup(&place, &["restore", &id]);
+    let r = vmbackup(&place, &["restore", &id, "--force"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(vm.spec(&name).uuid, spec.uuid);
     assert_eq!(file_state(&nvram), before_nvram);
@@ -375,7 +379,7 @@ fn missing_or_unreadable_state_fails_the_backup_and_an_old_backup_says_it_holds_
         "{}",
         r.json
     );
-    let r = vmbackup(&place, &["restore", &id]);
+    let r = vmbackup(&place, &["restore", &id, "--force"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
         r.json["restore"]["state"]

@@ -165,7 +165,7 @@ fn finish_interrupted(
         };
         let _lock = match crate::locks::lock_vm(&cfg.state_dir, &vm) {
             Ok(l) => l,
-            Err(crate::locks::LockError::Busy(_)) => continue,
+            Err(crate::locks::LockError::Busy { .. }) => continue,
             Err(e) => {
                 out.recover_errors.push(format!("{vm}: {e}"));
                 continue;

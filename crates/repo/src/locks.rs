@@ -18,6 +18,11 @@
 //! restic's), or at once when its holder ran on this host and its process is gone (killed).
 //! A holder that could not refresh in time (paused, cut off from the store) has lost its lock
 //! for good: `RepoLock::check` says so, and a backup checks right before it publishes.
+//!
+//! A lock also says who holds it (`job`, `vm`: the command this process runs, set once by
+//! `set_job`, and the VM it works on), so that a refused locker can name its holder
+//! (`Holder`). Older code reads these objects too: the fields are optional and unknown
+//! fields are ignored on both sides.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -50,6 +55,69 @@ pub fn stale_after() -> Duration {
     STALE_AFTER
 }
 
+/// The command this process runs (`backup`, `gc`, `run-due`, ...), recorded in its locks.
+static JOB: Mutex<Option<String>> = Mutex::new(None);
+
+/// Records the command this process runs, for the locks it takes (repository and VM locks).
+pub fn set_job(job: &str) {
+    if let Ok(mut j) = JOB.lock() {
+        *j = Some(job.to_string());
+    }
+}
+
+/// The command this process runs, as `set_job` recorded it (else the program's name).
+pub fn job() -> String {
+    JOB.lock()
+        .ok()
+        .and_then(|j| j.clone())
+        .unwrap_or_else(|| "vmbackup".into())
+}
+
+/// Who holds a lock: what a refused locker tells. `since`: RFC 3339 UTC, whole seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Holder {
+    pub pid: u32,
+    /// The command it runs (`backup`, `restore`, `gc`, `run-due`, ...).
+    pub job: String,
+    /// The VM it works on, when it works on one.
+    pub vm: Option<String>,
+    /// The host it runs on: repository locks only (a VM lock is this host's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    pub since: String,
+}
+
+impl Holder {
+    /// `backup of web (pid 1234 on host1, since 2026-11-30T22:01:05Z)`.
+    pub fn describe(&self) -> String {
+        let vm = self
+            .vm
+            .as_deref()
+            .map(|v| format!(" of {v}"))
+            .unwrap_or_default();
+        let host = self
+            .host
+            .as_deref()
+            .map(|h| format!(" on {h}"))
+            .unwrap_or_default();
+        format!(
+            "{}{vm} (pid {}{host}, since {})",
+            self.job, self.pid, self.since
+        )
+    }
+}
+
+/// A time as RFC 3339 UTC in whole seconds (`2026-11-30T22:01:05Z`); unreadable ones as
+/// they are.
+pub fn whole_seconds(t: &str) -> String {
+    match t.parse::<jiff::Timestamp>() {
+        Ok(ts) => jiff::Timestamp::from_second(ts.as_second())
+            .map(|s| s.to_string())
+            .unwrap_or_else(|_| t.to_string()),
+        Err(_) => t.to_string(),
+    }
+}
+
 /// The content of a lock object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockInfo {
@@ -62,9 +130,29 @@ pub struct LockInfo {
     /// RFC 3339 UTC.
     pub created: String,
     pub refreshed: String,
+    /// The holder's command (absent in locks of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// The VM the holder works on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
 }
 
 impl LockInfo {
+    /// Who holds this lock.
+    pub fn holder(&self) -> Holder {
+        Holder {
+            pid: self.pid,
+            job: self
+                .job
+                .clone()
+                .unwrap_or_else(|| "an older vmbackup".into()),
+            vm: self.vm.clone(),
+            host: Some(self.host.clone()),
+            since: whole_seconds(&self.created),
+        }
+    }
+
     fn describe(&self) -> String {
         format!(
             "{} lock of pid {} on {} (since {}, refreshed {})",
@@ -89,6 +177,8 @@ impl LockInfo {
 #[derive(Debug, Clone)]
 pub struct Locker {
     pub host: String,
+    /// The VM the locker works on, recorded in its lock.
+    pub vm: Option<String>,
     pub stale_after: Duration,
     /// How many times a conflict is retried before giving up.
     pub attempts: u32,
@@ -98,6 +188,7 @@ impl Default for Locker {
     fn default() -> Self {
         Locker {
             host: host_name(),
+            vm: None,
             stale_after: stale_after(),
             attempts: 3,
         }
@@ -234,6 +325,17 @@ impl Locker {
         store: &Arc<dyn ObjectStore>,
         exclusive: bool,
     ) -> Result<Option<RepoLock>> {
+        self.try_acquire(store, exclusive).map(|r| r.ok())
+    }
+
+    /// `acquire`, saying who holds the conflicting locks when it is refused (`Err`; empty
+    /// when none of them could be read).
+    pub fn try_acquire(
+        &self,
+        store: &Arc<dyn ObjectStore>,
+        exclusive: bool,
+    ) -> Result<std::result::Result<RepoLock, Vec<Holder>>> {
+        let mut holders = Vec::new();
         for attempt in 0..self.attempts.max(1) {
             self.remove_stale(store.as_ref())?;
             let t = now();
@@ -244,10 +346,13 @@ impl Locker {
                 exclusive,
                 created: t.clone(),
                 refreshed: t,
+                job: Some(job()),
+                vm: self.vm.clone(),
             };
             let name = format!("{PREFIX}{}", info.id);
             let bytes = serde_json::to_vec(&info).expect("a lock serializes");
             store.put(&name, &bytes)?;
+            holders.clear();
             let written = Instant::now();
             // Removed on every way out of this attempt but success.
             let mut own = Written {
@@ -267,10 +372,14 @@ impl Locker {
                             && store.exists(&other)?
                         {
                             conflicts.push(l.describe());
+                            holders.push(l.holder());
                         }
                     }
                     Some(l) if !l.conflicts_with(exclusive) => {}
-                    Some(l) => conflicts.push(l.describe()),
+                    Some(l) => {
+                        conflicts.push(l.describe());
+                        holders.push(l.holder());
+                    }
                     None => conflicts.push(format!("{other}, which cannot be read")),
                 }
             }
@@ -297,7 +406,7 @@ impl Locker {
             }
             if conflicts.is_empty() {
                 own.name = None;
-                return Ok(Some(RepoLock::start(
+                return Ok(Ok(RepoLock::start(
                     store.clone(),
                     name,
                     info,
@@ -318,7 +427,7 @@ impl Locker {
                 std::thread::sleep(Duration::from_millis(100 + jitter) * (attempt + 1));
             }
         }
-        Ok(None)
+        Ok(Err(holders))
     }
 }
 
@@ -576,6 +685,7 @@ mod tests {
     fn locker(host: &str) -> Locker {
         Locker {
             host: host.into(),
+            vm: None,
             stale_after: STALE_AFTER,
             attempts: 3,
         }
@@ -605,6 +715,8 @@ mod tests {
             exclusive,
             created: t.to_string(),
             refreshed: t.to_string(),
+            job: None,
+            vm: None,
         };
         let name = format!("{PREFIX}{}", info.id);
         s.put(&name, &serde_json::to_vec(&info).unwrap()).unwrap();
@@ -647,6 +759,64 @@ mod tests {
         );
         drop(x);
         assert_eq!(count(&s), 0);
+    }
+
+    #[test]
+    fn a_refused_locker_is_told_who_holds_the_lock_old_locks_too() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(&d);
+        set_job("backup");
+        let backup = Locker {
+            vm: Some("web".into()),
+            ..locker("a")
+        };
+        let held = backup.try_acquire(&s, false).unwrap().ok().unwrap();
+        let Err(holders) = locker("b").try_acquire(&s, true).unwrap() else {
+            panic!("not refused");
+        };
+        assert_eq!(holders.len(), 1);
+        let h = &holders[0];
+        assert_eq!(
+            (h.pid, h.job.as_str(), h.vm.as_deref(), h.host.as_deref()),
+            (std::process::id(), "backup", Some("web"), Some("a"))
+        );
+        assert!(
+            h.since.ends_with('Z') && !h.since.contains('.'),
+            "{}",
+            h.since
+        );
+        assert!(
+            h.describe().starts_with("backup of web (pid "),
+            "{}",
+            h.describe()
+        );
+        drop(held);
+        // A lock written by an older version (no job, no VM) is read, and excludes.
+        let t = now();
+        let old = format!(
+            r#"{{"host":"c","pid":7,"id":"0123","exclusive":true,"created":"{t}","refreshed":"{t}"}}"#
+        );
+        s.put("locks/0123", old.as_bytes()).unwrap();
+        let Err(holders) = locker("b").try_acquire(&s, false).unwrap() else {
+            panic!("not refused");
+        };
+        assert_eq!(holders[0].job, "an older vmbackup");
+        assert_eq!(holders[0].host.as_deref(), Some("c"));
+        // And older versions read ours: unknown fields are ignored.
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        struct Old {
+            host: String,
+            pid: u32,
+            id: String,
+            exclusive: bool,
+            created: String,
+            refreshed: String,
+        }
+        s.delete("locks/0123").unwrap();
+        let held = backup.acquire(&s, false).unwrap().unwrap();
+        let o: Old = serde_json::from_slice(&s.get(held.name()).unwrap()).unwrap();
+        assert_eq!(o.pid, std::process::id());
     }
 
     /// Lockers racing for conflicting locks, on a store whose listing shows new objects

@@ -16,11 +16,14 @@ use super::chunk::Digest;
 use super::disk::verify_disk_with;
 use super::{error_chain, manifest_name, storage, RepoError, Repository, Result};
 
-pub use crate::locks::RepoLock;
+pub use crate::locks::{Holder, RepoLock};
 
 fn lock(repo: &Repository, exclusive: bool) -> Result<Option<RepoLock>> {
     crate::locks::Locker::default().acquire(repo.shared_store(), exclusive)
 }
+
+/// A lock, or who holds the locks that refused it.
+pub type Locked = std::result::Result<RepoLock, Vec<Holder>>;
 
 impl Repository {
     /// Held by every backup while it writes (a shared lock in `locks/`, see `locks.rs`): gc
@@ -30,6 +33,17 @@ impl Repository {
     pub fn lock_for_backup(&self) -> Result<Option<RepoLock>> {
         self.forget_known();
         lock(self, false)
+    }
+
+    /// `lock_for_backup` of VM `vm` (recorded in the lock), saying who holds the repository
+    /// when it is refused.
+    pub fn try_lock_for_backup(&self, vm: &str) -> Result<Locked> {
+        self.forget_known();
+        let locker = crate::locks::Locker {
+            vm: Some(vm.to_string()),
+            ..Default::default()
+        };
+        locker.try_acquire(self.shared_store(), false)
     }
 
     /// The repository to itself (no backup writing, on any host); `None` while one does.
@@ -142,14 +156,28 @@ impl Repository {
     /// folders without a manifest. Runs only while no backup holds the repository lock
     /// (`Ok(None)` otherwise: busy), so none of those is being written.
     pub fn gc(&self) -> Result<Option<Collected>> {
-        self.gc_with(&mut |_, _| {})
+        self.try_gc_with(&mut |_, _| {}).map(|r| r.ok())
     }
 
     /// `gc`, telling `progress` how many of the bytes to remove are removed so far, of how
     /// many (`done`, `total`), once the chunks to remove are known.
     pub fn gc_with(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<Option<Collected>> {
-        let Some(lock) = lock(self, true)? else {
-            return Ok(None);
+        self.try_gc_with(progress).map(|r| r.ok())
+    }
+
+    /// `gc`, saying who holds the repository when it cannot run (`Err`).
+    pub fn try_gc(&self) -> Result<std::result::Result<Collected, Vec<Holder>>> {
+        self.try_gc_with(&mut |_, _| {})
+    }
+
+    /// `try_gc` with `gc_with`'s progress.
+    pub fn try_gc_with(
+        &self,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<std::result::Result<Collected, Vec<Holder>>> {
+        let lock = match crate::locks::Locker::default().try_acquire(self.shared_store(), true)? {
+            Ok(l) => l,
+            Err(holders) => return Ok(Err(holders)),
         };
         crate::failpoint::point("gc-locked");
         // Every chunk a backup uses must be known: a backup whose manifest or index cannot
@@ -189,7 +217,7 @@ impl Repository {
             crate::failpoint::point("gc-deleted-some");
         }
         progress(total, total);
-        Ok(Some(Collected {
+        Ok(Ok(Collected {
             removed_chunks: removed,
             removed_bytes: bytes,
             kept_chunks: plan.kept,
