@@ -76,6 +76,8 @@ pub struct CommandResult {
 /// The result of a boot test.
 #[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct BootTest {
+    /// The backup's id.
+    #[serde(rename = "backup_id")]
     pub backup: String,
     pub vm: String,
     /// The throwaway domain's name.

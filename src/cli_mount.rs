@@ -85,7 +85,7 @@ pub fn cmd_mount(
                     .filter_map(|f| f.loop_device.clone())
                     .collect(),
                 daemon_pid: r.daemon.as_ref().map(|d| d.pid),
-                backup: r.backup,
+                backup_id: r.backup,
                 vm: r.vm,
                 dir: r.dir,
                 filesystems: r.filesystems,

@@ -428,8 +428,7 @@ pub struct PinBody {
 /// What `mount` mounted.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct MountView {
-    /// The backup's id.
-    pub backup: String,
+    pub backup_id: String,
     pub vm: String,
     pub dir: std::path::PathBuf,
     pub filesystems: Vec<crate::mount::Mounted>,

@@ -59,6 +59,8 @@ pub struct Announced {
 /// What the server listens on, once it does.
 #[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Serving {
+    /// The backup's id.
+    #[serde(rename = "backup_id")]
     pub backup: String,
     pub vm: String,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -82,7 +82,7 @@ fn a_backup_of_a_running_vm_boots_beside_it_and_failures_leave_nothing_behind() 
     let b = &r.json["boot_test"];
     assert_eq!(r.json["ok"], true);
     assert_eq!(b["booted"], true, "{b}");
-    assert_eq!(b["backup"], id.as_str());
+    assert_eq!(b["backup_id"], id.as_str());
     assert_eq!(b["vm"], vm.name());
     assert!(b["domain"]
         .as_str()

@@ -109,7 +109,7 @@ fn the_old_files_of_a_backup_are_read_from_a_read_only_mount_and_umount_leaves_n
     assert_eq!(r.code, 0, "{}\n{}", r.json, r.stderr);
     eprintln!("mount took {:.1} s", took.as_secs_f64());
     let m = &r.json["mount"];
-    assert_eq!(m["backup"], id.as_str());
+    assert_eq!(m["backup_id"], id.as_str());
     let fs = m["filesystems"].as_array().unwrap();
     let vdb = fs
         .iter()
@@ -217,7 +217,7 @@ fn the_old_files_of_a_backup_are_read_from_a_read_only_mount_and_umount_leaves_n
     // umount: everything gone, DIR empty as it was; gc may run again.
     let r = vmbackup(&place, &["umount", dir.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}\n{}", r.json, r.stderr);
-    assert_eq!(r.json["umount"]["backup"], id.as_str());
+    assert_eq!(r.json["umount"]["backup_id"], id.as_str());
     assert_nothing_left(&place, &dir);
     assert!(dir.is_dir());
     let r = vmbackup(&place, &["umount", dir.to_str().unwrap()]);

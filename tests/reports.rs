@@ -272,7 +272,7 @@ fn manual_backups_restores_and_deletes_send_reports_by_the_on_policy() {
         .as_str()
         .unwrap()
         .to_string();
-    let r = vmbackup(&place, &["--config", &always, "restore", &id]);
+    let r = vmbackup(&place, &["--config", &always, "restore", &id, "--force"]);
     ok(&r, "restore");
     // Bad input is not a job: no report.
     let bad = vmbackup(&place, &["--config", &always, "delete", "no-such-backup"]);

@@ -919,7 +919,10 @@ fn a_prune_that_deletes_some_and_a_run_due_whose_report_fails_exit_5() {
     assert_eq!(p.code, 5, "{}\n{}", p.json, p.stderr);
     assert_eq!(p.json["deleted"], serde_json::json!([ids[1]]));
     assert!(
-        p.json["errors"][0].as_str().unwrap().contains(&ids[0]),
+        p.json["errors"][0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&ids[0]),
         "{}",
         p.json
     );

@@ -599,6 +599,8 @@ fn last_error(log: &Path) -> String {
 #[derive(Debug, Clone, Default, Serialize, schemars::JsonSchema)]
 pub struct Cleaned {
     pub dir: PathBuf,
+    /// The backup's id.
+    #[serde(rename = "backup_id")]
     pub backup: String,
     pub done: Vec<String>,
 }
