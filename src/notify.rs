@@ -52,7 +52,7 @@
 //!
 //! Each result: `vm`, `status` (`ok`, `failed`, `skipped`, `missed`), `due` (scheduled jobs,
 //! else null), `backup_id` (the backup made, restored or deleted), `consistency`
-//! (`application` or `crash`), `freeze_ms`, `stored_bytes`, `started`, `ended`, `error`,
+//! (`application` or `crash`), `freeze_ms`, `stored_bytes`, `started_at`, `ended_at`, `error`,
 //! `pruned` (ids retention deleted), `prune_errors`, `boot_test` (the boot test's record, if one
 //! ran). The command runs without a shell in its own process group, its stdout discarded; it
 //! fails the report if it exits non-zero or runs longer than `command_timeout_secs` (default

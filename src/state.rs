@@ -108,7 +108,9 @@ pub struct Job {
     pub backup_id: Option<String>,
     /// `running`, `ok`, `failed`, `skipped`, `missed`, `interrupted`.
     pub status: String,
+    #[serde(rename = "started_at")]
     pub started: String,
+    #[serde(rename = "ended_at")]
     pub ended: Option<String>,
     pub duration_ms: Option<i64>,
     pub error: Option<String>,

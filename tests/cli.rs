@@ -282,6 +282,32 @@ fn a_schedule_is_added_shown_listed_disabled_enabled_edited_and_removed() {
     assert_eq!(gone.json["error"]["kind"], "not_found", "{}", gone.json);
 }
 
+/// `completions` and `man` with `--json`: the script and the page in one document.
+#[test]
+fn completions_and_man_page_come_as_json_documents_too() {
+    let place = Place::new();
+    let c = vmbackup(&place, &["completions", "bash"]);
+    assert_eq!(c.code, 0, "{}", c.stderr);
+    assert_eq!(c.json["shell"], "bash");
+    assert!(c.json["script"].as_str().unwrap().contains("vmbackup"));
+    let m = vmbackup(&place, &["man"]);
+    assert_eq!(m.code, 0, "{}", m.stderr);
+    assert!(
+        m.json["page"].as_str().unwrap().contains(".TH vmbackup"),
+        "{}",
+        m.json
+    );
+    let dir = place.dir.path().join("man");
+    std::fs::create_dir(&dir).unwrap();
+    let m = vmbackup(&place, &["man", "--dir", dir.to_str().unwrap()]);
+    assert_eq!(m.code, 0, "{}", m.stderr);
+    let written = m.json["written"].as_array().unwrap();
+    assert!(written.len() > 20, "{}", m.json);
+    assert!(written
+        .iter()
+        .all(|w| std::path::Path::new(w.as_str().unwrap()).exists()));
+}
+
 /// Each command's `--help` (and so its man page) ends with its own exit codes.
 #[test]
 fn each_command_help_lists_its_exit_codes() {
@@ -497,7 +523,7 @@ mod terminal {
             assert!(!p.stderr.contains("MiB"), "{args:?}: {:?}", p.stderr);
         }
         let p = run(&place, &["--json", "verify"], &[], true);
-        let doc: serde_json::Value = serde_json::from_str(p.stdout.trim()).unwrap();
+        let doc = vmbackup_testkit::cli::parse_one_document(&p.stdout).unwrap();
         assert_eq!(doc["ok"], json!(true));
         // gc after a delete: its bar counts the bytes it frees.
         let p = run(&place, &["delete", ID], &[], true);
@@ -579,7 +605,7 @@ mod terminal {
             &[],
             false,
         );
-        let doc: serde_json::Value = serde_json::from_str(p.stdout.trim()).unwrap();
+        let doc = vmbackup_testkit::cli::parse_one_document(&p.stdout).unwrap();
         let connect = find(&doc, "connect");
         assert_eq!(connect["value"], json!("test:///default"));
         assert_eq!(connect["flag"], json!("--connect"));
@@ -611,7 +637,7 @@ mod terminal {
         let args = ["--config", config, "config", "show"];
         let p = run(&place, &[&["--json"][..], &args].concat(), &env, false);
         assert_eq!(p.code, 0, "{}", p.stderr);
-        let doc: serde_json::Value = serde_json::from_str(p.stdout.trim()).unwrap();
+        let doc = vmbackup_testkit::cli::parse_one_document(&p.stdout).unwrap();
         let repo = find(&doc, "repo");
         assert_eq!(repo["source"], json!("flag"));
         assert_eq!(repo["value"], json!(place.repo().to_str().unwrap()));

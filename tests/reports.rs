@@ -327,7 +327,7 @@ fn manual_backups_restores_and_deletes_send_reports_by_the_on_policy() {
     assert_eq!(backup["backup_id"], id.as_str());
     assert_eq!(backup["status"], "ok");
     assert!(
-        backup["consistency"].is_string() && backup["started"].is_string(),
+        backup["consistency"].is_string() && backup["started_at"].is_string(),
         "{backup}"
     );
     assert_eq!(docs[1]["results"][0]["vm"], vm.name());

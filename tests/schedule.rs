@@ -402,7 +402,9 @@ fn a_failing_scheduled_backup_is_recorded_deletes_nothing_and_is_reported_by_mai
     let jobs = h.json["jobs"].as_array().unwrap();
     assert_eq!(jobs.len(), 2);
     for j in jobs {
-        assert!(j["started"].is_string() && j["ended"].is_string() && j["duration_ms"].is_i64());
+        assert!(
+            j["started_at"].is_string() && j["ended_at"].is_string() && j["duration_ms"].is_i64()
+        );
     }
 }
 

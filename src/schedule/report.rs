@@ -16,7 +16,9 @@ pub struct VmResult {
     pub consistency: Option<String>,
     pub freeze_ms: Option<u64>,
     pub stored_bytes: Option<u64>,
+    #[serde(rename = "started_at")]
     pub started: Option<String>,
+    #[serde(rename = "ended_at")]
     pub ended: Option<String>,
     pub error: Option<String>,
     /// Backups removed by retention after this one succeeded.
