@@ -50,41 +50,6 @@ fn check_interrupted() -> Result<()> {
     Ok(())
 }
 
-/// Free space of the filesystem holding `path` (or its nearest existing ancestor).
-pub fn free_space(path: &Path) -> Result<Space> {
-    let mut p = path.to_path_buf();
-    while !p.exists() {
-        if !p.pop() {
-            break;
-        }
-    }
-    let st = nix::sys::statvfs::statvfs(&p).map_err(|e| {
-        Error::io(
-            "free space",
-            &p,
-            std::io::Error::from_raw_os_error(e as i32),
-        )
-    })?;
-    Ok(Space {
-        path: path.display().to_string(),
-        free_bytes: (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64),
-        device: device_of(&p),
-    })
-}
-
-fn device_of(path: &Path) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    let mut p = path.to_path_buf();
-    loop {
-        if let Ok(m) = std::fs::metadata(&p) {
-            return Some(m.dev());
-        }
-        if !p.pop() {
-            return None;
-        }
-    }
-}
-
 /// The free space of each distinct filesystem among the folders the overlays go into, and
 /// each distinct folder (who owns it, who may write to it).
 fn overlay_spaces(
@@ -101,10 +66,10 @@ fn overlay_spaces(
                 folders.push(f);
             }
         }
-        if let Some(dev) = device_of(&dir) {
+        if let Some(dev) = crate::space::device_of(&dir) {
             if !seen.contains(&dev) {
                 seen.push(dev);
-                spaces.push(free_space(&dir)?);
+                spaces.push(crate::space::free_space(&dir)?);
             }
         }
     }
@@ -176,7 +141,7 @@ pub fn survey(vm: &dyn VmHandle, repo_dir: Option<&Path>, s: &BackupSettings) ->
         disks: shape.disks.iter().map(|d| d.facts.clone()).collect(),
         overlay_spaces,
         overlay_folders,
-        repository: repo_dir.map(free_space).transpose()?,
+        repository: repo_dir.map(crate::space::free_space).transpose()?,
     };
     let mut report = preflight::evaluate(&facts, &s.limits);
     if s.quiesce == Quiesce::Required && shape.running && !shape.agent {
@@ -1162,6 +1127,37 @@ fn publish(
     lock.check()?;
     repo.publish(&manifest)?;
     Ok(manifest)
+}
+
+/// A manual backup's result for its report (`started`: `notify::now()` before it); `None`
+/// for bad input (nothing is reported).
+pub fn report_result(
+    vm: &str,
+    started: &str,
+    r: &Result<Outcome, crate::Error>,
+) -> Option<crate::notify::VmResult> {
+    use crate::notify::VmResult;
+    if matches!(r, Err(e) if e.exit_code() == crate::error::exit::BAD_INPUT) {
+        return None;
+    }
+    let mut v = match r {
+        Ok(o) => {
+            let mut v = VmResult::new(vm, "ok");
+            v.backup_id = Some(o.id.clone());
+            v.consistency = Some(o.consistency.clone());
+            v.freeze_ms = o.freeze_ms;
+            v.stored_bytes = Some(o.stored_bytes);
+            v
+        }
+        Err(e) => {
+            let mut v = VmResult::new(vm, "failed");
+            v.error = Some(crate::error::chain(e));
+            v
+        }
+    };
+    v.started = Some(started.to_string());
+    v.ended = Some(crate::notify::now());
+    Some(v)
 }
 
 #[cfg(test)]

@@ -19,14 +19,7 @@ pub fn cmd_restore_dry_run(
     force: bool,
     retry_lock: Option<Duration>,
 ) -> anyhow::Result<Output> {
-    let opts = vmbackup::restore::Options {
-        power_off,
-        shutdown_timeout: Duration::from_secs(60),
-        threads: cfg.backup.threads,
-        as_name: as_name.map(str::to_string),
-        new_macs,
-        force,
-    };
+    let opts = crate::restore_options(cfg, power_off, as_name, new_macs, force);
     let lv = Libvirt::open(&cfg.connect)?;
     let repo = open_repo(cfg)?;
     let p = vmbackup::retry::retry_busy(retry_lock, vmbackup::Error::is_busy, || {

@@ -306,17 +306,9 @@ pub fn kind_of_code(code: i32, not_found: bool) -> Kind {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// An error and its causes on one line, `a: b: c`.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
+/// An error and its causes on one line, `a: b: c` (in a leaf module: the modules whose errors
+/// `Error` aggregates use it too).
+pub use crate::error_text::chain;
 
 #[cfg(test)]
 mod tests {

@@ -110,7 +110,19 @@ fn read_holder(file: &mut File) -> Option<Holder> {
     file.rewind().ok()?;
     file.take(4096).read_to_string(&mut text).ok()?;
     let h: Holder = serde_json::from_str(text.lines().next()?).ok()?;
-    crate::restore::process_alive(h.pid).then_some(h)
+    process_alive(h.pid).then_some(h)
+}
+
+/// Whether process `pid` exists (a lock's or a record's holder).
+pub fn process_alive(pid: impl TryInto<i32>) -> bool {
+    let Ok(pid) = pid.try_into() else {
+        return false;
+    };
+    // Signal 0 checks existence only; EPERM: it exists, under another user.
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) => true,
+        Err(e) => e == nix::errno::Errno::EPERM,
+    }
 }
 
 #[cfg(test)]

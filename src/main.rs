@@ -353,7 +353,7 @@ fn cmd_backup(
             Err(e) if e.exit_code() == exit::BUSY => job.finish("skipped", None, Some(&chain(e))),
             Err(e) => job.finish("failed", None, Some(&chain(e))),
         }
-        reported.extend(vmbackup::notify::VmResult::backup(name, &started, &result));
+        reported.extend(vmbackup::backup::report_result(name, &started, &result));
         match result {
             Ok(o) => {
                 text.push_str(&format!(
@@ -529,6 +529,39 @@ fn cmd_instant_restore(
     })
 }
 
+/// The report's result of a command on `vm` (`restore`, `delete`); `None` for bad input,
+/// which changed nothing and is not reported.
+fn command_result<T>(
+    vm: &str,
+    backup_id: Option<&str>,
+    r: &anyhow::Result<T>,
+) -> Option<vmbackup::notify::VmResult> {
+    use vmbackup::notify::VmResult;
+    match r {
+        Err(e) if exit_code_of(e) == exit::BAD_INPUT => None,
+        Ok(_) => Some(VmResult::outcome::<String>(vm, backup_id, Ok(()))),
+        Err(e) => Some(VmResult::outcome(vm, backup_id, Err(format!("{e:#}")))),
+    }
+}
+
+/// The restore options the command line gives (the same for a restore and its dry run).
+fn restore_options(
+    cfg: &Config,
+    power_off: bool,
+    as_name: Option<&str>,
+    new_macs: bool,
+    force: bool,
+) -> vmbackup::restore::Options {
+    vmbackup::restore::Options {
+        power_off,
+        shutdown_timeout: Duration::from_secs(60),
+        threads: cfg.backup.threads,
+        as_name: as_name.map(str::to_string),
+        new_macs,
+        force,
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn cmd_restore(
     cfg: &Config,
@@ -540,14 +573,7 @@ fn cmd_restore(
     force: bool,
     retry_lock: Option<Duration>,
 ) -> anyhow::Result<Output> {
-    let opts = vmbackup::restore::Options {
-        power_off,
-        shutdown_timeout: Duration::from_secs(60),
-        threads: cfg.backup.threads,
-        as_name: as_name.map(str::to_string),
-        new_macs,
-        force,
-    };
+    let opts = restore_options(cfg, power_off, as_name, new_macs, force);
     let busy = |e: &anyhow::Error| exit_code_of(e) == exit::BUSY;
     if let Some(serve) = instant {
         return vmbackup::retry::retry_busy(retry_lock, busy, || {
@@ -787,11 +813,7 @@ fn cmd_delete(cfg: &Config, ids: &[String], force: bool, dry_run: bool) -> anyho
             .with_context(|| format!("delete {id}"));
         job.finish_result(&r, Some(id));
         let vm_name = vm.as_deref().unwrap_or("-");
-        reported.extend(vmbackup::notify::VmResult::of_command(
-            vm_name,
-            Some(id),
-            &r,
-        ));
+        reported.extend(command_result(vm_name, Some(id), &r));
         match r {
             Ok(()) => {
                 if pinned.contains(id.as_str()) {
@@ -1240,8 +1262,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<Output> {
             )
             .with_context(|| format!("restore {id}"));
             job.finish_result(&r, Some(id));
-            let done =
-                vmbackup::notify::VmResult::of_command(vm.as_deref().unwrap_or(id), Some(id), &r);
+            let done = command_result(vm.as_deref().unwrap_or(id), Some(id), &r);
             vmbackup::notify::job_done(
                 &cfg.report,
                 vmbackup::notify::JobKind::Restore,

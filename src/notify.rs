@@ -418,22 +418,6 @@ impl VmResult {
         v
     }
 
-    /// The result of a command on `vm` (`restore`); `None` for bad input, which changed
-    /// nothing and is not reported.
-    pub fn of_command<T>(
-        vm: &str,
-        backup_id: Option<&str>,
-        r: &anyhow::Result<T>,
-    ) -> Option<VmResult> {
-        match r {
-            Err(e) if crate::error::exit_code_in(e.chain()) == crate::error::exit::BAD_INPUT => {
-                None
-            }
-            Ok(_) => Some(VmResult::outcome::<String>(vm, backup_id, Ok(()))),
-            Err(e) => Some(VmResult::outcome(vm, backup_id, Err(format!("{e:#}")))),
-        }
-    }
-
     /// What retention did to `vm`'s backups: `None` when it did nothing.
     pub fn pruned(vm: &str, deleted: &[String], errors: &[String]) -> Option<VmResult> {
         if deleted.is_empty() && errors.is_empty() {
@@ -442,35 +426,6 @@ impl VmResult {
         let mut v = VmResult::new(vm, if deleted.is_empty() { "failed" } else { "ok" });
         v.pruned = deleted.to_vec();
         v.prune_errors = errors.to_vec();
-        v.ended = Some(now());
-        Some(v)
-    }
-
-    /// A manual backup's result (`started`: `notify::now()` before it); `None` for bad input.
-    pub fn backup(
-        vm: &str,
-        started: &str,
-        r: &Result<crate::backup::Outcome, crate::Error>,
-    ) -> Option<VmResult> {
-        if matches!(r, Err(e) if e.exit_code() == crate::error::exit::BAD_INPUT) {
-            return None;
-        }
-        let mut v = match r {
-            Ok(o) => {
-                let mut v = VmResult::new(vm, "ok");
-                v.backup_id = Some(o.id.clone());
-                v.consistency = Some(o.consistency.clone());
-                v.freeze_ms = o.freeze_ms;
-                v.stored_bytes = Some(o.stored_bytes);
-                v
-            }
-            Err(e) => {
-                let mut v = VmResult::new(vm, "failed");
-                v.error = Some(crate::error::chain(e));
-                v
-            }
-        };
-        v.started = Some(started.to_string());
         v.ended = Some(now());
         Some(v)
     }
@@ -496,7 +451,7 @@ pub fn job_done(cfg: &ReportConfig, kind: JobKind, results: Vec<VmResult>) {
         tracing::error!(
             kind = kind.label(),
             "report not sent: {}",
-            crate::error::chain(&e)
+            crate::error_text::chain(&e)
         );
     }
 }
@@ -536,7 +491,7 @@ pub fn test(cfg: &ReportConfig) -> Vec<ChannelResult> {
         .map(|(mut c, r)| {
             if let Err(e) = r {
                 c.ok = false;
-                c.error = Some(crate::error::chain(&e));
+                c.error = Some(crate::error_text::chain(&e));
             }
             c
         })
@@ -569,7 +524,7 @@ fn deliver(cfg: &ReportConfig, report: &Report) -> Vec<(ChannelResult, Result<()
     for (c, r) in &mut out {
         if let Err(e) = r {
             c.ok = false;
-            tracing::error!(channel = %c.channel, "report not sent: {}", crate::error::chain(e));
+            tracing::error!(channel = %c.channel, "report not sent: {}", crate::error_text::chain(e));
         }
     }
     out

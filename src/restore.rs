@@ -307,16 +307,7 @@ fn leftover(name: &str, pid: u32) -> Option<Leftover> {
         .then_some(Leftover::Temporary)
 }
 
-pub(crate) fn process_alive(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else {
-        return false;
-    };
-    // Signal 0 checks existence only; EPERM: it exists, under another user.
-    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
-        Ok(()) => true,
-        Err(e) => e == nix::errno::Errno::EPERM,
-    }
-}
+pub(crate) use crate::locks::process_alive;
 
 /// Cleans what restores that are gone (killed, the host went down) left beside the images:
 /// their temporary files are removed; a kept-aside image is removed when its image is there
@@ -1081,7 +1072,7 @@ fn check_space(name: &str, disks: &[PlannedDisk], instant: bool) -> Result<()> {
     let mut need: Vec<(crate::preflight::Space, u64)> = Vec::new();
     for d in disks {
         let dir = Path::new(&d.path).parent().unwrap_or(Path::new("/"));
-        let space = crate::backup::free_space(dir)?;
+        let space = crate::space::free_space(dir)?;
         let bytes = match d.format.as_str() {
             "raw" | "qcow2" => d.data_bytes,
             _ if instant => d.data_bytes,

@@ -14,6 +14,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
+use crate::locks::process_alive;
 use crate::schedule::Spec;
 
 #[derive(Debug, thiserror::Error)]
@@ -655,17 +656,6 @@ fn parse_spec(name: &str, json: &str) -> Result<Spec> {
         name: name.into(),
         detail: e.to_string(),
     })
-}
-
-fn process_alive(pid: i64) -> bool {
-    let Ok(pid) = i32::try_from(pid) else {
-        return false;
-    };
-    // Signal 0 checks existence only. EPERM means it exists under another user.
-    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
-        Ok(()) => true,
-        Err(e) => e == nix::errno::Errno::EPERM,
-    }
 }
 
 #[cfg(test)]

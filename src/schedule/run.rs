@@ -125,19 +125,8 @@ fn plan(state: &State, spec: &Spec, created_ms: i64, o: &Options) -> Result<Plan
 
 fn empty_result(vm: &VmRef, due: i64, status: &str) -> VmResult {
     VmResult {
-        vm: vm.to_string(),
         due: Some(fmt_ms(due)),
-        status: status.into(),
-        backup_id: None,
-        consistency: None,
-        freeze_ms: None,
-        stored_bytes: None,
-        started: None,
-        ended: None,
-        error: None,
-        pruned: Vec::new(),
-        prune_errors: Vec::new(),
-        boot_test: None,
+        ..VmResult::new(&vm.to_string(), status)
     }
 }
 
