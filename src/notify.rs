@@ -64,7 +64,6 @@
 //! (lettre dot-stuffs the body and encodes it).
 
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -691,17 +690,7 @@ fn read_password(path: &Path) -> Result<Secret, NotifyError> {
         path: path.to_path_buf(),
         why,
     };
-    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
-    if !meta.is_file() {
-        return Err(bad("is not a regular file".into()));
-    }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(bad(format!(
-            "has mode {mode:04o}; it holds a secret, so it must be 0600 (chmod 600)"
-        )));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let text = crate::repository::location::read_private_file(path).map_err(bad)?;
     let line = text.lines().next().unwrap_or("");
     if line.is_empty() {
         return Err(bad("is empty".into()));
@@ -843,6 +832,7 @@ fn run_command(argv: &[String], report: &Report, timeout: Duration) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn job() -> JobReport {
         let r = |vm: &str, status: &str, id: Option<&str>, err: Option<&str>| VmResult {

@@ -231,6 +231,22 @@ pub fn check_endpoint(e: &str) -> Result<String, LocationError> {
     Ok(format!("{scheme}://{rest}"))
 }
 
+/// The text of a file that holds a secret: a regular file of mode 0600 (or stricter);
+/// otherwise why not, in words.
+pub fn read_private_file(path: &Path) -> Result<String, String> {
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("is not a regular file".into());
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "has mode {mode:04o}; it holds a secret, so it must be 0600 (chmod 600)"
+        ));
+    }
+    std::fs::read_to_string(path).map_err(|e| e.to_string())
+}
+
 /// Reads a credentials file, refused unless it is a regular file of mode 0600 (or stricter):
 /// the AWS shared-credentials format, `aws_access_key_id = ...` and
 /// `aws_secret_access_key = ...` in its `[default]` section (or before any section).
@@ -239,17 +255,7 @@ pub fn read_credentials_file(path: &Path) -> Result<(String, Secret), LocationEr
         path: path.to_path_buf(),
         why,
     };
-    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
-    if !meta.is_file() {
-        return Err(bad("is not a regular file".into()));
-    }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(bad(format!(
-            "has mode {mode:04o}; it holds a secret, so it must be 0600 (chmod 600)"
-        )));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let text = read_private_file(path).map_err(bad)?;
     let (mut id, mut secret) = (None, None);
     let mut section = "default".to_string();
     for line in text.lines() {
